@@ -1,0 +1,114 @@
+"""Hardware ceilings measured on the card in the same run, and the results-table convention.
+
+Every benchmark compares its numbers to what this card actually does, not to a datasheet:
+  * copy bandwidth: a device-to-device copy of a buffer much larger than L2 (read + write bytes / time);
+  * bf16 matmul rate: cuBLAS on an 8192^3 GEMM (2*M*N*K flops / time).
+Results go to ``bench/results/<date>-<card>-<what>.md`` with the card, driver and library versions.
+
+Run alone: ``python -m bench.hw`` prints both ceilings.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def bench_us(fn, warmup: int = 10, rep: int = 50) -> float:
+    """Median microseconds of ``fn()`` timed with CUDA events (triton's do_bench, which also flushes L2)."""
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbs(nbytes: int = 2 * 2**30) -> float:
+    """Device copy bandwidth in GB/s (bytes read + bytes written per second)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src), warmup=5, rep=40)
+    return 2 * nbytes / us / 1e3
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Dense matmul rate in TFLOP/s for an n^3 GEMM of ``dtype`` through cuBLAS."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    us = bench_us(lambda: a @ b, warmup=5, rep=30)
+    return 2 * n**3 / us / 1e6
+
+
+def card_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def card_slug() -> str:
+    name = card_name().lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+
+
+def environment() -> dict[str, str]:
+    """Card, driver and versions, for the header of every results table."""
+    env = {"date": datetime.date.today().isoformat(), "card": card_name(), "torch": torch.__version__,
+           "cuda": str(torch.version.cuda), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["memory"] = f"{props.total_memory / 2**30:.0f} GiB"
+        env["sm count"] = str(props.multi_processor_count)
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except Exception:  # noqa: BLE001 - a missing nvidia-smi only loses one header line
+            env["driver"] = "unknown"
+    for mod in ("triton", "cupy", "bitsandbytes", "liger_kernel", "unsloth", "transformers", "peft"):
+        try:
+            m = __import__(mod)
+            env[mod] = getattr(m, "__version__", "?")
+        except Exception:  # noqa: BLE001 - absent peers are simply not listed
+            pass
+    return env
+
+
+def ceilings() -> dict[str, float]:
+    return {"copy_gbs": copy_bandwidth_gbs(), "bf16_tflops": matmul_tflops()}
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|\n"
+    body = "".join("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |\n" for r in rows)
+    return head + body
+
+
+def write_results(what: str, title: str, sections: list[tuple[str, str]], out_dir: Path | None = None) -> Path:
+    """Write ``<date>-<card>-<what>.md`` with an environment header, the ceilings and the given sections
+    (heading, markdown body). Written to a temporary name and renamed, so a crash leaves no half file."""
+    env = environment()
+    out_dir = RESULTS_DIR if out_dir is None else Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{env['date']}-{card_slug()}-{what}.md"
+    c = ceilings()
+    text = [f"# {title}\n", "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in env.items()),
+            f"\nCeilings measured in this run: copy {c['copy_gbs']:.0f} GB/s, bf16 matmul "
+            f"{c['bf16_tflops']:.0f} TFLOP/s.\n"]
+    for heading, body in sections:
+        text.append(f"\n## {heading}\n\n{body}")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("".join(text))
+    tmp.replace(path)
+    return path
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/hw.py measures a CUDA device; none is available here")
+    c = ceilings()
+    print(f"{card_name()}: copy {c['copy_gbs']:.0f} GB/s, bf16 matmul {c['bf16_tflops']:.0f} TFLOP/s")
