@@ -1,0 +1,402 @@
+"""Fused LoRA ops: LoRA linear (= the O projection), QKV, and the SwiGLU MLP, with hand-written backward.
+
+Formula for one adapted projection (PEFT's layout: A = lora_A.weight (R, K), B = lora_B.weight (N, R)):
+    y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ           s = alpha/R, or alpha/sqrt(R) with rsLoRA
+    drop(x) = x·keep/(1-p)                      keep: a bool mask of x's shape (LoRA dropout p)
+Backward (W and b frozen), small matrices first, B·A never formed:
+    dyB = dy·B                                   (M, R)
+    dx  = dy·W + s·(dyB·A)·keep/(1-p)            dx accumulates into ONE buffer with addmm_
+    dA  = s·dyBᵀ·drop(x)                         (R, K)
+    dB  = s·dyᵀ·(drop(x)·Aᵀ)                      (N, R)
+The MLP: y = down(silu(gate(x)) · up(x)); its backward runs
+    dh = dy·Wdᵀ-side as above; one in-place SwiGLU kernel turns (dh, g, u) into (h, dg, du);
+    down's dA/dB use the recomputed h; dx = dg·Wg + du·Wu + the adapter terms, all into one buffer.
+
+Layouts: x (..., K) with any leading shape (flattened to M = tokens rows); base W (N, K) is a tensor of any
+float dtype or any object with ``dequantize(dtype=None, out=None)`` (e.g. an NF4 weight); bias (N,) frozen.
+
+What is kept for backward: x (and for the MLP the two pre-activations g = gate(x), u = up(x)), the adapters,
+and the dropout keep-masks as bool (1 byte per element of the dropped input). The dequantized base weight
+exists only while one matmul uses it and is dequantized again in backward: never saved. A bool mask was chosen
+over regenerating from a seed because it costs one byte per element only when dropout is on, needs no custom
+RNG kernel, and gives the caller the mask (tests apply it to the references).
+
+Bytes and FLOPs per projection (M tokens, bf16): forward 2·M·N·K (+ 2·M·R·(N+K) adapter) FLOPs; backward
+2·M·N·K (dx) + 6·M·R·(N+K) (adapter); the base GEMMs dominate for R ≪ K, N.
+
+Backends: "triton" = the hand-written path (torch/cuBLAS GEMMs, the Triton SwiGLU kernels); "torch" = the
+reference composition with torch's autograd (fp32 math); "auto" = triton on CUDA, torch on CPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from .swiglu import _swiglu_bwd_inplace_op, _swiglu_fwd_op, swiglu_ref
+
+__all__ = ["LoRAWeights", "lora_scale", "dropout_keep_mask", "lora_linear", "lora_o", "lora_qkv", "lora_mlp",
+           "lora_linear_ref", "lora_mlp_ref"]
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class LoRAWeights(NamedTuple):
+    """One projection: frozen base (N, K) (+ frozen bias (N,)) and an optional adapter A (R, K), B (N, R).
+
+    ``dropout`` is the LoRA dropout probability; ``dropout_mask`` optionally fixes the keep-mask (bool, the
+    shape of this projection's input); when None and dropout > 0 in training, one is drawn with torch's RNG.
+    """
+    base: Any
+    A: Optional[torch.Tensor] = None
+    B: Optional[torch.Tensor] = None
+    scale: float = 1.0
+    bias: Optional[torch.Tensor] = None
+    dropout: float = 0.0
+    dropout_mask: Optional[torch.Tensor] = None
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The adapter scale s: alpha / r, or alpha / sqrt(r) with rsLoRA (as PEFT computes it)."""
+    if r <= 0:
+        raise ValueError(f"lora_scale: rank r must be positive, got {r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def dropout_keep_mask(shape, p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A bool keep-mask (True = kept, probability 1-p) for LoRA dropout, drawn with torch's RNG."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_keep_mask: p must be in [0, 1), got {p}")
+    return torch.rand(shape, device=device, generator=generator) >= p
+
+
+# ---- references (the specification; the CPU path) ------------------------------------------------------
+
+def _dense(base, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(base, torch.Tensor):
+        return base if base.dtype == dtype else base.to(dtype)
+    return base.dequantize(dtype=dtype)
+
+
+def _drop_ref(x: torch.Tensor, p: float, keep: torch.Tensor | None) -> torch.Tensor:
+    return x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
+
+
+def lora_linear_ref(x, base, A=None, B=None, scale=1.0, bias=None, dropout=0.0, dropout_mask=None):
+    """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ in fp32 math, cast once to x's dtype (differentiable by torch)."""
+    xf = x.float()
+    y = xf @ _dense(base, torch.float32).t()
+    if bias is not None:
+        y = y + bias.float()
+    if A is not None:
+        y = y + scale * ((_drop_ref(xf, dropout, dropout_mask) @ A.float().t()) @ B.float().t())
+    return y.to(x.dtype)
+
+
+def lora_mlp_ref(x, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights):
+    """down(silu(gate(x)) · up(x)) in fp32 math, cast once to x's dtype."""
+    xf = x.float()
+
+    def proj(t, w):
+        return lora_linear_ref(t, w.base, w.A, w.B, w.scale, w.bias, w.dropout, w.dropout_mask)
+
+    h = swiglu_ref(proj(xf, gate), proj(xf, up))
+    return proj(h, down).to(x.dtype)
+
+
+# ---- the hand-written path ------------------------------------------------------------------------------
+# Per projection the autograd Functions receive a _Proj (frozen, non-tensor parts) and the tensors A, B, keep
+# as direct arguments, so autograd sees the adapters as inputs.
+
+class _Proj(NamedTuple):
+    base: Any          # tensor or object with dequantize()
+    scale: float
+    bias: Optional[torch.Tensor]
+    p: float           # dropout probability (0 when off)
+    has_adapter: bool
+
+
+def _drop(x2: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    return x2 if keep is None else torch.where(keep, x2 * (1.0 / (1.0 - p)), 0).to(x2.dtype)
+
+
+def _proj_forward(x2, pr: _Proj, A, B, keep):
+    """(M, K) -> (M, N): base GEMM (+ bias) then the adapter added in place by one addmm_."""
+    W = _dense(pr.base, x2.dtype)  # freed on return: the dequantized weight lives for one GEMM
+    if pr.bias is not None:
+        y = torch.addmm(pr.bias.to(x2.dtype), x2, W.t())
+    else:
+        y = x2 @ W.t()
+    del W
+    if pr.has_adapter:
+        xa = _drop(x2, keep, pr.p) @ A.to(x2.dtype).t()              # (M, R)
+        y.addmm_(xa, B.to(x2.dtype).t(), alpha=pr.scale)
+    return y
+
+
+def _proj_backward(dy2, x2, pr: _Proj, A, B, keep, dx):
+    """Adds this projection's dx into ``dx`` (or starts it when None); returns (dx, dA, dB)."""
+    dtype = dy2.dtype
+    W = _dense(pr.base, dtype)  # re-dequantized: the forward did not keep it
+    if dx is None:
+        dx = dy2 @ W
+    else:
+        dx.addmm_(dy2, W)
+    del W
+    if not pr.has_adapter:
+        return dx, None, None
+    A_, B_ = A.to(dtype), B.to(dtype)
+    dyB = dy2 @ B_                                                   # (M, R)
+    if keep is None:
+        dx.addmm_(dyB, A_, alpha=pr.scale)
+    else:
+        dx.add_(torch.where(keep, dyB @ A_, 0), alpha=pr.scale / (1.0 - pr.p))
+    xd = _drop(x2, keep, pr.p)
+    dA = torch.mm(dyB.t(), xd).mul_(pr.scale)                        # (R, K)
+    dB = torch.mm(dy2.t(), xd @ A_.t()).mul_(pr.scale)               # (N, R)
+    return dx, dA.to(A.dtype), dB.to(B.dtype)
+
+
+def _flat(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t.reshape(-1, n)
+
+
+class _LoRAGroupFn(torch.autograd.Function):
+    """Several adapted projections of one input x (one for lora_linear, three for QKV).
+
+    Saves x, the adapters and the keep-masks; backward recomputes drop(x)·Aᵀ, re-dequantizes each base
+    weight and accumulates every dx term into a single (M, K) buffer (see the module docstring for the math).
+    """
+
+    @staticmethod
+    def forward(ctx, x, projs, *tensors):
+        K = x.shape[-1]
+        x2 = _flat(x, K)
+        outs = []
+        for i, pr in enumerate(projs):
+            A, B, keep = tensors[3 * i: 3 * i + 3]
+            y = _proj_forward(x2, pr, A, B, None if keep is None else _flat(keep, K))
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+        ctx.projs = projs
+        ctx.save_for_backward(x, *tensors)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, *tensors = ctx.saved_tensors
+        K = x.shape[-1]
+        x2 = _flat(x, K)
+        dx, grads = None, []
+        for i, (pr, dy) in enumerate(zip(ctx.projs, dys)):
+            A, B, keep = tensors[3 * i: 3 * i + 3]
+            if dy is None:
+                grads += [None, None, None]
+                continue
+            dy2 = _flat(dy, dy.shape[-1]).contiguous() if dy.stride(-1) != 1 else _flat(dy, dy.shape[-1])
+            dx, dA, dB = _proj_backward(dy2, x2, pr, A, B, None if keep is None else _flat(keep, K), dx)
+            grads += [dA, dB, None]
+        if dx is None:
+            dx = torch.zeros_like(x2)
+        return (dx.view(x.shape), None, *grads)
+
+
+class _LoRAMLPFn(torch.autograd.Function):
+    """down(silu(gate(x)) · up(x)) with adapters on any of the three projections.
+
+    Forward keeps x, g = gate(x), u = up(x) (not h). Backward:
+        dh = dy·Wd + s_d·(dy·B_d)·A_d ⊙ keep_d/(1-p_d)
+        one in-place kernel: dh <- h = silu(g)·u, g <- dg, u <- du   (g, u are this Function's own buffers)
+        dA_d = s_d·(dy·B_d)ᵀ·drop(h),  dB_d = s_d·dyᵀ·(drop(h)·A_dᵀ)
+        dx = dg·Wg + du·Wu + adapter terms (one buffer); dA/dB of gate and up as in lora_linear with dg, du.
+    The in-place kernel makes backward single-use (autograd's version counter refuses a second run).
+    """
+
+    @staticmethod
+    def forward(ctx, x, projs, backend, *tensors):
+        gate, up, down = projs
+        K = x.shape[-1]
+        x2 = _flat(x, K)
+        kg, ku, kd = (None if t is None else _flat(t, t.shape[-1]) for t in (tensors[2], tensors[5], tensors[8]))
+        g = _proj_forward(x2, gate, tensors[0], tensors[1], kg)      # (M, F)
+        u = _proj_forward(x2, up, tensors[3], tensors[4], ku)        # (M, F)
+        h = _swiglu_fwd_op(g, u, backend)                            # (M, F), freed after down
+        y = _proj_forward(h, down, tensors[6], tensors[7], kd)       # (M, C)
+        del h
+        ctx.projs, ctx.backend = projs, backend
+        ctx.save_for_backward(x, g, u, *tensors)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, g, u, Ag, Bg, kg, Au, Bu, ku, Ad, Bd, kd = ctx.saved_tensors
+        gate, up, down = ctx.projs
+        K = x.shape[-1]
+        x2 = _flat(x, K)
+        dy2 = _flat(dy, dy.shape[-1])
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        kg, ku, kd = (None if t is None else _flat(t, t.shape[-1]) for t in (kg, ku, kd))
+        dtype = dy2.dtype
+
+        # dh = dy·Wd (+ adapter); the base part is the dx of down's projection.
+        Wd = _dense(down.base, dtype)
+        dh = dy2 @ Wd                                                # (M, F)
+        del Wd
+        dyB = None
+        if down.has_adapter:
+            dyB = dy2 @ Bd.to(dtype)                                 # (M, R)
+            if kd is None:
+                dh.addmm_(dyB, Ad.to(dtype), alpha=down.scale)
+            else:
+                dh.add_(torch.where(kd, dyB @ Ad.to(dtype), 0), alpha=down.scale / (1.0 - down.p))
+        # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du.
+        _swiglu_bwd_inplace_op(dh, g, u, down.has_adapter, ctx.backend)
+        dAd = dBd = None
+        if down.has_adapter:
+            hd = _drop(dh, kd, down.p)
+            dAd = torch.mm(dyB.t(), hd).mul_(down.scale).to(Ad.dtype)
+            dBd = torch.mm(dy2.t(), hd @ Ad.to(dtype).t()).mul_(down.scale).to(Bd.dtype)
+            del hd
+        del dh
+        dx, dAg, dBg = _proj_backward(g, x2, gate, Ag, Bg, kg, None)
+        dx, dAu, dBu = _proj_backward(u, x2, up, Au, Bu, ku, dx)
+        return (dx.view(x.shape), None, None, dAg, dBg, None, dAu, dBu, None, dAd, dBd, None)
+
+
+# ---- validation and public functions --------------------------------------------------------------------
+
+def _resolve(backend: str, x: torch.Tensor, where: str) -> str:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"{where}: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return backend
+
+
+def _check_x(x: torch.Tensor, where: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT:
+        raise TypeError(f"{where}: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{where}: x must be (..., K), got a 0-d tensor")
+    # Under autocast the whole op computes in the autocast dtype (the cast is differentiable), so forward
+    # and backward see one dtype.
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def _spec(w: LoRAWeights, x_shape, device, training: bool, where: str):
+    """Validate one projection for an input of shape x_shape; returns (_Proj, A, B, keep-mask or None)."""
+    if not isinstance(w, LoRAWeights):
+        raise TypeError(f"{where}: expected a LoRAWeights, got {type(w).__name__}")
+    base = w.base
+    if not (isinstance(base, torch.Tensor) or hasattr(base, "dequantize")):
+        raise TypeError(f"{where}: base must be a tensor or have a dequantize(dtype=None, out=None) method, "
+                        f"got {type(base).__name__}")
+    shape = tuple(base.shape)
+    if len(shape) != 2:
+        raise ValueError(f"{where}: base weight must be 2-D (N, K), got {shape}")
+    N, K = shape
+    if x_shape[-1] != K:
+        raise ValueError(f"{where}: input has {x_shape[-1]} features but the base weight is (N, K) = {shape}")
+    if base.device != device:
+        raise ValueError(f"{where}: base weight is on {base.device} but the input is on {device}")
+    if (w.A is None) != (w.B is None):
+        raise ValueError(f"{where}: give both A and B or neither")
+    has = w.A is not None
+    if has:
+        if w.A.dim() != 2 or w.B.dim() != 2 or w.A.shape[1] != K or w.B.shape[0] != N or w.A.shape[0] != w.B.shape[1]:
+            raise ValueError(f"{where}: adapters must be A (R, K={K}) and B (N={N}, R) (PEFT's lora_A/lora_B "
+                             f"weights), got A {tuple(w.A.shape)} and B {tuple(w.B.shape)}")
+        for name, t in (("A", w.A), ("B", w.B)):
+            if t.device != device or t.dtype not in _FLOAT:
+                raise ValueError(f"{where}: {name} must be a float tensor on {device}, got {t.dtype} on {t.device}")
+    if w.bias is not None and (w.bias.shape != (N,) or w.bias.device != device):
+        raise ValueError(f"{where}: bias must be ({N},) on {device}, got {tuple(w.bias.shape)} on {w.bias.device}")
+    if not 0.0 <= w.dropout < 1.0:
+        raise ValueError(f"{where}: dropout must be in [0, 1), got {w.dropout}")
+    p = w.dropout if (has and training and w.dropout > 0.0) else 0.0
+    keep = None
+    if p > 0.0:
+        keep = w.dropout_mask
+        if keep is None:
+            keep = dropout_keep_mask(x_shape, p, device)
+        elif keep.dtype != torch.bool or tuple(keep.shape) != tuple(x_shape) or keep.device != device:
+            raise ValueError(f"{where}: dropout_mask must be a bool tensor of the input's shape {tuple(x_shape)} "
+                             f"on {device}, got {keep.dtype} {tuple(keep.shape)} on {keep.device}")
+    return _Proj(base, float(w.scale), w.bias, p, has), w.A, w.B, keep
+
+
+def lora_linear(x, base, A=None, B=None, scale=1.0, bias=None, dropout=0.0, training=True, dropout_mask=None,
+                backend="auto"):
+    """y = x·Wᵀ + bias + scale·(drop(x)·Aᵀ)·Bᵀ with a hand-written backward (dx, dA, dB; W and bias frozen).
+
+    Args:
+        x: (..., K) float16/bfloat16/float32.
+        base: W (N, K) tensor, or an object with ``dequantize(dtype=None, out=None)`` (e.g. an NF4 weight);
+            dequantized to x's dtype for each use, never kept.
+        A: (R, K) = PEFT's lora_A.weight; B: (N, R) = lora_B.weight (both or neither); any float dtype,
+            computed in x's dtype, grads returned in their own dtype.
+        scale: alpha / R (see ``lora_scale``; rsLoRA: alpha / sqrt(R)).
+        bias: optional frozen (N,).
+        dropout: LoRA dropout probability on the adapter's input (active when ``training``).
+        dropout_mask: optional bool keep-mask of x's shape (drawn when None).
+        backend: "auto" | "triton" (hand-written path) | "torch" (fp32 reference through torch autograd).
+    Returns:
+        y (..., N) in x's dtype.
+    """
+    return lora_qkv(x, LoRAWeights(base, A, B, scale, bias, dropout, dropout_mask),
+                    training=training, backend=backend, _where="lora_linear")[0]
+
+
+lora_o = lora_linear  # the attention output projection is one LoRA linear
+
+
+def lora_qkv(x, q: LoRAWeights, k: LoRAWeights | None = None, v: LoRAWeights | None = None, training=True,
+             backend="auto", _where="lora_qkv"):
+    """The projections of one input: returns (Q, K, V) (as many outputs as specs given).
+
+    Each of q, k, v is a ``LoRAWeights`` (base (N_i, K), optional adapter, bias, dropout). Backward sums the
+    three dx terms into one (..., K) buffer. Shapes: x (..., K) -> Q (..., H·D), K and V (..., KV·D).
+    """
+    x = _check_x(x, _where)
+    ws = [w for w in (q, k, v) if w is not None]
+    backend = _resolve(backend, x, _where)
+    specs = [_spec(w, tuple(x.shape), x.device, training, f"{_where} (projection {i})") for i, w in enumerate(ws)]
+    if backend == "torch":
+        return tuple(lora_linear_ref(x, pr.base, A, B, pr.scale, pr.bias, pr.p, keep) for pr, A, B, keep in specs)
+    tensors = [t for _, A, B, keep in specs for t in (A, B, keep)]
+    return _LoRAGroupFn.apply(x, tuple(s[0] for s in specs), *tensors)
+
+
+def lora_mlp(x, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, training=True, backend="auto"):
+    """SwiGLU MLP with LoRA on any projection: down(silu(gate(x)) · up(x)).
+
+    Args:
+        x: (..., C). gate, up: ``LoRAWeights`` with base (F, C); down: base (C, F). A down dropout mask, when
+            given, has the shape of the hidden activation (..., F).
+        training: LoRA dropout on or off. backend: "auto" | "triton" | "torch".
+    Returns:
+        (..., C) in x's dtype. Forward keeps x and the two (..., F) pre-activations; the backward reuses
+        those buffers in place (one fused SwiGLU kernel) and runs once.
+    """
+    where = "lora_mlp"
+    x = _check_x(x, where)
+    backend = _resolve(backend, x, where)
+    sg = _spec(gate, tuple(x.shape), x.device, training, f"{where} (gate)")
+    su = _spec(up, tuple(x.shape), x.device, training, f"{where} (up)")
+    F = tuple(gate.base.shape)[0]
+    if tuple(up.base.shape)[0] != F:
+        raise ValueError(f"{where}: gate and up must have the same out features, got {tuple(gate.base.shape)} "
+                         f"and {tuple(up.base.shape)}")
+    sd = _spec(down, tuple(x.shape[:-1]) + (F,), x.device, training, f"{where} (down)")
+    if backend == "torch":
+        def w(s):
+            pr, A, B, keep = s
+            return LoRAWeights(pr.base, A, B, pr.scale, pr.bias, pr.p, keep)
+        return lora_mlp_ref(x, w(sg), w(su), w(sd))
+    tensors = [t for _, A, B, keep in (sg, su, sd) for t in (A, B, keep)]
+    return _LoRAMLPFn.apply(x, (sg[0], su[0], sd[0]), backend, *tensors)
