@@ -1,0 +1,77 @@
+"""Greedy and sampled decoding with a KV cache, for a quick look at a (fine-tuned) model."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+def _eos_set(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(e) for e in eos_token_id]
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V): argmax when temperature == 0, else sampling
+    from softmax(logits / temperature) restricted to the smallest set of tokens whose mass reaches top_p."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # keep a token if the mass before it is < top_p (the most likely token is always kept)
+        keep = (sorted_p.cumsum(dim=-1) - sorted_p) < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             eos_token_id: int | Iterable[int] | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Extend prompts by up to ``max_new_tokens`` tokens.
+
+    Args:
+        model: a :class:`minitrain.model.LlamaForCausalLM`.
+        input_ids: (B, T) or (T,) prompt token ids (all prompts the same length; no padding).
+        max_new_tokens: tokens to add at most.
+        temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+        top_p: nucleus sampling mass (1.0 = off); used when temperature > 0.
+        eos_token_id: an id or a list of ids; a row stops after emitting one (then it is padded with the first).
+        generator: optional torch.Generator for reproducible sampling.
+    Returns:
+        (B, T + n) token ids (or (T + n,) for a 1-D prompt), n <= max_new_tokens.
+    """
+    if temperature < 0 or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    squeeze = input_ids.dim() == 1
+    ids = input_ids[None] if squeeze else input_ids
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    B, T = ids.shape
+    eos = _eos_set(eos_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(B, T + max_new_tokens)
+        logits = model(ids, cache=cache)[:, -1]  # prefill: (B, V)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = [ids]
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_p, generator)  # (B,)
+            if eos:
+                nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)
+                done = done | torch.isin(nxt, torch.tensor(eos, device=device))
+            out.append(nxt[:, None])
+            if eos and bool(done.all()):
+                break
+            logits = model(nxt[:, None], cache=cache)[:, -1]
+    finally:
+        model.train(was_training)
+    res = torch.cat(out, dim=1)
+    return res[0] if squeeze else res

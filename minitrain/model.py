@@ -1,0 +1,417 @@
+"""The Llama family (Llama 2/3/3.1/3.2, SmolLM, Mistral-style) in plain torch. The model only: no file I/O.
+
+Module and parameter names are Hugging Face's ``LlamaForCausalLM`` (``model.embed_tokens``,
+``model.layers.N.self_attn.q_proj``, ``model.layers.N.mlp.down_proj``, ``model.norm``, ``lm_head``), so
+checkpoint keys and PEFT adapter keys map one to one. The numerics follow transformers: RoPE angles in fp32
+from the position ids, "rotate-half" layout, RMSNorm statistics in fp32, SDPA with scale 1/sqrt(D).
+
+Packed batches: when ``position_ids`` restart (a position that is not the previous one plus one), each run
+of consecutive positions is one document and attention stays inside it (a block-diagonal causal mask).
+``cu_seqlens`` (cumulative document lengths of a B=1 packed row) gives the same mask directly.
+
+The four ops (``rms_norm``, ``apply_rope``, ``attention``, ``swiglu``) are small module-level functions so
+fused kernels can be put behind one switch without touching the modules.
+
+Shape letters: B batch, T sequence, H query heads, KV key/value heads, D head dim, C model dim, F MLP dim,
+V vocab.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelArgs:
+    """Hyper-parameters, named as in a Hugging Face config.json."""
+
+    vocab_size: int
+    hidden_size: int  # C
+    intermediate_size: int  # F
+    num_hidden_layers: int
+    num_attention_heads: int  # H
+    num_key_value_heads: int | None = None  # KV (None: = H)
+    head_dim: int | None = None  # D (None: C // H)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral-style local attention (None: full causal)
+    extra: dict = field(default_factory=dict, repr=False)  # keys of config.json not used by the model
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"config: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                                 f"{self.num_attention_heads}; give head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"config: '{name}' must be a positive integer, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ValueError(f"config: 'rms_norm_eps' must be a positive number, got {self.rms_norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ValueError(f"config: 'rope_theta' must be a positive number, got {self.rope_theta!r}")
+        _check_rope_scaling(self.rope_scaling)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelArgs":
+        """Build from a config.json dict, in transformers 4.x form (``rope_theta``, ``rope_scaling``) or 5.x
+        form (``rope_parameters``). Raises ValueError naming the key that is missing, wrong or contradictory."""
+        if not isinstance(cfg, dict):
+            raise TypeError(f"config: expected a dict, got {type(cfg).__name__}")
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config: unsupported architecture: model_type {model_type!r} "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        archs = cfg.get("architectures") or []
+        bad = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
+        if bad:
+            raise ValueError(f"config: unsupported architecture {bad} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"config: 'hidden_act' must be 'silu' for a Llama MLP, got {act!r}")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if cfg.get(k) is None]
+        if missing:
+            raise ValueError(f"config: missing required key(s) {missing}")
+        theta, scaling = _rope_from_config(cfg)
+        known = {f.name for f in fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
+        kw = {k: cfg[k] for k in known if cfg.get(k) is not None}
+        if cfg.get("use_sliding_window") is False:  # Qwen-style flag; Mistral gives sliding_window alone
+            kw.pop("sliding_window", None)
+        extra = {k: v for k, v in cfg.items() if k not in known}
+        return cls(**kw, rope_theta=theta, rope_scaling=scaling, extra=extra)
+
+
+def _check_rope_scaling(rs: dict | None) -> None:
+    if rs is None:
+        return
+    rt = rs.get("rope_type")
+    if rt not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"config: unsupported rope type {rt!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    need = {"default": (), "linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[rt]
+    missing = [k for k in need if rs.get(k) is None]
+    if missing:
+        raise ValueError(f"config: rope scaling of type {rt!r} is missing key(s) {missing}")
+    if rt == "llama3" and rs["high_freq_factor"] <= rs["low_freq_factor"]:
+        raise ValueError("config: rope scaling llama3 needs high_freq_factor > low_freq_factor")
+
+
+def _rope_from_config(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope scaling dict with 'rope_type', or None) from either config form."""
+    params = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    theta = cfg.get("rope_theta")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise ValueError(f"config: 'rope_parameters' must be a dict, got {type(params).__name__}")
+        if "full_attention" in params or "sliding_attention" in params:
+            raise ValueError("config: per-layer-type 'rope_parameters' are not supported for Llama")
+        p_theta = params.get("rope_theta")
+        if theta is not None and p_theta is not None and float(theta) != float(p_theta):
+            raise ValueError(f"config: contradictory rope_theta: {theta} at top level but {p_theta} in rope_parameters")
+        theta = p_theta if p_theta is not None else theta
+        if scaling is not None and _norm_scaling(scaling) != _norm_scaling(params):
+            raise ValueError(f"config: contradictory 'rope_scaling' {scaling} and 'rope_parameters' {params}")
+        scaling = params
+    if theta is None:
+        theta = 10000.0  # transformers' LlamaConfig default
+    scaling = _norm_scaling(scaling)
+    return float(theta), scaling
+
+
+def _norm_scaling(rs: dict | None) -> dict | None:
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise ValueError(f"config: rope scaling must be a dict, got {rs!r}")
+    rs = {k: v for k, v in rs.items() if k != "rope_theta"}
+    t, rt = rs.pop("type", None), rs.get("rope_type")
+    if t is not None and rt is not None and t != rt:
+        raise ValueError(f"config: contradictory rope scaling 'type' {t!r} and 'rope_type' {rt!r}")
+    rs["rope_type"] = rt or t or "default"
+    return None if rs["rope_type"] == "default" and len(rs) == 1 else rs
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """(D/2,) fp32 inverse frequencies, with linear or Llama-3 scaling, computed on the CPU as transformers does."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    rs = args.rope_scaling or {"rope_type": "default"}
+    if rs["rope_type"] == "linear":
+        inv = inv / rs["factor"]
+    elif rs["rope_type"] == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long wavelengths: divide by factor
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled  # in between: interpolate
+        medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ops (plain torch; kernels plug in here)
+# ---------------------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2) + eps)); statistics in fp32, cast back before the weight (as HF)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin (B, T, D) from position ids (B, T): angles in fp32, cast once."""
+    freqs = position_ids.float()[:, :, None] * inv_freq.float()[None, None, :]  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q (B, H, T, D) and k (B, KV, T, D) by the angles in cos/sin (B, T, D)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA over q (B, H, T, D), k/v (B, KV, S, D); mask None = causal (S == T), else bool (B, 1, T, S)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # GQA: share each KV head among n_rep query heads
+        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          scale=q.shape[-1] ** -0.5)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------------------
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document index per token: a new document starts wherever a position is not previous + 1."""
+    start = torch.ones_like(position_ids, dtype=torch.bool)
+    start[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return start.long().cumsum(dim=1)
+
+
+def cu_seqlens_to_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(1, total) positions restarting at each boundary of cu_seqlens ([0, l0, l0+l1, ..., total])."""
+    cu = cu_seqlens.long()
+    if cu.dim() != 1 or cu[0].item() != 0 or cu[-1].item() != total or bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be increasing from 0 to T={total}, got {cu.tolist()}")
+    lengths = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lengths)  # (total,)
+    return (torch.arange(total, device=cu.device) - starts)[None]
+
+
+def build_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | None, k_doc: torch.Tensor | None,
+               sliding_window: int | None) -> torch.Tensor:
+    """bool (B, 1, T, S): key j visible to query i if k_pos <= q_pos, same document, inside the window."""
+    m = k_pos[:, None, :] <= q_pos[:, :, None]  # (B, T, S)
+    if q_doc is not None:
+        m = m & (k_doc[:, None, :] == q_doc[:, :, None])
+    if sliding_window is not None:
+        m = m & (q_pos[:, :, None] - k_pos[:, None, :] < sliding_window)
+    return m[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class KVCache:
+    """Per-layer key/value buffers (B, KV, S_max, D) filled as decoding goes; ``length`` = tokens cached."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+        shape = (batch, args.num_key_value_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v (B, KV, T, D) after the cached ones; return all cached (B, KV, length + T, D)."""
+        t = k.shape[2]
+        if self.length + t > self.max_len:
+            raise ValueError(f"KVCache: {self.length} + {t} tokens exceed its capacity {self.max_len}")
+        self.k[layer][:, :, self.length:self.length + t] = k
+        self.v[layer][:, :, self.length:self.length + t] = v
+        return self.k[layer][:, :, :self.length + t], self.v[layer][:, :, :self.length + t]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        c, b = args.hidden_size, args.attention_bias
+        self.q_proj = nn.Linear(c, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=b)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, D)
+        y = attention(q, k, v, mask)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        c, f, b = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(c, f, bias=b)
+        self.up_proj = nn.Linear(c, f, bias=b)
+        self.down_proj = nn.Linear(f, c, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # (B, T, F) -> (B, T, C)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(args, layer_idx)
+        self.mlp = LlamaMLP(args)
+        self.input_layernorm = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and the final norm: input ids (B, T) -> hidden states (B, T, C)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        past = 0 if cache is None else cache.length
+        if cu_seqlens is not None:
+            if B != 1 or position_ids is not None or cache is not None:
+                raise ValueError("cu_seqlens needs B=1 packed input ids, no position_ids and no cache")
+            position_ids = cu_seqlens_to_position_ids(cu_seqlens.to(input_ids.device), T)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+        elif position_ids.shape != (B, T):
+            raise ValueError(f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}")
+        mask = self._mask(position_ids, past, T)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)  # (B, T, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def _mask(self, position_ids: torch.Tensor, past: int, T: int) -> torch.Tensor | None:
+        """None where plain causal attention is right (SDPA's fast path), else an explicit bool mask."""
+        window = self.args.sliding_window
+        if past:  # decoding after a prefill: keys are the cache (one document) plus the new tokens
+            if T == 1 and (window is None or past < window):
+                return None
+            k_pos = torch.arange(past + T, device=position_ids.device)[None].expand(position_ids.shape[0], -1)
+            return build_mask(position_ids, k_pos, None, None, window)
+        docs = document_ids(position_ids)
+        packed = torch.compiler.is_compiling() or bool((docs[:, -1] > 1).any())
+        if not packed and (window is None or T <= window):
+            return None
+        docs = docs if packed else None
+        return build_mask(position_ids, position_ids, docs, docs, window)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The causal LM: ``forward(input_ids, position_ids=None, cu_seqlens=None)`` -> logits (B, T, V).
+
+    ``hidden_states(...)`` (same arguments) returns the final normed hidden states (B, T, C) without the
+    (B, T, V) logits, for a fused linear cross-entropy against ``lm_head.weight``.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None, cache=None) -> torch.Tensor:
+        return self.model(input_ids, position_ids, cu_seqlens, cache)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids, position_ids, cu_seqlens, cache))  # (B, T, V)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        emb = self.model.embed_tokens.weight
+        return KVCache(self.args, batch, max_len, emb.device, emb.dtype)
+
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """See :func:`minitrain.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator)

@@ -1,0 +1,329 @@
+"""Tokenizer: the `tokenizers` library over tokenizer.json, special tokens from tokenizer_config.json and
+generation_config.json, and chat templates rendered in jinja2's sandbox the way transformers renders them.
+
+Method names are the ones transformers users know: ``encode``, ``decode``, ``apply_chat_template``,
+``eos_token_id``, ``pad_token_id``, ``bos_token_id``, ``__call__``.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+# Built-in templates for checkpoints that ship none (written here from each format's public description).
+BUILTIN_TEMPLATES = {
+    "llama-3": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
+        "{% else %}{{ raise_exception('alpaca template: unknown role ' + message['role']) }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
+}
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class TemplateError(ValueError):
+    """A chat template failed to compile or raised while rendering."""
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        # transformers' {% generation %}...{% endgeneration %} marks assistant text; it renders its body.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # like transformers: plain json.dumps (jinja's own tojson escapes HTML characters)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_str(v) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, dict) and isinstance(v.get("content"), str):  # {"__type": "AddedToken", "content": ...}
+        return v["content"]
+    raise ValueError(f"tokenizer_config.json: special token must be a string or {{'content': ...}}, got {v!r}")
+
+
+class Tokenizer:
+    """A tokenizer.json tokenizer with special tokens and a chat template.
+
+    Build with :meth:`from_pretrained` (a checkpoint directory) or directly from a ``tokenizers.Tokenizer``.
+    """
+
+    def __init__(self, tok, config: dict | None = None, generation_config: dict | None = None,
+                 chat_template: str | None = None, name: str = "tokenizer"):
+        from tokenizers import AddedToken
+
+        self._tok = tok
+        self.name = name
+        config = dict(config or {})
+        self.config = config
+        # Added tokens that tokenizer_config.json declares but tokenizer.json lacks.
+        for sid, spec in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
+            content = spec.get("content") if isinstance(spec, dict) else None
+            if content is None or tok.token_to_id(content) is not None:
+                continue
+            at = AddedToken(content, single_word=spec.get("single_word", False), lstrip=spec.get("lstrip", False),
+                            rstrip=spec.get("rstrip", False), normalized=spec.get("normalized", False),
+                            special=spec.get("special", True))
+            (tok.add_special_tokens if spec.get("special", True) else tok.add_tokens)([at])
+        self.special_tokens = {k: _token_str(config.get(k)) for k in _SPECIAL_KEYS if config.get(k) is not None}
+        for k, v in self.special_tokens.items():
+            if tok.token_to_id(v) is None:
+                raise ValueError(f"{name}: {k} {v!r} from tokenizer_config.json is not in the vocabulary")
+        gen = generation_config or {}
+        gen_eos = gen.get("eos_token_id")
+        gen_eos = [] if gen_eos is None else ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos))
+        if "eos_token" not in self.special_tokens and gen_eos:
+            self.special_tokens["eos_token"] = tok.id_to_token(gen_eos[0])
+        if "bos_token" not in self.special_tokens and gen.get("bos_token_id") is not None:
+            self.special_tokens["bos_token"] = tok.id_to_token(gen["bos_token_id"])
+        # Token ids that end a generation: the tokenizer's eos plus generation_config's (possibly a list).
+        self.eos_token_ids = sorted(set(gen_eos) | ({self.eos_token_id} if self.eos_token_id is not None else set()))
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self.model_max_length = config.get("model_max_length")
+        self.chat_template = chat_template
+
+    # -- loading -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+        """Load tokenizer.json (+ tokenizer_config.json, generation_config.json, chat_template.jinja) from a
+        directory."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        d = Path(path)
+        tj = d / "tokenizer.json"
+        if not tj.is_file():
+            have = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+            raise FileNotFoundError(f"{d}: no tokenizer.json (only the fast-tokenizer format is read; "
+                                    f"tokenizer.model / vocab files are not). Directory holds: {have}")
+        try:
+            tok = HFTokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises a plain Exception on bad files
+            raise ValueError(f"{tj}: could not be read as a tokenizers file: {e}") from None
+        config = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+        gen = _read_json(d / "generation_config.json") if (d / "generation_config.json").is_file() else {}
+        template = None
+        if (d / "chat_template.jinja").is_file():
+            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (d / "chat_template.json").is_file():
+            template = _read_json(d / "chat_template.json").get("chat_template")
+        else:
+            template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return cls(tok, config, gen, template, name=str(d))
+
+    # -- special tokens ----------------------------------------------------------------------------
+    def _id(self, key: str) -> int | None:
+        t = self.special_tokens.get(key)
+        return None if t is None else self._tok.token_to_id(t)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id("pad_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id("unk_token")
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.special_tokens.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
+
+    @property
+    def pad_token(self) -> str | None:
+        return self.special_tokens.get("pad_token")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    # -- encode / decode ---------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode: expected a str, got {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True):
+        """(ids, [(start, end) character offsets]) for each token."""
+        e = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return e.ids, e.offsets
+
+    def __call__(self, text, add_special_tokens: bool = True) -> dict:
+        """{"input_ids": ..., "attention_mask": ...} for a string or a list of strings (no padding)."""
+        ids = self.encode(text, add_special_tokens) if isinstance(text, str) else self.encode_batch(text, add_special_tokens)
+        mask = [1] * len(ids) if isinstance(text, str) else [[1] * len(x) for x in ids]
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self.clean_up_tokenization_spaces:
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+    def batch_decode(self, seqs, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(s, skip_special_tokens) for s in seqs]
+
+    # -- chat templates ----------------------------------------------------------------------------
+    def set_chat_template(self, template: str) -> None:
+        """Use a built-in template by name ("llama-3", "chatml", "alpaca") or a Jinja source string."""
+        self.chat_template = BUILTIN_TEMPLATES.get(template, template)
+
+    def default_template_name(self) -> str:
+        """The built-in template that fits this vocabulary: llama-3 or chatml if their markers exist."""
+        if self._tok.token_to_id("<|start_header_id|>") is not None:
+            return "llama-3"
+        if self._tok.token_to_id("<|im_start|>") is not None:
+            return "chatml"
+        return "alpaca"
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, chat_template: str | None = None,
+                    **kwargs: Any) -> str:
+        """The chat rendered to text (what ``apply_chat_template(..., tokenize=False)`` returns)."""
+        import jinja2
+
+        source = chat_template or self.chat_template
+        label = "the checkpoint's chat template"
+        if source in BUILTIN_TEMPLATES:
+            label, source = f"built-in template {source!r}", BUILTIN_TEMPLATES[source]
+        elif source is None:
+            name = self.default_template_name()
+            label, source = f"built-in template {name!r}", BUILTIN_TEMPLATES[name]
+        elif chat_template is not None:
+            label = "the given chat template"
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+            raise TypeError("apply_chat_template: messages must be a list of dicts with 'role' and 'content'")
+        try:
+            tmpl = _compile(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"{self.name}: {label} does not compile (line {e.lineno}): {e.message}") from None
+        context = {k: v for k, v in self.special_tokens.items()}
+        context.update(kwargs)
+        try:
+            return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **context)
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"{self.name}: {label} raised while rendering: {e}") from None
+        except Exception as e:  # a template error surfacing as a Python error (KeyError, TypeError, ...)
+            raise TemplateError(f"{self.name}: {label} failed while rendering: {type(e).__name__}: {e}") from None
+
+    def apply_chat_template(self, messages: list[dict] | list[list[dict]], add_generation_prompt: bool = False,
+                            tokenize: bool = True, chat_template: str | None = None, **kwargs: Any):
+        """Render a conversation (or a list of conversations) with the chat template.
+
+        Args:
+            messages: [{"role": ..., "content": ...}, ...] or a list of such conversations.
+            add_generation_prompt: append the header that starts an assistant turn.
+            tokenize: return token ids (encoded without adding special tokens, as transformers does) instead
+                of the text.
+            chat_template: a Jinja source or a built-in name, overriding the tokenizer's own.
+            **kwargs: extra variables for the template (tools, documents, date strings, ...).
+        Returns:
+            str or list[int]; a list of those for a list of conversations.
+        Raises:
+            TemplateError naming the template when it does not compile or raises.
+        """
+        batched = bool(messages) and isinstance(messages[0], (list, tuple))
+        convs = messages if batched else [messages]
+        texts = [self.render_chat(c, add_generation_prompt, chat_template, **kwargs) for c in convs]
+        out = [self.encode(t, add_special_tokens=False) for t in texts] if tokenize else texts
+        return out if batched else out[0]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template) into a directory."""
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(d / "tokenizer.json"))
+        cfg = dict(self.config)
+        cfg.update(self.special_tokens)
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.name!r}, vocab={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+                f"pad={self.pad_token!r}, chat_template={'yes' if self.chat_template else 'built-in'})")
