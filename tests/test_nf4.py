@@ -232,3 +232,23 @@ def test_to_device_roundtrip():
     q = quant.quantize_nf4(torch.randn(8, 64))
     q2 = q.to("cpu")
     assert torch.equal(q2.dequantize(), q.dequantize())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (1031, 67), (14336, 4096), (3, 7)])
+def test_quantize_on_cuda_matches_cpu_and_bitsandbytes(shape):
+    w = (torch.randn(shape) * 0.02).to(torch.bfloat16)
+    q_cpu = quant.quantize_nf4(w)
+    q_gpu = quant.quantize_nf4(w.cuda())
+    for name in ("data", "absmax", "nested_absmax", "offset"):
+        a, b = getattr(q_cpu, name), getattr(q_gpu, name).cpu()
+        assert torch.equal(a, b), f"{name}: {_report(a, b)}"
+    # bitsandbytes' CUDA dequantization of our bytes equals our reference on the GPU.
+    sd = q_gpu.state_dict("")
+    st = bnbF.QuantState.from_dict({k[len("weight."):]: v for k, v in sd.items() if k != "weight"},
+                                   device=torch.device("cuda"))
+    for dtype in DTYPES:
+        st.dtype = dtype
+        theirs = bnbF.dequantize_4bit(sd["weight"], quant_state=st)
+        ours = quant.dequantize_nf4(q_gpu, dtype, backend="torch")
+        assert torch.equal(ours, theirs), _report(ours, theirs)
