@@ -1,0 +1,283 @@
+"""Cross-entropy over given logits, any vocabulary size, fp32 accumulation.
+
+Formula, per row i of logits x (N, V) with label y_i:
+    z      = softcap * tanh(x / softcap)          (only when softcap is given; else z = x)
+    lse_i  = log sum_v exp(z_iv)                   (online over V in chunks of BLOCK_V: running max m, sum d)
+    loss_i = lse_i - z_{i,y_i}                     (0 where y_i == ignore_index)
+    dloss_i/dx_iv = (softmax(z_i)_v - [v == y_i]) * (1 - (z_iv/softcap)^2)   (last factor only with softcap)
+Reductions: "none" -> loss_i (shape of labels); "sum" -> sum_i loss_i; "mean" -> sum / max(#non-ignored, 1)
+(so an all-ignored batch gives 0, not NaN); n_items given -> sum / n_items (the caller's token count over
+all micro-batches of an accumulation step, for a correctly normalized gradient).
+
+Layouts: logits (..., V) with unit stride along V (any row stride); labels (...) int64; loss fp32.
+Bytes moved per logit element (b = element size): forward reads b (one pass, online logsumexp);
+backward reads b and writes b (one pass, lse saved from the forward). Total 3b per element.
+
+Memory: forward saves the logits (a reference, no copy) and the fp32 lse (N floats). The backward writes
+the gradient into a new (N, V) tensor, or with ``inplace_backward=True`` into the logits buffer itself,
+saving N*V*b bytes. In-place is only correct when nothing else reads those logits after the loss is
+computed (e.g. logits = lm_head(h) feeding only this loss: matmul's backward saves h and W, not the
+logits); after backward the caller's logits tensor holds the gradient.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _reduce(loss_rows: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
+            n_items) -> torch.Tensor:
+    """Shared reduction of per-row fp32 losses (reference and kernel paths use the same formula)."""
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    if n_items is not None:
+        return total / n_items
+    if reduction == "sum":
+        return total
+    count = (labels != ignore_index).sum()
+    # clamp: mean over zero tokens is 0/1 = 0, not 0/0 = NaN
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def _check_options(reduction: str, n_items, backend: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if n_items is not None and reduction == "none":
+        raise ValueError("n_items divides a summed loss; it cannot be combined with reduction='none'")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                      reduction: str = "mean", n_items=None, softcap: float | None = None) -> torch.Tensor:
+    """Pure-torch fp32 reference (the specification and the CPU path). Returns fp32."""
+    _check_options(reduction, n_items, "torch")
+    x = logits.float()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    rows = F.cross_entropy(x.reshape(-1, x.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                           reduction="none").reshape(labels.shape)
+    return _reduce(rows, labels, ignore_index, reduction, n_items)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel. One program per row. COMPUTE_LOSS: pass 1 (online logsumexp over V) -> loss, lse.
+# WRITE_GRAD: pass 2 -> (softmax - onehot) * dz/dx * scale, written to grad_ptr (may equal logits_ptr:
+# each program reads a logit before it overwrites it, and rows never overlap).
+# scale = scale_ptr[row * scale_stride]: stride 0 for one scalar (fused op), 1 for per-row grads (backward).
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tanh(u):
+    # 1 - 2 / (exp(2u) + 1): saturates cleanly to +-1 for large |u| (exp -> inf or 0), no NaN.
+    return 1.0 - 2.0 / (tl.exp2(u * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _ce_kernel(logits_ptr, stride_l, grad_ptr, stride_g, labels_ptr, loss_ptr, lse_ptr, scale_ptr,
+               scale_stride, V, ignore_index, softcap,
+               HAS_SOFTCAP: tl.constexpr, COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 for N*V > 2^31
+    x_row = logits_ptr + row * stride_l
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    cols = tl.arange(0, BLOCK_V)
+
+    if COMPUTE_LOSS:
+        m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)  # running max (scalar)
+        d = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)  # running sum of exp(z - m)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            z = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z = softcap * _tanh(z / softcap)
+            z = tl.where(mask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E), 0)
+            m = m_new
+        lse = m + tl.log2(d) / LOG2E
+        safe_label = tl.where(valid, label, 0)
+        z_y = tl.load(x_row + safe_label).to(tl.float32)
+        if HAS_SOFTCAP:
+            z_y = softcap * _tanh(z_y / softcap)
+        loss = tl.where(valid, lse - z_y, 0.0)
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, lse)
+    else:
+        lse = tl.load(lse_ptr + row)
+
+    if WRITE_GRAD:
+        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        scale = tl.where(valid, scale, 0.0)  # ignored rows get an exact zero gradient
+        g_row = grad_ptr + row * stride_g
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                p = tl.exp2((softcap * t - lse) * LOG2E)
+                g = (p - tl.where(offs == label, 1.0, 0.0)) * (1.0 - t * t)
+            else:
+                p = tl.exp2((x - lse) * LOG2E)
+                g = p - tl.where(offs == label, 1.0, 0.0)
+            tl.store(g_row + offs, (g * scale).to(g_row.dtype.element_ty), mask=mask)
+
+
+def _launch_config(V: int) -> tuple[int, int]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return min(triton.next_power_of_2(V), 1024), 1
+    block = min(triton.next_power_of_2(V), 8192)
+    return block, 16 if block >= 8192 else max(1, min(8, block // 512))
+
+
+def _check_logits(name: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dtype not in _DTYPES:
+        raise TypeError(f"{name}: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"{name}: expected 2-D logits (N, V) with unit stride along V, got shape "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    if labels.dtype != torch.int64 or labels.shape != logits.shape[:1] or not labels.is_contiguous():
+        raise ValueError(f"{name}: expected contiguous int64 labels of shape ({logits.shape[0]},), got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"{name}: logits on {logits.device} but labels on {labels.device}")
+
+
+def ce_launch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float,
+              loss: torch.Tensor | None, lse: torch.Tensor, grad: torch.Tensor | None = None,
+              scale: torch.Tensor | None = None) -> None:
+    """Launch the row kernel. loss given -> compute loss and lse (pass 1); grad given -> write the
+    gradient scaled by ``scale`` (0-d: one factor for all rows; (N,): per row) into grad (pass 2).
+    grad may be ``logits`` itself (in place). softcap 0 means off."""
+    N, V = logits.shape
+    if N == 0:
+        return
+    block, warps = _launch_config(V)
+    write = grad is not None
+    if write:
+        if grad.shape != logits.shape or grad.stride(1) != 1 or grad.dtype != logits.dtype:
+            raise ValueError("ce_launch: grad must match logits in shape and dtype with unit stride along V")
+        scale = scale.to(torch.float32).contiguous()
+        scale_stride = 0 if scale.dim() == 0 else 1
+    else:
+        grad, scale, scale_stride = logits, lse, 0  # unused pointers
+    _ce_kernel[(N,)](logits, logits.stride(0), grad, grad.stride(0), labels,
+                     loss if loss is not None else lse, lse, scale, scale_stride, V, ignore_index,
+                     float(softcap), HAS_SOFTCAP=softcap != 0.0, COMPUTE_LOSS=loss is not None,
+                     WRITE_GRAD=write, BLOCK_V=block, num_warps=warps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library registration: per-row losses are the op's output; reduction is plain torch outside it.
+
+@torch.library.custom_op("minitrain::cross_entropy_rows", mutates_args=())
+def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float,
+             inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_logits("cross_entropy", logits, labels)
+    loss = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+    lse = torch.empty_like(loss)
+    ce_launch(logits, labels, ignore_index, softcap, loss, lse)
+    return loss, lse
+
+
+@_ce_rows.register_fake
+def _(logits, labels, ignore_index, softcap, inplace_backward):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("minitrain::cross_entropy_rows_backward", mutates_args=())
+def _ce_rows_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+                      ignore_index: int, softcap: float) -> torch.Tensor:
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    ce_launch(logits, labels, ignore_index, softcap, None, lse, grad, grad_rows)
+    return grad
+
+
+@_ce_rows_backward.register_fake
+def _(logits, labels, lse, grad_rows, ignore_index, softcap):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("minitrain::cross_entropy_rows_backward_", mutates_args=("logits",))
+def _ce_rows_backward_(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+                       ignore_index: int, softcap: float) -> None:
+    ce_launch(logits, labels, ignore_index, softcap, None, lse, logits, grad_rows)
+
+
+@_ce_rows_backward_.register_fake
+def _(logits, labels, lse, grad_rows, ignore_index, softcap):
+    return None
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, softcap, inplace_backward = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.ignore_index, ctx.softcap, ctx.inplace = ignore_index, softcap, inplace_backward
+
+
+def _ce_backward(ctx, grad_loss, grad_lse):
+    """d loss_i / d x_iv = grad_loss_i * (softmax(z_i)_v - [v == y_i]) * dz_iv/dx_iv, with
+    dz/dx = 1 - tanh(x/softcap)^2 under softcap (1 otherwise); lse is not differentiated (an auxiliary
+    output). One pass: read x, write the gradient (into x itself when inplace_backward)."""
+    logits, labels, lse = ctx.saved_tensors
+    grad_loss = grad_loss.contiguous()
+    if ctx.inplace:
+        torch.ops.minitrain.cross_entropy_rows_backward_(logits, labels, lse, grad_loss, ctx.ignore_index,
+                                                         ctx.softcap)
+        return logits, None, None, None, None
+    grad = torch.ops.minitrain.cross_entropy_rows_backward(logits, labels, lse, grad_loss, ctx.ignore_index,
+                                                           ctx.softcap)
+    return grad, None, None, None, None
+
+
+_ce_rows.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  n_items=None, softcap: float | None = None, inplace_backward: bool = False,
+                  backend: str = "auto") -> torch.Tensor:
+    """Cross-entropy of logits against integer labels, fp32 math, any vocabulary size.
+
+    Args:
+        logits: (..., V) float32/float16/bfloat16, unit stride along V.
+        labels: (...) int64; entries equal to ``ignore_index`` contribute no loss and no gradient.
+        reduction: "mean" (over non-ignored tokens; 0 when there are none), "sum" or "none".
+        n_items: int or 0-d tensor; when given the loss is sum / n_items (gradient accumulation across
+            micro-batches normalized by the true token count of the whole step).
+        softcap: when given, logits pass through softcap * tanh(logits / softcap) first (Gemma-2 style).
+        inplace_backward: write the gradient into the logits buffer instead of a new tensor (saves N*V
+            elements). Only when nothing else needs these logits after the loss (see the module docstring).
+        backend: "auto" (Triton on CUDA, the reference on CPU), "triton" or "torch".
+    Returns:
+        fp32 loss: a scalar, or shape of labels for reduction="none".
+    """
+    _check_options(reduction, n_items, backend)
+    if backend == "auto":
+        backend = "triton" if logits.is_cuda else "torch"
+    if backend == "torch":
+        return cross_entropy_ref(logits, labels, ignore_index, reduction, n_items, softcap)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: labels shape {tuple(labels.shape)} must equal logits shape without "
+                         f"V {tuple(logits.shape[:-1])}")
+    x = logits.reshape(-1, logits.shape[-1])
+    if inplace_backward and logits.dim() != 2 and not logits.is_contiguous():
+        raise ValueError("cross_entropy: inplace_backward needs 2-D or contiguous logits (a (N, V) view, no copy)")
+    rows, _ = torch.ops.minitrain.cross_entropy_rows(x, labels.reshape(-1).contiguous(), ignore_index,
+                                                     0.0 if softcap is None else float(softcap),
+                                                     inplace_backward)
+    return _reduce(rows.reshape(labels.shape), labels, ignore_index, reduction, n_items)
