@@ -1,0 +1,122 @@
+"""Launcher for the CUDA C++ NF4 dequantization (``csrc/nf4_dequant.cu``), registered as a torch.library op.
+
+Same contract as ``triton_ops.nf4_dequant``: plain tensors in (the layouts in ``quant/nf4.py``), an (N, K)
+fp32/fp16/bf16 tensor out, bit-identical to the reference. The module is compiled through CuPy/NVRTC at first
+use for the running card and launched on torch's current stream (``csrc.get_kernel`` / ``csrc.launch``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import get_kernel, launch
+
+__all__ = ["nf4_dequantize_cuda", "nf4_dequantize_cuda_tensors"]
+
+THREADS = 256
+PER_THREAD = 32  # elements per thread (16 packed bytes): one 16-byte load
+_KERNELS = {torch.float32: "nf4_dequant_fp32", torch.float16: "nf4_dequant_fp16",
+            torch.bfloat16: "nf4_dequant_bf16"}
+
+
+def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype, out):
+    where = "nf4_dequantize_cuda"
+    n = int(shape[0]) * int(shape[1])
+    if dtype not in _KERNELS:
+        raise ValueError(f"{where}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    for name, v in (("blocksize", blocksize), ("nested_blocksize", nested_blocksize)):
+        if v < (32 if name == "blocksize" else 1) or v & (v - 1):
+            raise ValueError(f"{where}: {name} must be a power of two (blocksize >= 32), got {v}")
+    if data.device.type != "cuda":
+        raise ValueError(f"{where}: tensors must be on a CUDA device, got {data.device}")
+    if data.dtype != torch.uint8 or data.numel() != (n + 1) // 2 or not data.is_contiguous():
+        raise ValueError(f"{where}: data must be contiguous uint8 with (N*K+1)//2 = {(n + 1) // 2} bytes, got "
+                         f"{data.dtype} with {data.numel()}")
+    nb = -(-n // blocksize)
+    double = nested_absmax is not None
+    want = torch.uint8 if double else torch.float32
+    if absmax.dtype != want or absmax.numel() != nb or not absmax.is_contiguous():
+        raise ValueError(f"{where}: absmax must be contiguous {want} with {nb} values, got {absmax.dtype} with "
+                         f"{absmax.numel()}")
+    checks = [("code", code, 16)]
+    if double:
+        if nested_code is None or offset is None:
+            raise ValueError(f"{where}: double quantization needs nested_code and offset")
+        checks += [("nested_absmax", nested_absmax, -(-nb // nested_blocksize)), ("nested_code", nested_code, 256),
+                   ("offset", offset, 1)]
+    for name, t, k in checks:
+        if t.dtype != torch.float32 or t.numel() != k or not t.is_contiguous() or t.device != data.device:
+            raise ValueError(f"{where}: {name} must be contiguous float32 with {k} values on {data.device}, got "
+                             f"{t.dtype} with {t.numel()} on {t.device}")
+    if absmax.device != data.device:
+        raise ValueError(f"{where}: absmax is on {absmax.device} but data is on {data.device}")
+    if out is not None and (out.shape != (shape[0], shape[1]) or out.dtype != dtype or out.device != data.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"{where}: out must be a contiguous {dtype} tensor of shape {tuple(shape)} on "
+                         f"{data.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
+def _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksize, nested_blocksize):
+    n = out.numel()
+    kernel = get_kernel("nf4_dequant.cu", _KERNELS[out.dtype], out.device)
+    double = nested_absmax is not None
+    vec = data.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0  # 16-byte loads/stores need alignment
+    grid = (-(-n // (PER_THREAD * THREADS)),)
+    dummy = absmax  # never read when there is no double quantization
+    with torch.cuda.device(out.device):
+        launch(kernel, grid, (THREADS,),
+               (data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
+                offset if double else dummy, code, out, np.int64(n), np.int32(blocksize.bit_length() - 1),
+                np.int32(nested_blocksize.bit_length() - 1), np.int32(double), np.int32(vec)))
+
+
+@torch.library.custom_op("minitrain::nf4_dequant_cuda", mutates_args=())
+def _nf4_dequant_cuda_op(data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                         nested_code: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor,
+                         shape: list[int], blocksize: int, nested_blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(shape[0], shape[1], dtype=dtype, device=data.device)
+    _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksize, nested_blocksize)
+    return out
+
+
+@_nf4_dequant_cuda_op.register_fake
+def _(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype):
+    return data.new_empty(shape[0], shape[1], dtype=dtype)
+
+
+@torch.library.custom_op("minitrain::nf4_dequant_cuda_out", mutates_args=("out",))
+def _nf4_dequant_cuda_out_op(data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                             nested_code: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor,
+                             blocksize: int, nested_blocksize: int, out: torch.Tensor) -> None:
+    _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksize, nested_blocksize)
+
+
+@_nf4_dequant_cuda_out_op.register_fake
+def _(data, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, out):
+    return None
+
+
+def nf4_dequantize_cuda_tensors(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize=64,
+                                nested_blocksize=256, dtype=torch.bfloat16, out=None) -> torch.Tensor:
+    """Dequantize NF4 from plain CUDA tensors with the CUDA C++ kernel (arguments as
+    ``triton_ops.nf4_dequant.nf4_dequantize_tensors``). Returns (N, K) of ``dtype`` (``out`` when given)."""
+    shape = [int(shape[0]), int(shape[1])]
+    data = data.reshape(-1)
+    offset = None if offset is None else offset.reshape(1)
+    _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype, out)
+    if out is None:
+        return torch.ops.minitrain.nf4_dequant_cuda(data, absmax, nested_absmax, nested_code, offset, code, shape,
+                                                    blocksize, nested_blocksize, dtype)
+    torch.ops.minitrain.nf4_dequant_cuda_out(data, absmax, nested_absmax, nested_code, offset, code, blocksize,
+                                             nested_blocksize, out)
+    return out
+
+
+def nf4_dequantize_cuda(q, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize an NF4 weight object (``quant.NF4Weight`` attributes) on CUDA to (N, K) of ``dtype``
+    (default: the weight's dtype), into ``out`` when given."""
+    dtype = q.dtype if dtype is None else dtype
+    double = q.nested_absmax is not None
+    return nf4_dequantize_cuda_tensors(q.data, q.absmax, q.nested_absmax if double else None,
+                                       q.nested_code if double else None, q.offset if double else None, q.code,
+                                       q.shape, q.blocksize, q.nested_blocksize, dtype, out)
