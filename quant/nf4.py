@@ -329,7 +329,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     data = ((q[0::2] << 4) | q[1::2]).view(-1, 1)
     if not double_quant:
         return NF4Weight(data, absmax, w.shape, w.dtype, blocksize, code)
-    offset = absmax.mean()
+    # The offset is the fp32 mean of the absmax as torch computes it on the CPU (bitsandbytes' definition);
+    # a CUDA reduction sums in another order and can differ in the last bit, changing every nested byte.
+    offset = absmax.cpu().mean().to(absmax.device)
     nested_code = dynamic_map_8bit(w.device)
     a8, absmax2 = quantize_blockwise_8bit_ref(absmax - offset, nested_code, NESTED_BLOCKSIZE)
     return NF4Weight(data, a8, w.shape, w.dtype, blocksize, code, absmax2, nested_code, offset)
