@@ -1,0 +1,222 @@
+"""Training settings as typed dataclasses, with the names practitioners know (transformers / PEFT / Unsloth).
+
+The CLI derives one ``--flag`` per field from these classes, and a TOML file maps onto the same fields:
+top-level keys, or ``[train]``, ``[lora]`` and ``[model]`` tables. An unknown key is an error naming it.
+"""
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from .lora import DEFAULT_TARGETS
+
+
+class ConfigError(ValueError):
+    """A bad setting: names the key (and file) and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = None  # checkpoint directory (config.json + safetensors + tokenizer files)
+    load_in_4bit: bool = False  # QLoRA: quantize the seven projections to NF4 while loading
+    max_seq_length: int = 2048  # longer sequences are truncated (with a count)
+    dtype: str | None = None  # "bf16" | "fp16" | "fp32"; None: bf16 where supported, else fp16 (fp32 on CPU)
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16  # adapter rank
+    lora_alpha: float = 16.0  # scale numerator: update scaled by alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # layers that get adapters
+    use_rslora: bool = False  # scale alpha / sqrt(r) (rank-stabilized LoRA)
+    init: str = "default"  # "default" (PEFT: A kaiming-uniform, B zero) | "gaussian"
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs"  # checkpoints, metrics.jsonl, loss curve and the final adapter go here
+    learning_rate: float = 2e-4  # peak learning rate (1e-4 .. 5e-5 is steadier)
+    num_train_epochs: float = 1.0  # passes over the data (ignored when max_steps > 0)
+    max_steps: int = -1  # optimizer steps to run; > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 2  # sequences per micro-batch
+    per_device_eval_batch_size: int = 2  # sequences per eval batch
+    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step
+    warmup_steps: int = 0  # linear warm-up steps (overrides warmup_ratio when > 0)
+    warmup_ratio: float = 0.0  # warm-up as a fraction of the total steps
+    lr_scheduler_type: str = "linear"  # "linear" | "cosine" | "constant" (after warm-up)
+    optim: str = "adamw"  # "adamw" (fused on CUDA) | "sgd"
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
+    adam_epsilon: float = 1e-8  # AdamW denominator guard
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables clipping
+    seed: int = 3407  # data order, adapter init and dropout
+    logging_steps: int = 1  # write a metrics.jsonl line every N steps
+    eval_steps: int = 50  # eval loss every N steps (when there is an eval set); 0: only at the end
+    save_steps: int = 100  # checkpoint every N steps; 0: only the final adapter
+    save_total_limit: int = 2  # checkpoints kept (oldest deleted first)
+    gradient_checkpointing: str = "off"  # "off" | "on" (recompute each layer) | "offload" (+ inputs on host)
+    packing: bool = False  # pack several short examples into one max_seq_length row
+    train_on_responses_only: bool = False  # loss only on assistant turns of chat data
+    bf16: bool | None = None  # bf16 autocast; None: on when the GPU supports it
+    fp16: bool = False  # fp16 autocast with dynamic loss scaling (GPUs without bf16)
+    fused_cross_entropy: bool = True  # loss from hidden states without materializing (tokens x vocab) logits
+    resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
+    progress: bool = True  # the progress line on stderr
+
+    def __post_init__(self):
+        gc = self.gradient_checkpointing
+        if gc is True or gc == "true":
+            self.gradient_checkpointing = "on"
+        elif gc is False or gc in (None, "false"):
+            self.gradient_checkpointing = "off"
+        check_choice("gradient_checkpointing", self.gradient_checkpointing, ("off", "on", "offload"))
+        check_choice("lr_scheduler_type", self.lr_scheduler_type, ("linear", "cosine", "constant"))
+        check_choice("optim", self.optim, ("adamw", "sgd"))
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.learning_rate < 0:
+            raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate!r}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are both set; choose one")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+SECTIONS = {"model": ModelConfig, "lora": LoRAConfig, "train": TrainConfig}
+
+
+def field_types(cls) -> dict[str, object]:
+    """Field name -> resolved type annotation."""
+    return typing.get_type_hints(cls)
+
+
+def coerce(cls, name: str, value, where: str):
+    """Check/convert one value against the field's annotation (int for a float field is fine)."""
+    tp = field_types(cls)[name]
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), tp) if args else tp
+    if value is None and optional:
+        return None
+    origin = typing.get_origin(base)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: '{name}' must be a list of strings, got {value!r}")
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif base is str:
+        if isinstance(value, str):
+            return value
+        if name == "gradient_checkpointing" and isinstance(value, bool):
+            return "on" if value else "off"
+    else:
+        return value
+    raise ConfigError(f"{where}: '{name}' must be {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def _owner(key: str):
+    for cls in SECTIONS.values():
+        if key in {f.name for f in fields(cls)}:
+            return cls
+    return None
+
+
+def _unknown(key: str, where: str, candidates) -> ConfigError:
+    close = difflib.get_close_matches(key, list(candidates), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def all_field_names() -> list[str]:
+    return [f.name for cls in SECTIONS.values() for f in fields(cls)]
+
+
+def settings_from_dict(data: dict, where: str = "config", extra_keys=("data", "eval_data", "output")) -> tuple[dict, dict]:
+    """Split a flat-or-sectioned dict into {section: {field: value}} (checked) and the extra run keys."""
+    out: dict[str, dict] = {name: {} for name in SECTIONS}
+    extra: dict = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            cls = SECTIONS[key]
+            names = {f.name for f in fields(cls)}
+            for k, v in value.items():
+                if k not in names:
+                    raise _unknown(k, f"{where} [{key}]", names)
+                out[key][k] = coerce(cls, k, v, where)
+            continue
+        if key in extra_keys:
+            extra[key] = value
+            continue
+        cls = _owner(key)
+        if cls is None:
+            raise _unknown(key, where, all_field_names() + list(extra_keys))
+        section = next(n for n, c in SECTIONS.items() if c is cls)
+        out[section][key] = coerce(cls, key, value, where)
+    return out, extra
+
+
+def load_toml(path) -> tuple[dict, dict]:
+    """Read a run.toml into ({section: {field: value}}, extra keys such as data/output)."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return settings_from_dict(data, str(path))
+
+
+def build(section_values: dict) -> tuple[ModelConfig, LoRAConfig, TrainConfig]:
+    """Dataclass instances from {section: {field: value}}."""
+    try:
+        return (ModelConfig(**section_values.get("model", {})), LoRAConfig(**section_values.get("lora", {})),
+                TrainConfig(**section_values.get("train", {})))
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(*configs) -> dict:
+    return {type(c).__name__: asdict(c) for c in configs}
+
+
+def default_of(cls, name: str):
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not MISSING else f.default

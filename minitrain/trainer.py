@@ -1,0 +1,665 @@
+"""The training loop: LoRA adapters trained with AdamW on token-normalized loss, with checkpoints and exact resume.
+
+One optimizer step reads ``gradient_accumulation_steps`` micro-batches first, counts their trained tokens N
+(labels[:, 1:] != -100), then runs forward/backward on each with loss = sum of its token losses / N, so the
+update is the same however the step's sequences are split into micro-batches and however they are padded.
+The loss comes from the final hidden states through the fused linear cross-entropy (only the rows that are
+trained are projected to the vocabulary; no (tokens x vocab) logits are held).
+
+Checkpoints (every ``save_steps``) hold the adapter (PEFT format), optimizer and loss-scaler state, the RNG
+states and the data position; a directory is written under a temporary name and renamed, so a kill at any
+moment leaves the previous checkpoint intact, and resuming replays the same batches and dropout masks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .lora import atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
+
+try:
+    from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+except ImportError:
+    fused_linear_cross_entropy = None
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (the message says which)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------
+def final_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
+    """(B, T, C) final normed hidden states: minitrain's ``hidden_states`` or a transformers model's body."""
+    if hasattr(model, "hidden_states"):
+        return model.hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"))
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      position_ids=batch.get("position_ids"))
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def token_loss_sum(model: nn.Module, batch: dict, fused: bool = True) -> torch.Tensor:
+    """Sum over trained positions of -log p(label[t+1] | tokens <= t), fp32 scalar.
+
+    Only trained rows of the hidden states reach the vocabulary projection (often a small share of the tokens).
+    """
+    hidden = final_hidden(model, batch)  # (B, T, C)
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != -100
+    h = hidden[:, :-1][keep]  # (n, C)
+    y = targets[keep]  # (n,)
+    w = model.lm_head.weight
+    if fused and fused_linear_cross_entropy is not None:
+        return fused_linear_cross_entropy(h.to(w.dtype).contiguous(), w, y, reduction="sum")
+    logits = F.linear(h, w).float()  # (n, V)
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def n_items(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches for a plain list of tokenized examples (minitrain's Dataset brings its own)
+# ---------------------------------------------------------------------------------------------------------
+class ExampleBatches:
+    """Shuffled, right-padded batches over a list of ``{"input_ids", "labels"?}`` examples, resumable exactly
+    (the same interface as ``minitrain.data.Batches``: iterate one epoch, state_dict/load_state_dict)."""
+
+    def __init__(self, examples, batch_size: int, shuffle: bool, seed: int, pad_id: int = 0):
+        if len(examples) == 0:
+            raise TrainingError("the dataset is empty")
+        self.examples, self.batch_size, self.shuffle, self.seed, self.pad_id = examples, batch_size, shuffle, seed, pad_id
+        self.epoch, self.index = 0, 0
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        n = len(self.examples)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return [order[i:i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.plan(self.epoch))
+
+    def collate(self, idx: list[int]) -> dict:
+        seqs = [self.examples[i] for i in idx]
+        T = max(len(s["input_ids"]) for s in seqs)
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            x = torch.as_tensor(s["input_ids"], dtype=torch.long)
+            ids[b, :len(x)] = x
+            labels[b, :len(x)] = torch.as_tensor(s.get("labels", x), dtype=torch.long)
+            mask[b, :len(x)] = 1
+        pos = torch.arange(T)[None].expand(len(seqs), T).contiguous()
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos}
+
+    def __iter__(self):
+        plan = self.plan(self.epoch)
+        while self.index < len(plan):
+            self.index += 1
+            yield self.collate(plan[self.index - 1])
+        self.epoch, self.index = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def make_batches(dataset, split: str, batch_size: int, packing: bool, seed: int, pad_id: int = 0):
+    if dataset is None:
+        return None
+    if hasattr(dataset, "batches"):  # minitrain.data.Dataset
+        if split == "eval" and len(getattr(dataset, "eval_idx", ())) == 0:
+            return None
+        return dataset.batches(split, batch_size, packing=packing and split == "train", seed=seed)
+    return ExampleBatches(dataset, batch_size, shuffle=split == "train", seed=seed, pad_id=pad_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradient checkpointing (optionally with the layer inputs held in pinned host memory)
+# ---------------------------------------------------------------------------------------------------------
+class _ToHost(torch.autograd.Function):
+    """Copy to pinned host memory (asynchronously); the gradient goes back to the device."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.device = x.device
+        if x.device.type != "cuda":
+            return x.detach().clone()
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return host.copy_(x, non_blocking=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.device, non_blocking=True)
+
+
+class _ToDevice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, device):
+        return x.to(device, non_blocking=True) if x.device != device else x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to("cpu") if g.device.type != "cpu" else g, None
+
+
+class CheckpointedLayer:
+    """Replaces one decoder layer's ``forward``: recompute the layer in backward instead of keeping its
+    activations; with ``offload`` only a host copy of the layer input is kept (brought back when recomputing)."""
+
+    def __init__(self, layer: nn.Module, offload: bool):
+        self.layer, self.forward, self.offload = layer, layer.forward, offload
+
+    def __call__(self, x, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        if not torch.is_grad_enabled():
+            return self.forward(x, *args, **kwargs)
+        if not self.offload:
+            return checkpoint(self.forward, x, *args, use_reentrant=False, **kwargs)
+        device = x.device
+        return checkpoint(lambda h, *a, **k: self.forward(_ToDevice.apply(h, device), *a, **k),
+                          _ToHost.apply(x), *args, use_reentrant=False, **kwargs)
+
+
+def decoder_layers(model: nn.Module):
+    body = getattr(model, "model", model)
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        raise TrainingError(f"gradient checkpointing: {type(model).__name__} has no model.layers")
+    return list(layers)
+
+
+def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
+    """mode "off" | "on" | "offload" (see :class:`CheckpointedLayer`)."""
+    for layer in decoder_layers(model):
+        if isinstance(layer.__dict__.get("forward"), CheckpointedLayer):
+            del layer.forward  # back to the class's forward
+        if mode != "off":
+            layer.forward = CheckpointedLayer(layer, offload=mode == "offload")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Learning-rate schedule, diagnostics, progress
+# ---------------------------------------------------------------------------------------------------------
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total`` (transformers' schedules)."""
+    warm = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
+    if step < warm:
+        return cfg.learning_rate * step / max(1, warm)
+    progress = (step - warm) / max(1, total - warm)
+    if cfg.lr_scheduler_type == "linear":
+        return cfg.learning_rate * max(0.0, 1.0 - progress)
+    if cfg.lr_scheduler_type == "cosine":
+        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.learning_rate
+
+
+def diagnose(losses: list[float], evals: list[tuple[int, float]], steps: list[int], done: bool) -> list[tuple[str, str]]:
+    """(kind, one plain sentence) for what the curves show: overfitting, memorization, underfitting."""
+    out = []
+    w = max(1, min(10, len(losses) // 4))
+    if len(evals) >= 2 and len(losses) >= 2 * w:
+        (s0, e0), (s1, e1) = evals[-2], evals[-1]
+        before = [l for s, l in zip(steps, losses) if s <= s0][-w:]
+        after = [l for s, l in zip(steps, losses) if s0 < s <= s1][-w:]
+        if before and after and e1 > e0 * 1.01 and np.mean(after) < np.mean(before):
+            out.append(("overfitting", f"Eval loss rose from {e0:.3f} to {e1:.3f} while training loss fell: the model "
+                        "is overfitting; lower the learning rate, train fewer epochs or raise lora_dropout."))
+    if len(losses) >= 5 and float(np.mean(losses[-5:])) < 0.05:
+        out.append(("memorization", f"Training loss is near 0 ({np.mean(losses[-5:]):.4f}): the model is memorizing "
+                    "the training data; lower the learning rate, train fewer epochs or add more data."))
+    if done and len(losses) >= 20:
+        first, last = float(np.mean(losses[:w])), float(np.mean(losses[-w:]))
+        if first > 0 and abs(first - last) / first < 0.02:
+            out.append(("underfitting", f"Training loss stayed flat ({first:.3f} -> {last:.3f}): the model is not "
+                        "learning; raise the learning rate, train more epochs or use more relevant data."))
+    return out
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """One status line on stderr: redrawn in place on a terminal, a line per log otherwise."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
+        self.t0, self.start_step = time.perf_counter(), None
+
+    def update(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step, self.t0 = step - 1, time.perf_counter() - m.get("step_time", 0.0)
+        rate = (step - self.start_step) / max(1e-9, time.perf_counter() - self.t0)
+        line = (f"step {step}/{self.total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+                f"{m['tokens_per_s']:.0f} tok/s | peak {m['peak_mem_mib']:.0f} MiB | "
+                f"ETA {_fmt_time((self.total - step) / max(rate, 1e-9))}")
+        sys.stderr.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        if self.tty and step == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def say(self, text: str) -> None:
+        if self.tty and self.enabled:
+            sys.stderr.write("\n")
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Train the LoRA adapters of ``model`` (see :func:`minitrain.add_lora`) on ``dataset``.
+
+    Args:
+        model: a minitrain (or transformers) Llama with LoRA layers.
+        tokenizer: its tokenizer (for the pad id of example lists; may be None).
+        dataset: a ``minitrain.data.Dataset`` (its eval split is used for eval loss), or a list of
+            ``{"input_ids", "labels"?}`` examples.
+        config: a :class:`TrainConfig`.
+        eval_dataset: held-out examples (a list) when ``dataset`` has no eval split.
+        callbacks: callables ``cb(trainer, step, metrics)`` run after every optimizer step.
+    """
+
+    def __init__(self, model, tokenizer, dataset, config: TrainConfig | None = None, eval_dataset=None,
+                 callbacks=()):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, config or TrainConfig()
+        self.params = [p for _, p in lora_parameters(model)]
+        if not self.params:
+            raise TrainingError("the model has no LoRA adapters to train: call minitrain.add_lora(model) first")
+        self.device = self.params[0].device
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = getattr(tokenizer, "eos_token_id", 0) if pad is None else pad
+        cfg = self.cfg
+        self.batches = make_batches(dataset, "train", cfg.per_device_train_batch_size, cfg.packing, cfg.seed, pad or 0)
+        self.eval_batches = make_batches(eval_dataset if eval_dataset is not None else dataset, "eval",
+                                         cfg.per_device_eval_batch_size, False, cfg.seed, pad or 0)
+        if eval_dataset is None and not hasattr(dataset, "batches"):
+            self.eval_batches = None
+        self.out = Path(cfg.output_dir)
+        self.callbacks = list(callbacks)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if cfg.optim == "sgd":
+            self.opt = torch.optim.SGD(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                         eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                                         fused=self.device.type == "cuda")
+        per_epoch = math.ceil(len(self.batches) / cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
+        self.step, self.history = 0, {"step": [], "loss": [], "eval": []}
+        self.warned: set[str] = set()
+        self._iter = None
+
+    def _amp_dtype(self):
+        cfg = self.cfg
+        if cfg.fp16:
+            return torch.float16
+        if cfg.bf16 or (cfg.bf16 is None and self.device.type == "cuda"):
+            if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                return torch.float16  # GPUs without bf16: fp16 with loss scaling
+            return torch.bfloat16
+        return None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run to ``total_steps`` (resuming when configured); returns the last logged metrics."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self._maybe_resume()
+        set_gradient_checkpointing(self.model, cfg.gradient_checkpointing)
+        self.model.train()
+        progress, metrics = Progress(self.total_steps, cfg.progress), {}
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                data_state, good_rng = self.batches.state_dict(), rng_state()
+                micro = [self._to_device(b) for b in self._next_micro_batches()]
+                lr = lr_at(self.step, self.total_steps, cfg)
+                loss = self._forward_backward(micro, data_state, good_rng)
+                grad_norm = self._optimizer_step(lr)
+                self.step += 1
+                metrics = self._metrics(loss, lr, grad_norm, micro, time.perf_counter() - t0)
+                self._log(metrics, progress)
+                if self.eval_batches is not None and cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0:
+                    self._evaluate(progress)
+                if cfg.save_steps > 0 and self.step % cfg.save_steps == 0:
+                    self.save_checkpoint()
+                for cb in self.callbacks:
+                    cb(self, self.step, metrics)
+            if self.eval_batches is not None and (cfg.eval_steps <= 0 or self.step % cfg.eval_steps):
+                self._evaluate(progress)
+            self._advise(progress, done=True)
+        finally:
+            set_gradient_checkpointing(self.model, "off")
+            self.model.eval()
+        save_adapter(self.model, self.out / "adapter")
+        write_loss_curve(self.out / "loss_curve.png", self.history)
+        return metrics
+
+    def _next_micro_batches(self) -> list[dict]:
+        out = []
+        while len(out) < self.cfg.gradient_accumulation_steps:
+            if self._iter is None:
+                self._iter = iter(self.batches)
+            b = next(self._iter, None)
+            if b is None:
+                self._iter = None  # the next epoch
+                continue
+            out.append(b)
+        return out
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _forward_backward(self, micro: list[dict], data_state: dict, good_rng: dict) -> float:
+        """Backward of sum(token losses) / N over all micro-batches of the step; returns that loss."""
+        total_items = sum(n_items(b) for b in micro)
+        step_loss = 0.0
+        for i, batch in enumerate(micro):
+            if n_items(batch) == 0:
+                continue
+            with self.autocast():
+                loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / total_items
+            if not torch.isfinite(loss):
+                self._stop_non_finite(loss, i, batch, data_state, good_rng)
+            self.scaler.scale(loss).backward()
+            step_loss += loss.item()
+        return step_loss
+
+    def _optimizer_step(self, lr: float) -> float:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.scaler.unscale_(self.opt)
+        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # -- metrics, eval, advice -------------------------------------------------------------------------
+    def _metrics(self, loss, lr, grad_norm, micro, dt) -> dict:
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
+                "n_items": sum(n_items(b) for b in micro), "peak_mem_mib": peak_memory_mib(self.device),
+                "step_time": dt}
+
+    def _log(self, m: dict, progress: Progress) -> None:
+        self.history["step"].append(m["step"])
+        self.history["loss"].append(m["loss"])
+        if m["step"] % self.cfg.logging_steps == 0 or m["step"] == self.total_steps:
+            self._append_metrics(m)
+            progress.update(m["step"], m)
+        self._advise(progress, done=False)
+
+    def _append_metrics(self, m: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(m) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the eval split (dropout off)."""
+        was = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        ev = self.eval_batches
+        ev.load_state_dict({**ev.state_dict(), "epoch": 0, "index": 0})
+        for batch in ev:
+            batch = self._to_device(batch)
+            with self.autocast():
+                total += token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy).item()
+            count += n_items(batch)
+        self.model.train(was)
+        return total / max(1, count)
+
+    def _evaluate(self, progress: Progress) -> None:
+        loss = self.evaluate()
+        self.history["eval"].append((self.step, loss))
+        self._append_metrics({"step": self.step, "eval_loss": loss})
+        progress.say(f"step {self.step}: eval loss {loss:.4f}")
+        self._advise(progress, done=False)
+
+    def _advise(self, progress: Progress, done: bool) -> None:
+        for kind, sentence in diagnose(self.history["loss"], self.history["eval"], self.history["step"], done):
+            if kind not in self.warned:
+                self.warned.add(kind)
+                progress.say(f"warning: {sentence}")
+                self._append_metrics({"step": self.step, "warning": kind, "message": sentence})
+
+    def _stop_non_finite(self, loss, i, batch, data_state, good_rng) -> None:
+        path = self.save_checkpoint(data_state=data_state, rng=good_rng)  # the state before this step
+        G = self.cfg.gradient_accumulation_steps
+        raise TrainingError(f"loss is {loss.item()} at step {self.step + 1}, micro-batch {i + 1} of {G} "
+                            f"(data position {data_state}); the last good state (after step {self.step}) is saved "
+                            f"in {path}. Lower the learning rate or check that batch's data.")
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def save_checkpoint(self, data_state: dict | None = None, rng: dict | None = None) -> Path:
+        """Write ``output_dir/checkpoint-<step>`` atomically (temporary directory, then rename)."""
+        final = self.out / f"checkpoint-{self.step}"
+        tmp = self.out / f".checkpoint-{self.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_adapter(self.model, tmp / "adapter")
+        rng = rng or rng_state()
+        atomic_torch_save({"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                           "torch_rng": rng["torch"], "cuda_rng": rng["cuda"]}, tmp / "optimizer.pt")
+        state = {"step": self.step, "total_steps": self.total_steps, "data": data_state or self.batches.state_dict(),
+                 "python_rng": rng["python"], "numpy_rng": rng["numpy"], "history": self.history,
+                 "warned": sorted(self.warned), "config": asdict(self.cfg)}
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(state, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._rotate_checkpoints()
+        return final
+
+    def _rotate_checkpoints(self) -> None:
+        keep = self.cfg.save_total_limit
+        if keep <= 0:
+            return
+        for old in list_checkpoints(self.out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _maybe_resume(self) -> None:
+        where = self.cfg.resume_from_checkpoint
+        if not where:
+            return
+        if where == "latest":
+            found = list_checkpoints(self.out)
+            if not found:
+                return  # nothing saved yet: a fresh start
+            path = found[-1]
+        else:
+            path = Path(where)
+            if not (path / "trainer_state.json").is_file():
+                raise TrainingError(f"resume: {path} is not a checkpoint directory (no trainer_state.json)")
+        self.load_checkpoint(path)
+
+    def load_checkpoint(self, path) -> None:
+        path = Path(path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        load_adapter(self.model, path / "adapter")
+        blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.opt.load_state_dict(blob["optimizer"])
+        self.scaler.load_state_dict(blob["scaler"])
+        self.batches.load_state_dict(state["data"])
+        self._iter = None
+        self.step = int(state["step"])
+        self.history = {"step": state["history"]["step"], "loss": state["history"]["loss"],
+                        "eval": [tuple(e) for e in state["history"]["eval"]]}
+        self.warned = set(state.get("warned", ()))
+        set_rng_state({"torch": blob["torch_rng"], "cuda": blob["cuda_rng"], "python": state["python_rng"],
+                       "numpy": state["numpy_rng"]})
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint by the interrupted run (they are replayed)."""
+        f = self.out / "metrics.jsonl"
+        if not f.exists():
+            return
+        lines = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        atomic_write_text(f, "".join(l + "\n" for l in lines))
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in ``out``, oldest first."""
+    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()
+             and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def rng_state() -> dict:
+    st = random.getstate()
+    np_st = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": [st[0], list(st[1]), st[2]],
+            "numpy": [np_st[0], np_st[1].tolist(), int(np_st[2]), int(np_st[3]), float(np_st[4])]}
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    if torch.cuda.is_available() and st["cuda"]:
+        torch.cuda.set_rng_state_all(st["cuda"])
+    p = st["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    n = st["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss-curve image: matplotlib when installed, else a small PNG drawn here (no extra dependency)
+# ---------------------------------------------------------------------------------------------------------
+_DIGITS = {  # 3x5 bitmaps, rows top to bottom
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
+    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
+    "e": "000111101110111",
+}
+TRAIN_COLOR, EVAL_COLOR = (31, 119, 180), (255, 127, 14)
+
+
+def _text(img: np.ndarray, x: int, y: int, s: str, px: int = 2) -> None:
+    for ch in s:
+        bits = _DIGITS.get(ch)
+        if bits:
+            for k, b in enumerate(bits):
+                if b == "1":
+                    r, c = y + (k // 3) * px, x + (k % 3) * px
+                    img[r:r + px, c:c + px] = 0
+        x += 4 * px
+
+
+def _polyline(img: np.ndarray, pts: list[tuple[float, float]], color, width: int = 2) -> None:
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] or pts):
+        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+        for t in np.linspace(0.0, 1.0, n + 1):
+            x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
+            img[max(0, y - width // 2):y + width - width // 2, max(0, x - width // 2):x + width - width // 2] = color
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """Encode an (H, W, 3) uint8 image as PNG (8-bit RGB, no filtering)."""
+    import struct
+    import zlib
+
+    h, w, _ = img.shape
+    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def write_loss_curve(path, history: dict) -> Path | None:
+    """Training loss (blue) and eval loss (orange) against the step, as a PNG at ``path``."""
+    steps, losses, evals = history["step"], history["loss"], history["eval"]
+    if not steps:
+        return None
+    path = Path(path)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, losses, label="train loss")
+        if evals:
+            ax.plot([s for s, _ in evals], [l for _, l in evals], "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+    except ImportError:
+        pass
+    W, H, L, R, T, B = 640, 400, 60, 20, 20, 40
+    img = np.full((H, W, 3), 255, np.uint8)
+    ys = list(losses) + [l for _, l in evals]
+    lo, hi = min(ys), max(ys)
+    hi = hi if hi > lo else lo + 1.0
+    x_max = max(max(steps), 1)
+
+    def xy(s, l):
+        return L + (s / x_max) * (W - L - R), T + (hi - l) / (hi - lo) * (H - T - B)
+
+    img[T:H - B, L - 1:L + 1] = 0  # y axis
+    img[H - B:H - B + 2, L:W - R] = 0  # x axis
+    _text(img, 4, T, f"{hi:.3g}")
+    _text(img, 4, H - B - 10, f"{lo:.3g}")
+    _text(img, L, H - B + 8, "0")
+    _text(img, W - R - 4 * 2 * len(str(x_max)), H - B + 8, str(x_max))
+    _polyline(img, [xy(s, l) for s, l in zip(steps, losses)], TRAIN_COLOR)
+    if evals:
+        _polyline(img, [xy(s, l) for s, l in evals], EVAL_COLOR)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(png_bytes(img))
+    os.replace(tmp, path)
+    return path
