@@ -1,0 +1,532 @@
+"""minitrain.data: sources, formats, chat rendering, response-only masking, packing, mixing, resume, errors.
+
+A tiny byte-level BPE is trained here on a few sentences, with ChatML and Llama-3 style special tokens, and
+wrapped in a small adapter exposing the tokenizer interface the data module uses (encode, decode,
+apply_chat_template, eos/pad/bos ids), so these tests do not depend on minitrain.tokenizer; a last test runs
+the same checks through minitrain.tokenizer's Tokenizer and its built-in templates when it is there.
+"""
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minitrain.data import DataError, load_dataset, packed_attention_mask
+
+SPECIALS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>"]
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris is the capital.",
+          "user assistant system instruction input output", "Translate to German: good morning -> Guten Morgen",
+          "Numbers 0123456789 and symbols: ,.;:!?()[]{}<>\n\n", "héllo wörld ünïcode ✓ 日本語"] * 3
+# Two template families written here in their public shape: ChatML (SmolLM2, Qwen) and Llama-3.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+END = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>"}
+# Not prefix-stable: the header depends on how many messages follow.
+UNSTABLE = "{{ messages | length }}|" + CHATML
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tk
+
+
+class TinyTok:
+    """The tokenizer interface of minitrain.data, over a tokenizers.Tokenizer, with a sandboxed jinja2 template."""
+
+    def __init__(self, tk, template=CHATML, bos=None):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.tk, self.bos_token = tk, bos
+        self.template = ImmutableSandboxedEnvironment().from_string(template)
+
+    eos_token_id = property(lambda self: self.tk.token_to_id("<eos>"))
+    pad_token_id = property(lambda self: self.tk.token_to_id("<pad>"))
+    bos_token_id = property(lambda self: None if self.bos_token is None else self.tk.token_to_id(self.bos_token))
+
+    def encode(self, text, add_special_tokens=True):
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return ([self.bos_token_id] if add_special_tokens and self.bos_token else []) + ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+        text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token or "")
+        return self.tk.encode(text, add_special_tokens=False).ids if tokenize else text
+
+
+@pytest.fixture(params=["chatml", "llama3"])
+def family(request, backend):
+    if request.param == "chatml":
+        return "chatml", TinyTok(backend, CHATML)
+    return "llama3", TinyTok(backend, LLAMA3, bos="<|begin_of_text|>")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def runs(ds, i):
+    """Example i as [(trained, decoded text)] runs of equal mask (label 0 counted as untrained)."""
+    item = ds[i]
+    ids, trained = item["input_ids"].tolist(), (item["labels"] != -100).tolist()
+    trained[0] = False
+    out, s = [], 0
+    for e in range(1, len(ids) + 1):
+        if e == len(ids) or trained[e] != trained[s]:
+            out.append((trained[s], ds.tokenizer.decode(ids[s:e])))
+            s = e
+    return out
+
+
+def check_masking(ds, i, convo, end):
+    """Token by token: labels equal input_ids exactly on the assistant turns (content + end of turn), -100
+    elsewhere; the trained runs decode to the assistant turns, in order, and every turn is trained."""
+    item = ds[i]
+    lab, ids = item["labels"], item["input_ids"]
+    on = lab != -100
+    assert torch.equal(lab[on], ids[on])
+    trained = [t for tr, t in runs(ds, i) if tr]
+    want = [m["content"].strip() + end for m in convo if m["role"] == "assistant"]
+    assert trained == want, f"trained runs {trained!r} != assistant turns {want!r}"
+    untrained = "".join(t for tr, t in runs(ds, i) if not tr)
+    for m in convo:
+        if m["role"] != "assistant":
+            assert m["content"].strip() in untrained
+
+
+MULTI = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital of France?"},
+         {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Germany?"},
+         {"role": "assistant", "content": "Berlin, the capital."}]
+
+
+@pytest.mark.parametrize("batch_api", [True, False])
+def test_conversation_masking_every_turn(tmp_path, family, batch_api):
+    name, tok = family
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": MULTI}, {"messages": MULTI[1:3]}])
+    ds = load_dataset(f, tok, max_seq_length=512, use_batch_api=batch_api)
+    assert ds.sources[0].formats == {"conversation": 2}
+    check_masking(ds, 0, MULTI, END[name])
+    check_masking(ds, 1, MULTI[1:3], END[name])
+    # the input ids are exactly the template's own rendering
+    assert ds[0]["input_ids"].tolist() == tok.apply_chat_template(MULTI)
+
+
+def test_batch_api_and_per_record_paths_agree(tmp_path, family):
+    _, tok = family
+    recs = [{"messages": MULTI}, {"instruction": "Say hi", "input": "to Bob", "output": "hi Bob"}]
+    f1 = write_jsonl(tmp_path / "a.jsonl", recs[:1])
+    f2 = write_jsonl(tmp_path / "b.jsonl", recs[1:])
+    a = load_dataset([f1, f2], tok, use_batch_api=True)
+    b = load_dataset([f1, f2], tok, use_batch_api=False)
+    for i in range(2):
+        assert torch.equal(a[i]["input_ids"], b[i]["input_ids"]) and torch.equal(a[i]["labels"], b[i]["labels"])
+
+
+def test_instruct_becomes_user_assistant_exchange(tmp_path, family):
+    name, tok = family
+    recs = [{"instruction": "Translate to German", "input": "good morning", "output": "Guten Morgen"},
+            {"instruction": "Say hi", "input": "", "output": "hi", "system": "Be nice."}]
+    ds = load_dataset(write_jsonl(tmp_path / "i.jsonl", recs), tok)
+    assert ds.format_of == ["instruct", "instruct"]
+    convo0 = [{"role": "user", "content": "Translate to German\n\ngood morning"},
+              {"role": "assistant", "content": "Guten Morgen"}]
+    assert ds[0]["input_ids"].tolist() == tok.apply_chat_template(convo0)
+    check_masking(ds, 0, convo0, END[name])
+    convo1 = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Say hi"},
+              {"role": "assistant", "content": "hi"}]
+    assert ds[1]["input_ids"].tolist() == tok.apply_chat_template(convo1)
+
+
+def test_sharegpt_roles_mapped(tmp_path, backend):
+    tok = TinyTok(backend)
+    rec = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q?"},
+                             {"from": "gpt", "value": "A."}]}
+    ds = load_dataset(write_jsonl(tmp_path / "s.jsonl", [rec]), tok)
+    want = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
+    assert ds[0]["input_ids"].tolist() == tok.apply_chat_template(want)
+    check_masking(ds, 0, want, END["chatml"])
+    bad = {"conversations": [{"from": "alien", "value": "x"}]}
+    with pytest.raises(DataError, match=r"s2.jsonl:1.*unknown ShareGPT 'from' 'alien'"):
+        load_dataset(write_jsonl(tmp_path / "s2.jsonl", [bad]), tok)
+
+
+def test_preference_keeps_chosen_and_rejected(tmp_path, backend):
+    tok = TinyTok(backend)
+    recs = [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Berlin."},
+            {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+             "rejected": [{"role": "assistant", "content": "5"}]}]
+    ds = load_dataset(write_jsonl(tmp_path / "p.jsonl", recs), tok)
+    assert ds.format_of == ["preference"] * 2
+    assert [t for tr, t in runs(ds, 0) if tr] == ["Paris.<|im_end|>\n"]  # SFT trains on the chosen answer
+    item = ds[0]
+    rid, rlab = item["rejected_input_ids"], item["rejected_labels"]
+    want = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Berlin."}]
+    assert rid.tolist() == tok.apply_chat_template(want)
+    assert tok.decode(rid[rlab != -100].tolist()) == "Berlin.<|im_end|>\n"
+    batch = next(iter(ds.train_batches(batch_size=2, packing=False, rejected=True)))
+    assert {"input_ids", "labels", "rejected_input_ids", "rejected_labels", "rejected_attention_mask"} <= set(batch)
+    assert batch["rejected_input_ids"].shape[0] == 2
+
+
+def test_raw_text_all_trained_with_eos_and_split(tmp_path, backend):
+    tok = TinyTok(backend)
+    (tmp_path / "t.txt").write_text("The quick brown fox.\nSecond line.\n\n\nWhat is the capital?\n")
+    ds = load_dataset(tmp_path / "t.txt", tok)
+    assert len(ds) == 2 and ds.format_of == ["raw", "raw"]
+    ids = ds[0]["input_ids"].tolist()
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]) == "The quick brown fox.\nSecond line."
+    assert torch.equal(ds[0]["labels"], ds[0]["input_ids"])
+    long_text = "The quick brown fox jumps over the lazy dog. " * 20
+    n = len(tok.encode(long_text)) + 1
+    ds = load_dataset(write_jsonl(tmp_path / "r.jsonl", [{"text": long_text}]), tok, max_seq_length=16)
+    assert len(ds) == math.ceil(n / 16) and ds.sources[0].split == 1  # raw documents are split, not truncated
+    assert torch.cat([ds[i]["input_ids"] for i in range(len(ds))]).tolist() == tok.encode(long_text) + [tok.eos_token_id]
+    ds = load_dataset(tmp_path / "t.txt", tok, txt_split="file")
+    assert len(ds) == 1
+
+
+def test_every_source_type_gives_the_same_examples(tmp_path, backend):
+    tok = TinyTok(backend)
+    recs = [{"instruction": f"Say {w}", "input": "", "output": w} for w in ("hi", "yo", "hey")]
+    d = tmp_path / "dir"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", recs[:1])
+    (d / "b.json").write_text(json.dumps(recs[1:2]))
+    (d / "c.csv").write_text("instruction,input,output\n" + f"Say {recs[2]['output']},,{recs[2]['output']}\n")
+    (tmp_path / "all.json").write_text(json.dumps({"data": recs}))
+    write_jsonl(tmp_path / "all.jsonl", recs)
+    ref = load_dataset(tmp_path / "all.jsonl", tok)
+    for src in (d, tmp_path / "all.json"):
+        ds = load_dataset(src, tok)
+        assert len(ds) == 3
+        for i in range(3):
+            assert torch.equal(ds[i]["input_ids"], ref[i]["input_ids"]), (src, i)
+            assert torch.equal(ds[i]["labels"], ref[i]["labels"]), (src, i)
+    # a CSV column holding a JSON list of messages
+    (tmp_path / "m.csv").write_text('messages\n"' + json.dumps(MULTI[1:3]).replace('"', '""') + '"\n')
+    ds = load_dataset(tmp_path / "m.csv", tok)
+    assert ds[0]["input_ids"].tolist() == tok.apply_chat_template(MULTI[1:3])
+
+
+def test_format_override_and_field_map(tmp_path, backend):
+    tok = TinyTok(backend)
+    f = write_jsonl(tmp_path / "q.jsonl", [{"question": "Q?", "answer": "A.", "text": "ignored"}])
+    ds = load_dataset(f, tok, field_map={"question": "instruction", "answer": "output"}, format="instruct")
+    assert [t for tr, t in runs(ds, 0) if tr] == ["A.<|im_end|>\n"]
+    ds = load_dataset(f, tok)  # detection picks raw from 'text'
+    assert ds.format_of == ["raw"]
+
+
+def test_detection_failure_lists_fields_and_formats(tmp_path, backend):
+    f = write_jsonl(tmp_path / "x.jsonl", [{"question": "Q", "reply": "A"}])
+    with pytest.raises(DataError) as e:
+        load_dataset(f, TinyTok(backend))
+    msg = str(e.value)
+    assert "x.jsonl:1" in msg and "['question', 'reply']" in msg
+    for want in ("raw: 'text'", "instruct: 'instruction' and 'output'", "'messages'", "'conversations'",
+                 "preference: 'prompt', 'chosen' and 'rejected'"):
+        assert want in msg
+
+
+def test_records_without_trained_tokens_are_refused_with_a_count(tmp_path, backend):
+    tok = TinyTok(backend)
+    recs = [{"messages": MULTI}, {"messages": [{"role": "user", "content": "hello?"}]},
+            {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "x"}]}]
+    with pytest.warns(UserWarning, match="2 examples have no trained token"):
+        ds = load_dataset(write_jsonl(tmp_path / "c.jsonl", recs), tok)
+    assert len(ds) == 1 and ds.sources[0].refused == 2
+    with pytest.raises(DataError, match="empty dataset.*2 without any trained token"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_dataset(write_jsonl(tmp_path / "d.jsonl", recs[1:]), tok)
+
+
+def test_overflow_truncate_drop_error(tmp_path, backend):
+    tok = TinyTok(backend)
+    long = {"instruction": "Say the fox sentence", "output": "The quick brown fox jumps over the lazy dog. " * 8}
+    short = {"instruction": "Say hi", "output": "hi"}
+    f = write_jsonl(tmp_path / "o.jsonl", [long, short, long])
+    with pytest.warns(UserWarning, match="2 examples longer than max_seq_length=40 were truncated"):
+        ds = load_dataset(f, tok, max_seq_length=40)
+    assert len(ds) == 3 and ds.store.lengths.max() == 40 and ds.sources[0].truncated == 2
+    assert ds[0]["input_ids"].tolist() == tok.apply_chat_template(
+        [{"role": "user", "content": long["instruction"]}, {"role": "assistant", "content": long["output"]}])[:40]
+    with pytest.warns(UserWarning, match="2 examples .* were dropped"):
+        ds = load_dataset(f, tok, max_seq_length=40, overflow="drop")
+    assert len(ds) == 1
+    with pytest.raises(DataError, match=r"o.jsonl:1: \d+ tokens, longer than max_seq_length=40"):
+        load_dataset(f, tok, max_seq_length=40, overflow="error")
+
+
+def test_bad_input_errors(tmp_path, backend):
+    tok = TinyTok(backend)
+    good = json.dumps({"text": "fine"})
+    f = tmp_path / "m.jsonl"
+    f.write_text(f"{good}\n{{\"text\": \"broken\"\n{good}\n[1, 2]\n")
+    with pytest.raises(DataError, match=r"m.jsonl:2: malformed JSON.*skip_bad_lines=True"):
+        load_dataset(f, tok)
+    with pytest.warns(UserWarning, match="2 bad lines/records skipped"):
+        ds = load_dataset(f, tok, skip_bad_lines=True)
+    assert len(ds) == 2 and ds.sources[0].skipped == 2
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"e.jsonl: empty file"):
+        load_dataset(tmp_path / "e.jsonl", tok)
+    (tmp_path / "e.json").write_text("  \n")
+    with pytest.raises(DataError, match=r"e.json: empty file"):
+        load_dataset(tmp_path / "e.json", tok)
+    write_jsonl(tmp_path / "mf.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
+    with pytest.raises(DataError, match=r"mf.jsonl:2: missing field 'output'"):
+        load_dataset(tmp_path / "mf.jsonl", tok)
+    write_jsonl(tmp_path / "wt.jsonl", [{"instruction": "a", "output": 3}])
+    with pytest.raises(DataError, match=r"wt.jsonl:1: field 'output' should be a string, got int"):
+        load_dataset(tmp_path / "wt.jsonl", tok)
+    write_jsonl(tmp_path / "wm.jsonl", [{"messages": "hello"}])
+    with pytest.raises(DataError, match=r"wm.jsonl:1: field 'messages' should be a non-empty list"):
+        load_dataset(tmp_path / "wm.jsonl", tok)
+    write_jsonl(tmp_path / "wr.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
+    with pytest.raises(DataError, match=r"unknown role 'robot'"):
+        load_dataset(tmp_path / "wr.jsonl", tok)
+    raw = (good + "\n").encode() + b'{"text": "caf\xe9"}\n'
+    (tmp_path / "u.jsonl").write_bytes(raw)
+    with pytest.raises(DataError, match=rf"u.jsonl:2: not UTF-8: byte 0xe9 at byte offset {raw.index(0xe9)}"):
+        load_dataset(tmp_path / "u.jsonl", tok)
+    (tmp_path / "u.txt").write_bytes(b"ok\n\nbad \xff here\n")
+    with pytest.raises(DataError, match=r"u.txt:3: not UTF-8: byte 0xff at byte offset 8"):
+        load_dataset(tmp_path / "u.txt", tok)
+    (tmp_path / "x.parquet").write_text("")
+    with pytest.raises(DataError, match="unknown file type"):
+        load_dataset(tmp_path / "x.parquet", tok)
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset(tmp_path / "missing.jsonl", tok)
+
+
+def test_template_not_prefix_stable_is_refused_clearly(tmp_path, backend):
+    tok = TinyTok(backend, UNSTABLE)
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": MULTI}])
+    for api in (True, False):
+        with pytest.raises(DataError, match=r"c.jsonl:1: the chat template is not prefix-stable"):
+            load_dataset(f, tok, use_batch_api=api)
+    ds = load_dataset(f, tok, train_on_responses_only=False)  # training on everything needs no spans
+    assert (ds[0]["labels"] != -100).all()
+
+
+def make_instruct(tmp_path, name, n, tag):
+    recs = [{"instruction": f"{tag} question {i}" + " more" * (i % 7), "output": f"answer {i}" + " x" * (i % 5)}
+            for i in range(n)]
+    return write_jsonl(tmp_path / name, recs)
+
+
+def test_packing_streams_positions_and_boundaries(tmp_path, backend):
+    tok = TinyTok(backend)
+    ds = load_dataset(make_instruct(tmp_path, "a.jsonl", 40, "a"), tok, max_seq_length=64)
+    loader = ds.train_batches(batch_size=3, packing=True)
+    plan = loader.plan(0)
+    seen = []
+    for batch, rows in zip(loader, plan):
+        B, T = batch["input_ids"].shape
+        assert len(rows) == B and T <= 64
+        cu = batch["cu_seqlens"].tolist()
+        assert cu[0] == 0 and cu[-1] == B * T and all(a < b for a, b in zip(cu, cu[1:]))
+        assert batch["max_seqlen"].item() == max(b - a for a, b in zip(cu, cu[1:]))
+        flat_ids, flat_pos, flat_lab = (batch[k].reshape(-1).tolist() for k in ("input_ids", "position_ids", "labels"))
+        starts = set(cu[:-1])
+        for b, row in enumerate(rows):
+            t = b * T
+            for i in row:
+                ids, lab = ds[i]["input_ids"].tolist(), ds[i]["labels"].tolist()
+                n = len(ids)
+                assert t in starts and flat_ids[t: t + n] == ids  # the document's tokens, unchanged
+                assert flat_pos[t: t + n] == list(range(n))  # positions restart at 0
+                assert flat_lab[t] == -100 and flat_lab[t + 1: t + n] == lab[1:]  # no cross-document target
+                t += n
+                seen.append(i)
+            assert all(x == ds.pad_id for x in flat_ids[t:(b + 1) * T]) and all(x == -100 for x in flat_lab[t:(b + 1) * T])
+        assert batch["n_items"].item() == (batch["labels"][:, 1:] != -100).sum().item() > 0
+    assert sorted(seen) == list(range(40))  # every example once per epoch
+
+
+def test_padded_batches_are_length_bucketed(tmp_path, backend):
+    tok = TinyTok(backend)
+    ds = load_dataset(make_instruct(tmp_path, "a.jsonl", 64, "a"), tok, max_seq_length=256)
+    loader = ds.train_batches(batch_size=4, packing=False)
+    seen, padded, n_tok = [], 0, 0
+    for batch, idx in zip(loader, loader.plan(0)):
+        lens = [len(ds[i]["input_ids"]) for i in idx]
+        assert batch["input_ids"].shape == (len(idx), max(lens))
+        assert batch["attention_mask"].sum(1).tolist() == lens
+        for b, i in enumerate(idx):
+            assert batch["input_ids"][b, : lens[b]].tolist() == ds[i]["input_ids"].tolist()
+            assert batch["position_ids"][b, : lens[b]].tolist() == list(range(lens[b]))
+        padded += batch["input_ids"].numel()
+        n_tok += sum(lens)
+        seen += idx
+    assert sorted(seen) == list(range(64))
+    order = ds.epoch_order("train", 0)
+    unsorted = sum(max(ds.store.lengths[order[j: j + 4]]) * len(order[j: j + 4]) for j in range(0, 64, 4))
+    assert padded <= unsorted and padded - n_tok < 0.5 * (unsorted - n_tok) + 4  # bucketing removes padding
+    b = next(iter(ds.train_batches(batch_size=4, packing=False, pad_to_multiple_of=16)))
+    assert b["input_ids"].shape[1] % 16 == 0
+
+
+def test_mixing_proportions_and_determinism(tmp_path, backend):
+    tok = TinyTok(backend)
+    a, b = make_instruct(tmp_path, "a.jsonl", 10, "a"), make_instruct(tmp_path, "b.jsonl", 40, "b")
+    ds = load_dataset([(a, 0.7), (b, 0.3)], tok)
+    for epoch in range(3):
+        order = ds.epoch_order("train", epoch)
+        counts = np.bincount(ds.source_of[order], minlength=2)
+        assert counts.tolist() == [35, 15]  # round(0.7 * 50), round(0.3 * 50): small a is repeated
+        assert set(np.unique(order[ds.source_of[order] == 0])) == set(range(10))
+    assert not np.array_equal(ds.epoch_order("train", 0), ds.epoch_order("train", 1))
+    ds2 = load_dataset([(a, 0.7), (b, 0.3)], tok)
+    assert np.array_equal(ds.epoch_order("train", 2), ds2.epoch_order("train", 2))
+    ds3 = load_dataset([(a, 0.7), (b, 0.3)], tok, seed=1)
+    assert not np.array_equal(ds.epoch_order("train", 0), ds3.epoch_order("train", 0))
+    with pytest.raises(DataError, match="weight to every source or to none"):
+        load_dataset([(a, 0.7), b], tok)
+
+
+def test_eval_split_fraction_and_count(tmp_path, backend):
+    tok = TinyTok(backend)
+    f = make_instruct(tmp_path, "a.jsonl", 50, "a")
+    ds = load_dataset(f, tok, eval_split=0.1)
+    assert len(ds.eval_idx) == 5 and len(ds.train_idx) == 45
+    assert not set(ds.eval_idx) & set(ds.train_idx)
+    assert not set(ds.eval_idx) & set(ds.epoch_order("train", 0))
+    ds2 = load_dataset(f, tok, eval_split=7)
+    assert len(ds2.eval_idx) == 7
+    assert np.array_equal(load_dataset(f, tok, eval_split=0.1).eval_idx, ds.eval_idx)
+    ev = [b for b in ds.eval_batches(batch_size=2)]
+    assert sum(b["input_ids"].shape[0] for b in ev) == 5
+    with pytest.raises(DataError, match="leaves no training example"):
+        load_dataset(f, tok, eval_split=50)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_resume_is_exact(tmp_path, backend, packing):
+    tok = TinyTok(backend)
+    a, b = make_instruct(tmp_path, "a.jsonl", 12, "a"), make_instruct(tmp_path, "b.jsonl", 30, "b")
+    ds = load_dataset([(a, 0.5), (b, 0.5)], tok, max_seq_length=64)
+
+    def stream(loader, n):
+        out = []
+        while len(out) < n:
+            for batch in loader:
+                out.append(batch)
+                if len(out) == n:
+                    break
+        return out
+
+    full = stream(ds.train_batches(batch_size=2, packing=packing), 3 * len(ds.train_batches(2, packing)))
+    cut = len(ds.train_batches(2, packing)) + 2  # in the middle of the second epoch
+    loader = ds.train_batches(batch_size=2, packing=packing)
+    stream(loader, cut)
+    state = json.loads(json.dumps(loader.state_dict()))  # survives a JSON checkpoint
+    fresh = load_dataset([(a, 0.5), (b, 0.5)], tok, max_seq_length=64).train_batches(batch_size=2, packing=packing)
+    fresh.load_state_dict(state)
+    rest = stream(fresh, len(full) - cut)
+    for x, y in zip(full[cut:], rest):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    with pytest.raises(ValueError, match="does not match"):
+        ds.train_batches(batch_size=3, packing=packing).load_state_dict(state)
+
+
+class TinyCausalLM(torch.nn.Module):
+    """Embedding → one attention block with rotary positions from position_ids (SDPA) → MLP → lm head."""
+
+    def __init__(self, V, C=32, H=2):
+        super().__init__()
+        self.H, self.D = H, C // H
+        self.emb = torch.nn.Embedding(V, C)
+        self.qkv = torch.nn.Linear(C, 3 * C)
+        self.o = torch.nn.Linear(C, C)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(C, 4 * C), torch.nn.GELU(), torch.nn.Linear(4 * C, C))
+        self.head = torch.nn.Linear(C, V)
+
+    def rope(self, x, pos):  # x (B, H, T, D), pos (B, T)
+        inv = 1.0 / 10000 ** (torch.arange(0, self.D, 2, dtype=torch.float32) / self.D)
+        ang = pos[:, None, :, None].float() * inv  # (B, 1, T, D/2)
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        x1, x2 = x.chunk(2, -1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def forward(self, ids, pos, mask):  # mask (B, 1, T, T) bool, True = attend
+        B, T = ids.shape
+        x = self.emb(ids)
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, self.D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        y = F.scaled_dot_product_attention(self.rope(q, pos), self.rope(k, pos), v, attn_mask=mask)
+        x = x + self.o(y.transpose(1, 2).reshape(B, T, -1))
+        return self.head(x + self.mlp(x))
+
+
+def test_packed_loss_equals_documents_one_by_one(tmp_path, backend):
+    tok = TinyTok(backend)
+    recs = [{"messages": MULTI}] + [{"instruction": f"Say {w}", "output": f"{w} there"} for w in ("hi", "yo", "hey", "ok")]
+    ds = load_dataset(write_jsonl(tmp_path / "c.jsonl", recs), tok, max_seq_length=128)
+    model = TinyCausalLM(backend.get_vocab_size()).double()
+    loader = ds.train_batches(batch_size=2, packing=True)
+    total, n_items, docs = 0.0, 0, []
+    for batch, rows in zip(loader, loader.plan(0)):
+        B, T = batch["input_ids"].shape
+        assert any(len(r) > 1 for r in rows)
+        mask = packed_attention_mask(batch["cu_seqlens"], B, T)
+        logits = model(batch["input_ids"], batch["position_ids"], mask)
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                 ignore_index=-100, reduction="sum")
+        n_items += batch["n_items"].item()
+        docs += [i for r in rows for i in r]
+    packed = total / n_items
+    one_sum, one_n = 0.0, 0
+    for i in docs:
+        ids, lab = ds[i]["input_ids"][None], ds[i]["labels"][None]
+        T = ids.shape[1]
+        logits = model(ids, torch.arange(T)[None], torch.ones(T, T, dtype=torch.bool).tril()[None, None])
+        one_sum += F.cross_entropy(logits[0, :-1], lab[0, 1:], ignore_index=-100, reduction="sum")
+        one_n += (lab[0, 1:] != -100).sum().item()
+    assert n_items == one_n
+    assert torch.allclose(packed, one_sum / one_n, rtol=1e-10, atol=1e-12), (packed.item(), (one_sum / one_n).item())
+    # without the block-diagonal mask, documents would see each other: the loss must differ
+    batch = next(iter(ds.train_batches(batch_size=2, packing=True)))
+    B, T = batch["input_ids"].shape
+    crossed = model(batch["input_ids"], batch["position_ids"], torch.ones(T, T, dtype=torch.bool).tril()[None, None])
+    inside = model(batch["input_ids"], batch["position_ids"], packed_attention_mask(batch["cu_seqlens"], B, T))
+    assert not torch.allclose(crossed, inside)
+
+
+def test_summary_is_readable(tmp_path, backend):
+    tok = TinyTok(backend)
+    ds = load_dataset([make_instruct(tmp_path, "a.jsonl", 20, "a"), write_jsonl(tmp_path / "c.jsonl", [{"messages": MULTI}])],
+                      tok, eval_split=2)
+    s = ds.summary(n_examples=1)
+    assert "21 examples (19 train / 2 eval)" in s and "a.jsonl" in s and "instruct 20" in s and "conversation 1" in s
+    assert "Token length histogram" in s and "trained:" in s
+    assert "<|im_start|>assistant\n[[answer 0<|im_end|>\n]]" in s
+
+
+def test_with_minitrain_tokenizer_builtin_templates(tmp_path, backend):
+    tokenizer = pytest.importorskip("minitrain.tokenizer")
+    for template, end, bos in (("chatml", END["chatml"], None), ("llama-3", END["llama3"], "<|begin_of_text|>")):
+        config = {"eos_token": "<eos>", "pad_token": "<pad>"} | ({"bos_token": bos} if bos else {})
+        tok = tokenizer.Tokenizer(backend, config=config, chat_template=template)
+        recs = [{"messages": MULTI}, {"instruction": "Say hi", "input": "to Bob", "output": "hi Bob"}]
+        ds = load_dataset(write_jsonl(tmp_path / "c.jsonl", recs), tok)
+        assert ds[0]["input_ids"].tolist() == tok.apply_chat_template(MULTI)
+        check_masking(ds, 0, MULTI, end)
+        ref = load_dataset(write_jsonl(tmp_path / "c.jsonl", recs), tok, use_batch_api=False)
+        assert all(torch.equal(ds[i]["labels"], ref[i]["labels"]) for i in range(2))
