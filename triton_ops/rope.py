@@ -1,0 +1,346 @@
+"""Rotary position embedding (RoPE), Hugging Face "rotate-half" convention, q and k in one launch.
+
+Formula, per token (b, t) and head h, with the head split in halves x = [x1, x2] (each D/2 wide) and cos/sin
+rows c = [c1, c2], s = [s1, s2] (Hugging Face builds them as ``cat(freqs, freqs)``, so c1 == c2, s1 == s2):
+
+    forward    y = x * c + rotate_half(x) * s,  rotate_half(x) = [-x2, x1]
+               y1 = x1 c1 - x2 s1,   y2 = x2 c2 + x1 s2
+    backward   the transpose (rotation by -theta when the halves are equal):
+               dx1 = dy1 c1 + dy2 s2,   dx2 = dy2 c2 - dy1 s1
+
+One kernel does both, selected by the ``IS_BACKWARD`` constexpr; math in fp32, one rounding to the output
+dtype (Hugging Face rounds three times in bf16, so it is the less exact of the two).
+
+Layouts: q (B, T, H, D), k (B, T, KV, D) with ANY strides (views out of a fused qkv projection work without
+copies); cos, sin (B, T, D), (1, T, D) or (T, D), any float dtype and strides. D must be even; D/2 need not be
+a power of two (masked). Out of place the outputs are new contiguous tensors; in place q and k are overwritten.
+
+Bytes moved per call: read and write q and k once (2 * (H + KV) * D * elem bytes per token) plus cos and sin
+(2 * D * their elem bytes per token, once per token, shared by all heads).
+
+cos/sin come from :func:`rope_cos_sin`, which reproduces transformers' LlamaRotaryEmbedding bit for bit
+("default", "linear" and "llama3" rope types) from position ids, so packed sequences restart at 0.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+ENV_VAR = "MINITRAIN_ROPE_BACKEND"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cos / sin from position ids, as transformers computes them
+# ----------------------------------------------------------------------------------------------------------
+def _rope_params(rope_theta, rope_scaling) -> tuple[float, dict]:
+    """Normalize 4.x (``rope_theta`` + ``rope_scaling``) and 5.x (``rope_parameters``) spellings."""
+    params = dict(rope_scaling or {})
+    theta = params.pop("rope_theta", None)
+    if rope_theta is not None and theta is not None and float(rope_theta) != float(theta):
+        raise ValueError(f"rope_cos_sin: rope_theta={rope_theta} contradicts rope_scaling['rope_theta']={theta}")
+    theta = float(rope_theta if rope_theta is not None else (theta if theta is not None else 10000.0))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    params["rope_type"] = kind
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise NotImplementedError("rope_cos_sin: partial_rotary_factor != 1 is not supported")
+    if kind not in ("default", "linear", "llama3"):
+        raise NotImplementedError(f"rope_cos_sin: rope_type {kind!r} is not supported (default, linear, llama3)")
+    need = {"linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    missing = [key for key in need.get(kind, ()) if key not in params]
+    if missing:
+        raise ValueError(f"rope_cos_sin: rope_type {kind!r} needs {missing} in rope_scaling, got {sorted(params)}")
+    return theta, params
+
+
+def rope_inv_freq(head_dim: int, rope_theta: float | None = 10000.0, rope_scaling: dict | None = None) -> torch.Tensor:
+    """The (head_dim/2,) fp32 inverse frequencies, computed on the CPU with the same torch ops, in the same order,
+    as transformers' rope init functions, so the values are identical."""
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"rope: head_dim must be a positive even number, got {head_dim}")
+    theta, p = _rope_params(rope_theta, rope_scaling)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
+    if p["rope_type"] == "linear":
+        inv_freq = inv_freq / p["factor"]
+    elif p["rope_type"] == "llama3":
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are divided by `factor`, short ones kept, the band between interpolated smoothly
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, rope_theta: float | None = None,
+                 rope_scaling: dict | None = None, dtype: torch.dtype = torch.float32):
+    """cos and sin tables for the given positions, equal to transformers' ``LlamaRotaryEmbedding(config)(x, pos)``.
+
+    Args:
+        position_ids: (B, T) or (T,) integer positions; packed sequences simply restart at 0 per document.
+        head_dim: D (even).
+        rope_theta: the base (default 10000 when neither this nor ``rope_scaling['rope_theta']`` is given).
+        rope_scaling: None, or a dict as in config.json: transformers 4.x ``rope_scaling`` (``rope_type`` or
+            ``type``: "default", "linear" with ``factor``, "llama3" with ``factor``, ``low_freq_factor``,
+            ``high_freq_factor``, ``original_max_position_embeddings``) or 5.x ``rope_parameters`` (the same keys
+            plus ``rope_theta``).
+        dtype: dtype of the returned tables (transformers casts to the activations' dtype).
+    Returns:
+        (cos, sin), each (B, T, D) (or (T, D) for 1-D positions) on position_ids' device.
+    """
+    inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling).to(position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2), fp32 as transformers does
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def packed_position_ids(doc_lengths, device=None) -> torch.Tensor:
+    """(sum(doc_lengths),) int64 positions restarting at 0 at the start of every packed document."""
+    lengths = torch.as_tensor(doc_lengths, dtype=torch.int64, device=device)
+    starts = torch.cumsum(lengths, 0) - lengths
+    total = int(lengths.sum())
+    return torch.arange(total, device=device) - torch.repeat_interleave(starts, lengths, output_size=total)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------
+def _cos_sin_4d(cos: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(T, D) / (1|B, T, D) -> (1|B, T, 1, D) broadcasting against (B, T, heads, D)."""
+    return (cos if cos.dim() == 3 else cos[None]).unsqueeze(2)
+
+
+def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False):
+    """Pure torch, fp32 math: the specification (q (B,T,H,D), k (B,T,KV,D), cos/sin (B|1,T,D) or (T,D))."""
+    out = []
+    c, s = _cos_sin_4d(cos, q).float(), _cos_sin_4d(sin, q).float()
+    half = q.shape[-1] // 2
+    c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
+    for x in (q, k):
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        if backward:
+            y = torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), dim=-1)
+        else:
+            y = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
+        out.append(y.to(x.dtype))
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rotate_heads(x_ptr, y_ptr, n_heads, sx_h, sx_d, sy_h, sy_d, a1, b1, a2, b2,
+                  HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    # y1 = x1 * a1 + x2 * b1 ; y2 = x2 * a2 + x1 * b2 for every head of one token (a*, b* are (1, HALF_PAD))
+    d = tl.arange(0, HALF_PAD)[None, :]
+    for h0 in range(0, n_heads, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)[:, None]
+        mask = (h < n_heads) & (d < HALF)
+        xo = h.to(tl.int64) * sx_h + d * sx_d
+        yo = h.to(tl.int64) * sy_h + d * sy_d
+        x1 = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + xo + HALF * sx_d, mask=mask, other=0.0).to(tl.float32)
+        y1 = x1 * a1 + x2 * b1
+        y2 = x2 * a2 + x1 * b2
+        tl.store(y_ptr + yo, y1.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + yo + HALF * sy_d, y2.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H, KV,
+                 sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
+                 sqo_b, sqo_t, sqo_h, sqo_d, sko_b, sko_t, sko_h, sko_d,
+                 sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
+                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, IS_BACKWARD: tl.constexpr):
+    # one program per token: cos/sin row loaded once, then every q head and every k head
+    row = tl.program_id(0).to(tl.int64)  # int64: B*T*H*D offsets pass 2^31 at long contexts
+    b = row // T
+    t = row % T
+    d = tl.arange(0, HALF_PAD)[None, :]
+    dmask = d < HALF
+    cp = cos_ptr + b * sc_b + t * sc_t + d * sc_d
+    sp = sin_ptr + b * ss_b + t * ss_t + d * ss_d
+    c1 = tl.load(cp, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(cp + HALF * sc_d, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(sp, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(sp + HALF * ss_d, mask=dmask, other=0.0).to(tl.float32)
+    if IS_BACKWARD:  # transpose of the forward rotation
+        b1 = s2
+        b2 = -s1
+    else:
+        b1 = -s1
+        b2 = s2
+    _rotate_heads(q_ptr + b * sq_b + t * sq_t, qo_ptr + b * sqo_b + t * sqo_t, H, sq_h, sq_d, sqo_h, sqo_d,
+                  c1, b1, c2, b2, HALF, HALF_PAD, BLOCK_H)
+    _rotate_heads(k_ptr + b * sk_b + t * sk_t, ko_ptr + b * sko_b + t * sko_t, KV, sk_h, sk_d, sko_h, sko_d,
+                  c1, b1, c2, b2, HALF, HALF_PAD, BLOCK_H)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------
+def check_rope_inputs(q, k, cos, sin, where: str = "rope"):
+    """Validate shapes/dtypes/devices; returns cos and sin as (B|1, T, D) views (no copies)."""
+    for name, x in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{where}: {name} must be float32/float16/bfloat16, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{where}: {name} is on {x.device}, expected q's device {q.device}")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{where}: expected q (B, T, H, D) and k (B, T, KV, D), got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    B, T, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(f"{where}: k must be (B={B}, T={T}, KV, D={D}) like q, got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"{where}: q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if D % 2:
+        raise ValueError(f"{where}: head dim D must be even, got {D}")
+    out = []
+    for name, x in (("cos", cos), ("sin", sin)):
+        x3 = x[None] if x.dim() == 2 else x
+        if x3.dim() != 3 or x3.shape[0] not in (1, B) or x3.shape[1] != T or x3.shape[2] != D:
+            raise ValueError(f"{where}: {name} must be (B={B} or 1, T={T}, D={D}) or (T, D), got {tuple(x.shape)}")
+        out.append(x3)
+    return out[0], out[1]
+
+
+def _launch_rope(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
+    cos3, sin3 = check_rope_inputs(q, k, cos, sin)
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    if q.numel() == 0 or k.numel() == 0:
+        return
+    half = D // 2
+    half_pad = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(max(H, KV)), 2048 // half_pad))
+    # a batch-broadcast (1, T, D) table gets batch stride 0
+    sc = (0 if cos3.shape[0] == 1 else cos3.stride(0), cos3.stride(1), cos3.stride(2))
+    ss = (0 if sin3.shape[0] == 1 else sin3.stride(0), sin3.stride(1), sin3.stride(2))
+    _rope_kernel[(B * T,)](
+        q, k, q_out, k_out, cos3, sin3, T, H, KV,
+        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *sc, *ss,
+        HALF=half, HALF_PAD=half_pad, BLOCK_H=block_h, IS_BACKWARD=backward, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("minitrain::rope", mutates_args=())
+def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _launch_rope(q, k, cos, sin, q_out, k_out, backward)
+    return q_out, k_out
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin, backward):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("minitrain::rope_", mutates_args=("q", "k"))
+def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
+    _launch_rope(q, k, cos, sin, q, k, backward)
+
+
+@_rope_inplace_op.register_fake
+def _(q, k, cos, sin, backward):
+    return None
+
+
+def rope_setup_context(ctx, inputs, output):
+    _, _, cos, sin, backward = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.backward = backward
+
+
+def make_rope_backward(op):
+    """Autograd formula shared by the Triton and the CUDA op: the gradient of a rotation is the transposed
+    rotation, i.e. the same op with the direction flag flipped. cos and sin are constants (no gradient)."""
+
+    def backward(ctx, dq_out, dk_out):
+        # autograd materializes the gradient of an unused output as zeros, so both are tensors here
+        cos, sin = ctx.saved_tensors
+        dq, dk = op(dq_out, dk_out, cos, sin, not ctx.backward)
+        return dq, dk, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd("minitrain::rope", make_rope_backward(torch.ops.minitrain.rope),
+                                setup_context=rope_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"rope: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={backend!r}: expected one of {BACKENDS}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inplace: bool = False,
+         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply rotary embeddings to q and k (Hugging Face rotate-half convention) in one launch.
+
+    Args:
+        q: (B, T, H, D) queries, float32/float16/bfloat16, any strides (e.g. a view of a fused qkv output).
+        k: (B, T, KV, D) keys, same dtype.
+        cos, sin: (B, T, D), (1, T, D) or (T, D) tables from :func:`rope_cos_sin` (any float dtype); constants.
+        inplace: overwrite q and k. Without autograd recording this is a true in-place kernel; when q or k
+            needs a gradient, the rotated values are computed out of place and copied back (autograd cannot
+            record one in-place op on two views), so the result is the same but no memory is saved.
+        backend: "auto" (Triton on CUDA, the reference on CPU; env MINITRAIN_ROPE_BACKEND overrides),
+            "torch", "triton" or "cuda" (csrc/rope.cu, needs CuPy).
+    Returns:
+        (q_rot, k_rot): new contiguous tensors, or q and k themselves when ``inplace``.
+    """
+    backend = resolve_backend(backend, q.device)
+    if backend == "torch":
+        check_rope_inputs(q, k, cos, sin)
+        q_out, k_out = rope_ref(q, k, cos, sin)
+        if inplace:
+            q.copy_(q_out)
+            k.copy_(k_out)
+            return q, k
+        return q_out, k_out
+    if q.device.type != "cuda" and not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"rope: backend {backend!r} needs CUDA tensors, got {q.device} "
+                         "(CPU tensors run the Triton kernel only under TRITON_INTERPRET=1)")
+    if backend == "cuda":
+        import csrc.rope  # noqa: F401  (registers minitrain::rope_cuda; compiles at first launch)
+
+        op, inplace_op = torch.ops.minitrain.rope_cuda, torch.ops.minitrain.rope_cuda_
+    else:
+        op, inplace_op = torch.ops.minitrain.rope, torch.ops.minitrain.rope_
+    if not inplace:
+        return op(q, k, cos, sin, False)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        q_out, k_out = op(q, k, cos, sin, False)
+        q.copy_(q_out)
+        k.copy_(k_out)
+        return q, k
+    inplace_op(q, k, cos, sin, False)
+    return q, k
