@@ -1,7 +1,12 @@
 """Backend choice for NF4 dequantization: one entry point, several implementations.
 
-``backend="auto"`` takes the reference on CPU and the fastest registered kernel on CUDA; the environment
-variable ``MINITRAIN_NF4_BACKEND`` (torch | triton | cuda) overrides "auto" for a whole process.
+``backend="auto"`` takes the reference on CPU and, on CUDA, the backend measured fastest on this card: the
+first time a (card, output dtype, size class) is needed, the Triton and the CUDA C++ kernels each dequantize
+a representative weight of that size class (1024 x 4096 or 4096 x 4096) a few times under CUDA events and the
+faster one is kept for the rest of the process (``measured_choices()`` shows what was picked). A backend that
+cannot run (no CuPy for "cuda") is simply not a candidate. While ``torch.compile`` traces, nothing is timed:
+a choice measured earlier is used, else "triton". The environment variable ``MINITRAIN_NF4_BACKEND``
+(torch | triton | cuda) overrides "auto" for a whole process.
 """
 from __future__ import annotations
 
@@ -24,7 +29,10 @@ def _check_out(q: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None) -> No
                          f"{'' if out.is_contiguous() else ' (non-contiguous)'}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                    numel: int = 4096 * 4096) -> str:
+    """The concrete backend ("torch" | "triton" | "cuda") that ``backend`` means for a weight of ``numel``
+    elements dequantized to ``dtype`` on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"dequantize_nf4: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -32,16 +40,82 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"{ENV_VAR}={backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
-        backend = "torch" if device.type != "cuda" else _fastest_cuda_backend()
+        backend = "torch" if device.type != "cuda" else _fastest_cuda_backend(device, dtype, numel)
     return backend
 
 
-def _fastest_cuda_backend() -> str:
-    try:
-        from triton_ops import nf4_dequant  # noqa: F401  (present once the kernel issue lands)
-    except ImportError:
+# (device index, output dtype, size class) -> measured fastest backend. A measurement cache like
+# functools.lru_cache: filled once per process and card, never changes a result (all backends are bit-identical).
+_MEASURED: dict[tuple[int, torch.dtype, str], str] = {}
+_SIZE_CLASSES = {"small": (1024, 4096), "large": (4096, 4096)}
+
+
+def measured_choices() -> dict[tuple[int, torch.dtype, str], str]:
+    """What "auto" measured so far in this process: {(device index, dtype, size class): backend}."""
+    return dict(_MEASURED)
+
+
+def _size_class(numel: int) -> str:
+    return "small" if numel < 8 * 2**20 else "large"
+
+
+def _fastest_cuda_backend(device: torch.device, dtype: torch.dtype, numel: int) -> str:
+    index = device.index if device.index is not None else 0
+    key = (index, dtype, _size_class(numel))
+    choice = _MEASURED.get(key)
+    if choice is not None:
+        return choice
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return "triton"  # never time inside a trace or a CUDA graph capture
+    choice = _measure(torch.device("cuda", index), dtype, _SIZE_CLASSES[key[2]])
+    _MEASURED[key] = choice
+    return choice
+
+
+def _time_us(fn, reps: int = 10) -> float:
+    """Median microseconds of fn() on the current stream (CUDA events), after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _measure(device: torch.device, dtype: torch.dtype, shape: tuple[int, int]) -> str:
+    """Time each available CUDA backend on a representative weight; the fastest wins (ties: Triton)."""
+    from .nf4 import quantize_nf4
+
+    with torch.cuda.device(device):
+        gen = torch.Generator(device).manual_seed(0)  # a private generator: the caller's RNG stream is untouched
+        q = quantize_nf4(torch.randn(shape, device=device, dtype=torch.float32, generator=gen), double_quant=True)
+        out = torch.empty(shape, device=device, dtype=dtype)
+        timings = {}
+        for name in ("triton", "cuda"):
+            try:
+                timings[name] = _time_us(lambda name=name: _run(name, q, dtype, out))
+            except Exception:  # noqa: BLE001 - a backend that cannot run here (e.g. no CuPy) is not a candidate
+                continue
+    if not timings:
         return "torch"
-    return "triton"
+    return min(timings, key=lambda k: (timings[k], k != "triton"))
+
+
+def _run(backend: str, q: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if backend == "torch":
+        return dequantize_nf4_ref(q, dtype, out)
+    if backend == "triton":
+        from triton_ops.nf4_dequant import nf4_dequantize
+
+        return nf4_dequantize(q, dtype=dtype, out=out)
+    from csrc.nf4_dequant import nf4_dequantize_cuda
+
+    return nf4_dequantize_cuda(q, dtype=dtype, out=out)
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
@@ -62,13 +136,4 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dequantize_nf4: dtype must be float32, float16 or bfloat16, got {dtype}")
     _check_out(q, dtype, out)
-    backend = resolve_backend(backend, q.device)
-    if backend == "torch":
-        return dequantize_nf4_ref(q, dtype, out)
-    if backend == "triton":
-        from triton_ops.nf4_dequant import nf4_dequantize
-
-        return nf4_dequantize(q, dtype=dtype, out=out)
-    from csrc.nf4_dequant import nf4_dequantize_cuda
-
-    return nf4_dequantize_cuda(q, dtype=dtype, out=out)
+    return _run(resolve_backend(backend, q.device, dtype, q.numel), q, dtype, out)

@@ -59,9 +59,9 @@ def nf4_dequantize_ref(data, absmax, nested_absmax, nested_code, offset, code, s
 
 
 @triton.jit
-def _cast_out(x, out_ptr, INTERPRET_BF16: tl.constexpr):
-    """fp32 -> the output dtype, round to nearest even (as torch casts)."""
-    out_ty: tl.constexpr = out_ptr.dtype.element_ty
+def cast_rtne(x, out_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """fp32 -> out_ty rounding to nearest even, as torch casts (INTERPRET_BF16: out_ty is bf16 and the kernel
+    runs under the interpreter)."""
     if INTERPRET_BF16:
         # Triton's CPU interpreter truncates fp32 -> bf16; round to nearest even by hand there (finite values).
         bits = x.to(tl.uint32, bitcast=True)
@@ -94,7 +94,8 @@ def _nf4_dequant_kernel(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
         scale = tl.load(absmax_ptr + rows, mask=row_ok, other=0.0)
     hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, None]
     lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, None]
-    w = tl.join(_cast_out(hi, out_ptr, INTERPRET_BF16), _cast_out(lo, out_ptr, INTERPRET_BF16))  # (ROWS, B/2, 2)
+    out_ty: tl.constexpr = out_ptr.dtype.element_ty
+    w = tl.join(cast_rtne(hi, out_ty, INTERPRET_BF16), cast_rtne(lo, out_ty, INTERPRET_BF16))  # (ROWS, B/2, 2)
     w = tl.reshape(w, (ROWS, BLOCKSIZE))
     elem_offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + elem_offs, w, mask=elem_offs < n)

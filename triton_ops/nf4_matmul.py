@@ -1,0 +1,220 @@
+"""Fused NF4 matmul for small M (decode, short sequences): y = x @ dequant(W)^T (+ bias), W never materialized.
+
+Formula: for x (M, K) and an NF4 weight W (N, K) (layout of ``quant/nf4.py``; blocks of B elements along the
+flattened row-major W),
+    W[n, k] = cast_x(code[q(n, k)] * absmax[(n*K + k) // B])     (absmax decoded from the double quantization)
+    y[m, n] = sum_k x[m, k] * W[n, k]    (fp32 accumulation)    + bias[n]
+W is dequantized exactly as ``dequantize_nf4_ref(q, x.dtype)`` does, tile by tile in registers, so the only
+difference from ``F.linear(x, dequant(W))`` is the order of the fp32 accumulation.
+
+Each program owns a (BLOCK_M, BLOCK_N) tile of y and walks K in BLOCK_K steps: it reads BLOCK_N x BLOCK_K/2
+packed bytes, decodes the high nibbles (even k) and the low nibbles (odd k) into two (BLOCK_N, BLOCK_K/2)
+tiles and multiplies them with the even and odd columns of x, so no interleaving is needed.
+
+Bytes read: N*K/2 (codes) + N*K/B (absmax) + M*K*2 (x, 16-bit) per program row of tiles; written: M*N*2.
+For M <= 128 this is far less than dequant + GEMM (which writes and re-reads N*K*2 bytes), which is where it
+wins; for large M, dequantizing once into a buffer and calling cuBLAS is faster (``quant.matmul_nf4``
+measures both). Requirements: K % B == 0 (blocks never straddle rows), B <= 64 for the tiling below.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .nf4_dequant import cast_rtne
+
+__all__ = ["nf4_matmul_ref", "nf4_matmul", "fused_supported"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def nf4_matmul_ref(x, w_dequant, bias=None):
+    """Reference on a dequantized weight: fp32 math, cast once to x's dtype."""
+    y = x.float() @ w_dequant.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def fused_supported(shape, blocksize) -> bool:
+    """Whether the fused kernel handles this weight: blocks must not straddle rows and fit a K tile."""
+    return blocksize <= 64 and shape[1] % blocksize == 0 and shape[1] % 2 == 0
+
+
+def _configs():
+    if _INTERPRET:  # the interpreter cannot autotune several configs
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
+                                 (64, 256, 8, 3), (128, 128, 8, 3))]
+
+
+def _prune(configs, named_args, **kwargs):
+    # Wide N tiles with tall M tiles run out of registers; small M wants small N tiles for parallelism.
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 16))
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] * bm <= 128 * 64]
+    return keep or configs[:1]
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT"],
+                 prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune})
+@triton.jit
+def _nf4_matmul_kernel(x_ptr, data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+                       bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym, M_BUCKET,
+                       HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                       DOUBLE_QUANT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    NB: tl.constexpr = BLOCK_K // BLOCKSIZE   # quantization blocks per row of a K tile
+    HB: tl.constexpr = BLOCKSIZE // 2         # packed bytes per quantization block
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # n*K/2 passes 2^31 for big weights
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    jb = tl.arange(0, NB)
+    jh = tl.arange(0, HB)
+    half = tl.arange(0, BLOCK_K // 2)
+    row_byte = offs_n * (K // 2)
+    row_blk = offs_n * (K // BLOCKSIZE)
+    x_dtype = x_ptr.dtype.element_ty
+    if DOUBLE_QUANT:
+        off = tl.load(offset_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_blk_ok = (k0 + jb * BLOCKSIZE) < K                                         # (NB,)
+        w_ok = n_ok[:, None] & k_blk_ok[None, :]                                     # (BN, NB)
+        boffs = row_byte[:, None, None] + (k0 // 2 + jb * HB)[None, :, None] + jh[None, None, :]
+        packed = tl.load(data_ptr + boffs, mask=w_ok[:, :, None], other=0, eviction_policy="evict_first")
+        blk = row_blk[:, None] + (k0 // BLOCKSIZE + jb)[None, :]                     # (BN, NB)
+        if DOUBLE_QUANT:
+            a8 = tl.load(absmax_ptr + blk, mask=w_ok, other=0).to(tl.int32)
+            a2 = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=w_ok, other=0.0)
+            scale = tl.load(nested_code_ptr + a8) * a2 + off  # fp fusion is off: two roundings as the ref
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=w_ok, other=0.0)
+        w_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, :, None]     # even k
+        w_lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, :, None]    # odd k
+        w_hi = tl.reshape(cast_rtne(w_hi, x_dtype, INTERPRET_BF16), (BLOCK_N, BLOCK_K // 2))
+        w_lo = tl.reshape(cast_rtne(w_lo, x_dtype, INTERPRET_BF16), (BLOCK_N, BLOCK_K // 2))
+        kk = k0 + 2 * half
+        x_mask = m_ok[:, None] & (kk < K)[None, :]
+        x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=x_mask, other=0.0)
+        x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kk + 1)[None, :], mask=x_mask, other=0.0)
+        if DOT_F32:  # the interpreter's 16-bit dot is wrong; the values are exact in fp32
+            x_even = x_even.to(tl.float32)
+            x_odd = x_odd.to(tl.float32)
+            w_hi = w_hi.to(tl.float32)
+            w_lo = w_lo.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(x_even, tl.trans(w_hi), acc, input_precision="ieee")
+            acc = tl.dot(x_odd, tl.trans(w_lo), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x_even, tl.trans(w_hi), acc)
+            acc = tl.dot(x_odd, tl.trans(w_lo), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, cast_rtne(acc, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _launch(x2, data, absmax, nested_absmax, nested_code, offset, code, n_out, blocksize, nested_blocksize, bias):
+    M, K = x2.shape
+    y = torch.empty(M, n_out, dtype=x2.dtype, device=x2.device)
+    block_m = min(max(16, triton.next_power_of_2(M)), 64 if M > 64 else 128)
+    if _INTERPRET:
+        block_m = 16
+    double = nested_absmax is not None
+    dummy = absmax
+    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+    _nf4_matmul_kernel[grid](
+        x2, data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
+        offset if double else dummy, code, bias if bias is not None else x2, y, M, n_out, K, x2.stride(0),
+        y.stride(0), triton.next_power_of_2(M),
+        HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double,
+        DOT_F32=_INTERPRET, IEEE=x2.dtype == torch.float32, BLOCK_M=block_m,
+        INTERPRET_BF16=_INTERPRET and x2.dtype == torch.bfloat16,
+        enable_fp_fusion=False,  # the absmax decode must not become an FMA (bit-exact weights)
+    )
+    return y
+
+
+def _check(x, data, absmax, code, shape, blocksize, bias):
+    where = "nf4_matmul"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{where}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.shape[-1] != shape[1]:
+        raise ValueError(f"{where}: x has {x.shape[-1]} features but the weight is {tuple(shape)} (N, K)")
+    if not fused_supported(shape, blocksize):
+        raise ValueError(f"{where}: the fused kernel needs K % blocksize == 0 and blocksize <= 64, got K={shape[1]}, "
+                         f"blocksize={blocksize}")
+    n = shape[0] * shape[1]
+    if data.dtype != torch.uint8 or data.numel() != (n + 1) // 2 or not data.is_contiguous():
+        raise ValueError(f"{where}: data must be contiguous uint8 with {(n + 1) // 2} bytes, got {data.dtype} "
+                         f"with {data.numel()}")
+    for name, t in (("data", data), ("absmax", absmax), ("code", code)) + ((("bias", bias),) if bias is not None else ()):
+        if t.device != x.device:
+            raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}")
+    if bias is not None and (bias.shape != (shape[0],) or not bias.is_contiguous()):
+        raise ValueError(f"{where}: bias must be contiguous ({shape[0]},), got {tuple(bias.shape)}")
+
+
+# -- torch.library registration -------------------------------------------------------------------------------
+@torch.library.custom_op("minitrain::nf4_matmul_fused", mutates_args=())
+def _nf4_matmul_op(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                   nested_code: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor,
+                   shape: list[int], blocksize: int, nested_blocksize: int,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    x2 = x.reshape(-1, shape[1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = _launch(x2, data, absmax, nested_absmax, nested_code, offset, code, shape[0], blocksize, nested_blocksize,
+                bias)
+    return y.view(*x.shape[:-1], shape[0])
+
+
+@_nf4_matmul_op.register_fake
+def _(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
+    return x.new_empty(*x.shape[:-1], shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias = inputs
+    ctx.q = (data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    """dx = dy @ W (W dequantized again, to dy's dtype: nothing of size N*K is saved); dbias = sum dy."""
+    from .nf4_dequant import nf4_dequantize_tensors
+
+    data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize = ctx.q
+    w = nf4_dequantize_tensors(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize,
+                               nested_blocksize, grad_y.dtype)
+    grad_x = grad_y @ w
+    grad_b = grad_y.reshape(-1, shape[0]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, None, None, None, None, None, None, grad_b
+
+
+_nf4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nf4_matmul(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize=64, nested_blocksize=256,
+               bias=None) -> torch.Tensor:
+    """y = x @ dequant(W)^T (+ bias) with W dequantized in registers (fused; best for small M).
+
+    Args:
+        x: (..., K) fp32/fp16/bf16. data/absmax/nested_absmax/nested_code/offset/code: the NF4 tensors
+            (layouts in ``triton_ops.nf4_dequant``). shape: (N, K). bias: optional (N,).
+    Returns:
+        (..., N) in x's dtype. Differentiable in x and bias (the backward dequantizes W once).
+    """
+    shape = [int(shape[0]), int(shape[1])]
+    data = data.reshape(-1)
+    offset = None if offset is None else offset.reshape(1)
+    _check(x, data, absmax, code, shape, blocksize, bias)
+    return torch.ops.minitrain.nf4_matmul_fused(x, data, absmax, nested_absmax, nested_code, offset, code, shape,
+                                                blocksize, nested_blocksize, bias)
