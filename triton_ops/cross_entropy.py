@@ -78,7 +78,8 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _tanh(u):
-    # 1 - 2 / (exp(2u) + 1): saturates cleanly to +-1 for large |u| (exp -> inf or 0), no NaN.
+    # 1 - 2 / (exp(2u) + 1), with u clamped to +-15 where tanh is +-1 in fp32 (no inf, no NaN).
+    u = tl.minimum(tl.maximum(u, -15.0), 15.0)
     return 1.0 - 2.0 / (tl.exp2(u * (2.0 * 1.4426950408889634)) + 1.0)
 
 
@@ -277,6 +278,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     x = logits.reshape(-1, logits.shape[-1])
     if inplace_backward and logits.dim() != 2 and not logits.is_contiguous():
         raise ValueError("cross_entropy: inplace_backward needs 2-D or contiguous logits (a (N, V) view, no copy)")
+    if inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise ValueError("cross_entropy: inplace_backward would overwrite a leaf tensor with its own gradient; "
+                         "use it on logits computed by the model (e.g. lm_head output)")
     rows, _ = torch.ops.minitrain.cross_entropy_rows(x, labels.reshape(-1).contiguous(), ignore_index,
                                                      0.0 if softcap is None else float(softcap),
                                                      inplace_backward)
