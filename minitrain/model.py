@@ -338,7 +338,11 @@ class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # _weight skips nn.Embedding's normal_ init, which on the meta device costs seconds of imports
+        emb = torch.empty(args.vocab_size, args.hidden_size)
+        if not emb.is_meta:
+            nn.init.normal_(emb)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, _weight=emb)
         self.layers = nn.ModuleList(LlamaDecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)

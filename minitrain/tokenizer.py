@@ -125,6 +125,7 @@ class Tokenizer:
             if tok.token_to_id(v) is None:
                 raise ValueError(f"{name}: {k} {v!r} from tokenizer_config.json is not in the vocabulary")
         gen = generation_config or {}
+        self.generation_config = dict(gen)
         gen_eos = gen.get("eos_token_id")
         gen_eos = [] if gen_eos is None else ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos))
         if "eos_token" not in self.special_tokens and gen_eos:
@@ -166,7 +167,9 @@ class Tokenizer:
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        return cls(tok, config, gen, template, name=str(d))
+        out = cls(tok, config, gen, template, name=str(d))
+        out.source_dir = str(d)
+        return out
 
     # -- special tokens ----------------------------------------------------------------------------
     def _id(self, key: str) -> int | None:
@@ -314,7 +317,8 @@ class Tokenizer:
         return out if batched else out[0]
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write tokenizer.json and tokenizer_config.json (with the chat template) into a directory."""
+        """Write tokenizer.json, tokenizer_config.json (with the chat template) and, unless the directory has
+        one, generation_config.json."""
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(d / "tokenizer.json"))
@@ -323,6 +327,8 @@ class Tokenizer:
         if self.chat_template is not None:
             cfg["chat_template"] = self.chat_template
         (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+        if self.generation_config and not (d / "generation_config.json").exists():
+            (d / "generation_config.json").write_text(json.dumps(self.generation_config, indent=2), encoding="utf-8")
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name!r}, vocab={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
