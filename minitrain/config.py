@@ -6,6 +6,7 @@ top-level keys, or ``[train]``, ``[lora]`` and ``[model]`` tables. An unknown ke
 from __future__ import annotations
 
 import difflib
+import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -106,9 +107,10 @@ def field_types(cls) -> dict[str, object]:
 def coerce(cls, name: str, value, where: str):
     """Check/convert one value against the field's annotation (int for a float field is fine)."""
     tp = field_types(cls)[name]
-    args = typing.get_args(tp)
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    args = typing.get_args(tp) if union else ()
     optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), tp) if args else tp
+    base = next((a for a in args if a is not type(None)), tp) if union else tp
     if value is None and optional:
         return None
     origin = typing.get_origin(base)
