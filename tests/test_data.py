@@ -530,3 +530,27 @@ def test_with_minitrain_tokenizer_builtin_templates(tmp_path, backend):
         check_masking(ds, 0, MULTI, end)
         ref = load_dataset(write_jsonl(tmp_path / "c.jsonl", recs), tok, use_batch_api=False)
         assert all(torch.equal(ds[i]["labels"], ref[i]["labels"]) for i in range(2))
+
+
+@pytest.mark.filterwarnings("ignore:.*were truncated")
+def test_streaming_batches_do_not_change_the_result(tmp_path, backend):
+    tok = TinyTok(backend)
+    a = make_instruct(tmp_path, "a.jsonl", 23, "a")
+    t = tmp_path / "t.txt"
+    t.write_text("\n\n".join(f"doc {i} " + "the fox " * i for i in range(9)))
+    ref = load_dataset([a, t], tok, max_seq_length=32)
+    small = load_dataset([a, t], tok, max_seq_length=32, batch_records=4)
+    assert len(ref) == len(small) and np.array_equal(ref.store.ids, small.store.ids)
+    assert np.array_equal(ref.store.mask, small.store.mask) and ref.locations == small.locations
+
+
+def test_public_api_and_system_prompt(tmp_path, backend):
+    import minitrain
+
+    assert minitrain.load_dataset is load_dataset
+    tok = TinyTok(backend)
+    ds = load_dataset(write_jsonl(tmp_path / "i.jsonl", [{"instruction": "Q?", "output": "A."}]), tok,
+                      system_prompt="Be brief.")
+    want = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"},
+            {"role": "assistant", "content": "A."}]
+    assert ds[0]["input_ids"].tolist() == tok.apply_chat_template(want)

@@ -1,0 +1,156 @@
+"""Data pipeline throughput on the CPU: chat rendering, tokenization (batch API vs per record), the whole
+``load_dataset`` (read JSONL → format → template → response-only masks → token store) and packing.
+
+Synthetic Alpaca-style instruct records (a few dozen words each) are written to a temporary JSONL file.
+Target from issue 7: >= 50k records/s for tokenizing 100k records with the ``tokenizers`` batch API.
+
+Run: ``python -m bench.data [--records 100000] [--tokenizer CHECKPOINT_DIR]`` (without --tokenizer, a byte-level
+BPE of 8192 tokens is trained on the synthetic text and given the ChatML template). Writes
+``bench/results/<date>-cpu-data.md``. This bench needs no GPU; its table comes from the machine it runs on.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TARGET = 50_000  # records/s
+WORDS = ("the of and to in is that for it as with was on be by this are from at or an have not which one all "
+         "data model train loss token learn rate batch layer paris france berlin germany capital river city "
+         "headline company market profit revenue contract clause court case law answer question explain why "
+         "because summary translate english german morning evening good bad positive negative neutral").split()
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def synthetic_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    return [{"instruction": words(rng.randint(5, 20)).capitalize() + "?",
+             "input": words(rng.randint(0, 30)) if rng.random() < 0.5 else "",
+             "output": words(rng.randint(10, 60)).capitalize() + "."} for _ in range(n)]
+
+
+def make_tokenizer(path: str | None, sample: list[str]):
+    if path:
+        from minitrain.tokenizer import Tokenizer
+
+        return Tokenizer.from_pretrained(path), f"{Path(path).name} tokenizer.json + its chat template"
+    from tokenizers import Tokenizer as TK, decoders, models, pre_tokenizers, trainers
+
+    tk = TK(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(sample, trainers.BpeTrainer(vocab_size=8192, show_progress=False,
+                                                       special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    from minitrain.tokenizer import Tokenizer
+
+    return (Tokenizer(tk, config={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, chat_template=CHATML),
+            "byte-level BPE, 8192 tokens, trained on the synthetic text; ChatML template")
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--per-record", type=int, default=10_000, help="records for the slow per-record paths")
+    ap.add_argument("--tokenizer", default=None, help="a checkpoint directory with tokenizer.json")
+    ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from minitrain.data import load_dataset
+    from minitrain.data.encode import find_backend
+
+    n, m = args.records, min(args.per_record, args.records)
+    recs = synthetic_records(n)
+    tok, tok_desc = make_tokenizer(args.tokenizer, [r["instruction"] + " " + r["output"] for r in recs[:20000]])
+    backend = find_backend(tok)
+    convs = [[{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},
+              {"role": "assistant", "content": r["output"]}] for r in recs]
+    rows = []
+
+    def row(stage, count, provider, secs, tokens=None, note=""):
+        rate = count / secs
+        rows.append({"stage": stage, "records": f"{count:,}", "provider": provider, "s": f"{secs:.2f}",
+                     "records/s": f"{rate:,.0f}", "tokens/s": f"{tokens / secs:,.0f}" if tokens else "",
+                     "vs 50k/s target": f"{rate / TARGET:.2f}x", "note": note})
+        print(" | ".join(str(v) for v in rows[-1].values()), flush=True)
+
+    s, texts = timed(lambda: [tok.apply_chat_template(c, tokenize=False) for c in convs])
+    row("render chat template", n, "jinja2 sandbox (minitrain.tokenizer)", s)
+    enc = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    s, ids = timed(lambda: [e.ids for e in enc(texts, add_special_tokens=False)])
+    ntok = sum(map(len, ids))
+    row("tokenize rendered text", n, "tokenizers encode_batch (Rust, all cores)", s, ntok)
+    s, _ = timed(lambda: backend.encode_batch(texts, add_special_tokens=False))
+    row("tokenize rendered text + offsets", n, "tokenizers encode_batch", s, ntok)
+    s, _ = timed(lambda: [tok.encode(t, add_special_tokens=False) for t in texts[:m]])
+    row("tokenize rendered text", m, "per-record encode", s, sum(map(len, ids[:m])))
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "instruct.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        fm = Path(d) / "instruct_small.jsonl"
+        fm.write_text("".join(json.dumps(r) + "\n" for r in recs[:m]))
+        fr = Path(d) / "raw.jsonl"
+        fr.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s, ds = timed(lambda: load_dataset(f, tok, max_seq_length=2048))
+            tokens = int(ds.store.lengths.sum())
+            row("load_dataset instruct, responses only", len(ds), "minitrain batch path", s, tokens,
+                f"{ds.sources[0].trained / tokens:.0%} of tokens trained")
+            s, ds_all = timed(lambda: load_dataset(f, tok, max_seq_length=2048, train_on_responses_only=False))
+            row("load_dataset instruct, all tokens", len(ds_all), "minitrain batch path", s, tokens)
+            s, dsm = timed(lambda: load_dataset(fm, tok, max_seq_length=2048, use_batch_api=False))
+            row("load_dataset instruct, responses only", len(dsm), "per-record path", s, int(dsm.store.lengths.sum()))
+            s, dsr = timed(lambda: load_dataset(fr, tok, max_seq_length=2048))
+            row("load_dataset raw text", len(dsr), "minitrain batch path", s, int(dsr.store.lengths.sum()))
+        loader = ds.train_batches(batch_size=8, packing=True)
+        s, nt = timed(lambda: sum(b["input_ids"].numel() for b in loader))
+        row("packed batches (8 x 2048)", len(ds), "minitrain collate", s, nt, f"{len(loader)} batches")
+        loader = ds.train_batches(batch_size=8, packing=False)
+        s, nt = timed(lambda: sum(b["input_ids"].numel() for b in loader))
+        row("padded batches (8 x longest)", len(ds), "minitrain collate", s, nt, f"{len(loader)} batches")
+
+    import jinja2
+    import tokenizers
+
+    env = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+           f"{os.cpu_count()} CPU cores, no GPU used", "python": platform.python_version(), "torch": torch.__version__,
+           "tokenizers": tokenizers.__version__, "jinja2": jinja2.__version__, "tokenizer": tok_desc,
+           "records": f"{n:,} synthetic instruct records, {ntok / n:.0f} tokens each on average"}
+    cols = list(rows[0])
+    table = ("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|\n"
+             + "".join("| " + " | ".join(r[c] for c in cols) + " |\n" for r in rows))
+    text = ("# minitrain.data throughput (CPU)\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in env.items())
+            + "\n" + table)
+    out = Path(args.out) if args.out else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{env['date']}-cpu{os.cpu_count()}-data.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
