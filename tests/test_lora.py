@@ -1,0 +1,404 @@
+"""LoRA linear / QKV / MLP: forward and every gradient (dx, dA, dB) of the hand-written path against the
+plain-torch composition in the same precision, peft's LoRA layer on the same weights, and the fp32 reference;
+16-bit and NF4 bases, with and without dropout (same keep-mask fed to all) and bias."""
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+import quant
+from triton_ops.lora import (LoRAWeights, dropout_keep_mask, lora_linear, lora_mlp, lora_o, lora_qkv, lora_scale)
+
+peft_lora = pytest.importorskip("peft.tuners.lora")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}  # x max |fp32 reference|
+
+# (lead shape of x, K, N, R)
+CPU_LINEAR = [
+    ((37,), 70, 130, 1),      # odd T/K/N, rank 1
+    ((37,), 70, 130, 64),     # rank 64 (close to K)
+    ((2, 5), 64, 96, 8),      # tiny, batched (B, T, K) input
+]
+GPU_LINEAR = [
+    ((1037,), 4100, 4100, 16),   # odd C = 4100, odd T
+    ((2, 523), 4096, 14336, 1),  # Llama-3-8B up projection, rank 1
+    ((777,), 11008, 4096, 64),   # Llama-2-7B down projection, rank 64
+]
+# (lead shape, C, F, R)
+CPU_MLP = [((37,), 70, 130, 4), ((2, 3), 64, 96, 1)]   # odd / tiny batched
+GPU_MLP = [((523,), 4100, 11008, 16), ((2, 1024), 4096, 14336, 64)]  # odd C and F; realistic Llama-3-8B
+# (lead shape, C, H*D, KV*D, R)
+CPU_QKV = [((37,), 70, 64, 16, 8)]
+GPU_QKV = [((2, 1037), 4096, 4096, 1024, 16)]  # Llama-3-8B, odd T
+
+VARIANTS = {  # name: (dropout p, bias)
+    "plain": (0.0, False),
+    "dropout+bias": (0.1, True),
+}
+
+
+def check(name, out, same, ref32, atol_rel):
+    """Error vs fp32 <= 2 x (same-precision reference error) + small atol; on failure say where."""
+    err = (out.float() - ref32.float()).abs()
+    ref_err = (same.float() - ref32.float()).abs().max().item()
+    bound = 2 * ref_err + atol_rel * max(1e-6, ref32.abs().max().item())
+    if err.max().item() > bound:
+        i = err.argmax().item()
+        where = tuple(int(w) for w in torch.unravel_index(torch.tensor(i), err.shape))
+        raise AssertionError(f"{name}: max error {err.max().item():.3g} at {where} > bound {bound:.3g} "
+                             f"(same-precision reference error {ref_err:.3g}); {int((err > bound).sum())} of "
+                             f"{err.numel()} elements exceed it")
+
+
+class _MaskDropout(torch.nn.Module):
+    """Stands in for peft's nn.Dropout so peft applies the same keep-mask as everyone else."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep.to(x.dtype) / (1 - self.p)
+
+
+def _make_proj(N, K, R, dtype, device, nf4, p, bias, lead, adapter=True):
+    """Weights of one projection: (base for the op, dense W in dtype, dense W fp32, A, B, bias, keep-mask)."""
+    w = torch.randn(N, K, device=device) / K**0.5
+    if nf4:
+        base = quant.quantize_nf4(w.to(dtype))
+        W, W32 = base.dequantize(dtype), base.dequantize(torch.float32)
+    else:
+        base = w.to(dtype)
+        W, W32 = base, base.float()
+    A = (torch.randn(R, K, device=device) / K**0.5).to(dtype) if adapter else None
+    B = (torch.randn(N, R, device=device) / R**0.5).to(dtype) if adapter else None
+    b = (torch.randn(N, device=device) * 0.1).to(dtype) if bias else None
+    keep = dropout_keep_mask(lead + (K,), p, device) if (adapter and p > 0) else None
+    return dict(base=base, W=W, W32=W32, A=A, B=B, bias=b, keep=keep, p=p, scale=lora_scale(R, 2 * R))
+
+
+def _spec(d):
+    return LoRAWeights(d["base"], d["A"], d["B"], d["scale"], d["bias"], d["p"], d["keep"])
+
+
+def _plain(x, d, W, cast):
+    """The plain-torch composition (differentiable): x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ."""
+    y = x @ W.t()
+    if d["bias"] is not None:
+        y = y + cast(d["bias"])
+    if d["A"] is not None:
+        xd = x if d["keep"] is None else x * d["keep"].to(x.dtype) / (1 - d["p"])
+        y = y + d["scale"] * ((xd @ cast(d["A"]).t()) @ cast(d["B"]).t())
+    return y
+
+
+def _peft(d, dtype, device):
+    """peft's LoRA Linear wrapping an nn.Linear that holds the same (dequantized) base weight and adapter."""
+    N, K = d["W"].shape
+    lin = torch.nn.Linear(K, N, bias=d["bias"] is not None, device=device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(d["W"])
+        if d["bias"] is not None:
+            lin.bias.copy_(d["bias"])
+    lin.requires_grad_(False)
+    R = d["A"].shape[0]
+    try:  # peft >= 0.18 takes the LoraConfig; older releases take the fields as keywords
+        cfg = peft_lora.LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=d["p"])
+        layer = peft_lora.Linear(lin, "default", config=cfg, r=R, lora_alpha=2 * R, lora_dropout=d["p"])
+    except TypeError:
+        layer = peft_lora.Linear(lin, "default", r=R, lora_alpha=2 * R, lora_dropout=d["p"])
+    layer.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(d["A"])
+        layer.lora_B["default"].weight.copy_(d["B"])
+    if d["keep"] is not None:
+        layer.lora_dropout["default"] = _MaskDropout(d["keep"], d["p"])
+    assert layer.scaling["default"] == d["scale"]
+    return layer
+
+
+def _grads(outs, inputs, dys):
+    return torch.autograd.grad(outs, inputs, dys)
+
+
+def _compare(tag, got, same, ref32, dtype, peft=None):
+    for i, (a, b, c) in enumerate(zip(got, same, ref32)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{tag}[{i}]: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+        check(f"{tag}[{i}] vs torch", a, b, c, ATOL[dtype])
+        if peft is not None:
+            check(f"{tag}[{i}] vs peft", a, peft[i], c, ATOL[dtype])
+
+
+# ---- lora_linear -----------------------------------------------------------------------------------------
+
+def _linear_case(lead, K, N, R, dtype, device, nf4, variant, backend, compile_=False):
+    p, bias = VARIANTS[variant]
+    d = _make_proj(N, K, R, dtype, device, nf4, p, bias, lead)
+    x = torch.randn(lead + (K,), device=device).to(dtype)
+    dy = torch.randn(lead + (N,), device=device).to(dtype)
+    ident = lambda t: t  # noqa: E731
+
+    # the op
+    xk, Ak, Bk = (t.clone().requires_grad_() for t in (x, d["A"], d["B"]))
+
+    def op(x_, A_, B_):
+        return lora_linear(x_, d["base"], A_, B_, d["scale"], d["bias"], d["p"], dropout_mask=d["keep"],
+                           backend=backend)
+    fn = torch.compile(op, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager") if compile_ else op
+    yk = fn(xk, Ak, Bk)
+    got = (yk,) + _grads(yk, (xk, Ak, Bk), dy)
+    # plain torch, same precision
+    xs, As, Bs = (t.clone().requires_grad_() for t in (x, d["A"], d["B"]))
+    ys = _plain(xs, dict(d, A=As, B=Bs), d["W"], ident)
+    same = (ys,) + _grads(ys, (xs, As, Bs), dy)
+    # fp32 reference
+    x32, A32, B32 = (t.float().requires_grad_() for t in (x, d["A"], d["B"]))
+    y32 = _plain(x32, dict(d, A=A32, B=B32), d["W32"], lambda t: t.float())
+    ref = (y32,) + _grads(y32, (x32, A32, B32), dy.float())
+    # peft
+    layer = _peft(d, dtype, device)
+    xp = x.clone().requires_grad_()
+    yp = layer(xp)
+    pe = (yp,) + _grads(yp, (xp, layer.lora_A["default"].weight, layer.lora_B["default"].weight), dy)
+    _compare(f"lora_linear {dtype} nf4={nf4} {variant} {lead}x{K}->{N} R={R} (y, dx, dA, dB)", got, same, ref, dtype, pe)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CPU_LINEAR)
+def test_lora_linear(case, dtype, nf4, variant, device):
+    _linear_case(*case, dtype, device, nf4, variant, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_lora_linear_reference_path(backend, device):
+    """The CPU path (the fp32 reference through torch autograd) meets the same bar."""
+    _linear_case((37,), 70, 130, 8, torch.bfloat16, device, True, "dropout+bias", backend=backend)
+
+
+def test_lora_linear_compile(device):
+    _linear_case((2, 5), 64, 96, 8, torch.float32, device, True, "dropout+bias", backend="triton", compile_=True)
+
+
+def test_lora_o_is_lora_linear():
+    assert lora_o is lora_linear
+
+
+def test_noncontiguous_input(device):
+    """x as a column slice of a wider buffer (row stride != K)."""
+    d = _make_proj(96, 64, 8, torch.float32, device, False, 0.0, False, (37,))
+    wide = torch.randn(37, 100, device=device)
+    x = wide[:, 10:74]
+    assert not x.is_contiguous()
+    xk = x.clone().requires_grad_()  # leaf to take the grad of, same values
+    y = lora_linear(x, d["base"], d["A"], d["B"], d["scale"], backend="triton")
+    y2 = lora_linear(xk.contiguous(), d["base"], d["A"], d["B"], d["scale"], backend="triton")
+    torch.testing.assert_close(y, y2)
+
+
+def test_rslora_scale_and_errors(device):
+    assert lora_scale(16, 32) == 2.0
+    assert lora_scale(16, 32, use_rslora=True) == 8.0
+    with pytest.raises(ValueError):
+        lora_scale(0, 8)
+    W = torch.randn(12, 10, device=device)
+    x = torch.randn(3, 10, device=device)
+    A, B = torch.randn(2, 10, device=device), torch.randn(12, 2, device=device)
+    with pytest.raises(ValueError, match=r"input has 11 features"):
+        lora_linear(torch.randn(3, 11, device=device), W, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"A \(R, K=10\) and B \(N=12, R\)"):
+        lora_linear(x, W, B, A, 1.0)
+    with pytest.raises(ValueError, match="both A and B"):
+        lora_linear(x, W, A, None, 1.0)
+    with pytest.raises(ValueError, match="dropout_mask must be a bool"):
+        lora_linear(x, W, A, B, 1.0, dropout=0.1, dropout_mask=torch.ones(3, 10, device=device))
+    with pytest.raises(TypeError, match="dequantize"):
+        lora_linear(x, object(), A, B, 1.0)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        lora_linear(x.long(), W, A, B, 1.0)
+
+
+def test_dropout_off_in_eval(device):
+    """training=False ignores dropout: output equals the dropout-free op."""
+    d = _make_proj(96, 64, 8, torch.float32, device, False, 0.0, False, (5,))
+    x = torch.randn(5, 64, device=device)
+    a = lora_linear(x, d["base"], d["A"], d["B"], d["scale"], dropout=0.5, training=False, backend="triton")
+    b = lora_linear(x, d["base"], d["A"], d["B"], d["scale"], backend="triton")
+    assert torch.equal(a, b)
+
+
+# ---- lora_qkv --------------------------------------------------------------------------------------------
+
+def _qkv_case(lead, C, NQ, NKV, R, dtype, device, nf4, backend="triton", compile_=False):
+    q = _make_proj(NQ, C, R, dtype, device, nf4, 0.1, False, lead)           # dropout
+    k = _make_proj(NKV, C, R, dtype, device, nf4, 0.0, True, lead)           # bias
+    v = _make_proj(NKV, C, R, dtype, device, nf4, 0.0, False, lead, adapter=False)  # no adapter
+    x = torch.randn(lead + (C,), device=device).to(dtype)
+    dys = tuple(torch.randn(lead + (n,), device=device).to(dtype) for n in (NQ, NKV, NKV))
+    ps = (q, k, v)
+
+    def run(x_, ds, Ws, f):
+        outs = f(x_, ds, Ws)
+        leaves = [x_] + [t for dd in ds if dd["A"] is not None for t in (dd["A"], dd["B"])]
+        return tuple(outs) + _grads(outs, leaves, dys if outs[0].dtype == dtype else tuple(t.float() for t in dys))
+
+    def leafs(cast):
+        return [dict(dd, A=None if dd["A"] is None else cast(dd["A"]).requires_grad_(),
+                     B=None if dd["B"] is None else cast(dd["B"]).requires_grad_()) for dd in ps]
+
+    def op(x_, ds, Ws):
+        return lora_qkv(x_, *[_spec(dd) for dd in ds], backend=backend)
+    fop = torch.compile(op, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager") if compile_ else op
+    got = run(x.clone().requires_grad_(), leafs(torch.clone), None, fop)
+    same = run(x.clone().requires_grad_(), leafs(torch.clone), [dd["W"] for dd in ps],
+               lambda x_, ds, Ws: tuple(_plain(x_, dd, W, lambda t: t) for dd, W in zip(ds, Ws)))
+    ref = run(x.float().requires_grad_(), leafs(lambda t: t.float()), [dd["W32"] for dd in ps],
+              lambda x_, ds, Ws: tuple(_plain(x_, dd, W, lambda t: t.float()) for dd, W in zip(ds, Ws)))
+    _compare(f"lora_qkv {dtype} nf4={nf4} {lead}x{C} (Q, K, V, dx, dAq, dBq, dAk, dBk)", got, same, ref, dtype)
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CPU_QKV)
+def test_lora_qkv(case, dtype, nf4, device):
+    _qkv_case(*case, dtype, device, nf4)
+
+
+def test_lora_qkv_compile(device):
+    _qkv_case((2, 5), 64, 64, 16, 4, torch.float32, device, True, compile_=True)
+
+
+# ---- lora_mlp --------------------------------------------------------------------------------------------
+
+MLP_VARIANTS = {  # adapters on (gate, up, down), dropout on gate and down, bias on up
+    "all+dropout+bias": ((True, True, True), 0.1, True),
+    "down only": ((False, False, True), 0.0, False),
+    "no down adapter": ((True, True, False), 0.0, False),
+}
+
+
+def _mlp_case(lead, C, F, R, dtype, device, nf4, variant, backend="triton", compile_=False):
+    adapters, p, bias = MLP_VARIANTS[variant]
+    g = _make_proj(F, C, R, dtype, device, nf4, p, False, lead, adapters[0])
+    u = _make_proj(F, C, R, dtype, device, nf4, 0.0, bias, lead, adapters[1])
+    dn = _make_proj(C, F, R, dtype, device, nf4, p, False, lead, adapters[2])  # keep-mask over (..., F)
+    x = torch.randn(lead + (C,), device=device).to(dtype)
+    dy = torch.randn(lead + (C,), device=device).to(dtype)
+    ps = (g, u, dn)
+
+    def leafs(cast):
+        return [dict(dd, A=None if dd["A"] is None else cast(dd["A"]).requires_grad_(),
+                     B=None if dd["B"] is None else cast(dd["B"]).requires_grad_()) for dd in ps]
+
+    def run(x_, ds, f, dy_):
+        y = f(x_, ds)
+        leaves = [x_] + [t for dd in ds if dd["A"] is not None for t in (dd["A"], dd["B"])]
+        return (y,) + _grads(y, leaves, dy_)
+
+    def plain(Wkey, cast):
+        def f(x_, ds):
+            h = Fn.silu(_plain(x_, ds[0], ds[0][Wkey], cast)) * _plain(x_, ds[1], ds[1][Wkey], cast)
+            return _plain(h, ds[2], ds[2][Wkey], cast)
+        return f
+
+    def op(x_, ds):
+        return lora_mlp(x_, *[_spec(dd) for dd in ds], backend=backend)
+    fop = torch.compile(op, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager") if compile_ else op
+    got = run(x.clone().requires_grad_(), leafs(torch.clone), fop, dy)
+    same = run(x.clone().requires_grad_(), leafs(torch.clone), plain("W", lambda t: t), dy)
+    ref = run(x.float().requires_grad_(), leafs(lambda t: t.float()), plain("W32", lambda t: t.float()), dy.float())
+    pe = None
+    if all(adapters):  # peft: three LoRA Linears composed as the MLP
+        layers = [_peft(dd, dtype, device) for dd in ps]
+        xp = x.clone().requires_grad_()
+        yp = layers[2](Fn.silu(layers[0](xp)) * layers[1](xp))
+        leaves = [xp] + [t for L in layers for t in (L.lora_A["default"].weight, L.lora_B["default"].weight)]
+        pe = (yp,) + _grads(yp, leaves, dy)
+    _compare(f"lora_mlp {dtype} nf4={nf4} {variant} {lead}x{C} F={F} R={R} (y, dx, dA/dB...)", got, same, ref, dtype, pe)
+
+
+@pytest.mark.parametrize("variant", list(MLP_VARIANTS))
+@pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_mlp(dtype, nf4, variant, device):
+    _mlp_case(*CPU_MLP[0], dtype, device, nf4, variant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_mlp_small_batched(dtype, device):
+    _mlp_case(*CPU_MLP[1], dtype, device, True, "all+dropout+bias")
+
+
+def test_lora_mlp_reference_path(device):
+    _mlp_case(*CPU_MLP[0], torch.bfloat16, device, True, "all+dropout+bias", backend="torch")
+
+
+def test_lora_mlp_compile(device):
+    _mlp_case((2, 3), 64, 96, 4, torch.float32, device, True, "all+dropout+bias", compile_=True)
+
+
+def test_lora_mlp_backward_runs_once(device):
+    """The in-place backward reuses the saved pre-activations; a second backward must refuse, not lie."""
+    d = [_make_proj(n, k, 4, torch.float32, device, False, 0.0, False, (5,)) for n, k in ((96, 64), (96, 64), (64, 96))]
+    x = torch.randn(5, 64, device=device, requires_grad=True)
+    y = lora_mlp(x, *[_spec(dd) for dd in d], backend="triton")
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+# ---- GPU: real shapes ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GPU_LINEAR)
+def test_lora_linear_gpu(case, dtype, nf4, variant):
+    _linear_case(*case, dtype, "cuda", nf4, variant, backend="auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GPU_QKV)
+def test_lora_qkv_gpu(case, dtype, nf4):
+    _qkv_case(*case, dtype, "cuda", nf4, backend="auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(MLP_VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", GPU_MLP)
+def test_lora_mlp_gpu(case, dtype, variant):
+    _mlp_case(*case, dtype, "cuda", True, variant, backend="auto")
+
+
+@pytest.mark.gpu
+def test_compile_gpu():
+    _linear_case((523,), 4100, 4100, 16, torch.bfloat16, "cuda", True, "dropout+bias", backend="auto", compile_=True)
+    _qkv_case((2, 523), 4096, 4096, 1024, 16, torch.bfloat16, "cuda", True, backend="auto", compile_=True)
+    _mlp_case((523,), 4096, 14336, 16, torch.bfloat16, "cuda", True, "all+dropout+bias", backend="auto",
+              compile_=True)
+
+
+@pytest.mark.gpu
+def test_lora_mlp_saves_only_x_and_preactivations():
+    """After forward, the live memory grows by y + x-independent saves only: g and u (T x F each), never h or a
+    dequantized (F x C) weight."""
+    T, C, F, R = 1024, 4096, 14336, 16
+    ds = [_make_proj(n, k, R, torch.bfloat16, "cuda", True, 0.0, False, (T,)) for n, k in ((F, C), (F, C), (C, F))]
+    specs = [_spec(dd) for dd in ds]
+    for dd in ds:
+        dd["A"].requires_grad_()
+        dd["W"] = dd["W32"] = None
+    torch.cuda.empty_cache()
+    x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    before = torch.cuda.memory_allocated()
+    y = lora_mlp(x, *specs)
+    grown = torch.cuda.memory_allocated() - before
+    expected = y.numel() * 2 + 2 * T * F * 2  # y + g + u
+    assert grown <= expected + 2**20, f"forward kept {grown / 2**20:.1f} MiB, expected {expected / 2**20:.1f} MiB"
+    y.sum().backward()
+    assert ds[0]["A"].grad is not None and x.grad is not None
