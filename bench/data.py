@@ -60,9 +60,10 @@ def make_tokenizer(path: str | None, sample: list[str]):
 
 
 def timed(fn):
-    t0 = time.perf_counter()
+    """(wall seconds, CPU seconds of this process over all its threads, result)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - t0, out
+    return (time.perf_counter() - t0, time.process_time() - c0), out
 
 
 def main(argv=None) -> int:
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     from minitrain.data.encode import find_backend
 
     n, m = args.records, min(args.per_record, args.records)
+    load0 = os.getloadavg()
     recs = synthetic_records(n)
     tok, tok_desc = make_tokenizer(args.tokenizer, [r["instruction"] + " " + r["output"] for r in recs[:20000]])
     backend = find_backend(tok)
@@ -87,9 +89,11 @@ def main(argv=None) -> int:
     rows = []
 
     def row(stage, count, provider, secs, tokens=None, note=""):
-        rate = count / secs
-        rows.append({"stage": stage, "records": f"{count:,}", "provider": provider, "s": f"{secs:.2f}",
-                     "records/s": f"{rate:,.0f}", "tokens/s": f"{tokens / secs:,.0f}" if tokens else "",
+        wall, cpu = secs
+        rate = count / wall
+        rows.append({"stage": stage, "records": f"{count:,}", "provider": provider, "wall s": f"{wall:.2f}",
+                     "records/s": f"{rate:,.0f}", "tokens/s": f"{tokens / wall:,.0f}" if tokens else "",
+                     "CPU s": f"{cpu:.2f}", "records/CPU-s": f"{count / max(cpu, 1e-9):,.0f}",
                      "vs 50k/s target": f"{rate / TARGET:.2f}x", "note": note})
         print(" | ".join(str(v) for v in rows[-1].values()), flush=True)
 
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     ntok = sum(map(len, ids))
     row("tokenize rendered text", n, "tokenizers encode_batch (Rust, all cores)", s, ntok)
     s, _ = timed(lambda: backend.encode_batch(texts, add_special_tokens=False))
-    row("tokenize rendered text + offsets", n, "tokenizers encode_batch", s, ntok)
+    row("tokenize rendered text + offsets", n, "tokenizers encode_batch (Rust, all cores)", s, ntok)
     s, _ = timed(lambda: [tok.encode(t, add_special_tokens=False) for t in texts[:m]])
     row("tokenize rendered text", m, "per-record encode", s, sum(map(len, ids[:m])))
 
@@ -133,7 +137,9 @@ def main(argv=None) -> int:
     import jinja2
     import tokenizers
 
-    env = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+    load = os.getloadavg()
+    env = {"date": datetime.date.today().isoformat(), "load average at start / end": f"{load0[0]:.1f} / {load[0]:.1f} "
+           "(other processes shared the cores: wall-clock rates are lower bounds; records/CPU-s is per core)", "machine": f"{platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} CPU cores, no GPU used", "python": platform.python_version(), "torch": torch.__version__,
            "tokenizers": tokenizers.__version__, "jinja2": jinja2.__version__, "tokenizer": tok_desc,
            "records": f"{n:,} synthetic instruct records, {ntok / n:.0f} tokens each on average"}
