@@ -47,15 +47,15 @@ def fused_supported(shape, blocksize) -> bool:
 def _configs():
     if _INTERPRET:  # the interpreter cannot autotune several configs
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
-                                 (64, 256, 8, 3), (128, 128, 8, 3))]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in ((16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3))]
 
 
 def _prune(configs, named_args, **kwargs):
-    # Wide N tiles with tall M tiles run out of registers; small M wants small N tiles for parallelism.
+    # Small M: narrow N tiles give enough programs to fill the card; tall M tiles want wide N tiles (and
+    # would run out of registers with the widest ones only when both are large).
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 16))
-    keep = [c for c in configs if c.kwargs["BLOCK_N"] * bm <= 128 * 64]
+    keep = [c for c in configs if (c.kwargs["BLOCK_N"] <= 64 if bm <= 32 else c.kwargs["BLOCK_N"] >= 64)]
     return keep or configs[:1]
 
 

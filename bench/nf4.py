@@ -1,0 +1,306 @@
+"""NF4 dequantization and the small-M NF4 matmul on the GPU, against bitsandbytes and unsloth, same card, same run.
+
+Dequantization (W (N, K) -> bf16/fp16): ours (Triton, CUDA C++), bitsandbytes ``dequantize_4bit``, unsloth
+``fast_dequantize``. GB/s counts what a dequantization must move: packed codes (N*K/2) + uint8 absmax (N*K/64)
++ fp32 nested absmax read, output (2*N*K) written; % of ceiling = that over the copy bandwidth measured in this
+run (bench.hw). Targets: >= 95% of copy on the three large shapes, <= 5 us on (1024, 4096).
+
+Small-M matmul y = x @ dequant(W)^T, x (M, K) bf16, M in {1, 8, 32, 128}: ours fused (dequant in the GEMM),
+ours dequant into the reused buffer + cuBLAS, ours "auto" (what matmul_nf4 picks after measuring), dequant +
+F.linear (fresh weight each call), bitsandbytes ``matmul_4bit``. GB/s counts the NF4 weight bytes + x + y.
+
+unsloth must run in its own process (importing it patches transformers/peft): ``python -m bench.nf4
+--only-unsloth`` under PEERS_UNSLOTH=1 measures it and leaves its rows in bench/results/.nf4-unsloth-<card>.json,
+which the main run (``python -m bench.nf4``) picks up; with PEERS_UNSLOTH=1 set, the main run starts that
+subprocess itself. Results: bench/results/<date>-<card>-nf4.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench import hw
+
+DEQ_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
+LARGE = [(14336, 4096), (4096, 14336), (128256, 4096)]
+DEQ_DTYPES = [torch.bfloat16, torch.float16]
+MM_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+MM_M = [1, 8, 32, 128]
+COLUMNS = ["op", "shape", "dtype", "provider", "µs", "GB/s", "% of ceiling", "peak MiB", "vs best peer"]
+PEERS = ("bitsandbytes", "unsloth", "dequant + F.linear", "bitsandbytes matmul_4bit")
+DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def deq_bytes(shape, dtype):
+    n = shape[0] * shape[1]
+    return n // 2 + n // 64 + 4 * (-(-n // (64 * 256))) + n * dtype.itemsize
+
+
+def mm_bytes(shape, m):
+    n, k = shape
+    return n * k // 2 + n * k // 64 + 2 * m * k + 2 * m * n
+
+
+def _quantize(shape):
+    """bitsandbytes' CUDA quantization when it is installed (so it gets its own QuantState), else ours; the bytes
+    are identical either way. Returns (NF4Weight, packed, bnb state or None)."""
+    import quant
+
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    try:
+        import bitsandbytes.functional as bnbF
+
+        packed, st = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        q = quant.NF4Weight(packed.reshape(-1, 1), st.absmax, shape, torch.bfloat16, 64, st.code, st.state2.absmax,
+                            st.state2.code, st.offset.reshape(()).float(), st.state2.blocksize)
+        return q, packed, st
+    except ImportError:
+        q = quant.quantize_nf4(w)
+        return q, q.data, None
+
+
+def _time_peak(fn):
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return hw.bench_us(fn), peak
+
+
+def _run_provider(rows, key, name, make):
+    row = dict(key, provider=name)
+    try:
+        row["us"], row["peak"] = _time_peak(make())
+    except ImportError as e:
+        row["error"] = f"not installed ({e.name or e})"
+    except Exception as e:  # noqa: BLE001 - one failing provider must not lose the table
+        row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"{key} {name}: " + (f"{row['us']:.1f} us" if "us" in row else row["error"]), flush=True)
+    rows.append(row)
+
+
+# ---- dequantization ---------------------------------------------------------------------------------------
+
+def dequant_rows(unsloth_only=False):
+    rows = []
+    for shape in DEQ_SHAPES:
+        q, packed, st = _quantized_cache(shape)
+        for dtype in DEQ_DTYPES:
+            key = {"op": "nf4_dequant", "shape": list(shape), "dtype": DT[dtype]}
+            out = torch.empty(shape, device="cuda", dtype=dtype)
+
+            def ours(backend):
+                def make():
+                    if backend == "triton":
+                        from triton_ops.nf4_dequant import _launch
+                    else:
+                        from csrc.nf4_dequant import _launch
+                    args = (q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code,
+                            out, 64, 256)
+                    _launch(*args)
+                    torch.cuda.synchronize()
+                    return lambda: _launch(*args)
+                return make
+
+            def bnb():
+                import bitsandbytes.functional as bnbF
+
+                if st is None:
+                    raise ImportError("bitsandbytes")
+                s = copy.copy(st)
+                s.dtype = dtype
+                return lambda: bnbF.dequantize_4bit(packed, quant_state=s)
+
+            def unsloth():
+                from unsloth.kernels.utils import fast_dequantize
+
+                s = copy.copy(st)
+                s.dtype = dtype
+                return lambda: fast_dequantize(packed, s)
+
+            if unsloth_only:
+                _run_provider(rows, key, "unsloth", unsloth)
+                continue
+            _run_provider(rows, key, "ours triton", ours("triton"))
+            _run_provider(rows, key, "ours cuda", ours("cuda"))
+            _run_provider(rows, key, "bitsandbytes", bnb)
+            del out
+    return rows
+
+
+_QCACHE: dict = {}
+
+
+def _quantized_cache(shape):
+    if shape not in _QCACHE:
+        _QCACHE.clear()  # one weight alive at a time (the vocab-sized one is 260 MiB packed)
+        gc.collect()
+        torch.cuda.empty_cache()
+        _QCACHE[shape] = _quantize(shape)
+    return _QCACHE[shape]
+
+
+# ---- small-M matmul ---------------------------------------------------------------------------------------
+
+def matmul_rows():
+    import quant
+    from quant.matmul import _dequant_mm, _fused, _weight, measured_choices
+
+    rows, picks = [], {}
+    for shape in MM_SHAPES:
+        q, packed, st = _quantized_cache(shape)
+        qt = _weight(q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code,
+                     list(shape), 64, 256)
+        for m in MM_M:
+            key = {"op": "nf4_matmul", "shape": [m, shape[0], shape[1]], "dtype": "bf16"}
+            x = torch.randn(m, shape[1], device="cuda", dtype=torch.bfloat16)
+
+            def bnb_mm():
+                import bitsandbytes as bnb
+
+                if st is None:
+                    raise ImportError("bitsandbytes")
+                return lambda: bnb.matmul_4bit(x, packed.t(), quant_state=st)
+
+            _run_provider(rows, key, "ours fused", lambda: (lambda: _fused(x, qt, None)))
+            _run_provider(rows, key, "ours dequant+cuBLAS", lambda: (lambda: _dequant_mm(x, qt, None)))
+            _run_provider(rows, key, "ours auto", lambda: (lambda: quant.matmul_nf4(x, q)))
+            _run_provider(rows, key, "dequant + F.linear",
+                          lambda: (lambda: F.linear(x, quant.dequantize_nf4(q, torch.bfloat16))))
+            _run_provider(rows, key, "bitsandbytes matmul_4bit", bnb_mm)
+            choice = [v for k, v in measured_choices().items() if k[2:4] == shape and k[4] == max(1, 1 << (m - 1).bit_length())]
+            picks[(m,) + shape] = choice[0] if choice else "?"
+    return rows, picks
+
+
+# ---- tables -------------------------------------------------------------------------------------------------
+
+def _table(rows, copy_gbs):
+    out = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["op"], tuple(r["shape"]), r["dtype"]), []).append(r)
+    for (op, shape, dt), group in groups.items():
+        peers = [r["us"] for r in group if r["provider"] in PEERS and "us" in r]
+        best = min(peers) if peers else None
+        nbytes = deq_bytes(shape, torch.bfloat16 if dt == "bf16" else torch.float16) if op == "nf4_dequant" \
+            else mm_bytes(shape[1:], shape[0])
+        for r in group:
+            row = {"op": op, "shape": "x".join(map(str, shape)) if op == "nf4_dequant" else
+                   f"M={shape[0]} N={shape[1]} K={shape[2]}", "dtype": dt, "provider": r["provider"]}
+            if "us" not in r:
+                row["µs"] = r["error"]
+            else:
+                gbs = nbytes / r["us"] / 1e3
+                row.update({"µs": f"{r['us']:.1f}", "GB/s": f"{gbs:.0f}", "% of ceiling": f"{100 * gbs / copy_gbs:.0f}%",
+                            "peak MiB": f"{r['peak']:.0f}",
+                            "vs best peer": (f"{best / r['us']:.2f}x" if best else "no peer")
+                            if r["provider"] not in PEERS else ""})
+            out.append(row)
+    return hw.markdown_table(out, COLUMNS)
+
+
+def _summary(rows, copy_gbs, picks):
+    lines = []
+    by = {(r["op"], tuple(r["shape"]), r["dtype"], r["provider"]): r for r in rows if "us" in r}
+    for shape in DEQ_SHAPES:
+        for dt in DT.values():
+            ours = [by[k] for k in by if k[:3] == ("nf4_dequant", shape, dt) and k[3].startswith("ours")]
+            if not ours:
+                continue
+            best = min(ours, key=lambda r: r["us"])
+            gbs = deq_bytes(shape, torch.bfloat16) / best["us"] / 1e3
+            target = ("≥ 95% of copy" if shape in LARGE else "≤ 5 µs" if shape == (1024, 4096) else "")
+            met = (100 * gbs / copy_gbs >= 95) if shape in LARGE else (best["us"] <= 5) if shape == (1024, 4096) else None
+            lines.append(f"- dequant {shape[0]}x{shape[1]} {dt}: best ours = {best['provider']} {best['us']:.1f} µs, "
+                         f"{100 * gbs / copy_gbs:.0f}% of copy" + (f" (target {target}: {'met' if met else 'NOT met'})"
+                                                                   if target else ""))
+    for shape in MM_SHAPES:
+        for m in MM_M:
+            k = ("nf4_matmul", (m,) + shape, "bf16")
+            fused, deq = by.get(k + ("ours fused",)), by.get(k + ("dequant + F.linear",))
+            auto, bnb = by.get(k + ("ours auto",)), by.get(k + ("bitsandbytes matmul_4bit",))
+            if not (fused and deq and auto):
+                continue
+            pick = picks.get((m,) + shape, "?")
+            win = "fused wins where used" if pick != "fused" or fused["us"] < deq["us"] else "fused used but LOSES"
+            lines.append(f"- matmul M={m} {shape[0]}x{shape[1]}: auto picked {pick}; fused {fused['us']:.1f} µs vs "
+                         f"dequant+F.linear {deq['us']:.1f} µs ({deq['us'] / fused['us']:.2f}x)"
+                         + (f", bnb matmul_4bit {bnb['us']:.1f} µs (auto {bnb['us'] / auto['us']:.2f}x faster)"
+                            if bnb else "") + f"; {win}")
+    return "\n".join(lines) + "\n"
+
+
+def _cache_path():
+    return hw.RESULTS_DIR / f".nf4-unsloth-{hw.card_slug()}.json"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only-unsloth", action="store_true", help="measure unsloth only (run under PEERS_UNSLOTH=1)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/nf4.py measures a CUDA device; none is available here")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if args.only_unsloth:
+        try:
+            import unsloth  # noqa: F401  (before anything imports peft/transformers)
+        except Exception as e:  # noqa: BLE001 - a missing peer is a table entry, never a crash
+            print(f"unsloth not importable: {type(e).__name__}: {e}")
+        rows = dequant_rows(unsloth_only=True)
+        hw.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        _cache_path().write_text(json.dumps(rows))
+        print(f"wrote {_cache_path()}")
+        return
+    copy_gbs = hw.copy_bandwidth_gbs()
+    print(f"{hw.card_name()}: copy {copy_gbs:.0f} GB/s", flush=True)
+    if os.environ.get("PEERS_UNSLOTH") == "1":
+        try:
+            subprocess.run([sys.executable, "-m", "bench.nf4", "--only-unsloth"], timeout=240, check=False)
+        except subprocess.TimeoutExpired:
+            print("unsloth subprocess timed out")
+    rows = dequant_rows()
+    try:
+        uns = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        uns = []
+    if not uns:
+        uns = [{"op": "nf4_dequant", "shape": list(s), "dtype": DT[d], "provider": "unsloth",
+                "error": "not run (python -m bench.nf4 --only-unsloth under PEERS_UNSLOTH=1)"}
+               for s in DEQ_SHAPES for d in DEQ_DTYPES]
+    for u in uns:  # keep the table grouped: each unsloth row after its shape's rows
+        idx = max((i for i, r in enumerate(rows) if r["shape"] == u["shape"] and r["dtype"] == u["dtype"]),
+                  default=len(rows) - 1)
+        rows.insert(idx + 1, u)
+    mm, picks = matmul_rows()
+    rows += mm
+    from quant.dispatch import measured_choices
+
+    body = _table(rows, copy_gbs)
+    notes = (f"\nDequant GB/s: packed codes + uint8 absmax + nested absmax read, output written; matmul GB/s: NF4 "
+             f"weight + x read, y written. % of ceiling: of the copy bandwidth measured in this run "
+             f"({copy_gbs:.0f} GB/s). Ours dequant timed writing into a reused output (peak 0); peers allocate. "
+             f"vs best peer: best peer time / ours (>1 = ours faster). Dequant backend auto picked: "
+             f"{measured_choices() or 'not measured'}.\n\n")
+    summary = _summary(rows, copy_gbs, picks)
+    print(body + notes + summary)
+    path = hw.write_results("nf4", "NF4 dequantization and small-M NF4 matmul", [("Results", body + notes),
+                                                                                 ("Targets", summary)])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
