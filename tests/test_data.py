@@ -586,3 +586,20 @@ def test_packed_loss_equals_documents_one_by_one_on_minitrain_model(tmp_path, ba
     assert n_items == one_n
     packed, single = total / n_items, one_sum / one_n
     assert torch.allclose(packed, single, rtol=1e-9, atol=1e-12), (packed.item(), single.item())
+
+
+def test_pack_rows_first_fit():
+    from minitrain.data.batching import pack_rows
+
+    lengths = np.array([60, 10, 60, 10, 60, 10, 64, 1])
+    rows = pack_rows(np.arange(8), lengths, 64)
+    assert rows == [[0, 7], [1, 3, 5], [2], [4], [6]]  # 5 rows where closing a row at the first misfit needs 7
+    assert rows == pack_rows(np.arange(8), lengths, 64)  # deterministic
+    rows = pack_rows(np.arange(8), lengths, 64, open_rows=1)  # one open row: the sequential greedy
+    assert rows == [[0], [1], [2], [3], [4], [5], [6], [7]]
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, 500)
+    rows = pack_rows(rng.permutation(500), lengths, 256)
+    assert sorted(i for r in rows for i in r) == list(range(500))
+    assert all(lengths[r].sum() <= 256 for r in rows)
+    assert lengths.sum() / (256 * len(rows)) > 0.9  # rows are filled
