@@ -1,0 +1,327 @@
+"""The training loop: parity with transformers + peft, gradient accumulation, exact resume after kill -9,
+NaN handling, gradient checkpointing, schedules, diagnostics and the files a run leaves behind.
+
+Oracles: transformers' LlamaForCausalLM wrapped by peft (same checkpoint, same adapter init, same batches,
+same optimizer) for the per-step losses; transformers' LR schedulers for the learning rates.
+"""
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from minitrain.config import TrainConfig
+from minitrain.loader import load_model
+from minitrain.lora import DEFAULT_TARGETS, add_lora, lora_layers
+from minitrain.trainer import ExampleBatches, Trainer, TrainingError, diagnose, lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_export import WORDS, make_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny shapes: one thread is faster, and far faster while other test processes share the cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def examples(n, vocab=64, lo=3, hi=20, seed=0):
+    """n random variable-length sequences (labels = input ids; the first token is never predicted)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        t = int(torch.randint(lo, hi, (), generator=g))
+        ids = torch.randint(0, vocab, (t,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    return out
+
+
+def quiet(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0,
+                save_steps=0, progress=False, seed=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def adapted(ckpt, seed=1, r=4, dropout=0.0):
+    model, tok = load_model(ckpt, dtype=torch.float32, device="cpu", tokenizer=False)
+    torch.manual_seed(seed)
+    add_lora(model, r=r, alpha=8, dropout=dropout)
+    return model
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_loss_curve_matches_transformers_peft(tmp_path, optim):
+    from peft import LoraConfig, get_peft_model
+
+    ckpt = tmp_path / "base"
+    hf = make_tiny_checkpoint(ckpt)
+    model = adapted(ckpt)
+    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(DEFAULT_TARGETS), lora_dropout=0.0))
+    with torch.no_grad():  # the same adapter initialization on both sides
+        for name, layer in lora_layers(model).items():
+            mod = pm.base_model.model.get_submodule(name)
+            mod.lora_A["default"].weight.copy_(layer.lora_A)
+            mod.lora_B["default"].weight.copy_(layer.lora_B)
+    data = examples(16)
+    cfg = quiet(tmp_path, max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2, optim=optim,
+                weight_decay=0.01)
+    ours = Trainer(model, None, data, cfg)
+    ours.train()
+
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-2, weight_decay=0.01) if optim == "sgd" else \
+        torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    batches, it, ref = ExampleBatches(data, 2, shuffle=True, seed=5), None, []
+    pm.train()
+    for _ in range(6):  # the same batches, loss normalized by the step's trained tokens (HF's num_items_in_batch)
+        micro = []
+        while len(micro) < 2:
+            it = it or iter(batches)
+            b = next(it, None)
+            if b is None:
+                it = None
+                continue
+            micro.append(b)
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        total = 0.0
+        for b in micro:
+            loss = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                      num_items_in_batch=n).loss
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        ref.append(total)
+    got = ours.history["loss"]
+    diffs = [abs(a - b) for a, b in zip(got, ref)]
+    assert len(got) == 6 and max(diffs) <= 1e-4, f"per-step losses differ: ours {got}, transformers+peft {ref}"
+    assert all(l.lora_B.abs().max() > 0 for l in lora_layers(model).values())  # it trained
+
+
+def test_gradient_accumulation_1x8_equals_4x2(tmp_path):
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    data = examples(8, lo=2, hi=24, seed=3)  # very different lengths: padding and per-micro-batch means would differ
+    finals, losses = [], []
+    for bs, ga in ((1, 8), (4, 2)):
+        model = adapted(ckpt)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.normal_(std=0.02)
+        tr = Trainer(model, None, data, quiet(tmp_path / f"{bs}x{ga}", max_steps=2, optim="sgd", learning_rate=0.5,
+                                              per_device_train_batch_size=bs, gradient_accumulation_steps=ga))
+        tr.train()
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        losses.append(tr.history["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    moved = 0.0
+    for n in finals[0]:
+        d = (finals[0][n] - finals[1][n]).abs().max().item()
+        assert d <= 1e-6, f"{n}: 1x8 and 4x2 updates differ by {d:.3g}"
+    init = adapted(ckpt)
+    moved = max((finals[0][n] - p).abs().max().item() for n, p in init.named_parameters() if p.requires_grad)
+    assert moved > 1e-3  # the update is not trivially zero
+
+
+CHILD = r'''
+import os, sys, time
+import torch
+
+def train(ckpt, out, kill_at=-1, marker=None):
+    torch.set_num_threads(1)
+    from minitrain.config import TrainConfig
+    from minitrain.loader import load_model
+    from minitrain.lora import add_lora
+    from minitrain.trainer import Trainer
+    model, _ = load_model(ckpt, dtype=torch.float32, device="cpu", tokenizer=False)
+    torch.manual_seed(1)
+    add_lora(model, r=4, alpha=8, dropout=0.1)  # dropout: resume must restore the RNG too
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(10):
+        ids = torch.randint(0, 64, (int(torch.randint(3, 16, (), generator=g)),), generator=g).tolist()
+        data.append({"input_ids": ids})
+    def cb(trainer, step, metrics):
+        if step == kill_at:
+            open(marker, "w").write(str(step))
+            time.sleep(600)  # killed here, between checkpoints
+    cfg = TrainConfig(output_dir=out, max_steps=6, save_steps=2, per_device_train_batch_size=2,
+                      gradient_accumulation_steps=2, learning_rate=1e-2, progress=False, seed=7,
+                      resume_from_checkpoint="latest")
+    Trainer(model, None, data, cfg, callbacks=[cb]).train()
+    return model
+
+if __name__ == "__main__":
+    train(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+'''
+
+
+def test_resume_after_kill_9_gives_the_same_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    train = runpy.run_path(str(script), run_name="child")["train"]
+    threads = torch.get_num_threads()
+    try:
+        train(str(ckpt), str(tmp_path / "ref"))  # uninterrupted
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        marker = tmp_path / "reached"
+        proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(tmp_path / "run"), "5", str(marker)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() - t0 < 240, "the child never reached step 5"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        ckpts = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+        assert ckpts == ["checkpoint-2", "checkpoint-4"], ckpts
+        train(str(ckpt), str(tmp_path / "run"))  # resumes from checkpoint-4
+    finally:
+        torch.set_num_threads(threads)
+    ref = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{k}: max diff {(ref[k] - got[k]).abs().max().item():.3g}"
+
+    def losses(d):
+        return [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == 6
+
+
+def test_nan_loss_stops_after_saving_the_last_good_state(tmp_path):
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    model = adapted(ckpt)
+
+    def poison(trainer, step, metrics):  # a numerical blow-up in the forward pass from step 3 on
+        if step == 2:
+            trainer.model.model.norm.register_forward_hook(lambda m, i, o: o * float("nan"))
+
+    tr = Trainer(model, None, examples(12), quiet(tmp_path, max_steps=5, per_device_train_batch_size=2,
+                                                  gradient_accumulation_steps=2), callbacks=[poison])
+    good = None
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3, micro-batch 1 of 2") as e:
+        tr.train()
+    assert "checkpoint-2" in str(e.value)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "checkpoint-2" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    good = {f"base_model.model.{n}.{w}.weight": getattr(l, w).detach() for n, l in lora_layers(model).items()
+            for w in ("lora_A", "lora_B")}
+    assert all(torch.equal(saved[k], good[k]) for k in good)
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["data"] == {"epoch": 0, "index": 4}  # the failing step's batches come next
+
+
+def test_gradient_checkpointing_modes_give_the_same_training(tmp_path):
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    results = []
+    for mode in ("off", "on", "offload"):
+        model = adapted(ckpt)
+        tr = Trainer(model, None, examples(8), quiet(tmp_path / mode, max_steps=2, gradient_checkpointing=mode,
+                                                     per_device_train_batch_size=2, gradient_accumulation_steps=2))
+        tr.train()
+        results.append((tr.history["loss"], {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert all("forward" not in layer.__dict__ for layer in model.model.layers)  # unwrapped afterwards
+    for losses, params in results[1:]:
+        assert losses == pytest.approx(results[0][0], abs=1e-6)
+        for n, p in params.items():
+            assert torch.allclose(p, results[0][1][n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_lr_schedule_matches_transformers(kind):
+    from transformers import get_scheduler
+
+    total, warm = 23, 4
+    cfg = TrainConfig(learning_rate=3e-4, lr_scheduler_type=kind, warmup_steps=warm)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=3e-4)
+    name = "constant_with_warmup" if kind == "constant" else kind
+    sched = get_scheduler(name, opt, num_warmup_steps=warm, num_training_steps=total)
+    for step in range(total):
+        assert lr_at(step, total, cfg) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15), step
+        opt.step()
+        sched.step()
+
+
+def test_diagnostics_say_one_plain_sentence_each():
+    steps = list(range(1, 41))
+    falling = [2.0 - 0.04 * s for s in steps]
+    kinds = {k for k, _ in diagnose(falling, [(20, 1.2), (40, 1.5)], steps, done=False)}
+    assert kinds == {"overfitting"}
+    kinds = {k: s for k, s in diagnose([0.01] * 40, [], steps, done=False)}
+    assert set(kinds) == {"memorization"} and "memorizing" in kinds["memorization"]
+    flat = diagnose([1.5] * 40, [], steps, done=True)
+    assert [k for k, _ in flat] == ["underfitting"] and "raise the learning rate" in flat[0][1]
+    assert diagnose(falling, [(20, 1.2), (40, 1.1)], steps, done=True) == []
+
+
+def test_run_on_a_dataset_leaves_metrics_curve_and_adapter(tmp_path):
+    from minitrain.data import load_dataset
+    from minitrain.tokenizer import Tokenizer
+
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    model = adapted(ckpt)
+    tok = Tokenizer.from_pretrained(ckpt)
+    g = torch.Generator().manual_seed(0)
+    lines = [{"text": " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(4, 12, (), generator=g)),), generator=g))}
+             for _ in range(30)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    ds = load_dataset(str(tmp_path / "d.jsonl"), tok, max_seq_length=32, eval_split=0.2, seed=1)
+    cfg = quiet(tmp_path, max_steps=4, eval_steps=2, save_steps=2, packing=True, logging_steps=1,
+                gradient_accumulation_steps=2)
+    Trainer(model, tok, ds, cfg).train()
+    out = tmp_path / "out"
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mib"} <= set(train_rows[0])
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    png = (out / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    w, h = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    if png.find(b"IDAT") > 0 and b"matplotlib" not in png:
+        n = int.from_bytes(png[png.find(b"IDAT") - 4:png.find(b"IDAT")], "big")
+        raw = zlib.decompress(png[png.find(b"IDAT") + 4:png.find(b"IDAT") + 4 + n])
+        assert len(raw) == h * (1 + 3 * w)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.gpu
+def test_qlora_bf16_offload_trains_on_cuda(tmp_path):
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    model, _ = load_model(ckpt, dtype=torch.bfloat16, device="cuda", load_in_4bit=True, tokenizer=False)
+    torch.manual_seed(1)
+    add_lora(model, r=8, alpha=16)
+    data = examples(16) * 4
+    tr = Trainer(model, None, data, quiet(tmp_path, max_steps=12, learning_rate=3e-3, gradient_checkpointing="offload",
+                                          per_device_train_batch_size=4, gradient_accumulation_steps=2))
+    tr.train()
+    losses = tr.history["loss"]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
