@@ -1,22 +1,22 @@
 // NF4 dequantization (bitsandbytes layout), double-quantized absmax decoded in the same launch.
 //
-// Algorithm: one thread per 32 consecutive output elements (16 packed bytes). Because every blocksize is a
-// power of two >= 32, a thread's 32 elements share one absmax block, so each thread decodes its scale once:
+// Algorithm: one warp per 1024 consecutive output elements (512 packed bytes, 16 per lane); details at
+// nf4_dequant below. Every blocksize is a power of two >= 32, so 8 or 32 consecutive elements never straddle
+// a block, and each block's scale is decoded once per warp:
 //     absmax = nested_code[a8[b]] * nested_absmax[b >> log2(G)] + offset    (two roundings, never an FMA)
 //     w[k]   = code[q_k] * absmax                                           (fp32, then ONE cast)
 // (or absmax read as fp32 without double quantization). The result is bit-identical to
 // quant.nf4.dequantize_nf4_ref for fp32, fp16 and bf16 outputs.
 //
 // Layout: data uint8 ((n+1)/2): byte j = element 2j in the HIGH nibble, 2j+1 in the low nibble.
-// A full chunk is read with one 16-byte load that skips L1 (read-once stream) and written with 16-byte
-// stores (4 for fp16/bf16, 8 for fp32). The last partial chunk, and every chunk when a pointer is not
-// 16-byte aligned (vec == 0), takes a scalar path. The arithmetic is written as explicit PTX
+// A full warp range is read with one 16-byte load per lane that skips L1 (read-once stream) and written with
+// warp-contiguous 16-byte stores (4 per lane for fp16/bf16, 8 for fp32). The last partial range, and every
+// range when a pointer is not 16-byte aligned (vec == 0), takes a scalar path. The arithmetic is written as explicit PTX
 // (mul.rn/add.rn/cvt.rn) so NVRTC's fast-math flags cannot fuse, flush or reround it.
 //
-// Invariants: n < 2^62; blockDim.x >= 16 (the code table is staged in shared memory by the first 16 threads).
+// Invariants: n < 2^62; 32 <= blockDim.x <= 256, a multiple of 32 (the code table is staged by the first 16
+// threads; the transpose buffer holds 8 warps).
 // Kernels: nf4_dequant_fp32, nf4_dequant_fp16, nf4_dequant_bf16 (extern "C"; same parameters).
-
-#define NF4_PER_THREAD 32
 
 __device__ __forceinline__ float mul_rn(float a, float b) {
     float d;
@@ -64,7 +64,43 @@ __device__ __forceinline__ void store_16(void* p, unsigned a, unsigned b, unsign
     asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
 
+__device__ __forceinline__ float decode_scale(const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
+                                              const float* __restrict__ nested_code, const float* __restrict__ offset,
+                                              long long blk, int log2_nested, int double_quant) {
+    if (double_quant) {
+        const unsigned a8 = ((const unsigned char*)absmax)[blk];
+        return add_rn(mul_rn(__ldg(nested_code + a8), __ldg(nested_absmax + (blk >> log2_nested))), __ldg(offset));
+    }
+    return __ldg((const float*)absmax + blk);
+}
+
+// 8 elements (one packed 32-bit word, bytes in memory order) -> 16 or 32 output bytes at `o`.
+template <int OUT>
+__device__ __forceinline__ void store8(void* o, unsigned word, float scale, const float* s_code) {
+    float v[8];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+        const unsigned byte = (word >> (8 * b)) & 0xFFu;  // byte b: element 2b (high nibble), 2b+1 (low)
+        v[2 * b] = mul_rn(s_code[byte >> 4], scale);
+        v[2 * b + 1] = mul_rn(s_code[byte & 0xFu], scale);
+    }
+    if (OUT == 0) {
+        store_16(o, __float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+        store_16((float*)o + 4, __float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]),
+                 __float_as_uint(v[7]));
+    } else {
+        store_16(o, pack2<OUT>(v[0], v[1]), pack2<OUT>(v[2], v[3]), pack2<OUT>(v[4], v[5]), pack2<OUT>(v[6], v[7]));
+    }
+}
+
 // OUT: 0 = fp32, 1 = fp16, 2 = bf16.
+// Work split: each warp owns WARP_ELEMS = 1024 consecutive elements (512 packed bytes). When that whole range
+// is inside n and the pointers are 16-byte aligned (warp-uniform), lane t loads packed bytes [16t, 16t+16)
+// with one 16-byte load, the warp transposes them through 512 bytes of shared memory, and at step s lane t
+// decodes word 32s+t (8 elements) and stores it with one 16-byte store (fp16/bf16): every load and store
+// instruction of the warp then covers one contiguous span. The absmax of the warp's blocks is decoded once by
+// the first lanes and handed around with shuffles. Other warps (the tail) take a scalar path.
+#define WARP_ELEMS 1024
 template <int OUT>
 __device__ __forceinline__ void nf4_dequant(const unsigned char* __restrict__ data, const void* __restrict__ absmax,
                                             const float* __restrict__ nested_absmax,
@@ -72,61 +108,53 @@ __device__ __forceinline__ void nf4_dequant(const unsigned char* __restrict__ da
                                             const float* __restrict__ code, void* __restrict__ out, long long n,
                                             int log2_blocksize, int log2_nested, int double_quant, int vec) {
     __shared__ float s_code[16];
+    __shared__ uint4 s_packed[8][32];  // per warp: its 512 packed bytes (blockDim.x <= 256)
     if (threadIdx.x < 16) s_code[threadIdx.x] = code[threadIdx.x];
     __syncthreads();
 
-    const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long e0 = chunk * NF4_PER_THREAD;
-    if (e0 >= n) return;
-    const long long blk = e0 >> log2_blocksize;
-    float scale;
-    if (double_quant) {
-        const unsigned a8 = ((const unsigned char*)absmax)[blk];
-        scale = add_rn(mul_rn(__ldg(nested_code + a8), __ldg(nested_absmax + (blk >> log2_nested))), __ldg(offset));
-    } else {
-        scale = __ldg((const float*)absmax + blk);
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const long long base = ((long long)blockIdx.x * (blockDim.x >> 5) + warp) * WARP_ELEMS;
+    if (base >= n) return;
+    const long long nblocks = (n + (1LL << log2_blocksize) - 1) >> log2_blocksize;
+
+    if (vec && base + WARP_ELEMS <= n) {
+        // Lane l holds the scale of the l-th block the warp touches (1024 / blocksize of them, at least 1).
+        const int warp_blocks = log2_blocksize >= 10 ? 1 : (WARP_ELEMS >> log2_blocksize);
+        float my_scale = 0.f;
+        const long long my_blk = (base >> log2_blocksize) + lane;
+        if (lane < warp_blocks && my_blk < nblocks)
+            my_scale = decode_scale(absmax, nested_absmax, nested_code, offset, my_blk, log2_nested, double_quant);
+        const uint4 p = load_stream_16(data + (base >> 1) + 16 * lane);
+        s_packed[warp][lane] = p;
+        __syncwarp();
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const int c = 32 * s + lane;                  // word index within the warp's range: elements 8c..8c+7
+            const int src = (8 * c) >> log2_blocksize;    // which of the warp's blocks (0 when blocksize >= 1024)
+            const float scale = __shfl_sync(0xFFFFFFFFu, my_scale, src);
+            const unsigned word = ((const unsigned*)s_packed[warp])[c];
+            char* o = (char*)out + (base + 8LL * c) * (OUT == 0 ? 4 : 2);
+            store8<OUT>(o, word, scale, s_code);
+        }
+        return;
     }
 
-    if (vec && e0 + NF4_PER_THREAD <= n) {
-        const uint4 p = load_stream_16(data + (e0 >> 1));
-        const unsigned words[4] = {p.x, p.y, p.z, p.w};
-        float v[NF4_PER_THREAD];
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-                const unsigned byte = (words[w] >> (8 * b)) & 0xFFu;  // byte 4w+b: elements 8w+2b, 8w+2b+1
-                v[8 * w + 2 * b] = mul_rn(s_code[byte >> 4], scale);
-                v[8 * w + 2 * b + 1] = mul_rn(s_code[byte & 0xFu], scale);
-            }
-        }
+    // Scalar path: lane t handles elements [base + 32t, base + 32t + 32) one by one.
+    const long long e0 = base + 32LL * lane;
+    if (e0 >= n) return;
+    const float scale = decode_scale(absmax, nested_absmax, nested_code, offset, e0 >> log2_blocksize, log2_nested,
+                                     double_quant);  // 32 | blocksize: one block per lane
+    for (int i = 0; i < 32; ++i) {
+        const long long e = e0 + i;
+        if (e >= n) break;
+        const unsigned byte = data[e >> 1];
+        const unsigned q = (e & 1) ? (byte & 0xFu) : (byte >> 4);
+        const float x = mul_rn(s_code[q], scale);
         if (OUT == 0) {
-            float* o = (float*)out + e0;
-#pragma unroll
-            for (int i = 0; i < NF4_PER_THREAD; i += 4) {
-                store_16(o + i, __float_as_uint(v[i]), __float_as_uint(v[i + 1]), __float_as_uint(v[i + 2]),
-                         __float_as_uint(v[i + 3]));
-            }
+            ((float*)out)[e] = x;
         } else {
-            unsigned short* o = (unsigned short*)out + e0;
-#pragma unroll
-            for (int i = 0; i < NF4_PER_THREAD; i += 8) {
-                store_16(o + i, pack2<OUT>(v[i], v[i + 1]), pack2<OUT>(v[i + 2], v[i + 3]),
-                         pack2<OUT>(v[i + 4], v[i + 5]), pack2<OUT>(v[i + 6], v[i + 7]));
-            }
-        }
-    } else {
-        for (int i = 0; i < NF4_PER_THREAD; ++i) {
-            const long long e = e0 + i;
-            if (e >= n) break;
-            const unsigned byte = data[e >> 1];
-            const unsigned q = (e & 1) ? (byte & 0xFu) : (byte >> 4);
-            const float x = mul_rn(s_code[q], scale);
-            if (OUT == 0) {
-                ((float*)out)[e] = x;
-            } else {
-                ((unsigned short*)out)[e] = cvt16<OUT>(x);
-            }
+            ((unsigned short*)out)[e] = cvt16<OUT>(x);
         }
     }
 }

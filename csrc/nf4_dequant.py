@@ -14,7 +14,7 @@ from . import get_kernel, launch
 __all__ = ["nf4_dequantize_cuda", "nf4_dequantize_cuda_tensors"]
 
 THREADS = 256
-PER_THREAD = 32  # elements per thread (16 packed bytes): one 16-byte load
+WARP_ELEMS = 1024  # elements per warp (16 packed bytes per lane: one 16-byte load each)
 _KERNELS = {torch.float32: "nf4_dequant_fp32", torch.float16: "nf4_dequant_fp16",
             torch.bfloat16: "nf4_dequant_bf16"}
 
@@ -61,7 +61,7 @@ def _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksi
     kernel = get_kernel("nf4_dequant.cu", _KERNELS[out.dtype], out.device)
     double = nested_absmax is not None
     vec = data.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0  # 16-byte loads/stores need alignment
-    grid = (-(-n // (PER_THREAD * THREADS)),)
+    grid = (-(-n // (WARP_ELEMS * (THREADS // 32))),)
     dummy = absmax  # never read when there is no double quantization
     with torch.cuda.device(out.device):
         launch(kernel, grid, (THREADS,),
