@@ -200,6 +200,11 @@ def test_raw_text_all_trained_with_eos_and_split(tmp_path, backend):
     assert torch.cat([ds[i]["input_ids"] for i in range(len(ds))]).tolist() == tok.encode(long_text) + [tok.eos_token_id]
     ds = load_dataset(tmp_path / "t.txt", tok, txt_split="file")
     assert len(ds) == 1
+    # a wrapper whose encode adds BOS itself (not through tokenizer.json): its own encode is followed
+    btok = TinyTok(backend, LLAMA3, bos="<|begin_of_text|>")
+    ds = load_dataset(tmp_path / "t.txt", btok)
+    assert ds[1]["input_ids"].tolist() == btok.encode("What is the capital?") + [btok.eos_token_id]
+    assert ds[1]["input_ids"][0].item() == btok.bos_token_id
 
 
 def test_every_source_type_gives_the_same_examples(tmp_path, backend):
