@@ -145,18 +145,11 @@ def load_model(path: str | Path, max_seq_length: int = 2048, dtype=None, load_in
     quantized = {f"model.layers.{i}.{t}" for i in range(args.num_hidden_layers) for t in QUANT_TARGETS} \
         if (load_in_4bit or prequant) else set()
 
-    handles = {}
-
-    def fh(p: Path):
-        if p not in handles:
-            handles[p] = _open(p)
-        return handles[p]
-
     def read(name: str, want_shape=None, cast=True) -> torch.Tensor:
         if name not in wmap:
             raise KeyError(f"{d}: checkpoint has no tensor '{name}'")
         f = wmap[name]
-        h = fh(f)
+        h = _open(f)  # opened per tensor: its memory map is released as soon as the tensor is copied out
         try:
             shape = tuple(h.get_slice(name).get_shape())
         except Exception as e:
@@ -171,34 +164,31 @@ def load_model(path: str | Path, max_seq_length: int = 2048, dtype=None, load_in
         return t.to(dtype) if cast and t.is_floating_point() else t
 
     used = set()
-    try:
-        for name, p in expected.items():
-            mod_name, _, attr = name.rpartition(".")
-            if mod_name in quantized:
-                if attr == "bias":
-                    continue  # read together with the weight
-                lin = model.get_submodule(mod_name)
-                bias = read(mod_name + ".bias", lin.bias.shape) if lin.bias is not None else None
-                if prequant:
-                    keys = [k for k in wmap if k.startswith(name + ".") or k == name]
-                    sd = {k: read(k, cast=False) for k in keys}
-                    try:
-                        q = NF4Weight.from_state_dict(sd, mod_name + ".")
-                    except (KeyError, ValueError) as e:
-                        raise ValueError(f"{wmap.get(name, d)}: {e}") from None
-                    if tuple(q.shape) != tuple(p.shape):
-                        raise ValueError(f"{wmap[name]}: tensor '{name}' has shape {tuple(q.shape)} in its quant_state, "
-                                         f"expected {tuple(p.shape)} from config.json")
-                    used.update(keys)
-                else:
-                    q = quantize_nf4(read(name, p.shape), double_quant=True)
-                _set(model, mod_name, NF4Linear(q, bias))
-                used.update({name, mod_name + ".bias"})
+    for name, p in expected.items():
+        mod_name, _, attr = name.rpartition(".")
+        if mod_name in quantized:
+            if attr == "bias":
+                continue  # read together with the weight
+            lin = model.get_submodule(mod_name)
+            bias = read(mod_name + ".bias", lin.bias.shape) if lin.bias is not None else None
+            if prequant:
+                keys = [k for k in wmap if k.startswith(name + ".") or k == name]
+                sd = {k: read(k, cast=False) for k in keys}
+                try:
+                    q = NF4Weight.from_state_dict(sd, mod_name + ".")
+                except (KeyError, ValueError) as e:
+                    raise ValueError(f"{wmap.get(name, d)}: {e}") from None
+                if tuple(q.shape) != tuple(p.shape):
+                    raise ValueError(f"{wmap[name]}: tensor '{name}' has shape {tuple(q.shape)} in its quant_state, "
+                                     f"expected {tuple(p.shape)} from config.json")
+                used.update(keys)
             else:
-                _set(model, name, read(name, p.shape))
-                used.add(name)
-    finally:
-        handles.clear()
+                q = quantize_nf4(read(name, p.shape), double_quant=True)
+            _set(model, mod_name, NF4Linear(q, bias))
+            used.update({name, mod_name + ".bias"})
+        else:
+            _set(model, name, read(name, p.shape))
+            used.add(name)
     model.tie_weights()
     leftover = [k for k in wmap if k not in used and not k.endswith(IGNORED_SUFFIXES)
                 and not (k == "lm_head.weight" and args.tie_word_embeddings)]
