@@ -134,7 +134,9 @@ class Tokenizer:
             self.special_tokens["bos_token"] = tok.id_to_token(gen["bos_token_id"])
         # Token ids that end a generation: the tokenizer's eos plus generation_config's (possibly a list).
         self.eos_token_ids = sorted(set(gen_eos) | ({self.eos_token_id} if self.eos_token_id is not None else set()))
-        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        # transformers 5 applies this clean-up only to WordPiece models (it corrupts byte-level BPE text)
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and \
+            type(tok.model).__name__ == "WordPiece"
         self.model_max_length = config.get("model_max_length")
         self.chat_template = chat_template
 
@@ -285,7 +287,8 @@ class Tokenizer:
             tmpl = _compile(source)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"{self.name}: {label} does not compile (line {e.lineno}): {e.message}") from None
-        context = {k: v for k, v in self.special_tokens.items()}
+        context = {"tools": None, "documents": None}  # always defined, as transformers passes them
+        context.update(self.special_tokens)
         context.update(kwargs)
         try:
             return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **context)
