@@ -16,7 +16,7 @@ CPU_SHAPES = [
     (48, 128),   # two K tiles, N a multiple of the tile
     (33, 192),   # odd N (masked tile), K not a multiple of the 128 tile
 ]
-CPU_M = [1, 5, 17]  # GEMV, a few rows, more than one 16-row tile
+CPU_M = [1, 17]  # GEMV; more than one 16-row tile
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -73,12 +73,12 @@ def _compare(q, x, b, backend, check_grads=True):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_cpu(shape, dtype):
     for m in CPU_M:
-        q, x, b = _case(shape, m, dtype, "cpu", double_quant=(m != 5), bias=(m != 1))
-        _compare(q, x, b, "fused", check_grads=(m == 5))
+        q, x, b = _case(shape, m, dtype, "cpu", double_quant=(m != 1), bias=(m != 1))
+        _compare(q, x, b, "fused", check_grads=False)
 
 
-@pytest.mark.parametrize("backend", ["dequant", "torch"])
-def test_other_paths_cpu(backend):
+@pytest.mark.parametrize("backend", ["fused", "dequant", "torch"])
+def test_paths_with_grads_cpu(backend):
     q, x, b = _case((40, 128), 3, torch.bfloat16, "cpu", lead=(2,))
     _compare(q, x, b, backend)
 
@@ -139,3 +139,18 @@ def test_nf4linear_and_compile_gpu():
                                      mod.bias.float()), torch.bfloat16, "NF4Linear")
     f = torch.compile(mod, fullgraph=True)
     assert torch.equal(f(x), got)  # the same path was measured and cached for this shape
+
+
+def test_fused_op_autograd_cpu():
+    """triton_ops.nf4_matmul on its own (plain tensors): its registered backward against F.linear's."""
+    from triton_ops.nf4_matmul import nf4_matmul
+
+    q, x, b = _case((24, 64), 3, torch.float32, "cpu")
+    xk, bk = x.clone().requires_grad_(), b.clone().requires_grad_()
+    y = nf4_matmul(xk, q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, q.shape, bias=bk)
+    xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+    yr = F.linear(xr, dequantize_nf4_ref(q, torch.float32), br)
+    dy = torch.randn_like(y)
+    for a, r, name in zip(torch.autograd.grad(y, (xk, bk), dy), torch.autograd.grad(yr, (xr, br), dy), ("dx", "db")):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-5), f"{name}: max error {(a - r).abs().max().item():.3g}"
+    assert torch.allclose(y, yr, rtol=1e-5, atol=1e-5), f"y: max error {(y - yr).abs().max().item():.3g}"
