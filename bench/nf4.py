@@ -83,7 +83,7 @@ def _run_provider(rows, key, name, make):
     try:
         row["us"], row["peak"] = _time_peak(make())
     except ImportError as e:
-        row["error"] = f"not installed ({e.name or e})"
+        row["error"] = f"not installed ({e.name or str(e).split(':')[0][:60]})"
     except Exception as e:  # noqa: BLE001 - one failing provider must not lose the table
         row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     gc.collect()
