@@ -61,18 +61,21 @@ def fused_linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, l
 @triton.jit
 def _scale_kernel(x_ptr, n, g_ptr, BLOCK: tl.constexpr):
     g = tl.load(g_ptr).to(tl.float32)
-    if g != 1.0:  # the usual upstream grad of a loss is exactly 1: then this is a no-op launch
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-        tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=mask)
+    if g != 1.0:  # the usual upstream grad of a loss is exactly 1: then every program exits at once
+        # grid-stride loop over the tensor: a few hundred programs, not n / BLOCK of them to launch and retire
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+            tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def _scale_(x: torch.Tensor, g: torch.Tensor) -> None:
     if x.numel() == 0:
         return
     block = 4096
-    _scale_kernel[(triton.cdiv(x.numel(), block),)](x, x.numel(), g, BLOCK=block, num_warps=4)
+    _scale_kernel[(min(triton.cdiv(x.numel(), block), 1024),)](x, x.numel(), g, BLOCK=block, num_warps=4)
 
 
 def _check_inputs(hidden, weight, labels, bias) -> None:
