@@ -48,34 +48,38 @@ def swiglu_backward_ref(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
 
 
 @triton.jit
-def _swiglu_kernel(g_ptr, u_ptr, h_ptr, dh_ptr, dg_ptr, du_ptr, n_cols,
+def _swiglu_kernel(g_ptr, u_ptr, h_ptr, dh_ptr, dg_ptr, du_ptr, n_rows, n_cols,
                    stride_g, stride_u, stride_h, stride_dh, stride_dg, stride_du,
-                   BLOCK: tl.constexpr, IS_BACKWARD: tl.constexpr, STORE_H: tl.constexpr):
-    # One program = BLOCK columns of one row. Rows times strides can pass 2^31 elements: int64 offsets.
-    row = tl.program_id(0).to(tl.int64)
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr, IS_BACKWARD: tl.constexpr, STORE_H: tl.constexpr):
+    # One program = a (ROWS, BLOCK) tile. Rows times strides can pass 2^31 elements: int64 offsets.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    r = rows[:, None]
+    c = cols[None, :]
+    g = tl.load(g_ptr + r * stride_g + c, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + r * stride_u + c, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
     if IS_BACKWARD:
-        # Every load of this block happens before any store, so the outputs may alias the inputs.
-        dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        # Every load of this tile happens before any store, so the outputs may alias the inputs.
+        dh = tl.load(dh_ptr + r * stride_dh + c, mask=mask, other=0.0).to(tl.float32)
         du = dh * silu
         dg = dh * u * sig * (1.0 + g * (1.0 - sig))
         if STORE_H:
-            tl.store(h_ptr + row * stride_h + cols, (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
-        tl.store(dg_ptr + row * stride_dg + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
-        tl.store(du_ptr + row * stride_du + cols, du.to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(h_ptr + r * stride_h + c, (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + r * stride_dg + c, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+        tl.store(du_ptr + r * stride_du + c, du.to(du_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(h_ptr + row * stride_h + cols, (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptr + r * stride_h + c, (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
-def _block(n_cols: int) -> int:
+def _tile(n_rows: int, n_cols: int) -> tuple[int, int]:
+    """(ROWS, BLOCK): 4 rows of up to 1024 columns per program on the GPU; under the interpreter, which pays
+    per program, few wide tiles."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return min(512, triton.next_power_of_2(n_cols))  # the interpreter pays per program: few, wide ones
-    return min(2048, triton.next_power_of_2(n_cols))
+        return min(64, triton.next_power_of_2(n_rows)), min(512, triton.next_power_of_2(n_cols))
+    return 4, min(1024, triton.next_power_of_2(n_cols))
 
 
 def _rows(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
@@ -107,14 +111,15 @@ def _launch(g2, u2, h2, dh2, dg2, du2, backward: bool, store_h: bool):
     n_rows, n_cols = g2.shape
     if n_rows == 0 or n_cols == 0:
         return
-    block = _block(n_cols)
-    grid = (n_rows, triton.cdiv(n_cols, block))
+    rows, block = _tile(n_rows, n_cols)
+    grid = (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block))
     dummy = g2  # unused pointer slots get any valid tensor; the constexpr flags keep them untouched
     h2 = dummy if h2 is None else h2
     dh2, dg2, du2 = (dummy if t is None else t for t in (dh2, dg2, du2))
-    _swiglu_kernel[grid](g2, u2, h2, dh2, dg2, du2, n_cols,
+    _swiglu_kernel[grid](g2, u2, h2, dh2, dg2, du2, n_rows, n_cols,
                          g2.stride(0), u2.stride(0), h2.stride(0), dh2.stride(0), dg2.stride(0), du2.stride(0),
-                         BLOCK=block, IS_BACKWARD=backward, STORE_H=store_h, num_warps=4 if block <= 1024 else 8)
+                         ROWS=rows, BLOCK=block, IS_BACKWARD=backward, STORE_H=store_h,
+                         num_warps=4 if rows * block <= 1024 else 8)
 
 
 def swiglu_forward_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
