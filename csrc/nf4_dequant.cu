@@ -18,6 +18,18 @@
 // threads; the transpose buffer holds 8 warps).
 // Kernels: nf4_dequant_fp32, nf4_dequant_fp16, nf4_dequant_bf16 (extern "C"; same parameters).
 
+// No headers: NVRTC compiles this without the CUDA include tree, so vector types and conversions are spelled
+// out here (a 16-byte-aligned word quad, explicit PTX).
+struct alignas(16) U32x4 {
+    unsigned x, y, z, w;
+};
+
+__device__ __forceinline__ unsigned f32_bits(float x) {
+    unsigned d;
+    asm("mov.b32 %0, %1;" : "=r"(d) : "f"(x));
+    return d;
+}
+
 __device__ __forceinline__ float mul_rn(float a, float b) {
     float d;
     asm("mul.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
@@ -53,8 +65,8 @@ __device__ __forceinline__ unsigned short cvt16(float x) {
     return d;
 }
 
-__device__ __forceinline__ uint4 load_stream_16(const unsigned char* p) {
-    uint4 v;
+__device__ __forceinline__ U32x4 load_stream_16(const unsigned char* p) {
+    U32x4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
@@ -69,9 +81,9 @@ __device__ __forceinline__ float decode_scale(const void* __restrict__ absmax, c
                                               long long blk, int log2_nested, int double_quant) {
     if (double_quant) {
         const unsigned a8 = ((const unsigned char*)absmax)[blk];
-        return add_rn(mul_rn(__ldg(nested_code + a8), __ldg(nested_absmax + (blk >> log2_nested))), __ldg(offset));
+        return add_rn(mul_rn(nested_code[a8], nested_absmax[blk >> log2_nested]), *offset);
     }
-    return __ldg((const float*)absmax + blk);
+    return ((const float*)absmax)[blk];
 }
 
 // 8 elements (one packed 32-bit word, bytes in memory order) -> 16 or 32 output bytes at `o`.
@@ -85,9 +97,9 @@ __device__ __forceinline__ void store8(void* o, unsigned word, float scale, cons
         v[2 * b + 1] = mul_rn(s_code[byte & 0xFu], scale);
     }
     if (OUT == 0) {
-        store_16(o, __float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-        store_16((float*)o + 4, __float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]),
-                 __float_as_uint(v[7]));
+        store_16(o, f32_bits(v[0]), f32_bits(v[1]), f32_bits(v[2]), f32_bits(v[3]));
+        store_16((float*)o + 4, f32_bits(v[4]), f32_bits(v[5]), f32_bits(v[6]),
+                 f32_bits(v[7]));
     } else {
         store_16(o, pack2<OUT>(v[0], v[1]), pack2<OUT>(v[2], v[3]), pack2<OUT>(v[4], v[5]), pack2<OUT>(v[6], v[7]));
     }
@@ -108,7 +120,7 @@ __device__ __forceinline__ void nf4_dequant(const unsigned char* __restrict__ da
                                             const float* __restrict__ code, void* __restrict__ out, long long n,
                                             int log2_blocksize, int log2_nested, int double_quant, int vec) {
     __shared__ float s_code[16];
-    __shared__ uint4 s_packed[8][32];  // per warp: its 512 packed bytes (blockDim.x <= 256)
+    __shared__ U32x4 s_packed[8][32];  // per warp: its 512 packed bytes (blockDim.x <= 256)
     if (threadIdx.x < 16) s_code[threadIdx.x] = code[threadIdx.x];
     __syncthreads();
 
@@ -125,7 +137,7 @@ __device__ __forceinline__ void nf4_dequant(const unsigned char* __restrict__ da
         const long long my_blk = (base >> log2_blocksize) + lane;
         if (lane < warp_blocks && my_blk < nblocks)
             my_scale = decode_scale(absmax, nested_absmax, nested_code, offset, my_blk, log2_nested, double_quant);
-        const uint4 p = load_stream_16(data + (base >> 1) + 16 * lane);
+        const U32x4 p = load_stream_16(data + (base >> 1) + 16 * lane);
         s_packed[warp][lane] = p;
         __syncwarp();
 #pragma unroll
