@@ -608,3 +608,16 @@ def test_pack_rows_first_fit():
     assert sorted(i for r in rows for i in r) == list(range(500))
     assert all(lengths[r].sum() <= 256 for r in rows)
     assert lengths.sum() / (256 * len(rows)) > 0.9  # rows are filled
+
+
+def test_worker_processes_give_the_same_dataset(tmp_path, backend):
+    tok = TinyTok(backend, LLAMA3, bos="<|begin_of_text|>")
+    a = make_instruct(tmp_path, "a.jsonl", 30, "a")
+    c = write_jsonl(tmp_path / "c.jsonl", [{"messages": MULTI}] * 5 + [{"prompt": "Q?", "chosen": "A", "rejected": "B"}])
+    ref = load_dataset([a, c], tok, batch_records=8)
+    par = load_dataset([a, c], tok, batch_records=8, num_proc=2)
+    for x, y in ((ref.store, par.store), (ref.store.rejected, par.store.rejected)):
+        assert np.array_equal(x.ids, y.ids) and np.array_equal(x.mask, y.mask) and np.array_equal(x.offsets, y.offsets)
+    assert ref.locations == par.locations
+    with pytest.raises(DataError, match=r"c.jsonl:1: the chat template is not prefix-stable"):
+        load_dataset(c, TinyTok(backend, UNSTABLE), num_proc=2)  # an error in a worker reaches the caller

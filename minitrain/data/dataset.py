@@ -2,7 +2,6 @@
 batches. See the package docstring for the whole picture."""
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -49,8 +48,7 @@ class TokenStore:
         if not seqs:
             return
         lens = [len(m) for _, m in seqs]
-        self._ids.append(np.fromiter(itertools.chain.from_iterable(i for i, _ in seqs), dtype=np.int32,
-                                     count=sum(lens)))
+        self._ids.append(np.concatenate([np.asarray(i, dtype=np.int32) for i, _ in seqs]))
         self._mask.append(np.concatenate([m for _, m in seqs]) if sum(lens) else np.zeros(0, bool))
         self._lens += lens
 
@@ -117,7 +115,8 @@ def load_dataset(data, tokenizer, *, max_seq_length: int = 2048, format: str | N
                  train_on_responses_only: bool = True, overflow: str | None = None,
                  eval_split: float | int = 0.0, seed: int = 3407, skip_bad_lines: bool = False,
                  txt_split: str = "block", system_prompt: str | None = None, field_map: dict | None = None,
-                 batch_records: int = 2048, use_batch_api: bool = True, verbose: bool = False) -> "Dataset":
+                 batch_records: int = 2048, use_batch_api: bool = True, num_proc: int = 1,
+                 verbose: bool = False) -> "Dataset":
     """Read, format, tokenize and mask one or several datasets.
 
     Args:
@@ -138,6 +137,8 @@ def load_dataset(data, tokenizer, *, max_seq_length: int = 2048, format: str | N
         system_prompt: added as the system message of chat examples that have none.
         field_map: renames record fields before detection, e.g. ``{"question": "instruction"}``.
         batch_records: records tokenized per batch (memory holds only one batch of raw text at a time).
+        num_proc: worker processes that render and tokenize (each batch is split among them; results keep the
+            file order). Chat templates render in Python, so this is what scales past one core.
     Returns:
         a Dataset. Examples with no trained token are left out with a warning that counts them; so are
         truncated or dropped ones.
@@ -151,6 +152,36 @@ def load_dataset(data, tokenizer, *, max_seq_length: int = 2048, format: str | N
     if max_seq_length < 2:
         raise DataError(f"max_seq_length must be >= 2, got {max_seq_length}")
     encoder = Encoder(tokenizer, train_on_responses_only, use_batch_api)
+    pool = None
+    if num_proc > 1:
+        import multiprocessing as mp
+
+        # fork: the workers inherit the tokenizer as it is, nothing is pickled but records and token ids
+        pool = mp.get_context("fork").Pool(num_proc, initializer=_WorkerEncoder.init, initargs=(encoder,))
+        batch_records *= num_proc
+    try:
+        workers = None if pool is None else (pool, num_proc)
+        store, rej, infos, src_of, fmt_of, locs = _read_all(data, encoder, workers, max_seq_length, format, overflow,
+                                                            skip_bad_lines, txt_split, system_prompt, field_map,
+                                                            batch_records)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    store.finalize()
+    store.rejected = rej.finalize()
+    if len(store.lengths) == 0:
+        raise DataError(f"empty dataset: no usable example in {[i.name for i in infos]} "
+                        f"({sum(i.refused for i in infos)} without any trained token, "
+                        f"{sum(i.dropped for i in infos)} dropped, {sum(i.skipped for i in infos)} skipped)")
+    ds = Dataset(tokenizer, store, infos, np.asarray(src_of, np.int32), fmt_of, locs, max_seq_length,
+                 train_on_responses_only, eval_split, seed)
+    if verbose:
+        print(ds.summary())
+    return ds
+
+
+def _read_all(data, encoder, pool, max_seq_length, format, overflow, skip_bad_lines, txt_split, system_prompt,
+              field_map, batch_records):
     store, rej = TokenStore(), TokenStore()
     infos, src_of, fmt_of, locs = [], [], [], []
     for k, src in enumerate(_sources(data)):
@@ -162,7 +193,8 @@ def load_dataset(data, tokenizer, *, max_seq_length: int = 2048, format: str | N
         cur_file, cur_fmt = None, None
 
         def flush():
-            _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs, max_seq_length, overflow)
+            _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs, max_seq_length, overflow,
+                            pool)
             pending.clear()
 
         for rec, loc, f in read_records(src["path"], skip_bad_lines=skip_bad_lines,
@@ -194,17 +226,7 @@ def load_dataset(data, tokenizer, *, max_seq_length: int = 2048, format: str | N
         flush()
         info.read, info.skipped, info.skip_examples = stats.records, stats.skipped, stats.examples
         _warn(info, max_seq_length)
-    store.finalize()
-    store.rejected = rej.finalize()
-    if len(store.lengths) == 0:
-        raise DataError(f"empty dataset: no usable example in {[i.name for i in infos]} "
-                        f"({sum(i.refused for i in infos)} without any trained token, "
-                        f"{sum(i.dropped for i in infos)} dropped, {sum(i.skipped for i in infos)} skipped)")
-    ds = Dataset(tokenizer, store, infos, np.asarray(src_of, np.int32), fmt_of, locs, max_seq_length,
-                 train_on_responses_only, eval_split, seed)
-    if verbose:
-        print(ds.summary())
-    return ds
+    return store, rej, infos, src_of, fmt_of, locs
 
 
 def _try_detect(rec: dict, loc: str) -> str | None:
@@ -214,9 +236,8 @@ def _try_detect(rec: dict, loc: str) -> str | None:
         return None
 
 
-def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs, max_len, overflow):
-    if not pending:
-        return
+def _encode_examples(encoder, pending) -> list[tuple]:
+    """(ids int32 array, trained mask, rejected pair or None) for each pending (format, example, location)."""
     raw = [(i, ex["text"]) for i, (f, ex, _) in enumerate(pending) if f == "raw"]
     chat = [i for i, (f, _, _) in enumerate(pending) if f != "raw"]
     enc: dict[int, tuple] = {}
@@ -228,17 +249,44 @@ def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs,
     pref = [i for i in chat if "rejected_messages" in pending[i][1]]
     renc = dict(zip(pref, encoder.encode_chat([pending[i][1]["rejected_messages"] for i in pref],
                                               [pending[i][2] for i in pref]))) if pref else {}
+    as_arr = lambda p: (np.asarray(p[0], dtype=np.int32), p[1])  # noqa: E731 - compact to pickle and to store
+    return [(*as_arr(enc[i]), as_arr(renc[i]) if i in renc else None) for i in range(len(pending))]
+
+
+class _WorkerEncoder:
+    """Runs ``_encode_examples`` in a worker process; the encoder reaches the worker through fork, once."""
+
+    encoder = None  # set in each worker by ``init``; the parent never sets it
+
+    @classmethod
+    def init(cls, encoder) -> None:
+        cls.encoder = encoder
+
+    @classmethod
+    def run(cls, pending) -> list[tuple]:
+        return _encode_examples(cls.encoder, pending)
+
+
+def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs, max_len, overflow, pool=None):
+    if not pending:
+        return
+    if pool is None:
+        encoded = _encode_examples(encoder, pending)
+    else:
+        pool, n = pool
+        step = -(-len(pending) // n)
+        encoded = [e for part in pool.map(_WorkerEncoder.run, [pending[s: s + step] for s in
+                                                               range(0, len(pending), step)]) for e in part]
     kept, kept_rej = [], []
-    for i, (fmt, ex, loc) in enumerate(pending):
-        ids, mask = enc[i]
+    for (fmt, ex, loc), (ids, mask, r_enc) in zip(pending, encoded):
         policy = overflow or ("split" if fmt == "raw" else "truncate")
         for pid, pmask in _fit(ids, mask, max_len, policy, loc, info):
             if not pmask[1:].any():  # label 0 is never a target: nothing to learn from this example
                 info.refused += 1
                 continue
             r = (np.zeros(0, np.int32), np.zeros(0, bool))
-            if i in renc:
-                pieces = _fit(*renc[i], max_len, "truncate" if policy == "split" else policy, loc, SourceInfo("-"))
+            if r_enc is not None:
+                pieces = _fit(*r_enc, max_len, "truncate" if policy == "split" else policy, loc, SourceInfo("-"))
                 r = pieces[0] if pieces else r
             kept.append((pid, pmask))
             kept_rej.append(r)
