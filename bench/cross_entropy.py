@@ -248,7 +248,8 @@ def _summary(rows):
             o = ours[0]
             fl = f", floor {floor[0]['us'] / 1e3:.1f} ms" if floor else ""
             lines.append(f"- {n} tokens: {o['us'] / 1e3:.1f} ms (target <= {target_ms} ms{fl}): "
-                         f"{'met' if o['us'] <= target_ms * 1e3 else 'NOT met'}; peak {o['peak']:.0f} MiB above inputs, "
+                         f"{'met' if o['us'] <= target_ms * 1e3 else 'NOT met'}; "
+                         f"peak {o['peak']:.0f} MiB above inputs, "
                          f"{o['beyond']:.0f} MiB beyond inputs and grads (target <= 512 MiB"
                          f"{'' if n == 16384 else ', stated for 16k'}): "
                          f"{'met' if o['beyond'] <= 512 else 'NOT met'}.")
