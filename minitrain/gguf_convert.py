@@ -234,7 +234,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
             w = unpermute_qk(w, n_heads)
         elif hf.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_qk(w, n_kv)
-        tensors[hf] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+        tensors[hf] = torch.from_numpy(np.require(w, requirements=["C", "W"])).to(dtype)  # F32 data is a read-only mmap
     tied = "lm_head.weight" not in tensors
     vocab = tensors["model.embed_tokens.weight"].shape[0]
     n_layers = int(_require(reader, "llama.block_count", path))
