@@ -141,10 +141,12 @@ def main(argv=None) -> int:
             row("load_dataset raw text", len(dsr), "minitrain batch path", s, int(dsr.store.lengths.sum()))
         loader = ds.train_batches(batch_size=8, packing=True)
         s, nt = timed(lambda: sum(b["input_ids"].numel() for b in loader))
-        row("packed batches (8 x 2048)", len(ds), "minitrain collate", s, nt, f"{len(loader)} batches")
+        row("packed batches (8 x 2048)", len(ds), "minitrain collate", s, nt,
+            f"{len(loader)} batches, {tokens / nt:.1%} of the slots hold tokens")
         loader = ds.train_batches(batch_size=8, packing=False)
         s, nt = timed(lambda: sum(b["input_ids"].numel() for b in loader))
-        row("padded batches (8 x longest)", len(ds), "minitrain collate", s, nt, f"{len(loader)} batches")
+        row("padded batches (8 x longest)", len(ds), "minitrain collate", s, nt,
+            f"{len(loader)} batches, {tokens / nt:.1%} of the slots hold tokens")
 
     import jinja2
     import tokenizers
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
     cols = list(rows[0])
     table = ("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|\n"
              + "".join("| " + " | ".join(r[c] for c in cols) + " |\n" for r in rows))
-    text = ("# minitrain.data throughput (CPU)\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in env.items())
+    text = ("# minitrain.data throughput (CPU)\n\n| | |\n|---|---|\n"
+            + "".join(f"| {k} | {v} |\n" for k, v in env.items())
             + "\n" + table)
     out = Path(args.out) if args.out else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)

@@ -159,7 +159,8 @@ def test_sharegpt_roles_mapped(tmp_path, backend):
     rec = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q?"},
                              {"from": "gpt", "value": "A."}]}
     ds = load_dataset(write_jsonl(tmp_path / "s.jsonl", [rec]), tok)
-    want = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
+    want = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"},
+            {"role": "assistant", "content": "A."}]
     assert ds[0]["input_ids"].tolist() == tok.apply_chat_template(want)
     check_masking(ds, 0, want, END["chatml"])
     bad = {"conversations": [{"from": "alien", "value": "x"}]}
@@ -197,7 +198,8 @@ def test_raw_text_all_trained_with_eos_and_split(tmp_path, backend):
     n = len(tok.encode(long_text)) + 1
     ds = load_dataset(write_jsonl(tmp_path / "r.jsonl", [{"text": long_text}]), tok, max_seq_length=16)
     assert len(ds) == math.ceil(n / 16) and ds.sources[0].split == 1  # raw documents are split, not truncated
-    assert torch.cat([ds[i]["input_ids"] for i in range(len(ds))]).tolist() == tok.encode(long_text) + [tok.eos_token_id]
+    pieces = torch.cat([ds[i]["input_ids"] for i in range(len(ds))]).tolist()
+    assert pieces == tok.encode(long_text) + [tok.eos_token_id]
     ds = load_dataset(tmp_path / "t.txt", tok, txt_split="file")
     assert len(ds) == 1
     # a wrapper whose encode adds BOS itself (not through tokenizer.json): its own encode is followed
@@ -361,7 +363,8 @@ def test_packing_streams_positions_and_boundaries(tmp_path, backend):
                 assert flat_lab[t] == -100 and flat_lab[t + 1: t + n] == lab[1:]  # no cross-document target
                 t += n
                 seen.append(i)
-            assert all(x == ds.pad_id for x in flat_ids[t:(b + 1) * T]) and all(x == -100 for x in flat_lab[t:(b + 1) * T])
+            end = (b + 1) * T
+            assert all(x == ds.pad_id for x in flat_ids[t:end]) and all(x == -100 for x in flat_lab[t:end])
         assert batch["n_items"].item() == (batch["labels"][:, 1:] != -100).sum().item() > 0
     assert sorted(seen) == list(range(40))  # every example once per epoch
 
@@ -482,7 +485,8 @@ class TinyCausalLM(torch.nn.Module):
 
 def test_packed_loss_equals_documents_one_by_one(tmp_path, backend):
     tok = TinyTok(backend)
-    recs = [{"messages": MULTI}] + [{"instruction": f"Say {w}", "output": f"{w} there"} for w in ("hi", "yo", "hey", "ok")]
+    recs = [{"messages": MULTI}] + [{"instruction": f"Say {w}", "output": f"{w} there"}
+                                    for w in ("hi", "yo", "hey", "ok")]
     ds = load_dataset(write_jsonl(tmp_path / "c.jsonl", recs), tok, max_seq_length=128)
     model = TinyCausalLM(backend.get_vocab_size()).double()
     loader = ds.train_batches(batch_size=2, packing=True)
@@ -516,7 +520,8 @@ def test_packed_loss_equals_documents_one_by_one(tmp_path, backend):
 
 def test_summary_is_readable(tmp_path, backend):
     tok = TinyTok(backend)
-    ds = load_dataset([make_instruct(tmp_path, "a.jsonl", 20, "a"), write_jsonl(tmp_path / "c.jsonl", [{"messages": MULTI}])],
+    ds = load_dataset([make_instruct(tmp_path, "a.jsonl", 20, "a"),
+                       write_jsonl(tmp_path / "c.jsonl", [{"messages": MULTI}])],
                       tok, eval_split=2)
     s = ds.summary(n_examples=1)
     assert "21 examples (19 train / 2 eval)" in s and "a.jsonl" in s and "instruct 20" in s and "conversation 1" in s
@@ -613,7 +618,8 @@ def test_pack_rows_first_fit():
 def test_worker_processes_give_the_same_dataset(tmp_path, backend):
     tok = TinyTok(backend, LLAMA3, bos="<|begin_of_text|>")
     a = make_instruct(tmp_path, "a.jsonl", 30, "a")
-    c = write_jsonl(tmp_path / "c.jsonl", [{"messages": MULTI}] * 5 + [{"prompt": "Q?", "chosen": "A", "rejected": "B"}])
+    c = write_jsonl(tmp_path / "c.jsonl",
+                    [{"messages": MULTI}] * 5 + [{"prompt": "Q?", "chosen": "A", "rejected": "B"}])
     ref = load_dataset([a, c], tok, batch_records=8)
     par = load_dataset([a, c], tok, batch_records=8, num_proc=2)
     for x, y in ((ref.store, par.store), (ref.store.rejected, par.store.rejected)):
