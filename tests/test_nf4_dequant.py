@@ -65,6 +65,28 @@ def test_triton_bit_exact_cpu(shape, double_quant):
         assert torch.equal(got, want), f"{dtype}: {_report(got, want)}"
 
 
+@pytest.mark.parametrize("byte_gather", [True, False])
+def test_triton_both_formulations_cpu(byte_gather):
+    """Both autotuned formulations of the kernel (the interpreter runs only one through the autotuner)."""
+    import triton
+
+    from triton_ops.nf4_dequant import _nf4_dequant_kernel
+
+    for shape, double_quant in (((130, 129), True), ((260, 66), False)):
+        q = _quantized(shape, "cpu", double_quant)
+        dummy = q.absmax
+        for dtype in DTYPES:
+            out = torch.full(shape, float("nan"), dtype=dtype)
+            n = out.numel()
+            _nf4_dequant_kernel.fn[(triton.cdiv(triton.cdiv(n, 64), 4096 // 64),)](
+                q.data, q.absmax, q.nested_absmax if double_quant else dummy, q.nested_code if double_quant else dummy,
+                q.offset.reshape(1) if double_quant else dummy, q.code, out, n, q.data.numel(), 0, BLOCKSIZE=64,
+                NESTED_BLOCKSIZE=256, DOUBLE_QUANT=double_quant, INTERPRET_BF16=dtype == torch.bfloat16, TILE=4096,
+                BYTE_GATHER=byte_gather)
+            want = dequantize_nf4_ref(q, dtype)
+            assert torch.equal(out, want), f"{dtype} {shape}: {_report(out, want)}"
+
+
 def test_triton_blocksize_128_cpu():
     q = _quantized((40, 100), "cpu", blocksize=128)  # partial last block of a non-default blocksize
     got = quant.dequantize_nf4(q, torch.bfloat16, backend="triton")

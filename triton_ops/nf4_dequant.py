@@ -17,9 +17,10 @@ Bytes moved per element: read 0.5 (codes) + 1/B (uint8 absmax; 4/B when fp32) + 
 write 2 (fp16/bf16) or 4 (fp32). The kernel is bandwidth-bound; its only work per element is a nibble
 extract, a 16-entry table lookup (L1-resident) and one multiply.
 
-Each program handles TILE_BYTES packed bytes (2*TILE_BYTES elements) laid out as a (ROWS, B/2) tile, so the
-absmax of a whole row is one scalar per row, decoded once; the two nibbles of a byte are interleaved back
-with ``tl.join`` so the output is written with wide contiguous stores.
+Each program handles TILE elements (a few thousand) laid out as a (TILE/B, B) tile, one quantization block
+per row, so each row's absmax is decoded once. Two formulations are autotuned (once per process and size
+class): 16 packed bytes per thread with the nibbles interleaved back by ``tl.join``, or one byte load per
+output element; both write wide contiguous stores.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ import triton.language as tl
 __all__ = ["nf4_dequantize_ref", "nf4_dequantize", "nf4_dequantize_tensors", "BYTES_PER_ELEMENT"]
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TILE_BYTES = 4096  # packed bytes per program: 8192 output elements (16 KiB of bf16)
 
 
 def BYTES_PER_ELEMENT(out_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True,
@@ -71,17 +71,27 @@ def cast_rtne(x, out_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
         return x.to(out_ty)
 
 
+def _dequant_configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot autotune several configs
+        return [triton.Config({"TILE": 2048, "BYTE_GATHER": False}, num_warps=4)]
+    # Two formulations, measured once per process and size class by the autotuner: "pairs" (16 packed bytes
+    # per thread, nibbles interleaved back with tl.join; the compiler re-lays the tile out for coalesced
+    # stores) and "byte gather" (each output element loads its byte; stores need no re-layout).
+    return [triton.Config({"TILE": t, "BYTE_GATHER": g}, num_warps=w)
+            for t, g, w in ((8192, False, 8), (16384, False, 8), (8192, True, 8), (4096, True, 4))]
+
+
+@triton.autotune(configs=_dequant_configs(), key=["N_BUCKET", "BLOCKSIZE", "DOUBLE_QUANT"])
 @triton.jit
 def _nf4_dequant_kernel(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
-                        n, nbytes,
+                        n, nbytes, N_BUCKET,
                         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                        ROWS: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    ROW_BYTES: tl.constexpr = BLOCKSIZE // 2  # one quantization block per tile row
+                        INTERPRET_BF16: tl.constexpr, TILE: tl.constexpr, BYTE_GATHER: tl.constexpr):
+    ROWS: tl.constexpr = TILE // BLOCKSIZE    # one quantization block per tile row (TILE >= 4096 >= BLOCKSIZE)
+    ROW_BYTES: tl.constexpr = BLOCKSIZE // 2
     # int64: the element offsets of a 128256 x 4096 fp32 output pass 2^31 bytes.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)                       # (ROWS,) = the block index of each row
-    byte_offs = rows[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]     # (ROWS, B/2)
-    packed = tl.load(data_ptr + byte_offs, mask=byte_offs < nbytes, other=0)
     nblocks = (n + BLOCKSIZE - 1) // BLOCKSIZE
     row_ok = rows < nblocks
     if DOUBLE_QUANT:
@@ -92,13 +102,22 @@ def _nf4_dequant_kernel(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
         scale = c2 * a2 + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + rows, mask=row_ok, other=0.0)
-    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, None]
-    lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, None]
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
-    w = tl.join(cast_rtne(hi, out_ty, INTERPRET_BF16), cast_rtne(lo, out_ty, INTERPRET_BF16))  # (ROWS, B/2, 2)
-    w = tl.reshape(w, (ROWS, BLOCKSIZE))
-    elem_offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + elem_offs, w, mask=elem_offs < n)
+    elem_offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]    # (ROWS, B)
+    if BYTE_GATHER:
+        elem_ok = elem_offs < n
+        byte = tl.load(data_ptr + elem_offs // 2, mask=elem_ok, other=0, eviction_policy="evict_first")
+        shift = (((elem_offs & 1) ^ 1) * 4).to(tl.uint8)                      # even k: high nibble
+        w = tl.load(code_ptr + ((byte >> shift) & 0xF).to(tl.int32)) * scale[:, None]
+        tl.store(out_ptr + elem_offs, cast_rtne(w, out_ty, INTERPRET_BF16), mask=elem_ok)
+    else:
+        byte_offs = rows[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]     # (ROWS, B/2)
+        packed = tl.load(data_ptr + byte_offs, mask=byte_offs < nbytes, other=0, eviction_policy="evict_first")
+        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, None]
+        lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, None]
+        w = tl.join(cast_rtne(hi, out_ty, INTERPRET_BF16), cast_rtne(lo, out_ty, INTERPRET_BF16))  # (ROWS, B/2, 2)
+        w = tl.reshape(w, (ROWS, BLOCKSIZE))
+        tl.store(out_ptr + elem_offs, w, mask=elem_offs < n)
 
 
 def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype,
@@ -148,17 +167,13 @@ def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocks
 def _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksize, nested_blocksize):
     n = out.numel()
     double = nested_absmax is not None
-    rows = max(TILE_BYTES // (blocksize // 2), 1)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        rows = max(1024 // (blocksize // 2), 1)  # fewer, mid-sized programs: faster under the interpreter
-    grid = (triton.cdiv(triton.cdiv(n, blocksize), rows),)
+    grid = lambda meta: (triton.cdiv(triton.cdiv(n, blocksize), meta["TILE"] // blocksize),)  # noqa: E731
     dummy = absmax  # unused pointer arguments when there is no double quantization
     _nf4_dequant_kernel[grid](
         data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
-        offset if double else dummy, code, out, n, data.numel(),
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double, ROWS=rows,
+        offset if double else dummy, code, out, n, data.numel(), n.bit_length(),
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double,
         INTERPRET_BF16=out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=8 if rows * blocksize >= 4096 else 4,
         enable_fp_fusion=False,  # absmax = code2*absmax2 + offset must round twice, like the reference
     )
 
