@@ -46,6 +46,20 @@ def _reduce(loss_rows: torch.Tensor, labels: torch.Tensor, ignore_index: int, re
     return total / count.clamp(min=1).to(total.dtype)
 
 
+BACKEND_ENV = "MINITRAIN_CE_BACKEND"
+
+
+def resolve_backend(backend: str, is_cuda: bool) -> str:
+    """"auto" -> $MINITRAIN_CE_BACKEND if set (triton | torch), else Triton on CUDA and the reference on CPU."""
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"{BACKEND_ENV}={backend!r}: expected triton or torch")
+    if backend == "auto":
+        backend = "triton" if is_cuda else "torch"
+    return backend
+
+
 def _check_options(reduction: str, n_items, backend: str) -> None:
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -263,13 +277,13 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         softcap: when given, logits pass through softcap * tanh(logits / softcap) first (Gemma-2 style).
         inplace_backward: write the gradient into the logits buffer instead of a new tensor (saves N*V
             elements). Only when nothing else needs these logits after the loss (see the module docstring).
-        backend: "auto" (Triton on CUDA, the reference on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, the reference on CPU; $MINITRAIN_CE_BACKEND overrides), "triton" or
+            "torch".
     Returns:
         fp32 loss: a scalar, or shape of labels for reduction="none".
     """
     _check_options(reduction, n_items, backend)
-    if backend == "auto":
-        backend = "triton" if logits.is_cuda else "torch"
+    backend = resolve_backend(backend, logits.is_cuda)
     if backend == "torch":
         return cross_entropy_ref(logits, labels, ignore_index, reduction, n_items, softcap)
     if labels.shape != logits.shape[:-1]:

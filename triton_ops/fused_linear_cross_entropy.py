@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _DTYPES, _check_options, ce_launch, cross_entropy_ref
+from .cross_entropy import _DTYPES, _check_options, ce_launch, cross_entropy_ref, resolve_backend
 
 CHUNK_BUDGET_BYTES = 256 * 2**20
 
@@ -259,13 +259,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         bias: optional (V,).
         reduction, n_items, softcap: as in ``triton_ops.cross_entropy.cross_entropy``.
         chunk_size: tokens per chunk; default keeps the chunk's logits buffer near 256 MiB (module docstring).
-        backend: "auto" (Triton on CUDA, the fp32 reference on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, the fp32 reference on CPU; $MINITRAIN_CE_BACKEND overrides), "triton"
+            or "torch".
     Returns:
         fp32 loss: a scalar, or the shape of labels for reduction="none".
     """
     _check_options(reduction, n_items, backend)
-    if backend == "auto":
-        backend = "triton" if hidden.is_cuda else "torch"
+    backend = resolve_backend(backend, hidden.is_cuda)
     if backend == "torch":
         return fused_linear_cross_entropy_ref(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                                               bias, ignore_index, reduction, n_items, softcap
