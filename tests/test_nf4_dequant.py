@@ -170,11 +170,11 @@ def test_bit_exact_gpu(shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(3, 7), (1031, 67), (4096, 4096), (1, 8191)])
+@pytest.mark.parametrize("shape", [(3, 7), (1031, 67), (1, 8191)])
 def test_no_double_quant_and_blocksizes_gpu(shape):
     for double_quant, blocksize in ((False, 64), (True, 128), (True, 32), (False, 256)):
         q = _quantized(shape, "cuda", double_quant, blocksize)
-        for dtype in DTYPES:
+        for dtype in DTYPES if blocksize == 64 else [torch.bfloat16]:  # fewer kernel variants to compile
             want = dequantize_nf4_ref(q, dtype)
             for backend in BACKENDS:
                 got = quant.dequantize_nf4(q, dtype, backend=backend)

@@ -21,7 +21,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 # GPU: Llama-3-8B projections, and an odd N.
-GPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1027, 4096)]
+GPU_SHAPES = [(4096, 4096), (4096, 14336), (1027, 4096)]
 GPU_M = [1, 8, 32, 128, 4096]
 
 
@@ -115,11 +115,11 @@ def test_errors():
 @pytest.mark.parametrize("m", GPU_M)
 def test_matmul_gpu(shape, m):
     backends = ["auto", "dequant"] + (["fused"] if m <= 256 else [])
-    dtypes = [torch.bfloat16, torch.float16] if shape == (4096, 4096) else [torch.bfloat16]
+    dtypes = [torch.bfloat16, torch.float16] if shape == (4096, 4096) and m <= 32 else [torch.bfloat16]
     for dtype in dtypes:
         q, x, b = _case(shape, m, dtype, "cuda", bias=(m % 2 == 0))
         for backend in backends:
-            _compare(q, x, b, backend, check_grads=(m in (8, 128) and shape != (14336, 4096)))
+            _compare(q, x, b, backend, check_grads=m in (8, 128))
 
 
 @pytest.mark.gpu

@@ -78,7 +78,7 @@ def _dequant_configs():
     # per thread, nibbles interleaved back with tl.join; the compiler re-lays the tile out for coalesced
     # stores) and "byte gather" (each output element loads its byte; stores need no re-layout).
     return [triton.Config({"TILE": t, "BYTE_GATHER": g}, num_warps=w)
-            for t, g, w in ((8192, False, 8), (16384, False, 8), (8192, True, 8), (4096, True, 4))]
+            for t, g, w in ((8192, False, 8), (16384, False, 8), (8192, True, 8))]
 
 
 @triton.autotune(configs=_dequant_configs(), key=["N_BUCKET", "BLOCKSIZE", "DOUBLE_QUANT"])
