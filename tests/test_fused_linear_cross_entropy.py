@@ -131,18 +131,20 @@ def test_all_ignored_and_extreme(device):
     _check(h, w2, y, torch.float32, reduction="none", softcap=30.0, chunk=4)
 
 
-def test_weight_frozen_and_3d(device):
+def test_weight_frozen_and_shifted_3d(device):
     b_, t, c, v = 2, 5, 16, 300
-    h = torch.randn(b_, t, c, device=device, requires_grad=True)
+    h_full = torch.randn(b_, t + 1, c, device=device, requires_grad=True)
+    h = h_full[:, :-1]  # non-contiguous (B, T, C) view, as when shifting hidden states against labels
     w = torch.randn(v, c, device=device) * 0.5  # frozen lm_head: no grad_W matmul at all
     y = _labels(b_ * t, v, device).reshape(b_, t)
     loss = fused_linear_cross_entropy(h, w, y, chunk_size=4, backend="triton")
-    (g,) = torch.autograd.grad(loss, h)
-    h32 = h.detach().clone().requires_grad_()
-    ref = F.cross_entropy((h32 @ w.t()).reshape(-1, v), y.reshape(-1))
+    (g,) = torch.autograd.grad(loss, h_full)
+    h32 = h_full.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h32[:, :-1] @ w.t()).reshape(-1, v), y.reshape(-1))
     (g32,) = torch.autograd.grad(ref, h32)
     _close("loss", loss, ref)
     _close("grad_hidden", g, g32)
+    assert torch.equal(g[:, -1], torch.zeros_like(g[:, -1]))
     with torch.no_grad():
         _close("no-grad loss", fused_linear_cross_entropy(h, w, y, backend="triton"), ref)
 

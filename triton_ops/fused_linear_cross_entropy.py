@@ -253,7 +253,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against labels, never materializing the logits.
 
     Args:
-        hidden: (..., C) float32/float16/bfloat16, contiguous (e.g. the last hidden states (B, T, C)).
+        hidden: (..., C) float32/float16/bfloat16 (e.g. the last hidden states (B, T, C)); a strided view
+            such as hidden[:, :-1] is copied once.
         weight: (V, C), same dtype (the lm_head weight); gets a gradient when it requires grad.
         labels: (...) int64, ``ignore_index`` entries contribute nothing.
         bias: optional (V,).
@@ -273,7 +274,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"fused_linear_cross_entropy: labels shape {tuple(labels.shape)} must equal hidden's "
                          f"leading shape {tuple(hidden.shape[:-1])}")
-    h = hidden.reshape(-1, hidden.shape[-1])
+    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # a no-op for the usual (B, T, C) activations
     y = labels.reshape(-1).contiguous()
     if chunk_size is None:
         chunk_size = default_chunk_size(h.shape[0], weight.shape[0], weight.element_size())
