@@ -6,7 +6,6 @@ The GPU tests load a Llama-3-8B-shaped checkpoint (real C/F/H/KV/V, fewer layers
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -294,10 +293,19 @@ def test_error_missing_tokenizer_files(ckpt):
         load_model(ckpt)
 
 
-# ---- GPU: a Llama-3-8B-shaped checkpoint ---------------------------------------------------------------
-L3 = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-          num_key_value_heads=8, num_hidden_layers=4, rope_theta=500000.0, rms_norm_eps=1e-5,
-          max_position_embeddings=8192)
+# ---- GPU: Llama-3-shaped checkpoints, loaded in a fresh process so peak memory is the load's own --------
+GPU_SHAPES = {
+    # Llama-3-8B's real C/F/H/KV/V with 4 of its 32 layers (keeps the test fast)
+    "llama3_8b_4layers": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                              num_key_value_heads=8, num_hidden_layers=4, rope_theta=500000.0, rms_norm_eps=1e-5,
+                              max_position_embeddings=8192, tie_word_embeddings=False),
+    # Llama-3.2-1B complete (16 layers, tied embeddings): the README's 1B loading numbers
+    "llama3.2_1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                        num_key_value_heads=8, num_hidden_layers=16, rope_theta=500000.0, rms_norm_eps=1e-5,
+                        max_position_embeddings=8192, tie_word_embeddings=True,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
 
 _WRITER = textwrap.dedent("""
     import json, sys, torch
@@ -308,16 +316,19 @@ _WRITER = textwrap.dedent("""
     D = C // H
     g = torch.Generator().manual_seed(0)
     def w(*s): return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
+    def ones(n): return torch.ones(n, dtype=torch.bfloat16)
     shards = [{"model.embed_tokens.weight": w(V, C)}]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shards.append({p + "self_attn.q_proj.weight": w(H * D, C), p + "self_attn.k_proj.weight": w(KV * D, C),
                        p + "self_attn.v_proj.weight": w(KV * D, C), p + "self_attn.o_proj.weight": w(C, H * D),
                        p + "mlp.gate_proj.weight": w(F, C), p + "mlp.up_proj.weight": w(F, C),
-                       p + "mlp.down_proj.weight": w(C, F),
-                       p + "input_layernorm.weight": torch.ones(C, dtype=torch.bfloat16),
-                       p + "post_attention_layernorm.weight": torch.ones(C, dtype=torch.bfloat16)})
-    shards.append({"model.norm.weight": torch.ones(C, dtype=torch.bfloat16), "lm_head.weight": w(V, C)})
+                       p + "mlp.down_proj.weight": w(C, F), p + "input_layernorm.weight": ones(C),
+                       p + "post_attention_layernorm.weight": ones(C)})
+    last = {"model.norm.weight": ones(C)}
+    if not cfg["tie_word_embeddings"]:
+        last["lm_head.weight"] = w(V, C)
+    shards.append(last)
     wm = {}
     for j, sh in enumerate(shards):
         name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -328,64 +339,75 @@ _WRITER = textwrap.dedent("""
               open(f"{out}/config.json", "w"))
 """)
 
-
-@pytest.fixture(scope="module")
-def llama3_8b_shaped(tmp_path_factory):
-    out = tmp_path_factory.mktemp("llama3_8b_shaped")
-    subprocess.run([sys.executable, "-c", _WRITER, str(out), json.dumps(L3)], check=True)  # keeps RSS out of ours
-    return out
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reference_logits(model, ids):
-    """fp32 CPU logits of the same weights (NF4 layers dequantized): the reference path."""
+_LOAD_AND_CHECK = textwrap.dedent("""
+    import json, resource, sys, time, torch
+    import quant
+    from minitrain.loader import load_model
     from minitrain.model import LlamaForCausalLM
-
-    ref = LlamaForCausalLM(model.args)
-    sd = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, quant.NF4Linear):
-            sd[name + ".weight"] = mod.dequantize(torch.float32).cpu()
-    for name, p in model.named_parameters():
-        sd.setdefault(name, p.detach().float().cpu())
-    ref.load_state_dict(sd, strict=False)
+    path, four = sys.argv[1], sys.argv[2] == "1"
+    torch.zeros(1, device="cuda")  # CUDA context before the baseline
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model, _ = load_model(path, tokenizer=False, load_in_4bit=four, device="cuda")
+    torch.cuda.synchronize()
+    res = {"load_s": time.perf_counter() - t0,
+           "host_peak_growth_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0,
+           "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+           "device_held_mib": torch.cuda.memory_allocated() / 2**20,
+           "largest_tensor_mib": max(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+           "nf4_layers": sum(isinstance(m, quant.NF4Linear) for m in model.modules()),
+           "embed_dtype": str(model.model.embed_tokens.weight.dtype)}
+    ids = torch.randint(0, model.args.vocab_size, (1, 24), device="cuda")
+    with torch.no_grad():
+        got = model(ids).float().cpu()
+    # the reference path: the same weights (NF4 dequantized) in fp32 on the CPU
+    sd = {n + ".weight": m.dequantize(torch.float32).cpu() for n, m in model.named_modules()
+          if isinstance(m, quant.NF4Linear)}
+    for n, p in model.named_parameters():
+        sd.setdefault(n, p.detach().float().cpu())
+    del model
+    from minitrain.model import ModelArgs
+    cfg = json.load(open(path + "/config.json"))
+    with torch.device("meta"):  # no random init of a large model on the CPU
+        ref = LlamaForCausalLM(ModelArgs.from_config(cfg))
+    ref.load_state_dict(sd, strict=False, assign=True)
     ref.tie_weights()
     with torch.no_grad():
-        return ref.eval()(ids.cpu())
+        want = ref.eval()(ids.cpu())
+    res["logits_rel_err"] = ((got - want).norm() / want.norm()).item()
+    res["logits_max_abs_err"] = (got - want).abs().max().item()
+    print("RESULT " + json.dumps(res))
+""")
+
+
+@pytest.fixture(scope="module", params=list(GPU_SHAPES))
+def gpu_checkpoint(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    subprocess.run([sys.executable, "-c", _WRITER, str(out), json.dumps(GPU_SHAPES[request.param])], check=True)
+    return request.param, out
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_gpu_llama3_8b_shaped_load(llama3_8b_shaped, load_in_4bit):
-    files = list(llama3_8b_shaped.glob("*.safetensors"))
-    disk = sum(f.stat().st_size for f in files)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base_dev = torch.cuda.memory_allocated()
-    rss0 = _rss_mib()
-    model, _ = load_model(llama3_8b_shaped, tokenizer=False, load_in_4bit=load_in_4bit, device="cuda")
-    torch.cuda.synchronize()
-    peak_dev = (torch.cuda.max_memory_allocated() - base_dev) / 2**20
-    held = (torch.cuda.memory_allocated() - base_dev) / 2**20
-    rss_growth = _rss_mib() - rss0
-    largest = max(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    print(f"\nLlama-3-8B-shaped, {L3['num_hidden_layers']} layers, load_in_4bit={load_in_4bit}: checkpoint "
-          f"{disk / 2**20:.0f} MiB; device peak {peak_dev:.0f} MiB, held {held:.0f} MiB; host peak RSS growth "
-          f"{rss_growth:.0f} MiB (largest tensor {largest:.0f} MiB)")
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
-    if load_in_4bit:
-        assert isinstance(model.model.layers[0].mlp.down_proj, quant.NF4Linear)
-        # layers in ~0.52 byte/weight; embeddings and lm_head stay bf16
-        assert held < 0.75 * disk / 2**20
-    assert peak_dev < held + 3 * largest + 64  # one tensor in flight at a time, never the whole model twice
-    assert rss_growth < 0.9 * disk / 2**20, "host memory held most of the 16-bit model"
-    ids = torch.randint(0, L3["vocab_size"], (1, 24), device="cuda")
-    with torch.no_grad():
-        got = model(ids).float().cpu()
-    want = _reference_logits(model, ids)
-    rel = ((got - want).norm() / want.norm()).item()
-    print(f"logits vs fp32 reference: relative error {rel:.2e}, max abs {(got - want).abs().max().item():.3g}")
-    assert rel < 2e-2
+def test_gpu_llama3_shaped_load_memory_and_logits(gpu_checkpoint, load_in_4bit):
+    name, path = gpu_checkpoint
+    disk = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _LOAD_AND_CHECK, str(path), "1" if load_in_4bit else "0"],
+                          capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
+    print(f"\n{name} load_in_4bit={load_in_4bit}: checkpoint {disk:.0f} MiB bf16, load {res['load_s']:.1f} s; "
+          f"device peak {res['device_peak_mib']:.0f} MiB, held {res['device_held_mib']:.0f} MiB; host peak RSS "
+          f"growth {res['host_peak_growth_mib']:.0f} MiB (largest tensor {res['largest_tensor_mib']:.0f} MiB); "
+          f"logits vs fp32 reference: rel {res['logits_rel_err']:.2e}, max abs {res['logits_max_abs_err']:.3g}")
+    assert res["embed_dtype"] == "torch.bfloat16"
+    n_layers = GPU_SHAPES[name]["num_hidden_layers"]
+    assert res["nf4_layers"] == (7 * n_layers if load_in_4bit else 0)
+    if load_in_4bit:  # projections at ~0.52 byte/weight; embeddings and lm_head stay bf16
+        assert res["device_held_mib"] < 0.8 * disk
+    # one tensor in flight at a time: never the whole model twice, on the device or on the host
+    assert res["device_peak_mib"] < res["device_held_mib"] + 3 * res["largest_tensor_mib"] + 64
+    assert res["host_peak_growth_mib"] < 0.9 * disk, "host memory held most of the 16-bit model"
+    assert res["logits_rel_err"] < 2e-2
