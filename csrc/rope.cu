@@ -55,7 +55,7 @@ template <> struct Elem<2> {
     static __device__ __forceinline__ S store(float f) { return f_to_bf16(f); }
 };
 
-template <typename S, int VEC> struct __align__(sizeof(S) * VEC) Pack { S v[VEC]; };
+template <typename S, int VEC> struct alignas(sizeof(S) * VEC) Pack { S v[VEC]; };
 
 __device__ __forceinline__ float load_table(const void* p, i64 off, int dtype) {
     if (dtype == 0) return ((const float*)p)[off];

@@ -312,14 +312,14 @@ def test_rope_gpu_scalings(backend, scaling):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", _gpu_backends())
-def test_rope_gpu_backends_agree(backend):
+def test_rope_gpu_backends_agree():
     # the Triton and CUDA C++ kernels do the same fp32 math with one rounding: equal up to fma contraction
+    pytest.importorskip("cupy")
     B, T, H, KV, D = 2, 333, 8, 2, 80
     q, k = _qk(B, T, H, KV, D, torch.bfloat16, "cuda", "fused_qkv")
     cos, sin = rope_cos_sin(torch.arange(T, device="cuda"), D, dtype=torch.bfloat16)
     a = rope(q, k, cos, sin, backend="triton")
-    b = rope(q, k, cos, sin, backend=backend)
+    b = rope(q, k, cos, sin, backend="cuda")
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-2, rtol=1e-2)
 
