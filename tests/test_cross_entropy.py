@@ -188,6 +188,10 @@ def test_auto_backend_and_errors(device):
         cross_entropy(x, y, reduction="avg")
     with pytest.raises(ValueError, match="n_items"):
         cross_entropy(x, y, reduction="none", n_items=4)
+    bad = y.clone()
+    bad[1] = 50  # == V: out of range -> NaN for that row, never an out-of-bounds read
+    rows = cross_entropy(x, bad, reduction="none", backend="triton")
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all(), rows
 
 
 # ---------------------------------------------------------------- GPU: real vocabularies and sizes

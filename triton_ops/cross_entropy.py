@@ -87,9 +87,6 @@ def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 # each program reads a logit before it overwrites it, and rows never overlap).
 # scale = scale_ptr[row * scale_stride]: stride 0 for one scalar (fused op), 1 for per-row grads (backward).
 
-_LOG2E = 1.4426950408889634
-
-
 @triton.jit
 def _tanh(u):
     # 1 - 2 / (exp(2u) + 1), with u clamped to +-15 where tanh is +-1 in fp32 (no inf, no NaN).
@@ -123,11 +120,12 @@ def _ce_kernel(logits_ptr, stride_l, grad_ptr, stride_g, labels_ptr, loss_ptr, l
             d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E), 0)
             m = m_new
         lse = m + tl.log2(d) / LOG2E
-        safe_label = tl.where(valid, label, 0)
-        z_y = tl.load(x_row + safe_label).to(tl.float32)
+        in_range = (label >= 0) & (label < V)
+        z_y = tl.load(x_row + tl.where(in_range, label, 0)).to(tl.float32)
         if HAS_SOFTCAP:
             z_y = softcap * _tanh(z_y / softcap)
-        loss = tl.where(valid, lse - z_y, 0.0)
+        # a label outside [0, V) that is not ignore_index gives a NaN loss (no out-of-bounds read)
+        loss = tl.where(valid, tl.where(in_range, lse - z_y, float("nan")), 0.0)
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
     else:
@@ -270,7 +268,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
 
     Args:
         logits: (..., V) float32/float16/bfloat16, unit stride along V.
-        labels: (...) int64; entries equal to ``ignore_index`` contribute no loss and no gradient.
+        labels: (...) int64; entries equal to ``ignore_index`` contribute no loss and no gradient; any other
+            entry outside [0, V) gives a NaN loss (checked without a host sync).
         reduction: "mean" (over non-ignored tokens; 0 when there are none), "sum" or "none".
         n_items: int or 0-d tensor; when given the loss is sum / n_items (gradient accumulation across
             micro-batches normalized by the true token count of the whole step).
