@@ -26,8 +26,8 @@ Bytes moved per chunk in the row kernel: 3 * chunk * V * b (read, read, write); 
 Call backward once per forward (the saved gradients are scaled in place by the upstream gradient).
 Precision: G is written in the inputs' dtype already multiplied by the normalizer (as an unfused lm_head's
 autograd would cast it). In bf16 that is harmless; in fp16, entries below fp16's smallest subnormal (6e-8)
-flush to zero before a GradScaler's factor arrives in the backward — prefer bf16 for fp16-AMP-sized
-batches, or pass reduction="sum" and divide afterwards.
+flush to zero before a GradScaler's factor arrives in the backward (the unfused path applies that factor
+first); prefer bf16.
 """
 from __future__ import annotations
 
