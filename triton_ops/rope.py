@@ -162,7 +162,8 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H, KV,
                  sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
                  sqo_b, sqo_t, sqo_h, sqo_d, sko_b, sko_t, sko_h, sko_d,
                  sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
-                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, IS_BACKWARD: tl.constexpr):
+                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                 IS_BACKWARD: tl.constexpr):
     # one program per token: cos/sin row loaded once, then every q head and every k head
     row = tl.program_id(0).to(tl.int64)  # int64: B*T*H*D offsets pass 2^31 at long contexts
     b = row // T
@@ -182,9 +183,9 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H, KV,
         b1 = -s1
         b2 = s2
     _rotate_heads(q_ptr + b * sq_b + t * sq_t, qo_ptr + b * sqo_b + t * sqo_t, H, sq_h, sq_d, sqo_h, sqo_d,
-                  c1, b1, c2, b2, HALF, HALF_PAD, BLOCK_H)
+                  c1, b1, c2, b2, HALF, HALF_PAD, BLOCK_HQ)
     _rotate_heads(k_ptr + b * sk_b + t * sk_t, ko_ptr + b * sko_b + t * sko_t, KV, sk_h, sk_d, sko_h, sko_d,
-                  c1, b1, c2, b2, HALF, HALF_PAD, BLOCK_H)
+                  c1, b1, c2, b2, HALF, HALF_PAD, BLOCK_HK)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,14 +227,16 @@ def _launch_rope(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
         return
     half = D // 2
     half_pad = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(max(H, KV)), 2048 // half_pad))
+    # heads per step: all of them when a (heads, D/2) tile stays within 2048 elements per half
+    block_hq = max(1, min(triton.next_power_of_2(H), 2048 // half_pad))
+    block_hk = max(1, min(triton.next_power_of_2(KV), 2048 // half_pad))
     # a batch-broadcast (1, T, D) table gets batch stride 0
     sc = (0 if cos3.shape[0] == 1 else cos3.stride(0), cos3.stride(1), cos3.stride(2))
     ss = (0 if sin3.shape[0] == 1 else sin3.stride(0), sin3.stride(1), sin3.stride(2))
     _rope_kernel[(B * T,)](
         q, k, q_out, k_out, cos3, sin3, T, H, KV,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *sc, *ss,
-        HALF=half, HALF_PAD=half_pad, BLOCK_H=block_h, IS_BACKWARD=backward, num_warps=4)
+        HALF=half, HALF_PAD=half_pad, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, IS_BACKWARD=backward, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------------------
