@@ -273,9 +273,10 @@ def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs,
     if pool is None:
         encoded = _encode_examples(encoder, pending)
     else:
+        # imap, not map: results come back in order, so an error names the first bad record, whichever worker
         pool, n = pool
         step = -(-len(pending) // n)
-        encoded = [e for part in pool.map(_WorkerEncoder.run, [pending[s: s + step] for s in
+        encoded = [e for part in pool.imap(_WorkerEncoder.run, [pending[s: s + step] for s in
                                                                range(0, len(pending), step)]) for e in part]
     kept, kept_rej = [], []
     for (fmt, ex, loc), (ids, mask, r_enc) in zip(pending, encoded):
