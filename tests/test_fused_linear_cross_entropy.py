@@ -149,6 +149,15 @@ def test_weight_frozen_and_shifted_3d(device):
         _close("no-grad loss", fused_linear_cross_entropy(h, w, y, backend="triton"), ref)
 
 
+def test_second_backward_refused(device):
+    h, w, _ = _inputs(6, 8, 40, device)
+    h.requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, _labels(6, 40, device), backend="triton")
+    torch.autograd.grad(loss, h, retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        torch.autograd.grad(loss, h)
+
+
 def test_compile_fullgraph(device):
     n, c, v = 13, 16, 300
     h, w, _ = _inputs(n, c, v, device)

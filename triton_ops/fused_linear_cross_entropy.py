@@ -20,7 +20,8 @@ Memory beyond inputs and their gradients (b = element size of h and W):
   (+ 4 * V                 fp32 bias-gradient accumulator, only with a trainable bias)
 The gradients themselves are N*C*b (grad_h) and V*C*b (grad_W). The default chunk is chosen so the buffer is
 about 256 MiB: chunk = 256 MiB / (V * b), a multiple of 128 when that is at least 128, at most N
-(V=128256 bf16: 1024 tokens, 250.5 MiB).
+(V=128256 bf16: 1024 tokens, 250.5 MiB; at 16,384 tokens and C=4096 that is 250.6 MiB beyond the inputs
+and their 1.13 GiB of gradients).
 Bytes moved per chunk in the row kernel: 3 * chunk * V * b (read, read, write); matmul FLOPs 6 * N * V * C.
 
 Call backward once per forward (the saved gradients are scaled in place by the upstream gradient).
@@ -186,6 +187,10 @@ def _flce_setup_context(ctx, inputs, output):
 def _flce_backward(ctx, grad_loss, _gh, _gw, _gb):
     """loss = scale * sum_i loss_i, so d/dh = grad_loss * (scale * G W) etc.: the forward already holds the
     bracket; multiply in place by grad_loss (skipped on the device when grad_loss == 1)."""
+    if getattr(ctx, "backward_done", False):  # a second backward would scale the saved grads twice
+        raise RuntimeError("fused_linear_cross_entropy: backward may run once per forward (retain_graph=True "
+                           "and a second backward are not supported); recompute the loss instead")
+    ctx.backward_done = True
     gh, gw, gb = ctx.saved_tensors
     torch.ops.minitrain.fused_linear_cross_entropy_scale_(gh, gw, gb, grad_loss)
     none = lambda t: None if t.numel() == 0 else t  # noqa: E731
