@@ -60,6 +60,7 @@ class TrainConfig:
     save_steps: int = 100  # checkpoint every N steps; 0: only the final adapter
     save_total_limit: int = 2  # checkpoints kept (oldest deleted first)
     gradient_checkpointing: str = "off"  # "off" | "on" (recompute each layer) | "offload" (+ inputs on host)
+    eval_split: float = 0.0  # held-out share of the data (< 1) or example count (>= 1) for eval loss
     packing: bool = False  # pack several short examples into one max_seq_length row
     train_on_responses_only: bool = False  # loss only on assistant turns of chat data
     bf16: bool | None = None  # bf16 autocast; None: on when the GPU supports it
