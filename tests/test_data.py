@@ -570,7 +570,7 @@ def test_packed_loss_equals_documents_one_by_one_on_minitrain_model(tmp_path, ba
     model_mod = pytest.importorskip("minitrain.model")
     tok = TinyTok(backend, LLAMA3, bos="<|begin_of_text|>")
     recs = [{"messages": MULTI}] + [{"instruction": f"Say {w}", "input": "now", "output": f"{w} there"}
-                                    for w in ("hi", "yo", "hey", "ok", "fine")]
+                                    for w in ("hi", "yo", "hey")]
     ds = load_dataset(write_jsonl(tmp_path / "c.jsonl", recs), tok, max_seq_length=96)
     args = model_mod.ModelArgs(vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -579,14 +579,15 @@ def test_packed_loss_equals_documents_one_by_one_on_minitrain_model(tmp_path, ba
         for p in model.parameters():
             p.normal_(0, 0.2)
     total, n_items, docs = 0.0, 0, []
-    loader = ds.train_batches(batch_size=2, packing=True)
+    loader = ds.train_batches(batch_size=4, packing=True)
     for batch, rows in zip(loader, loader.plan(0)):
         logits = model(batch["input_ids"], position_ids=batch["position_ids"])  # documents found from positions
         total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                                  ignore_index=-100, reduction="sum")
         n_items += batch["n_items"].item()
         docs += [i for r in rows for i in r]
-    assert sorted(docs) == list(range(len(ds))) and len(loader) < len(ds)  # several documents per row
+    assert sorted(docs) == list(range(len(ds)))
+    assert any(len(row) > 1 for rows in loader.plan(0) for row in rows)  # several documents per row
     one_sum, one_n = 0.0, 0
     for i in docs:
         ids, lab = ds[i]["input_ids"][None], ds[i]["labels"][None]
