@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+SYSTEM = "You judge news headlines."  # short: the template's default system prompt would double the tokens
 QUESTION = "Does this headline affect the company positively or negatively? Answer positive or negative."
 LABELS = ("positive", "negative")
 COMPANIES = [
@@ -64,7 +65,7 @@ def make_examples(split: str, n: int, seed: int) -> list[dict]:
         company, other = rng.sample(COMPANIES, 2)
         event = rng.choice(EVENTS[split][label]).format(other=other)
         headline = rng.choice(FRAMES).format(company=company, event=event)
-        out.append({"messages": [{"role": "user", "content": f"Headline: {headline}\n{QUESTION}"},
+        out.append({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Headline: {headline}\n{QUESTION}"},
                                  {"role": "assistant", "content": label}], "label": label})
     rng.shuffle(out)
     return out
@@ -112,7 +113,7 @@ def accuracy(model, tok, examples: list[dict], batch_size: int = 16) -> float:
     correct = 0
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]
-        prompts = [tok.apply_chat_template(e["messages"][:1], add_generation_prompt=True, tokenize=True) for e in chunk]
+        prompts = [tok.apply_chat_template(e["messages"][:-1], add_generation_prompt=True, tokenize=True) for e in chunk]
         T = max(map(len, prompts))
         ids = torch.zeros(len(prompts), T, dtype=torch.long)
         for b, p in enumerate(prompts):

@@ -356,7 +356,7 @@ class Trainer:
                 micro = [self._to_device(b) for b in self._next_micro_batches()]
                 lr = lr_at(self.step, self.total_steps, cfg)
                 loss = self._forward_backward(micro, data_state, good_rng)
-                grad_norm = self._optimizer_step(lr)
+                grad_norm = self._optimizer_step(lr, data_state, good_rng)
                 self.step += 1
                 metrics = self._metrics(loss, lr, grad_norm, micro, time.perf_counter() - t0)
                 self._log(metrics, progress)
@@ -401,17 +401,19 @@ class Trainer:
             with self.autocast():
                 loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / total_items
             if not torch.isfinite(loss):
-                self._stop_non_finite(loss, i, batch, data_state, good_rng)
+                self._stop_non_finite(loss.item(), i, data_state, good_rng)
             self.scaler.scale(loss).backward()
             step_loss += loss.item()
         return step_loss
 
-    def _optimizer_step(self, lr: float) -> float:
+    def _optimizer_step(self, lr: float, data_state: dict, good_rng: dict) -> float:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.scaler.unscale_(self.opt)
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16 skips such steps by itself
+            self._stop_non_finite(grad_norm, None, data_state, good_rng)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
@@ -466,10 +468,14 @@ class Trainer:
                 progress.say(f"warning: {sentence}")
                 self._append_metrics({"step": self.step, "warning": kind, "message": sentence})
 
-    def _stop_non_finite(self, loss, i, batch, data_state, good_rng) -> None:
-        path = self.save_checkpoint(data_state=data_state, rng=good_rng)  # the state before this step
+    def _stop_non_finite(self, value: float, i: int | None, data_state, good_rng) -> None:
+        """Save the state before this step (the adapter is not yet updated) and stop, naming step and batch."""
+        self.opt.zero_grad(set_to_none=True)
+        path = self.save_checkpoint(data_state=data_state, rng=good_rng)
         G = self.cfg.gradient_accumulation_steps
-        raise TrainingError(f"loss is {loss.item()} at step {self.step + 1}, micro-batch {i + 1} of {G} "
+        what = f"loss is {value} at step {self.step + 1}, micro-batch {i + 1} of {G}" if i is not None else \
+            f"gradient norm is {value} at step {self.step + 1} (micro-batches 1-{G})"
+        raise TrainingError(f"{what} "
                             f"(data position {data_state}); the last good state (after step {self.step}) is saved "
                             f"in {path}. Lower the learning rate or check that batch's data.")
 

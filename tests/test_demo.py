@@ -27,7 +27,7 @@ def tiny_chat_checkpoint(path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    text = " ".join(demo.COMPANIES + demo.FRAMES + [demo.QUESTION, "Headline", "x", "user", "assistant"]
+    text = " ".join(demo.COMPANIES + demo.FRAMES + [demo.SYSTEM, demo.QUESTION, "Headline", "x", "system", "user", "assistant"]
                     + [e for s in demo.EVENTS.values() for es in s.values() for e in es] + list(demo.LABELS))
     pre = pre_tokenizers.Whitespace()
     words = sorted({w for w, _ in pre.pre_tokenize_str(text)})
@@ -49,7 +49,7 @@ def tiny_chat_checkpoint(path):
 def test_task_is_balanced_and_eval_phrasings_are_held_out():
     train, ev = demo.make_examples("train", 200, 0), demo.make_examples("eval", 60, 0)
     assert sum(e["label"] == "positive" for e in train) == 100 and sum(e["label"] == "negative" for e in ev) == 30
-    train_text = " ".join(e["messages"][0]["content"] for e in train)
+    train_text = " ".join(e["messages"][-2]["content"] for e in train)
     for label in demo.LABELS:
         for event in demo.EVENTS["eval"][label]:
             assert event.split("{")[0].strip() not in train_text

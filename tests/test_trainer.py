@@ -234,6 +234,24 @@ def test_nan_loss_stops_after_saving_the_last_good_state(tmp_path):
     assert state["step"] == 2 and state["data"] == {"epoch": 0, "index": 4}  # the failing step's batches come next
 
 
+def test_non_finite_gradient_stops_before_the_update(tmp_path):
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    model = adapted(ckpt)
+    first = next(iter(lora_layers(model).values()))
+
+    def poison(trainer, step, metrics):  # finite loss, NaN gradient from step 2 on
+        if step == 1:
+            first.lora_A.register_hook(lambda g: g * float("nan"))
+
+    tr = Trainer(model, None, examples(8), quiet(tmp_path, max_steps=3, per_device_train_batch_size=2,
+                                                 gradient_accumulation_steps=2), callbacks=[poison])
+    with pytest.raises(TrainingError, match=r"gradient norm is nan at step 2"):
+        tr.train()
+    assert all(torch.isfinite(p).all() for _, p in model.named_parameters())  # the NaN never reached the weights
+    assert (tmp_path / "out" / "checkpoint-1" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_gradient_checkpointing_modes_give_the_same_training(tmp_path):
     ckpt = tmp_path / "base"
     make_tiny_checkpoint(ckpt)
