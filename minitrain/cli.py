@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--load-in-4bit", action="store_true")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_chat)
+
+    try:  # train, merge and demo live in minitrain.cli_train
+        from .cli_train import add_subcommands
+    except ImportError:
+        pass
+    else:
+        add_subcommands(sub)
     return p
 
 
