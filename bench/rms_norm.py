@@ -150,7 +150,8 @@ def measure(provs):
                     except Exception as e:  # noqa: BLE001
                         row["error"] = _error(e)
                 print(f"rms_norm {mode} {shape} {name}: "
-                      + (f"{row['us']:.1f} us, peak {row['peak']:.0f} MiB" if "us" in row else row["error"]), flush=True)
+                      + (f"{row['us']:.1f} us, peak {row['peak']:.0f} MiB" if "us" in row else row["error"]),
+                      flush=True)
                 rows.append(row)
             del fns
             gc.collect()

@@ -239,7 +239,8 @@ def test_rms_norm_kernels_compile_for_sm90():
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", SM90_CHECK], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = {line.split()[0]: tuple(map(int, line.split()[1:])) for line in r.stdout.splitlines() if line[:3] in ("fwd", "bwd")}
+    got = {line.split()[0]: tuple(map(int, line.split()[1:]))
+           for line in r.stdout.splitlines() if line[:3] in ("fwd", "bwd")}
     # (registers, stack bytes): no spills; the backward's two 16-warp programs per SM need <= 64 registers
     assert got["fwd"][1] == 0 and got["fwd"][0] <= 80, got
     assert got["bwd"][1] == 0 and got["bwd"][0] <= 64, got
