@@ -167,6 +167,7 @@ def load_dataset(data, tokenizer, *, max_seq_length: int = 2048, format: str | N
     finally:
         if pool is not None:
             pool.terminate()
+            pool.join()
     store.finalize()
     store.rejected = rej.finalize()
     if len(store.lengths) == 0:
