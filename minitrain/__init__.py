@@ -6,3 +6,4 @@ from .generate import generate
 from .loader import load_model
 from .model import LlamaForCausalLM, ModelArgs
 from .tokenizer import Tokenizer
+from .data import load_dataset
