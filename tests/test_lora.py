@@ -11,7 +11,7 @@ from triton_ops.lora import (LoRAWeights, dropout_keep_mask, lora_linear, lora_m
 peft_lora = pytest.importorskip("peft.tuners.lora")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}  # x max |fp32 reference|
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # x max |fp32 reference|: ~2 ulp
 
 # (lead shape of x, K, N, R)
 CPU_LINEAR = [
@@ -166,9 +166,13 @@ def _linear_case(lead, K, N, R, dtype, device, nf4, variant, backend, compile_=F
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CPU_LINEAR)
-def test_lora_linear(case, dtype, nf4, variant, device):
-    _linear_case(*case, dtype, device, nf4, variant, backend="triton")
+def test_lora_linear(dtype, nf4, variant, device):
+    _linear_case(*CPU_LINEAR[0], dtype, device, nf4, variant, backend="triton")
+
+
+@pytest.mark.parametrize("case", CPU_LINEAR[1:])
+def test_lora_linear_shapes(case, device):
+    _linear_case(*case, torch.bfloat16, device, True, "dropout+bias", backend="triton")
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -320,14 +324,17 @@ def _mlp_case(lead, C, F, R, dtype, device, nf4, variant, backend="triton", comp
 
 @pytest.mark.parametrize("variant", list(MLP_VARIANTS))
 @pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_mlp(dtype, nf4, variant, device):
-    _mlp_case(*CPU_MLP[0], dtype, device, nf4, variant)
+def test_lora_mlp(nf4, variant, device):
+    _mlp_case(*CPU_MLP[0], torch.bfloat16, device, nf4, variant)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_mlp_small_batched(dtype, device):
-    _mlp_case(*CPU_MLP[1], dtype, device, True, "all+dropout+bias")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_mlp_dtypes(dtype, device):
+    _mlp_case(*CPU_MLP[0], dtype, device, True, "all+dropout+bias")
+
+
+def test_lora_mlp_small_batched(device):
+    _mlp_case(*CPU_MLP[1], torch.bfloat16, device, True, "all+dropout+bias")
 
 
 def test_lora_mlp_reference_path(device):
