@@ -156,6 +156,11 @@ def run_demo(model_dir=None, output_dir="runs/demo", max_steps: int | None = Non
         for e in train:
             f.write(json.dumps({"messages": e["messages"]}) + "\n")
     ds = load_dataset(str(out / "train.jsonl"), tok, max_seq_length=256, train_on_responses_only=True, seed=seed)
+    with open(out / "eval.jsonl", "w") as f:  # a held-out slice for the eval-loss curve
+        for e in held_out[:40]:
+            f.write(json.dumps({"messages": e["messages"]}) + "\n")
+    ev = load_dataset(str(out / "eval.jsonl"), tok, max_seq_length=256, train_on_responses_only=True, seed=seed)
+    eval_examples = [ev[i] for i in range(len(ev))]
     before = accuracy(model, tok, held_out)
     torch.manual_seed(seed)
     add_lora(model, r=r, alpha=r)
@@ -163,8 +168,9 @@ def run_demo(model_dir=None, output_dir="runs/demo", max_steps: int | None = Non
     cfg = TrainConfig(output_dir=str(out), learning_rate=learning_rate, max_steps=steps, warmup_steps=max(1, steps // 10),
                       per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, lr_scheduler_type="linear",
                       train_on_responses_only=True, save_steps=0, logging_steps=1, seed=seed, progress=progress,
-                      packing=False, gradient_checkpointing="on" if cuda else "off")
-    metrics = Trainer(model, tok, ds, cfg).train()
+                      packing=False, gradient_checkpointing="on" if cuda else "off", eval_steps=max(1, steps // 2),
+                      per_device_eval_batch_size=batch_size)
+    metrics = Trainer(model, tok, ds, cfg, eval_dataset=eval_examples).train()
     after = accuracy(model, tok, held_out)
     return {"before": before, "after": after, "adapter": out / "adapter", "plot": out / "loss_curve.png",
             "metrics": out / "metrics.jsonl", "final_loss": metrics.get("loss"), "steps": steps,

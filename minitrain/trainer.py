@@ -664,7 +664,10 @@ def write_loss_curve(path, history: dict) -> Path | None:
     _text(img, W - R - 4 * 2 * len(str(x_max)), H - B + 8, str(x_max))
     _polyline(img, [xy(s, l) for s, l in zip(steps, losses)], TRAIN_COLOR)
     if evals:
-        _polyline(img, [xy(s, l) for s, l in evals], EVAL_COLOR)
+        pts = [xy(s, l) for s, l in evals]
+        _polyline(img, pts, EVAL_COLOR)
+        for x, y in pts:  # a square marker per evaluation
+            img[max(0, int(y) - 3):int(y) + 4, max(0, int(x) - 3):int(x) + 4] = EVAL_COLOR
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(png_bytes(img))
     os.replace(tmp, path)
