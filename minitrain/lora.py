@@ -320,32 +320,37 @@ def load_adapter(model: nn.Module, directory, trainable: bool = True) -> nn.Modu
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Plain checkpoint tensors: LoRA layers merged (fp32 math, cast once), NF4 layers dequantized, tied
-    lm_head left out (as transformers saves it)."""
-    out: dict[str, torch.Tensor] = {}
+def merged_tensors(model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+    """(key, shape, make) for every tensor of the plain checkpoint, in module order; ``make()`` computes it:
+    LoRA layers merged (fp32 math, cast once), NF4 layers dequantized, a tied lm_head left out (as
+    transformers saves it). Nothing is computed until asked, so an export holds one shard at a time."""
     covered: list[str] = []
-    tied = id(model.lm_head.weight) == id(model.model.embed_tokens.weight) if hasattr(model, "lm_head") else False
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    tied = hasattr(model, "lm_head") and emb is not None and model.lm_head.weight is emb.weight
     for name, module in model.named_modules():
         if any(name.startswith(c + ".") for c in covered):
             continue
         prefix = f"{name}." if name else ""
         if isinstance(module, LoRALinear) or (name and _is_linear_like(module) and not isinstance(module.weight, torch.Tensor)):
-            w = module.merged_weight() if isinstance(module, LoRALinear) else base_weight_fp32(module)
-            out[prefix + "weight"] = w.to(dtype).cpu()
-            bias = (module.base_layer if isinstance(module, LoRALinear) else module).bias
-            if bias is not None:
-                out[prefix + "bias"] = bias.detach().float().to(dtype).cpu()
+            lin = module.base_layer if isinstance(module, LoRALinear) else module
+            merge = module.merged_weight if isinstance(module, LoRALinear) else (lambda m=module: base_weight_fp32(m))
+            yield prefix + "weight", (lin.out_features, lin.in_features), lambda f=merge: f().to(dtype).cpu().contiguous()
+            if lin.bias is not None:
+                yield prefix + "bias", tuple(lin.bias.shape), lambda b=lin.bias: b.detach().float().to(dtype).cpu()
             covered.append(name)
             continue
         for pname, p in module.named_parameters(recurse=False):
             if tied and name == "lm_head" and pname == "weight":
                 continue
-            out[prefix + pname] = p.detach().float().to(dtype).cpu()
+            yield prefix + pname, tuple(p.shape), lambda t=p: t.detach().float().to(dtype).cpu().contiguous()
         for bname, b in module.named_buffers(recurse=False):
             if bname not in module._non_persistent_buffers_set:
-                out[prefix + bname] = b.detach().cpu()
-    return {k: v.contiguous() for k, v in out.items()}
+                yield prefix + bname, tuple(b.shape), lambda t=b: t.detach().cpu().contiguous()
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The whole merged checkpoint in memory (see :func:`merged_tensors`)."""
+    return {k: make() for k, _, make in merged_tensors(model, dtype)}
 
 
 def _model_config_dict(model: nn.Module) -> dict:
@@ -411,30 +416,34 @@ def save_merged(model: nn.Module, tokenizer, directory, dtype: torch.dtype = tor
         raise LoRAError(f"save_merged: dtype must be bfloat16, float16 or float32, got {dtype}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = merged_state_dict(model, dtype)
     config = _model_config_dict(model)
     config.pop("quantization_config", None)
     config["torch_dtype"] = config["dtype"] = _DTYPE_NAMES[dtype]
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    items = list(merged_tensors(model, dtype))
+    esize = torch.empty((), dtype=dtype).element_size()
+    groups: list[list] = [[]]
     size = 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
+    for key, shape, make in items:  # plan the shards from the shapes, then compute one shard at a time
+        nbytes = math.prod(shape) * esize
+        if groups[-1] and size + nbytes > max_shard_size:
+            groups.append([])
             size = 0
-        shards[-1][k] = v
+        groups[-1].append((key, make))
         size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
+    names = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map, total = {}, 0
+    for name, group in zip(names, groups):
+        shard = {key: make() for key, make in group}
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+        weight_map.update({key: name for key in shard})
         atomic_save_safetensors(shard, directory / name, metadata={"format": "pt"})
+        del shard
     index = directory / "model.safetensors.index.json"
-    if len(shards) > 1:
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        weight_map = {k: n for n, s in zip(names, shards) for k in s}
+    if len(groups) > 1:
         atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     for stale in directory.glob("model*.safetensors*"):  # from an earlier export with other sharding
-        if stale.name not in names and not (len(shards) > 1 and stale == index):
+        if stale.name not in names and not (len(groups) > 1 and stale == index):
             stale.unlink()
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2, default=str) + "\n")
     _save_tokenizer(tokenizer, model, directory, source_dir)
