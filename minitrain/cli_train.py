@@ -119,6 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dtype must be bf16, fp16 or fp32, got {mcfg.dtype!r}")
     sources = _parse_data([data] if isinstance(data, str) else data)  # check the files before the slow load
     model, tok = load_model(mcfg.model, max_seq_length=mcfg.max_seq_length, dtype=dtype, load_in_4bit=mcfg.load_in_4bit)
+    model.name_or_path = str(mcfg.model)  # recorded as base_model_name_or_path in adapter_config.json
     ds = load_dataset(sources, tok, max_seq_length=mcfg.max_seq_length,
                       train_on_responses_only=tcfg.train_on_responses_only, eval_split=int(tcfg.eval_split) if tcfg.eval_split >= 1 else tcfg.eval_split,
                       seed=tcfg.seed)

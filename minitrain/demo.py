@@ -151,6 +151,7 @@ def run_demo(model_dir=None, output_dir="runs/demo", max_steps: int | None = Non
     cuda = device == "cuda"
     model, tok = load_model(model_dir, max_seq_length=256, dtype=torch.bfloat16 if cuda else torch.float32,
                             load_in_4bit=cuda, device=device)
+    model.name_or_path = str(model_dir)
     train, held_out = make_examples("train", n_train, seed), make_examples("eval", n_eval, seed)
     with open(out / "train.jsonl", "w") as f:
         for e in train:

@@ -384,17 +384,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def _save_tokenizer(tokenizer, model: nn.Module, directory: Path, source_dir) -> None:
+    src = source_dir or getattr(tokenizer, "source_dir", None) or _base_model_name(model)
+    src = Path(src) if src is not None and Path(src).is_dir() else None
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(directory))
+        if src is not None and (src / "generation_config.json").is_file():  # eos ids for generation
+            atomic_copy(src / "generation_config.json", directory / "generation_config.json")
         return
-    src = source_dir or getattr(tokenizer, "source_dir", None) or getattr(tokenizer, "path", None) \
-        or _base_model_name(model)
-    if src is None or not Path(src).is_dir():
+    if src is None:
         raise LoRAError("save_merged: cannot find tokenizer files to copy: pass source_dir=<the base model's "
                         "checkpoint directory>")
     for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            atomic_copy(Path(src) / name, directory / name)
+        if (src / name).is_file():
+            atomic_copy(src / name, directory / name)
 
 
 def save_merged(model: nn.Module, tokenizer, directory, dtype: torch.dtype = torch.bfloat16,

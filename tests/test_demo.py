@@ -85,12 +85,13 @@ def test_cli_train_then_merge(tmp_path, capsys):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # the flag (4) beat the file (3)
     assert rows[0]["lr"] == 5e-3 * 1.0 or rows[0]["lr"] <= 5e-3
     cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    assert (cfg["r"], cfg["lora_alpha"]) == (4, 8)
+    assert (cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == (4, 8, str(ckpt))
     assert cli(["merge", "--model", str(ckpt), "--adapter", str(tmp_path / "out" / "adapter"),
                 "--output", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
     from minitrain.loader import load_model
 
     merged, _ = load_model(tmp_path / "merged", dtype=torch.float32, device="cpu")
+    assert (tmp_path / "merged" / "generation_config.json").is_file()
     assert "merged checkpoint" in capsys.readouterr().out
 
 
