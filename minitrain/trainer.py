@@ -214,8 +214,13 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate
 
 
-def diagnose(losses: list[float], evals: list[tuple[int, float]], steps: list[int], done: bool) -> list[tuple[str, str]]:
-    """(kind, one plain sentence) for what the curves show: overfitting, memorization, underfitting."""
+def diagnose(losses: list[float], evals: list[tuple[int, float]], steps: list[int], done: bool,
+             expect_eval: bool = False) -> list[tuple[str, str]]:
+    """(kind, one plain sentence) for what the curves show: overfitting, memorization, underfitting.
+
+    A training loss near 0 counts as memorization unless held-out loss says otherwise: with an eval set
+    (``expect_eval``), only when the latest eval loss is far above it (a short answer, e.g. a label, can be
+    learned to near-0 loss honestly)."""
     out = []
     w = max(1, min(10, len(losses) // 4))
     if len(evals) >= 2 and len(losses) >= 2 * w:
@@ -225,7 +230,9 @@ def diagnose(losses: list[float], evals: list[tuple[int, float]], steps: list[in
         if before and after and e1 > e0 * 1.01 and np.mean(after) < np.mean(before):
             out.append(("overfitting", f"Eval loss rose from {e0:.3f} to {e1:.3f} while training loss fell: the model "
                         "is overfitting; lower the learning rate, train fewer epochs or raise lora_dropout."))
-    if len(losses) >= 5 and float(np.mean(losses[-5:])) < 0.05:
+    recent = float(np.mean(losses[-5:])) if losses else float("inf")
+    gap = (evals[-1][1] > max(0.3, 5 * recent)) if evals else not expect_eval
+    if len(losses) >= 5 and recent < 0.05 and gap:
         out.append(("memorization", f"Training loss is near 0 ({np.mean(losses[-5:]):.4f}): the model is memorizing "
                     "the training data; lower the learning rate, train fewer epochs or add more data."))
     if done and len(losses) >= 20:
@@ -462,7 +469,8 @@ class Trainer:
         self._advise(progress, done=False)
 
     def _advise(self, progress: Progress, done: bool) -> None:
-        for kind, sentence in diagnose(self.history["loss"], self.history["eval"], self.history["step"], done):
+        for kind, sentence in diagnose(self.history["loss"], self.history["eval"], self.history["step"], done,
+                                       expect_eval=self.eval_batches is not None):
             if kind not in self.warned:
                 self.warned.add(kind)
                 progress.say(f"warning: {sentence}")

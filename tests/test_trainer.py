@@ -292,6 +292,9 @@ def test_diagnostics_say_one_plain_sentence_each():
     assert kinds == {"overfitting"}
     kinds = {k: s for k, s in diagnose([0.01] * 40, [], steps, done=False)}
     assert set(kinds) == {"memorization"} and "memorizing" in kinds["memorization"]
+    assert diagnose([0.01] * 40, [(40, 0.02)], steps, done=False, expect_eval=True) == []  # held-out agrees
+    assert diagnose([0.01] * 40, [], steps, done=False, expect_eval=True) == []  # wait for the eval loss
+    assert [k for k, _ in diagnose([0.01] * 40, [(40, 2.5)], steps, done=False, expect_eval=True)] == ["memorization"]
     flat = diagnose([1.5] * 40, [], steps, done=True)
     assert [k for k, _ in flat] == ["underfitting"] and "raise the learning rate" in flat[0][1]
     assert diagnose(falling, [(20, 1.2), (40, 1.1)], steps, done=True) == []
