@@ -155,7 +155,8 @@ def test_generate_matches_transformers_greedy():
     hf = hf_model(num_key_value_heads=2, tie_word_embeddings=True)
     ours = ours_from(hf)
     ids = torch.randint(0, BASE["vocab_size"], (1, 5))
-    want = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    hf.generation_config.eos_token_id = None  # LlamaConfig's default eos (2) would stop transformers early
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
     got = ours.generate(ids, 8)
     assert torch.equal(got, want), (got, want)
 
