@@ -353,7 +353,7 @@ def test_qlora_llama3_8b_shaped_throughput_and_memory(tmp_path):
     """A few QLoRA steps on a random Llama-3.1-8B-shaped model (full width and vocabulary, 4 of its 32 layers),
     seq 2048, bf16, gradient checkpointing; tokens/s and peak memory are printed and written to bench/results."""
     import quant
-    from minitrain.model import LlamaForCausalLM, ModelArgs
+    from minitrain.model import LlamaForCausalLM, ModelArgs, rope_inv_freq
 
     args = ModelArgs(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192,
@@ -362,6 +362,7 @@ def test_qlora_llama3_8b_shaped_throughput_and_memory(tmp_path):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(args).to(torch.bfloat16)
+    model.model.inv_freq = rope_inv_freq(args).cuda()  # fp32 angles (as the loader sets them)
     for layer in model.model.layers:
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                               (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
