@@ -218,7 +218,7 @@ def table(rows, tflops_ceiling):
             by = {r["provider"]: r for r in group if "us" in r}
             ours = by.get("minitrain (NF4)")
             if ours:
-                parts = [f"{block} T={T}:"]
+                parts = []
                 if "floor" in by:
                     parts.append(f"minitrain/floor = {ours['us'] / by['floor']['us']:.3f} (target ≤ 1.15)")
                 if "peft + bnb" in by:
@@ -226,7 +226,7 @@ def table(rows, tflops_ceiling):
                 if "unsloth" in by:
                     parts.append(f"unsloth/minitrain time = {by['unsloth']['us'] / ours['us']:.2f}x, peak "
                                  f"{ours['peak']:.0f} vs unsloth {by['unsloth']['peak']:.0f} MiB (target ≤)")
-                summary.append("- " + "; ".join(parts))
+                summary.append(f"- {block} T={T}: " + "; ".join(parts))
     return hw.markdown_table(out, COLUMNS), "\n".join(summary) + "\n"
 
 

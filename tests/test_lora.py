@@ -234,8 +234,9 @@ def test_dropout_off_in_eval(device):
 
 # ---- lora_qkv --------------------------------------------------------------------------------------------
 
-def _qkv_case(lead, C, NQ, NKV, R, dtype, device, nf4, backend="triton", compile_=False):
-    q = _make_proj(NQ, C, R, dtype, device, nf4, 0.1, False, lead)           # dropout
+def _qkv_case(lead, C, NQ, NKV, R, dtype, device, nf4, backend="triton", compile_=False, q_dropout=0.1):
+    # q_dropout > 0: q and k run their adapters separately; 0: they share the batched adapter GEMMs
+    q = _make_proj(NQ, C, R, dtype, device, nf4, q_dropout, False, lead)
     k = _make_proj(NKV, C, R, dtype, device, nf4, 0.0, True, lead)           # bias
     v = _make_proj(NKV, C, R, dtype, device, nf4, 0.0, False, lead, adapter=False)  # no adapter
     x = torch.randn(lead + (C,), device=device).to(dtype)
@@ -259,14 +260,32 @@ def _qkv_case(lead, C, NQ, NKV, R, dtype, device, nf4, backend="triton", compile
                lambda x_, ds, Ws: tuple(_plain(x_, dd, W, lambda t: t) for dd, W in zip(ds, Ws)))
     ref = run(x.float().requires_grad_(), leafs(lambda t: t.float()), [dd["W32"] for dd in ps],
               lambda x_, ds, Ws: tuple(_plain(x_, dd, W, lambda t: t.float()) for dd, W in zip(ds, Ws)))
-    _compare(f"lora_qkv {dtype} nf4={nf4} {lead}x{C} (Q, K, V, dx, dAq, dBq, dAk, dBk)", got, same, ref, dtype)
+    _compare(f"lora_qkv {dtype} nf4={nf4} q_dropout={q_dropout} {lead}x{C} (Q, K, V, dx, dAq, dBq, dAk, dBk)",
+             got, same, ref, dtype)
 
 
+@pytest.mark.parametrize("q_dropout", [0.1, 0.0], ids=["separate", "batched"])
 @pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CPU_QKV)
-def test_lora_qkv(case, dtype, nf4, device):
-    _qkv_case(*case, dtype, device, nf4)
+def test_lora_qkv(case, dtype, nf4, q_dropout, device):
+    _qkv_case(*case, dtype, device, nf4, q_dropout=q_dropout)
+
+
+@pytest.mark.parametrize("q_dropout", [0.1, 0.0], ids=["separate", "batched"])
+def test_lora_qkv_input_without_grad(q_dropout, device):
+    """x that needs no gradient (a frozen first layer): dx is skipped, adapter grads are unchanged."""
+    d = [_make_proj(n, 64, 4, torch.float32, device, False, p, False, (9,)) for n, p in ((32, q_dropout), (16, 0.0))]
+    x = torch.randn(9, 64, device=device)
+    dys = [torch.randn(9, dd["W"].shape[0], device=device) for dd in d]
+    leaves = [t for dd in d for t in (dd["A"], dd["B"])]
+    for t in leaves:
+        t.requires_grad_()
+    a = torch.autograd.grad(lora_qkv(x, *[_spec(dd) for dd in d], backend="triton"), leaves, dys)
+    xg = x.clone().requires_grad_()
+    b = torch.autograd.grad(lora_qkv(xg, *[_spec(dd) for dd in d], backend="triton"), [xg] + leaves, dys)[1:]
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v)
 
 
 def test_lora_qkv_compile(device):
@@ -361,33 +380,42 @@ def test_lora_mlp_backward_runs_once(device):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", GPU_LINEAR)
-def test_lora_linear_gpu(case, dtype, nf4, variant):
-    _linear_case(*case, dtype, "cuda", nf4, variant, backend="auto")
+def test_lora_linear_gpu(dtype, nf4, variant):
+    _linear_case(*GPU_LINEAR[0], dtype, "cuda", nf4, variant, backend="auto")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
+@pytest.mark.parametrize("case", GPU_LINEAR[1:])
+def test_lora_linear_gpu_shapes(case):
+    _linear_case(*case, torch.bfloat16, "cuda", True, "dropout+bias", backend="auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_dropout", [0.1, 0.0], ids=["separate", "batched"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", GPU_QKV)
-def test_lora_qkv_gpu(case, dtype, nf4):
-    _qkv_case(*case, dtype, "cuda", nf4, backend="auto")
+def test_lora_qkv_gpu(dtype, q_dropout):
+    _qkv_case(*GPU_QKV[0], dtype, "cuda", True, backend="auto", q_dropout=q_dropout)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", list(MLP_VARIANTS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("case", GPU_MLP)
-def test_lora_mlp_gpu(case, dtype, variant):
-    _mlp_case(*case, dtype, "cuda", True, variant, backend="auto")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_mlp_gpu(dtype, variant):
+    _mlp_case(*GPU_MLP[0], dtype, "cuda", True, variant, backend="auto")
+
+
+@pytest.mark.gpu
+def test_lora_mlp_gpu_llama():
+    _mlp_case(*GPU_MLP[1], torch.bfloat16, "cuda", True, "all+dropout+bias", backend="auto")
 
 
 @pytest.mark.gpu
 def test_compile_gpu():
-    _linear_case((523,), 4100, 4100, 16, torch.bfloat16, "cuda", True, "dropout+bias", backend="auto", compile_=True)
-    _qkv_case((2, 523), 4096, 4096, 1024, 16, torch.bfloat16, "cuda", True, backend="auto", compile_=True)
+    """Inductor on the GPU (the CPU tests trace the same graphs with aot_eager)."""
     _mlp_case((523,), 4096, 14336, 16, torch.bfloat16, "cuda", True, "all+dropout+bias", backend="auto",
               compile_=True)
+    _qkv_case((2, 523), 4096, 4096, 1024, 16, torch.bfloat16, "cuda", True, backend="auto", compile_=True,
+              q_dropout=0.0)
 
 
 @pytest.mark.gpu

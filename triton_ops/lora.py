@@ -135,20 +135,24 @@ def _proj_forward(x2, pr: _Proj, A, B, keep):
     return y
 
 
-def _proj_backward(dy2, x2, pr: _Proj, A, B, keep, dx):
-    """Adds this projection's dx into ``dx`` (or starts it when None); returns (dx, dA, dB)."""
+def _proj_backward(dy2, x2, pr: _Proj, A, B, keep, dx, need_dx=True):
+    """Adds this projection's dx into ``dx`` (or starts it when None); returns (dx, dA, dB).
+    With need_dx False (x needs no gradient) the base GEMM and the dx terms are skipped."""
     dtype = dy2.dtype
-    W = _dense(pr.base, dtype)  # re-dequantized: the forward did not keep it
-    if dx is None:
-        dx = dy2 @ W
-    else:
-        dx.addmm_(dy2, W)
-    del W
+    if need_dx:
+        W = _dense(pr.base, dtype)  # re-dequantized: the forward did not keep it
+        if dx is None:
+            dx = dy2 @ W
+        else:
+            dx.addmm_(dy2, W)
+        del W
     if not pr.has_adapter:
         return dx, None, None
     A_, B_ = A.to(dtype), B.to(dtype)
     dyB = dy2 @ B_                                                   # (M, R)
-    if keep is None:
+    if not need_dx:
+        pass
+    elif keep is None:
         dx.addmm_(dyB, A_, alpha=pr.scale)
     else:
         dx.add_(torch.where(keep, dyB @ A_, 0), alpha=pr.scale / (1.0 - pr.p))
@@ -167,38 +171,80 @@ class _LoRAGroupFn(torch.autograd.Function):
 
     Saves x, the adapters and the keep-masks; backward recomputes drop(x)·Aᵀ, re-dequantizes each base
     weight and accumulates every dx term into a single (M, K) buffer (see the module docstring for the math).
+    Adapters without dropout see the same x, so they are batched: one GEMM x·[A_q; A_k; A_v]ᵀ (M, ΣR) in
+    forward, and in backward one GEMM each for dx += [s·dy_i·B_i]·[A_i] and [dA_i] = [s·dy_i·B_i]ᵀ·x, so x
+    and dx are read once for all adapters rather than once per adapter.
     """
 
     @staticmethod
     def forward(ctx, x, projs, *tensors):
         K = x.shape[-1]
         x2 = _flat(x, K)
-        outs = []
+        batched = _batched(projs, tensors)
+        ys = []
         for i, pr in enumerate(projs):
             A, B, keep = tensors[3 * i: 3 * i + 3]
-            y = _proj_forward(x2, pr, A, B, None if keep is None else _flat(keep, K))
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            solo = pr if i not in batched else pr._replace(has_adapter=False)
+            ys.append(_proj_forward(x2, solo, A, B, None if keep is None else _flat(keep, K)))
+        if batched:
+            A_cat = torch.cat([tensors[3 * i].to(x2.dtype) for i in batched])       # (ΣR, K)
+            xa = x2 @ A_cat.t()                                                       # (M, ΣR)
+            off = 0
+            for i in batched:
+                B = tensors[3 * i + 1]
+                r = B.shape[1]
+                ys[i].addmm_(xa[:, off:off + r], B.to(x2.dtype).t(), alpha=projs[i].scale)
+                off += r
         ctx.projs = projs
         ctx.save_for_backward(x, *tensors)
-        return tuple(outs)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *dys):
         x, *tensors = ctx.saved_tensors
+        projs = ctx.projs
+        need_dx = ctx.needs_input_grad[0]
         K = x.shape[-1]
         x2 = _flat(x, K)
-        dx, grads = None, []
-        for i, (pr, dy) in enumerate(zip(ctx.projs, dys)):
-            A, B, keep = tensors[3 * i: 3 * i + 3]
-            if dy is None:
-                grads += [None, None, None]
+        dtype = x2.dtype
+        dy2s = [None if dy is None else _flat(dy, dy.shape[-1]) for dy in dys]
+        dy2s = [None if d is None else (d if d.stride(-1) == 1 else d.contiguous()) for d in dy2s]
+        batched = [i for i in _batched(projs, tensors) if dy2s[i] is not None]
+        if len(batched) < 2:
+            batched = []
+        dx, grads = None, [None] * (3 * len(projs))
+        for i, pr in enumerate(projs):
+            if dy2s[i] is None:
                 continue
-            dy2 = _flat(dy, dy.shape[-1]).contiguous() if dy.stride(-1) != 1 else _flat(dy, dy.shape[-1])
-            dx, dA, dB = _proj_backward(dy2, x2, pr, A, B, None if keep is None else _flat(keep, K), dx)
-            grads += [dA, dB, None]
-        if dx is None:
-            dx = torch.zeros_like(x2)
-        return (dx.view(x.shape), None, *grads)
+            A, B, keep = tensors[3 * i: 3 * i + 3]
+            solo = pr if i not in batched else pr._replace(has_adapter=False)
+            if solo.has_adapter or need_dx:
+                dx, dA, dB = _proj_backward(dy2s[i], x2, solo, A, B, None if keep is None else _flat(keep, K),
+                                            dx, need_dx)
+                grads[3 * i: 3 * i + 2] = [dA, dB]
+        if batched:
+            # s_i·dy_i·B_i side by side: (M, ΣR), small.
+            dyB = torch.cat([dy2s[i] @ tensors[3 * i + 1].to(dtype) * projs[i].scale for i in batched], dim=1)
+            A_cat = torch.cat([tensors[3 * i].to(dtype) for i in batched])            # (ΣR, K)
+            if need_dx:
+                dx = dyB @ A_cat if dx is None else dx.addmm_(dyB, A_cat)
+            dA_cat = dyB.t() @ x2                                                     # (ΣR, K), scales included
+            xa = x2 @ A_cat.t()                                                       # (M, ΣR) recomputed
+            off = 0
+            for i in batched:
+                A, B = tensors[3 * i], tensors[3 * i + 1]
+                r = B.shape[1]
+                dB = torch.mm(dy2s[i].t(), xa[:, off:off + r]).mul_(projs[i].scale)
+                grads[3 * i: 3 * i + 2] = [dA_cat[off:off + r].to(A.dtype), dB.to(B.dtype)]
+                off += r
+        dx = None if dx is None else dx.view(x.shape)
+        return (dx, None, *grads)
+
+
+def _batched(projs, tensors) -> list[int]:
+    """Projections whose adapters can share one GEMM with x: adapter present, no dropout; only if 2 or more."""
+    idx = [i for i, pr in enumerate(projs) if pr.has_adapter and tensors[3 * i + 2] is None]
+    return idx if len(idx) >= 2 else []
 
 
 class _LoRAMLPFn(torch.autograd.Function):
