@@ -34,7 +34,8 @@ LARGE = [(14336, 4096), (4096, 14336), (128256, 4096)]
 DEQ_DTYPES = [torch.bfloat16, torch.float16]
 MM_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 MM_M = [1, 8, 32, 128]
-COLUMNS = ["op", "shape", "dtype", "provider", "µs", "GB/s", "% of ceiling", "peak MiB", "vs best peer"]
+COLUMNS = ["op", "shape", "dtype", "provider", "µs", "GB/s", "% of ceiling", "peak MiB", "vs best peer",
+           "GPU-only µs", "GPU-only % of ceiling"]
 PEERS = ("bitsandbytes", "unsloth", "dequant + F.linear", "bitsandbytes matmul_4bit")
 DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -78,17 +79,55 @@ def _time_peak(fn):
     return hw.bench_us(fn), peak
 
 
+_FLUSH = {}
+
+
+def kernel_us(fn, reps: int = 20) -> float:
+    """GPU-only time per call of fn: the sum of the device durations of the kernels (and memcpy/memset) it
+    launches, from torch.profiler (CUPTI), with L2 flushed before each call like do_bench; host time excluded.
+    Falls back to triton's do_bench_cudagraph (launch gaps removed, no L2 flush) if the profiler fails."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if "buf" not in _FLUSH:
+        _FLUSH["buf"] = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda")
+    flush = _FLUSH["buf"]
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                flush.zero_()
+                fn()
+            torch.cuda.synchronize()
+        total = 0.0
+        for e in prof.events():
+            if e.device_type != torch.autograd.DeviceType.CUDA or "FillFunctor<int>" in e.name:
+                continue
+            total += e.time_range.elapsed_us()
+        if total <= 0:
+            raise RuntimeError("no kernel events recorded")
+        return total / reps
+    except Exception as e:  # noqa: BLE001 - profiler unavailable: graph replay timing instead
+        print(f"kernel_us: profiler failed ({type(e).__name__}: {e}); using do_bench_cudagraph", flush=True)
+        import triton.testing
+
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
 def _run_provider(rows, key, name, make):
     row = dict(key, provider=name)
     try:
-        row["us"], row["peak"] = _time_peak(make())
+        fn = make()
+        row["us"], row["peak"] = _time_peak(fn)
+        row["kus"] = kernel_us(fn)
     except ImportError as e:
         row["error"] = f"not installed ({e.name or str(e).split(':')[0][:60]})"
     except Exception as e:  # noqa: BLE001 - one failing provider must not lose the table
         row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     gc.collect()
     torch.cuda.empty_cache()
-    print(f"{key} {name}: " + (f"{row['us']:.1f} us" if "us" in row else row["error"]), flush=True)
+    print(f"{key} {name}: " + (f"{row['us']:.1f} us eager, {row['kus']:.1f} us GPU" if "us" in row
+                                else row["error"]), flush=True)
     rows.append(row)
 
 
@@ -104,15 +143,11 @@ def dequant_rows(unsloth_only=False):
 
             def ours(backend):
                 def make():
-                    if backend == "triton":
-                        from triton_ops.nf4_dequant import _launch
-                    else:
-                        from csrc.nf4_dequant import _launch
-                    args = (q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code,
-                            out, 64, 256)
-                    _launch(*args)
+                    import quant
+
+                    quant.dequantize_nf4(q, dtype, out=out, backend=backend)  # compile/measure outside the timing
                     torch.cuda.synchronize()
-                    return lambda: _launch(*args)
+                    return lambda: quant.dequantize_nf4(q, dtype, out=out, backend=backend)
                 return make
 
             def bnb():
@@ -136,6 +171,7 @@ def dequant_rows(unsloth_only=False):
                 continue
             _run_provider(rows, key, "ours triton", ours("triton"))
             _run_provider(rows, key, "ours cuda", ours("cuda"))
+            _run_provider(rows, key, "ours auto", ours("auto"))
             _run_provider(rows, key, "bitsandbytes", bnb)
             del out
     return rows
@@ -157,7 +193,7 @@ def _quantized_cache(shape):
 
 def matmul_rows():
     import quant
-    from quant.matmul import _dequant_mm, _fused, _weight, measured_choices
+    from quant.matmul import _dequant_mm, _fused, _gemv, _weight, measured_choices
 
     rows, picks = [], {}
     for shape in MM_SHAPES:
@@ -175,8 +211,10 @@ def matmul_rows():
                     raise ImportError("bitsandbytes")
                 return lambda: bnb.matmul_4bit(x, packed.t(), quant_state=st)
 
-            _run_provider(rows, key, "ours fused", lambda: (lambda: _fused(x, qt, None)))
-            _run_provider(rows, key, "ours dequant+cuBLAS", lambda: (lambda: _dequant_mm(x, qt, None)))
+            if m <= 8:
+                _run_provider(rows, key, "ours gemv", lambda: (lambda: _gemv(x, qt, None, True)))
+            _run_provider(rows, key, "ours fused", lambda: (lambda: _fused(x, qt, None, True)))
+            _run_provider(rows, key, "ours dequant+cuBLAS", lambda: (lambda: _dequant_mm(x, qt, None, True)))
             _run_provider(rows, key, "ours auto", lambda: (lambda: quant.matmul_nf4(x, q)))
             _run_provider(rows, key, "dequant + F.linear",
                           lambda: (lambda: F.linear(x, quant.dequantize_nf4(q, torch.bfloat16))))
@@ -207,6 +245,9 @@ def _table(rows, copy_gbs):
                 gbs = nbytes / r["us"] / 1e3
                 row.update({"µs": f"{r['us']:.1f}", "GB/s": f"{gbs:.0f}", "% of ceiling": f"{100 * gbs / copy_gbs:.0f}%",
                             "peak MiB": f"{r['peak']:.0f}",
+                            "GPU-only µs": f"{r['kus']:.1f}" if "kus" in r else "",
+                            "GPU-only % of ceiling": f"{100 * nbytes / r['kus'] / 1e3 / copy_gbs:.0f}%"
+                            if r.get("kus") else "",
                             "vs best peer": (f"{best / r['us']:.2f}x" if best else "no peer")
                             if r["provider"] not in PEERS else ""})
             out.append(row)
@@ -221,27 +262,149 @@ def _summary(rows, copy_gbs, picks):
             ours = [by[k] for k in by if k[:3] == ("nf4_dequant", shape, dt) and k[3].startswith("ours")]
             if not ours:
                 continue
-            best = min(ours, key=lambda r: r["us"])
-            gbs = deq_bytes(shape, torch.bfloat16) / best["us"] / 1e3
-            target = ("≥ 95% of copy" if shape in LARGE else "≤ 5 µs" if shape == (1024, 4096) else "")
-            met = (100 * gbs / copy_gbs >= 95) if shape in LARGE else (best["us"] <= 5) if shape == (1024, 4096) else None
-            lines.append(f"- dequant {shape[0]}x{shape[1]} {dt}: best ours = {best['provider']} {best['us']:.1f} µs, "
-                         f"{100 * gbs / copy_gbs:.0f}% of copy" + (f" (target {target}: {'met' if met else 'NOT met'})"
-                                                                   if target else ""))
+            nbytes = deq_bytes(shape, torch.bfloat16)
+            parts = []
+            for label, field in (("eager", "us"), ("GPU-only", "kus")):
+                best = min(ours, key=lambda r: r.get(field) or float("inf"))
+                if not best.get(field):
+                    continue
+                pct = 100 * nbytes / best[field] / 1e3 / copy_gbs
+                met = pct >= 95 if shape in LARGE else best[field] <= 5 if shape == (1024, 4096) else None
+                parts.append(f"{label} best = {best['provider']} {best[field]:.1f} µs, {pct:.0f}% of copy"
+                             + ("" if met is None else f" ({'met' if met else 'NOT met'})"))
+            target = "≥ 95% of copy" if shape in LARGE else "≤ 5 µs" if shape == (1024, 4096) else "none"
+            lines.append(f"- dequant {shape[0]}x{shape[1]} {dt} (target {target}): " + "; ".join(parts))
     for shape in MM_SHAPES:
         for m in MM_M:
             k = ("nf4_matmul", (m,) + shape, "bf16")
-            fused, deq = by.get(k + ("ours fused",)), by.get(k + ("dequant + F.linear",))
-            auto, bnb = by.get(k + ("ours auto",)), by.get(k + ("bitsandbytes matmul_4bit",))
-            if not (fused and deq and auto):
+            auto, deq = by.get(k + ("ours auto",)), by.get(k + ("dequant + F.linear",))
+            bnb = by.get(k + ("bitsandbytes matmul_4bit",))
+            if not (auto and deq):
                 continue
             pick = picks.get((m,) + shape, "?")
-            win = "fused wins where used" if pick != "fused" or fused["us"] < deq["us"] else "fused used but LOSES"
-            lines.append(f"- matmul M={m} {shape[0]}x{shape[1]}: auto picked {pick}; fused {fused['us']:.1f} µs vs "
-                         f"dequant+F.linear {deq['us']:.1f} µs ({deq['us'] / fused['us']:.2f}x)"
-                         + (f", bnb matmul_4bit {bnb['us']:.1f} µs (auto {bnb['us'] / auto['us']:.2f}x faster)"
-                            if bnb else "") + f"; {win}")
+            names = {"gemv": "ours gemv", "fused": "ours fused", "dequant": "ours dequant+cuBLAS"}
+            others = [by[k + (v,)] for p, v in names.items() if p != pick and k + (v,) in by]
+            used = by.get(k + (names.get(pick, ""),))
+            verdict = ""
+            if used and others:
+                best_other = min(others, key=lambda r: r["us"])
+                verdict = (f"; picked path {used['us']:.1f} µs vs best other ours {best_other['provider']} "
+                           f"{best_other['us']:.1f} µs ({'wins' if used['us'] <= best_other['us'] else 'LOSES'})")
+            lines.append(f"- matmul M={m} {shape[0]}x{shape[1]}: auto picked {pick}, eager {auto['us']:.1f} µs "
+                         f"(GPU-only {auto.get('kus', 0):.1f}); dequant+F.linear {deq['us']:.1f} µs "
+                         f"({deq['us'] / auto['us']:.2f}x)"
+                         + (f"; bnb matmul_4bit {bnb['us']:.1f} µs (GPU-only {bnb.get('kus', 0):.1f}; ours "
+                            f"{bnb['us'] / auto['us']:.2f}x its speed)" if bnb else "") + verdict)
     return "\n".join(lines) + "\n"
+
+
+# ---- exploration (not part of the table): host overhead and launch-configuration sweeps ---------------------
+
+def _host_us(fn, calls: int = 300) -> float:
+    """Host time per call: calls issued back to back, one sync at the end (the GPU keeps up when it is faster)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def explore():
+    import itertools
+
+    import quant
+    import triton_ops.nf4_dequant as td
+    import triton_ops.nf4_matmul as tm
+    import csrc.nf4_dequant as cd
+    from quant.matmul import _dequant_mm, _fused, _gemv, _weight
+
+    print(f"{hw.card_name()}", flush=True)
+    lines = []
+
+    def report(what, fn):
+        try:
+            e, k, h = hw.bench_us(fn), kernel_us(fn), _host_us(fn)
+            line = f"{what}: eager {e:.1f} us, GPU {k:.1f} us, host {h:.1f} us/call"
+        except Exception as ex:  # noqa: BLE001
+            line = f"{what}: failed {type(ex).__name__}: {str(ex)[:200]}"
+        print(line, flush=True)
+        lines.append(line)
+
+    # 1. host overhead of the call paths on a small weight
+    for shape in [(1024, 4096)]:
+        q, packed, st = _quantized_cache(shape)
+        out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+        args = (q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code, out, 64, 256)
+        for b in ("auto", "triton", "cuda"):
+            report(f"dequant {shape} public backend={b}", lambda b=b: quant.dequantize_nf4(q, torch.bfloat16, out=out, backend=b))
+        report(f"dequant {shape} raw triton _launch", lambda: td._launch(*args))
+        report(f"dequant {shape} raw cuda _launch", lambda: cd._launch(*args))
+        report(f"dequant {shape} torch.empty alone", lambda: torch.empty(shape, device="cuda", dtype=torch.bfloat16))
+    # 2. dequant launch configurations (kernel time)
+    tri = [(2048, False, 4), (4096, False, 4), (8192, False, 4), (8192, False, 8), (16384, False, 8),
+           (4096, True, 4), (8192, True, 8)]
+    cud = [(u, b) for u in (1, 2, 4) for b in (0, 8, 16)]
+    for shape in DEQ_SHAPES:
+        q, packed, st = _quantized_cache(shape)
+        out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+        args = (q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code, out, 64, 256)
+        nb = deq_bytes(shape, torch.bfloat16)
+        for t, g, w in tri:
+            td.CONFIG_OVERRIDE = {"TILE": t, "BYTE_GATHER": g, "num_warps": w}
+            try:
+                k = kernel_us(lambda: td._launch(*args))
+                line = f"dequant {shape} triton TILE={t} gather={g} warps={w}: GPU {k:.1f} us ({nb / k / 1e3:.0f} GB/s)"
+            except Exception as ex:  # noqa: BLE001
+                line = f"dequant {shape} triton {t},{g},{w}: failed {ex}"[:300]
+            print(line, flush=True)
+            lines.append(line)
+        td.CONFIG_OVERRIDE = None
+        for u, b in cud:
+            cd.CONFIG_OVERRIDE = {"U": u, "blocks_per_sm": b}
+            try:
+                k = kernel_us(lambda: cd._launch(*args))
+                line = f"dequant {shape} cuda U={u} blocks/SM={b}: GPU {k:.1f} us ({nb / k / 1e3:.0f} GB/s)"
+            except Exception as ex:  # noqa: BLE001
+                line = f"dequant {shape} cuda {u},{b}: failed {ex}"[:300]
+            print(line, flush=True)
+            lines.append(line)
+        cd.CONFIG_OVERRIDE = None
+        del out
+    # 3. GEMV configurations vs the other paths and bitsandbytes (kernel time)
+    gcfg = [(bn, rb, w) for bn, rb, w in itertools.product((1, 2, 4, 8), (256, 512, 1024), (4,))] + \
+        [(4, 512, 2), (4, 512, 8), (8, 256, 2)]
+    for shape in MM_SHAPES:
+        q, packed, st = _quantized_cache(shape)
+        qt = _weight(q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code,
+                     list(shape), 64, 256)
+        for m in (1, 8):
+            x = torch.randn(m, shape[1], device="cuda", dtype=torch.bfloat16)
+            report(f"mm M={m} {shape} default gemv", lambda: _gemv(x, qt, None, True))
+            report(f"mm M={m} {shape} dequant+cuBLAS", lambda: _dequant_mm(x, qt, None, True))
+            report(f"mm M={m} {shape} public auto", lambda: quant.matmul_nf4(x, q))
+            if st is not None:
+                import bitsandbytes as bnb
+
+                report(f"mm M={m} {shape} bnb matmul_4bit", lambda: bnb.matmul_4bit(x, packed.t(), quant_state=st))
+            for bn, rb, w in gcfg:
+                tm.GEMV_CONFIG_OVERRIDE = {"BLOCK_N": bn, "ROW_BYTES": rb, "num_warps": w}
+                try:
+                    k = kernel_us(lambda: _gemv(x, qt, None, True))
+                    line = f"mm M={m} {shape} gemv BN={bn} RB={rb} warps={w}: GPU {k:.1f} us"
+                except Exception as ex:  # noqa: BLE001
+                    line = f"mm M={m} {shape} gemv {bn},{rb},{w}: failed {ex}"[:300]
+                print(line, flush=True)
+                lines.append(line)
+            tm.GEMV_CONFIG_OVERRIDE = None
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "nf4-explore.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def _cache_path():
@@ -251,9 +414,13 @@ def _cache_path():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only-unsloth", action="store_true", help="measure unsloth only (run under PEERS_UNSLOTH=1)")
+    ap.add_argument("--explore", action="store_true", help="host-overhead and launch-configuration sweeps only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/nf4.py measures a CUDA device; none is available here")
+    if args.explore:
+        explore()
+        return
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.only_unsloth:
         try:
@@ -293,7 +460,10 @@ def main():
     notes = (f"\nDequant GB/s: packed codes + uint8 absmax + nested absmax read, output written; matmul GB/s: NF4 "
              f"weight + x read, y written. % of ceiling: of the copy bandwidth measured in this run "
              f"({copy_gbs:.0f} GB/s). Ours dequant timed writing into a reused output (peak 0); peers allocate. "
-             f"vs best peer: best peer time / ours (>1 = ours faster). Dequant backend auto picked: "
+             f"vs best peer: best peer time / ours (>1 = ours faster), eager. µs = eager call as a user makes it "
+             f"(public API, do_bench median, L2 flushed, host overhead included where it exceeds the GPU time); "
+             f"GPU-only µs = device time of the kernels the call launches (torch.profiler, L2 flushed), so the "
+             f"difference is host overhead. Dequant backend auto picked: "
              f"{measured_choices() or 'not measured'}.\n\n")
     summary = _summary(rows, copy_gbs, picks)
     print(body + notes + summary)

@@ -9,14 +9,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import get_kernel, launch
+from . import get_kernel
 
 __all__ = ["nf4_dequantize_cuda", "nf4_dequantize_cuda_tensors"]
 
 THREADS = 256
-WARP_ELEMS = 1024  # elements per warp (16 packed bytes per lane: one 16-byte load each)
-_KERNELS = {torch.float32: "nf4_dequant_fp32", torch.float16: "nf4_dequant_fp16",
-            torch.bfloat16: "nf4_dequant_bf16"}
+WARP_ELEMS = 1024  # elements per warp range (16 packed bytes per lane: one 16-byte load each)
+_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_KERNELS = _DT  # the dtypes the kernels write
+
+# Launch configuration: U (16-byte loads in flight per lane) and the grid cap in blocks per SM (0: one chunk per
+# warp, no grid-stride loop). Overridable for experiments (bench/nf4.py --explore).
+CONFIG_OVERRIDE: dict | None = None
+
+
+def _config(n: int) -> tuple[int, int]:
+    if CONFIG_OVERRIDE is not None:
+        return CONFIG_OVERRIDE["U"], CONFIG_OVERRIDE["blocks_per_sm"]
+    return 2, 0
 
 
 def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype, out):
@@ -56,18 +66,63 @@ def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocks
                          f"{data.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
 
 
+# Host-side caches: the compiled kernel per (device, dtype, U), CuPy's stream object per torch stream, the SM
+# count per device. A small weight's whole dequantization takes a few microseconds on the GPU, so the Python
+# work per call (module lookup, stream wrapping, device context) has to stay below that.
+_FUNCS: dict = {}
+_STREAMS: dict = {}
+_SMS: dict = {}
+
+
+def _kernel(device_index: int, dtype: torch.dtype, u: int):
+    key = (device_index, dtype, u)
+    fn = _FUNCS.get(key)
+    if fn is None:
+        fn = get_kernel("nf4_dequant.cu", f"nf4_dequant_{_DT[dtype]}_u{u}", torch.device("cuda", device_index))
+        _FUNCS[key] = fn
+        _SMS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return fn
+
+
+def _stream(device_index: int):
+    handle = torch.cuda.current_stream(device_index).cuda_stream
+    st = _STREAMS.get(handle)
+    if st is None:
+        import cupy
+
+        st = cupy.cuda.ExternalStream(handle, device_index)
+        if len(_STREAMS) > 64:  # streams come and go (e.g. CUDA graph capture); keep the cache small
+            _STREAMS.clear()
+        _STREAMS[handle] = st
+    return st
+
+
 def _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksize, nested_blocksize):
     n = out.numel()
-    kernel = get_kernel("nf4_dequant.cu", _KERNELS[out.dtype], out.device)
+    index = out.device.index
+    u, blocks_per_sm = _config(n)
+    kernel = _kernel(index, out.dtype, u)
     double = nested_absmax is not None
     vec = data.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0  # 16-byte loads/stores need alignment
-    grid = (-(-n // (WARP_ELEMS * (THREADS // 32))),)
+    blocks = -(-n // (u * WARP_ELEMS * (THREADS // 32)))
+    if blocks_per_sm:
+        blocks = min(blocks, blocks_per_sm * _SMS[index])
     dummy = absmax  # never read when there is no double quantization
-    with torch.cuda.device(out.device):
-        launch(kernel, grid, (THREADS,),
-               (data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
-                offset if double else dummy, code, out, np.int64(n), np.int32(blocksize.bit_length() - 1),
-                np.int32(nested_blocksize.bit_length() - 1), np.int32(double), np.int32(vec)))
+    args = (np.uint64(data.data_ptr()), np.uint64(absmax.data_ptr()),
+            np.uint64((nested_absmax if double else dummy).data_ptr()),
+            np.uint64((nested_code if double else dummy).data_ptr()), np.uint64((offset if double else dummy).data_ptr()),
+            np.uint64(code.data_ptr()), np.uint64(out.data_ptr()), np.int64(n), np.int32(blocksize.bit_length() - 1),
+            np.int32(nested_blocksize.bit_length() - 1), np.int32(double), np.int32(vec))
+    if index == torch.cuda.current_device():
+        kernel((blocks,), (THREADS,), args, stream=_stream(index))
+    else:
+        with torch.cuda.device(index):
+            kernel((blocks,), (THREADS,), args, stream=_stream(index))
+
+
+def eager_ok(t: torch.Tensor) -> bool:
+    """Plain eager CUDA tensors, no tracing: launch directly instead of through the torch.library op."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
 @torch.library.custom_op("minitrain::nf4_dequant_cuda", mutates_args=())
@@ -104,6 +159,11 @@ def nf4_dequantize_cuda_tensors(data, absmax, nested_absmax, nested_code, offset
     data = data.reshape(-1)
     offset = None if offset is None else offset.reshape(1)
     _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype, out)
+    if eager_ok(data):  # eager fast path: same kernel, no dispatcher round trip
+        if out is None:
+            out = torch.empty(shape[0], shape[1], dtype=dtype, device=data.device)
+        _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksize, nested_blocksize)
+        return out
     if out is None:
         return torch.ops.minitrain.nf4_dequant_cuda(data, absmax, nested_absmax, nested_code, offset, code, shape,
                                                     blocksize, nested_blocksize, dtype)

@@ -5,12 +5,16 @@ Paths (``backend=``):
 * "fused": ``triton_ops.nf4_matmul`` dequantizes W tile by tile in registers inside the GEMM/GEMV, so W is
   read once at 4.1 bits per weight and never written out: the fast path for small M (decode, short
   sequences), where dequant + GEMM is bound by writing and re-reading the N*K 16-bit weight.
+* "gemv": ``triton_ops.nf4_matmul.nf4_gemv`` for M <= 8 (decode): each program streams a few weight rows once
+  with 16-byte loads and reduces in fp32; x is re-read from L1/L2, the weight from DRAM exactly once.
 * "dequant": dequantize W into a reused scratch buffer (the measured-fastest dequant kernel) and call cuBLAS
   through ``F.linear``: the fast path for large M, where the GEMM dominates.
-* "auto" (default): on CUDA, M > FUSED_MAX_M or a shape the fused kernel cannot tile -> "dequant"; otherwise
-  the first call for a (card, x dtype, N, K, M rounded up to a power of two) times both paths on the real
-  inputs (CUDA events, median of a few runs) and keeps the faster for the rest of the process, so the fused
-  kernel is only used where it measured faster. ``MINITRAIN_NF4_MATMUL`` (torch | fused | dequant) overrides.
+* "auto" (default): on CUDA, M > FUSED_MAX_M or a shape the kernels cannot tile -> "dequant"; otherwise the
+  first call for a (card, x dtype, N, K, M rounded up to a power of two) times "gemv" (M <= 8) or "fused"
+  (M <= FUSED_MAX_M) against "dequant" on the real inputs (CUDA events, median of a few runs) and keeps the
+  faster for the rest of the process, so a fused kernel is only used where it measured faster.
+  In eager mode with nothing to differentiate, the chosen path is launched directly on the weight's cached,
+  validated arguments (no torch.library dispatch); otherwise through the op below. ``MINITRAIN_NF4_MATMUL`` (torch | fused | dequant) overrides.
 
 On CUDA the whole thing is one ``torch.library`` op (``minitrain::nf4_linear``) with a registered autograd
 formula: dx = dy @ W, with W dequantized again in the backward rather than saved (the scratch buffer is
@@ -32,7 +36,7 @@ from .nf4 import NF4Weight, dequantize_nf4_ref
 
 __all__ = ["matmul_nf4", "FUSED_MAX_M", "measured_choices"]
 
-BACKENDS = ("auto", "torch", "fused", "dequant")
+BACKENDS = ("auto", "torch", "gemv", "fused", "dequant")
 ENV_VAR = "MINITRAIN_NF4_MATMUL"
 FUSED_MAX_M = 256  # beyond this the fused kernel re-dequantizes W for every M tile; cuBLAS wins
 
@@ -70,27 +74,51 @@ def _weight(data, absmax, nested_absmax, nested_code, offset, code, shape, block
                            nested_blocksize=nested_blocksize, dtype=torch.bfloat16)
 
 
-def _dequant_into_scratch(qt, dtype: torch.dtype) -> torch.Tensor:
-    from .dispatch import _run, resolve_backend
+def _dequant_into_scratch(qt, dtype: torch.dtype, fast: bool = False) -> torch.Tensor:
+    from .dispatch import _launch_into, _run, resolve_backend
 
     n, k = qt.shape
     out = _scratch(qt.data.device, dtype, n * k).view(n, k)
     backend = resolve_backend("auto", qt.data.device, dtype, n * k)
+    if fast and backend != "torch":  # validated arguments, eager: launch the kernel directly
+        return _launch_into(backend, (qt.data, qt.absmax, qt.nested_absmax, qt.nested_code, qt.offset, qt.code,
+                                      qt.blocksize, qt.nested_blocksize), out)
     if backend == "torch":  # no kernel could run: the reference needs a full NF4Weight
         qt = NF4Weight(qt.data.view(-1, 1), qt.absmax, qt.shape, dtype, qt.blocksize, qt.code, qt.nested_absmax,
                        qt.nested_code, None if qt.offset is None else qt.offset.reshape(()), qt.nested_blocksize)
     return _run(backend, qt, dtype, out)
 
 
-def _fused(x, qt, bias):
+def _qargs(qt):
+    return (qt.data, qt.absmax, qt.nested_absmax, qt.nested_code, qt.offset, qt.code, list(qt.shape), qt.blocksize,
+            qt.nested_blocksize)
+
+
+def _fused(x, qt, bias, fast: bool = False):
+    if fast:
+        from triton_ops.nf4_matmul import fused_impl
+
+        return fused_impl(x, *_qargs(qt), bias)
     from triton_ops.nf4_matmul import nf4_matmul
 
-    return nf4_matmul(x, qt.data, qt.absmax, qt.nested_absmax, qt.nested_code, qt.offset, qt.code, qt.shape,
-                      qt.blocksize, qt.nested_blocksize, bias)
+    return nf4_matmul(x, *_qargs(qt), bias)
 
 
-def _dequant_mm(x, qt, bias):
-    return F.linear(x, _dequant_into_scratch(qt, x.dtype), bias)
+def _gemv(x, qt, bias, fast: bool = False):
+    if fast:
+        from triton_ops.nf4_matmul import gemv_impl
+
+        return gemv_impl(x, *_qargs(qt), bias)
+    from triton_ops.nf4_matmul import nf4_gemv
+
+    return nf4_gemv(x, *_qargs(qt), bias)
+
+
+def _dequant_mm(x, qt, bias, fast: bool = False):
+    return F.linear(x, _dequant_into_scratch(qt, x.dtype, fast), bias)
+
+
+_PATHS = {"fused": _fused, "gemv": _gemv, "dequant": _dequant_mm}
 
 
 def _time_us(fn, reps: int = 7) -> float:
@@ -107,27 +135,43 @@ def _time_us(fn, reps: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _choose_path(x, qt, m: int) -> str:
-    from triton_ops.nf4_matmul import fused_supported
+def candidates(m: int, shape, blocksize: int) -> tuple[str, ...]:
+    """The paths "auto" chooses among for m rows of x: GEMV (m <= GEMV_MAX_M) or the fused GEMM
+    (m <= FUSED_MAX_M) when the weight's blocks do not straddle rows, and always dequant + cuBLAS."""
+    from triton_ops.nf4_matmul import GEMV_MAX_M, fused_supported
 
-    if m > FUSED_MAX_M or not fused_supported(qt.shape, qt.blocksize):
-        return "dequant"
+    if not fused_supported(shape, blocksize) or m > FUSED_MAX_M:
+        return ("dequant",)
+    return ("gemv", "dequant") if m <= GEMV_MAX_M else ("fused", "dequant")
+
+
+def _choose_path(x, qt, m: int) -> str:
     bucket = 1 << max(m - 1, 0).bit_length()
     key = (x.device.index, x.dtype, qt.shape[0], qt.shape[1], bucket)
     choice = _MEASURED.get(key)
     if choice is not None:
         return choice
-    if _capturing(x.device):
-        return "fused" if m <= 16 else "dequant"  # no timing inside a capture; the bandwidth-bound guess
-    x2 = x.reshape(-1, qt.shape[1])
-    timings = {"dequant": _time_us(lambda: _dequant_mm(x2, qt, None))}
-    try:
-        timings["fused"] = _time_us(lambda: _fused(x2, qt, None))
-    except Exception:  # noqa: BLE001 - a fused kernel that cannot compile here is simply not a candidate
-        pass
-    choice = min(timings, key=timings.get)
+    cands = candidates(m, qt.shape, qt.blocksize)
+    if len(cands) == 1:
+        return cands[0]
+    if _capturing(x.device) or torch.compiler.is_compiling():
+        return cands[0] if m <= 8 else "dequant"  # no timing inside a capture; the bandwidth-bound guess
+    x2 = x.reshape(-1, qt.shape[1]).detach()
+    timings = {}
+    for name in cands:
+        try:
+            timings[name] = _time_us(lambda name=name: _PATHS[name](x2, qt, None, True))
+        except Exception:  # noqa: BLE001 - a kernel that cannot compile here is simply not a candidate
+            pass
+    choice = min(timings, key=timings.get) if timings else "dequant"
     _MEASURED[key] = choice
     return choice
+
+
+def _forward(x, qt, bias, path: str, fast: bool = False):
+    if path == "auto":
+        path = _choose_path(x, qt, x.numel() // qt.shape[1])
+    return _PATHS[path](x, qt, bias, fast)
 
 
 # -- torch.library op (CUDA path) -----------------------------------------------------------------------------
@@ -137,12 +181,7 @@ def _nf4_linear_op(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, ne
                    shape: list[int], blocksize: int, nested_blocksize: int, bias: torch.Tensor | None,
                    path: str) -> torch.Tensor:
     qt = _weight(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
-    m = x.numel() // shape[1]
-    if path == "auto":
-        path = _choose_path(x, qt, m)
-    if path == "fused":
-        return _fused(x, qt, bias)
-    return _dequant_mm(x, qt, bias)
+    return _forward(x, qt, bias, path)
 
 
 @_nf4_linear_op.register_fake
@@ -198,9 +237,18 @@ def matmul_nf4(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None, 
         bias = bias.to(x.dtype)
     if backend == "torch" or (x.device.type != "cuda" and backend == "auto"):
         return F.linear(x, dequantize_nf4_ref(q, x.dtype), bias)
+    if (x.is_cuda and type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+        # Eager, nothing to differentiate: the same forward without the torch.library op, on the weight's cached
+        # validated arguments (the op's dispatch and per-call checks cost more than a decode GEMV takes).
+        from .dispatch import prepared_args
+
+        a = prepared_args(q)
+        qt = _weight(*a[:6], list(q.shape), a[6], a[7])
+        return _forward(x, qt, bias, backend, fast=True)
     double = q.double_quant
     offset = q.offset.reshape(1) if double else None
-    # One op for both paths; on CPU (explicit "fused"/"dequant") the Triton kernels run under the interpreter.
+    # One op for every path; on CPU (explicit kernel paths) the Triton kernels run under the interpreter.
     return torch.ops.minitrain.nf4_linear(x, q.data.reshape(-1), q.absmax, q.nested_absmax if double else None,
                                           q.nested_code if double else None, offset, q.code, list(q.shape),
                                           q.blocksize, q.nested_blocksize, bias, backend)

@@ -77,16 +77,25 @@ def test_fused_cpu(shape, dtype):
         _compare(q, x, b, "fused", check_grads=False)
 
 
-@pytest.mark.parametrize("backend", ["fused", "dequant", "torch"])
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_cpu(shape, dtype):
+    for m in (1, 3, 8):  # a single row; odd M (masked x rows); the largest GEMV M
+        q, x, b = _case(shape, m, dtype, "cpu", double_quant=(m != 3), bias=(m != 1))
+        _compare(q, x, b, "gemv", check_grads=False)
+
+
+@pytest.mark.parametrize("backend", ["gemv", "fused", "dequant", "torch"])
 def test_paths_with_grads_cpu(backend):
     q, x, b = _case((40, 128), 3, torch.bfloat16, "cpu", lead=(2,))
     _compare(q, x, b, backend)
 
 
-def test_fused_compile_fullgraph_cpu():
+@pytest.mark.parametrize("backend", ["fused", "gemv"])
+def test_fused_compile_fullgraph_cpu(backend):
     q, x, b = _case((32, 64), 4, torch.bfloat16, "cpu")
-    f = torch.compile(lambda x: quant.matmul_nf4(x, q, b, backend="fused"), fullgraph=True)
-    want = quant.matmul_nf4(x, q, b, backend="fused")
+    f = torch.compile(lambda x: quant.matmul_nf4(x, q, b, backend=backend), fullgraph=True)
+    want = quant.matmul_nf4(x, q, b, backend=backend)
     got = f(x)
     assert torch.equal(got, want)
 
@@ -114,7 +123,7 @@ def test_errors():
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("m", GPU_M)
 def test_matmul_gpu(shape, m):
-    backends = ["auto", "dequant"] + (["fused"] if m <= 256 else [])
+    backends = ["auto", "dequant"] + (["fused"] if m <= 256 else []) + (["gemv"] if m <= 8 else [])
     dtypes = [torch.bfloat16, torch.float16] if shape == (4096, 4096) and m <= 32 else [torch.bfloat16]
     for dtype in dtypes:
         q, x, b = _case(shape, m, dtype, "cuda", bias=(m % 2 == 0))
@@ -126,6 +135,23 @@ def test_matmul_gpu(shape, m):
 def test_fused_fp32_and_no_double_quant_gpu():
     q, x, b = _case((1027, 4096), 8, torch.float32, "cuda", double_quant=False)
     _compare(q, x, b, "fused")
+    _compare(q, x, b, "gemv")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_gemv_odd_shapes_gpu(m):
+    """Every GEMV tile configuration the launcher picks (BLOCK_N 1..8): N from tiny to gate-sized, K with a partial
+    last step, fp16/bf16, with and without double quantization."""
+    for shape in ((3, 64), (1000, 192), (131, 4160), (14336, 4096)):
+        for dtype in (torch.bfloat16, torch.float16):
+            q, x, b = _case(shape, m, dtype, "cuda", double_quant=shape[0] != 131, bias=m % 2 == 1)
+            _compare(q, x, b, "gemv", check_grads=False)
+    # Eager fast path vs the op path (autograd): same kernel, identical results.
+    q, x, b = _case((4096, 4096), m, torch.bfloat16, "cuda")
+    y_fast = quant.matmul_nf4(x, q, b, backend="gemv")
+    y_op = quant.matmul_nf4(x.clone().requires_grad_(), q, b, backend="gemv")
+    assert torch.equal(y_fast, y_op.detach())
 
 
 @pytest.mark.gpu

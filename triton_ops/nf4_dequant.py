@@ -18,9 +18,11 @@ write 2 (fp16/bf16) or 4 (fp32). The kernel is bandwidth-bound; its only work pe
 extract, a 16-entry table lookup (L1-resident) and one multiply.
 
 Each program handles TILE elements (a few thousand) laid out as a (TILE/B, B) tile, one quantization block
-per row, so each row's absmax is decoded once. Two formulations are autotuned (once per process and size
-class): 16 packed bytes per thread with the nibbles interleaved back by ``tl.join``, or one byte load per
-output element; both write wide contiguous stores.
+per row, so each row's absmax is decoded once. Two formulations exist: 16 packed bytes per thread with the
+nibbles interleaved back by ``tl.join``, or one byte load per output element; both write wide contiguous
+stores. The configuration is picked by size (``_config``, measured on an H200), not autotuned: in eager mode
+the public call launches the kernel directly (no autotuner, no dispatcher), so a small weight costs little
+more host time than the launch itself; under torch.compile the same kernel runs inside the torch.library op.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import triton.language as tl
 __all__ = ["nf4_dequantize_ref", "nf4_dequantize", "nf4_dequantize_tensors", "BYTES_PER_ELEMENT"]
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def BYTES_PER_ELEMENT(out_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True,
@@ -71,23 +74,29 @@ def cast_rtne(x, out_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
         return x.to(out_ty)
 
 
-def _dequant_configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot autotune several configs
-        return [triton.Config({"TILE": 2048, "BYTE_GATHER": False}, num_warps=4)]
-    # Two formulations, measured once per process and size class by the autotuner: "pairs" (16 packed bytes
-    # per thread, nibbles interleaved back with tl.join; the compiler re-lays the tile out for coalesced
-    # stores) and "byte gather" (each output element loads its byte; stores need no re-layout).
-    return [triton.Config({"TILE": t, "BYTE_GATHER": g}, num_warps=w)
-            for t, g, w in ((8192, False, 8), (16384, False, 8), (8192, True, 8))]
+# Launch configuration (TILE elements per program, formulation, warps), chosen by size instead of autotuning:
+# the autotuner's Python wrapper costs more host time per call than the whole kernel takes on a small weight,
+# and the choice was measured once on the GPU (bench/nf4.py, "ours triton" rows). Overridable for experiments.
+CONFIG_OVERRIDE: dict | None = None
 
 
-@triton.autotune(configs=_dequant_configs(), key=["N_BUCKET", "BLOCKSIZE", "DOUBLE_QUANT"])
+def _config(n: int) -> tuple[int, bool, int]:
+    """(TILE, BYTE_GATHER, num_warps) for n output elements."""
+    if CONFIG_OVERRIDE is not None:
+        return CONFIG_OVERRIDE["TILE"], CONFIG_OVERRIDE["BYTE_GATHER"], CONFIG_OVERRIDE["num_warps"]
+    if _INTERPRET:
+        return 2048, False, 4
+    if n <= 8 * 2**20:   # up to 4096 x 2048: smaller tiles give enough programs to fill every SM
+        return 4096, False, 4
+    return 8192, False, 8
+
+
 @triton.jit
 def _nf4_dequant_kernel(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
-                        n, nbytes, N_BUCKET,
+                        n, nbytes,
                         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                         INTERPRET_BF16: tl.constexpr, TILE: tl.constexpr, BYTE_GATHER: tl.constexpr):
-    ROWS: tl.constexpr = TILE // BLOCKSIZE    # one quantization block per tile row (TILE >= 4096 >= BLOCKSIZE)
+    ROWS: tl.constexpr = TILE // BLOCKSIZE    # one quantization block per tile row (TILE >= BLOCKSIZE)
     ROW_BYTES: tl.constexpr = BLOCKSIZE // 2
     # int64: the element offsets of a 128256 x 4096 fp32 output pass 2^31 bytes.
     pid = tl.program_id(0).to(tl.int64)
@@ -167,15 +176,23 @@ def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocks
 def _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksize, nested_blocksize):
     n = out.numel()
     double = nested_absmax is not None
-    grid = lambda meta: (triton.cdiv(triton.cdiv(n, blocksize), meta["TILE"] // blocksize),)  # noqa: E731
+    tile, byte_gather, warps = _config(n)
+    tile = max(tile, blocksize)
     dummy = absmax  # unused pointer arguments when there is no double quantization
-    _nf4_dequant_kernel[grid](
+    _nf4_dequant_kernel[(triton.cdiv(triton.cdiv(n, blocksize), tile // blocksize),)](
         data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
-        offset if double else dummy, code, out, n, data.numel(), n.bit_length(),
+        offset if double else dummy, code, out, n, data.numel(),
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double,
-        INTERPRET_BF16=out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        INTERPRET_BF16=_INTERPRET and out.dtype == torch.bfloat16, TILE=tile, BYTE_GATHER=byte_gather,
+        num_warps=warps,
         enable_fp_fusion=False,  # absmax = code2*absmax2 + offset must round twice, like the reference
     )
+
+
+def eager_ok(t: torch.Tensor) -> bool:
+    """Whether a call may skip the torch.library op and launch directly: plain eager tensors, no tracing (the op
+    is what torch.compile / fake tensors see; in eager it would only add dispatcher overhead)."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
 # -- torch.library registration -------------------------------------------------------------------------------
@@ -223,6 +240,11 @@ def nf4_dequantize_tensors(data, absmax, nested_absmax, nested_code, offset, cod
     data = data.reshape(-1)
     offset = None if offset is None else offset.reshape(1)
     _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype, out)
+    if eager_ok(data):  # eager fast path: same kernel, no dispatcher round trip
+        if out is None:
+            out = torch.empty(shape[0], shape[1], dtype=dtype, device=data.device)
+        _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksize, nested_blocksize)
+        return out
     if out is None:
         return torch.ops.minitrain.nf4_dequant_triton(data, absmax, nested_absmax, nested_code, offset, code, shape,
                                                       blocksize, nested_blocksize, dtype)

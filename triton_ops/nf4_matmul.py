@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .nf4_dequant import cast_rtne
 
-__all__ = ["nf4_matmul_ref", "nf4_matmul", "fused_supported"]
+__all__ = ["nf4_matmul_ref", "nf4_matmul", "nf4_gemv", "fused_supported", "GEMV_MAX_M"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -142,6 +142,108 @@ def _launch(x2, data, absmax, nested_absmax, nested_code, offset, code, n_out, b
     return y
 
 
+# -- GEMV for M <= GEMV_MAX_M (decode) ---------------------------------------------------------------------------
+GEMV_MAX_M = 8
+GEMV_CONFIG_OVERRIDE: dict | None = None  # {"BLOCK_N", "ROW_BYTES", "num_warps"}: experiments (bench/nf4.py)
+
+
+@triton.jit
+def _nf4_gemv_kernel(x_ptr, data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, bias_ptr,
+                     y_ptr, M, N, KH, KB, stride_xm, stride_ym,
+                     HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BYTES: tl.constexpr):
+    """Program p owns output columns [p*BLOCK_N, +BLOCK_N) for all M (<= BLOCK_M) rows of x and streams those
+    BLOCK_N weight rows once, ROW_BYTES packed bytes of each per step (16-byte loads), decoding in registers:
+    y[m, n] = sum_k x[m, k] * cast_x(code[q(n,k)] * absmax(n,k)) in fp32. KH = K/2 bytes per weight row,
+    KB = K/BLOCKSIZE blocks per row (K % BLOCKSIZE == 0: a block never straddles rows)."""
+    NB: tl.constexpr = ROW_BYTES * 2 // BLOCKSIZE   # quantization blocks per row per step
+    HB: tl.constexpr = BLOCKSIZE // 2               # packed bytes per block
+    pid = tl.program_id(0)
+    offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)   # n * K/2 passes 2^31 for big weights
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    jb = tl.arange(0, NB)
+    jh = tl.arange(0, HB)
+    half = tl.arange(0, ROW_BYTES)
+    row_byte = offs_n * KH
+    row_blk = offs_n * KB
+    x_dtype = x_ptr.dtype.element_ty
+    if DOUBLE_QUANT:
+        off = tl.load(offset_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for b0 in range(0, KH, ROW_BYTES):                                    # b0: packed byte = k0 / 2
+        blk_ok = (b0 + jb * HB) < KH                                      # (NB,)
+        w_ok = n_ok[:, None] & blk_ok[None, :]                            # (BN, NB)
+        boffs = row_byte[:, None, None] + (b0 + jb * HB)[None, :, None] + jh[None, None, :]
+        packed = tl.load(data_ptr + boffs, mask=w_ok[:, :, None], other=0, eviction_policy="evict_first")
+        blk = row_blk[:, None] + (b0 // HB + jb)[None, :]                 # (BN, NB)
+        if DOUBLE_QUANT:
+            a8 = tl.load(absmax_ptr + blk, mask=w_ok, other=0).to(tl.int32)
+            a2 = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=w_ok, other=0.0)
+            scale = tl.load(nested_code_ptr + a8) * a2 + off  # fp fusion is off: two roundings as the reference
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=w_ok, other=0.0)
+        w_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, :, None]     # even k
+        w_lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, :, None]    # odd k
+        w_hi = tl.reshape(cast_rtne(w_hi, x_dtype, INTERPRET_BF16), (BLOCK_N, ROW_BYTES)).to(tl.float32)
+        w_lo = tl.reshape(cast_rtne(w_lo, x_dtype, INTERPRET_BF16), (BLOCK_N, ROW_BYTES)).to(tl.float32)
+        kb = b0 + half
+        x_mask = m_ok[:, None] & (kb < KH)[None, :]
+        x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * kb[None, :], mask=x_mask, other=0.0)
+        x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * kb[None, :] + 1, mask=x_mask, other=0.0)
+        prod = x_even.to(tl.float32)[:, None, :] * w_hi[None, :, :] + x_odd.to(tl.float32)[:, None, :] * w_lo[None, :, :]
+        acc += tl.sum(prod, axis=2)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, cast_rtne(acc, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_SM_COUNT: dict = {}
+
+
+def _gemv_config(m: int, n_out: int, k: int, blocksize: int, device) -> tuple[int, int, int]:
+    """(BLOCK_N, ROW_BYTES, num_warps): enough programs for ~4 per SM, ~2 KiB of packed weight per step (16 bytes
+    per thread at 4 warps), fewer with more x rows (the fp32 product tile is BLOCK_M x BLOCK_N x ROW_BYTES)."""
+    if GEMV_CONFIG_OVERRIDE is not None:
+        c = GEMV_CONFIG_OVERRIDE
+        block_n, row_bytes, warps = c["BLOCK_N"], c["ROW_BYTES"], c["num_warps"]
+    elif _INTERPRET:
+        block_n, row_bytes, warps = 4, 32, 4
+    else:
+        sms = _SM_COUNT.get(device.index)
+        if sms is None:
+            sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        block_n = 8
+        while block_n > 1 and triton.cdiv(n_out, block_n) < 4 * sms:
+            block_n //= 2
+        budget = 2048 if m <= 2 else 1024 if m <= 4 else 512         # bytes per step over the BLOCK_N rows
+        row_bytes = max(budget // block_n, 16)
+        warps = 4
+    row_bytes = max(min(row_bytes, triton.next_power_of_2(k // 2)), blocksize // 2)
+    return block_n, row_bytes, warps
+
+
+def _launch_gemv(x2, data, absmax, nested_absmax, nested_code, offset, code, n_out, blocksize, nested_blocksize, bias):
+    M, K = x2.shape
+    y = torch.empty(M, n_out, dtype=x2.dtype, device=x2.device)
+    block_n, row_bytes, warps = _gemv_config(M, n_out, K, blocksize, x2.device)
+    double = nested_absmax is not None
+    dummy = absmax
+    _nf4_gemv_kernel[(triton.cdiv(n_out, block_n),)](
+        x2, data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
+        offset if double else dummy, code, bias if bias is not None else x2, y, M, n_out, K // 2, K // blocksize,
+        x2.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double,
+        INTERPRET_BF16=_INTERPRET and x2.dtype == torch.bfloat16, BLOCK_M=max(1, triton.next_power_of_2(M)),
+        BLOCK_N=block_n, ROW_BYTES=row_bytes, num_warps=warps,
+        enable_fp_fusion=False,  # the absmax decode must not become an FMA (bit-exact weights)
+    )
+    return y
+
+
 def _check(x, data, absmax, code, shape, blocksize, bias):
     where = "nf4_matmul"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -168,6 +270,12 @@ def _nf4_matmul_op(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, ne
                    nested_code: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor,
                    shape: list[int], blocksize: int, nested_blocksize: int,
                    bias: torch.Tensor | None) -> torch.Tensor:
+    return fused_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize,
+                      bias)
+
+
+def fused_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
+    """The fused launch on validated arguments (no checks; ``nf4_matmul`` is the checked entry point)."""
     x2 = x.reshape(-1, shape[1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -218,3 +326,41 @@ def nf4_matmul(x, data, absmax, nested_absmax, nested_code, offset, code, shape,
     _check(x, data, absmax, code, shape, blocksize, bias)
     return torch.ops.minitrain.nf4_matmul_fused(x, data, absmax, nested_absmax, nested_code, offset, code, shape,
                                                 blocksize, nested_blocksize, bias)
+
+
+@torch.library.custom_op("minitrain::nf4_gemv", mutates_args=())
+def _nf4_gemv_op(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                 nested_code: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor,
+                 shape: list[int], blocksize: int, nested_blocksize: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return gemv_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize,
+                     bias)
+
+
+@_nf4_gemv_op.register_fake
+def _(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
+    return x.new_empty(*x.shape[:-1], shape[0])
+
+
+_nf4_gemv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gemv_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
+    """The GEMV launch on validated arguments (no checks; ``nf4_gemv`` is the checked entry point)."""
+    x2 = x.reshape(-1, shape[1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = _launch_gemv(x2, data, absmax, nested_absmax, nested_code, offset, code, shape[0], blocksize,
+                     nested_blocksize, bias)
+    return y.view(*x.shape[:-1], shape[0])
+
+
+def nf4_gemv(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize=64, nested_blocksize=256,
+             bias=None) -> torch.Tensor:
+    """y = x @ dequant(W)^T (+ bias) for few rows of x (M <= GEMV_MAX_M, decode): each program streams a few
+    weight rows once and reduces in fp32 (arguments as ``nf4_matmul``). Differentiable in x and bias."""
+    shape = [int(shape[0]), int(shape[1])]
+    data = data.reshape(-1)
+    offset = None if offset is None else offset.reshape(1)
+    _check(x, data, absmax, code, shape, blocksize, bias)
+    return torch.ops.minitrain.nf4_gemv(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize,
+                                        nested_blocksize, bias)
