@@ -666,8 +666,8 @@ def write_loss_curve(path, history: dict) -> Path | None:
 
     img[T:H - B, L - 1:L + 1] = 0  # y axis
     img[H - B:H - B + 2, L:W - R] = 0  # x axis
-    _text(img, 4, T, f"{hi:.3g}")
-    _text(img, 4, H - B - 10, f"{lo:.3g}")
+    _text(img, 4, T, f"{hi:.2g}")
+    _text(img, 4, H - B - 10, f"{lo:.2g}")
     _text(img, L, H - B + 8, "0")
     _text(img, W - R - 4 * 2 * len(str(x_max)), H - B + 8, str(x_max))
     _polyline(img, [xy(s, l) for s, l in zip(steps, losses)], TRAIN_COLOR)
