@@ -165,10 +165,11 @@ def test_compile_fullgraph(device):
 
 
 def test_chunk_formula_and_errors(device):
-    # V=128256 bf16: 256 MiB / (128256 * 2) = 1046 rows -> 1024 (a multiple of 128), capped at N
-    assert default_chunk_size(16384, 128256, 2) == 1024
+    # V=128256 bf16: 0.49 GiB / (128256 * 2) = 2051 rows -> 2048 (a multiple of 128), capped at N
+    assert default_chunk_size(16384, 128256, 2) == 2048
     assert default_chunk_size(300, 128256, 2) == 300
-    assert default_chunk_size(16384, 256000, 4) == 256
+    assert default_chunk_size(16384, 256000, 4) == 512
+    assert 2048 * 128256 * 2 < 0.5 * 2**30  # the default buffer stays within the issue's memory target
     h, w, _ = _inputs(4, 8, 30, device)
     y = _labels(4, 30, device)
     if device == "cpu":
@@ -246,3 +247,19 @@ def test_gpu_llama3_memory():
 
     g_s = g_rows((h.detach()[rows] @ w.detach().t()).float())  # same precision: bf16 logits, bf16 G
     _close("grad_hidden (first 2048 rows)", gh[rows], g_rows(logits) @ w32, (g_s.to(torch.bfloat16) @ w.detach()))
+
+
+def test_backward_allocates_no_zero_grads(device):
+    """The backward must not get zero-filled gradients for the op's non-differentiable gradient outputs:
+    autograd's default would allocate and fill a V x C (grad_W-sized) tensor every step (1 GiB at Llama-3)."""
+    n, c, v = 6, 8, 40
+    h, w, _ = _inputs(n, c, v, device)
+    h.requires_grad_(), w.requires_grad_()
+    y = _labels(n, v, device)
+    loss = fused_linear_cross_entropy(h, w, y, backend="triton")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch.autograd.grad(loss, (h, w))
+    big = [(e.name, e.input_shapes) for e in prof.events()
+           if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::fill_", "aten::empty")
+           and any(list(s) in ([v, c], [n, c]) for s in e.input_shapes if isinstance(s, list))]
+    assert not big, f"backward allocated/filled gradient-sized tensors: {big}"
