@@ -82,7 +82,7 @@ def _time_peak(fn):
 _FLUSH = {}
 
 
-def kernel_us(fn, reps: int = 20) -> float:
+def kernel_us(fn, reps: int = 10) -> float:
     """GPU-only time per call of fn: the sum of the device durations of the kernels (and memcpy/memset) it
     launches, from torch.profiler (CUPTI), with L2 flushed before each call like do_bench; host time excluded.
     Falls back to triton's do_bench_cudagraph (launch gaps removed, no L2 flush) if the profiler fails."""

@@ -26,7 +26,10 @@ CONFIG_OVERRIDE: dict | None = None
 def _config(n: int) -> tuple[int, int]:
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE["U"], CONFIG_OVERRIDE["blocks_per_sm"]
-    return 2, 0
+    # Measured on an H200 (bench/nf4.py --explore, kernel time): capping the grid (grid-stride loop) is 3-9%
+    # slower than one chunk per warp at every size; U = 2 is marginally best up to 4096 x 4096, U = 1 above
+    # (14336 x 4096: 38.7 us; 128256 x 4096: 325 us, 95% of copy).
+    return (2, 0) if n <= 16 * 2**20 else (1, 0)
 
 
 def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype, out):

@@ -149,30 +149,32 @@ GEMV_CONFIG_OVERRIDE: dict | None = None  # {"BLOCK_N", "ROW_BYTES", "num_warps"
 
 @triton.jit
 def _nf4_gemv_kernel(x_ptr, data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, bias_ptr,
-                     y_ptr, M, N, KH, KB, stride_xm, stride_ym,
+                     y_ptr, N, KH, KB, stride_xm, stride_ym,
                      HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                      DOUBLE_QUANT: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BYTES: tl.constexpr):
-    """Program p owns output columns [p*BLOCK_N, +BLOCK_N) for all M (<= BLOCK_M) rows of x and streams those
-    BLOCK_N weight rows once, ROW_BYTES packed bytes of each per step (16-byte loads), decoding in registers:
-    y[m, n] = sum_k x[m, k] * cast_x(code[q(n,k)] * absmax(n,k)) in fp32. KH = K/2 bytes per weight row,
-    KB = K/BLOCKSIZE blocks per row (K % BLOCKSIZE == 0: a block never straddles rows)."""
+                     BLOCK_N: tl.constexpr, ROW_BYTES: tl.constexpr):
+    """Program (p, m) owns output columns [p*BLOCK_N, +BLOCK_N) of row m of y and streams those BLOCK_N weight rows
+    once, ROW_BYTES packed bytes of each per step (16-byte loads), decoding in registers into a 2-D fp32 partial-sum
+    tile that is reduced once at the end: y[m, n] = sum_k x[m, k] * cast_x(code[q(n,k)] * absmax(n,k)).
+    The programs of one weight tile for the M rows are adjacent in launch order, so the tile is read from DRAM once
+    and from L2 by the others. KH = K/2 bytes per weight row, KB = K/BLOCKSIZE blocks per row (K % BLOCKSIZE == 0:
+    a block never straddles rows)."""
     NB: tl.constexpr = ROW_BYTES * 2 // BLOCKSIZE   # quantization blocks per row per step
     HB: tl.constexpr = BLOCKSIZE // 2               # packed bytes per block
-    pid = tl.program_id(0)
-    offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)   # n * K/2 passes 2^31 for big weights
+    m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)   # n * K/2 passes 2^31 for big weights
     n_ok = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
     jb = tl.arange(0, NB)
     jh = tl.arange(0, HB)
     half = tl.arange(0, ROW_BYTES)
     row_byte = offs_n * KH
     row_blk = offs_n * KB
+    x_row = x_ptr + m * stride_xm
     x_dtype = x_ptr.dtype.element_ty
     if DOUBLE_QUANT:
         off = tl.load(offset_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, ROW_BYTES), dtype=tl.float32)
     for b0 in range(0, KH, ROW_BYTES):                                    # b0: packed byte = k0 / 2
         blk_ok = (b0 + jb * HB) < KH                                      # (NB,)
         w_ok = n_ok[:, None] & blk_ok[None, :]                            # (BN, NB)
@@ -190,23 +192,22 @@ def _nf4_gemv_kernel(x_ptr, data_ptr, absmax_ptr, nested_absmax_ptr, nested_code
         w_hi = tl.reshape(cast_rtne(w_hi, x_dtype, INTERPRET_BF16), (BLOCK_N, ROW_BYTES)).to(tl.float32)
         w_lo = tl.reshape(cast_rtne(w_lo, x_dtype, INTERPRET_BF16), (BLOCK_N, ROW_BYTES)).to(tl.float32)
         kb = b0 + half
-        x_mask = m_ok[:, None] & (kb < KH)[None, :]
-        x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * kb[None, :], mask=x_mask, other=0.0)
-        x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * kb[None, :] + 1, mask=x_mask, other=0.0)
-        prod = x_even.to(tl.float32)[:, None, :] * w_hi[None, :, :] + x_odd.to(tl.float32)[:, None, :] * w_lo[None, :, :]
-        acc += tl.sum(prod, axis=2)
+        x_ok = kb < KH
+        x_even = tl.load(x_row + 2 * kb, mask=x_ok, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_row + 2 * kb + 1, mask=x_ok, other=0.0).to(tl.float32)
+        acc += w_hi * x_even[None, :] + w_lo * x_odd[None, :]
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, cast_rtne(acc, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_ok[:, None] & n_ok[None, :])
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, cast_rtne(y, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=n_ok)
 
 
 _SM_COUNT: dict = {}
 
 
 def _gemv_config(m: int, n_out: int, k: int, blocksize: int, device) -> tuple[int, int, int]:
-    """(BLOCK_N, ROW_BYTES, num_warps): enough programs for ~4 per SM, ~2 KiB of packed weight per step (16 bytes
-    per thread at 4 warps), fewer with more x rows (the fp32 product tile is BLOCK_M x BLOCK_N x ROW_BYTES)."""
+    """(BLOCK_N, ROW_BYTES, num_warps): enough programs for ~4 per SM, 2 KiB of packed weight per step (16 bytes
+    per thread at 4 warps; the fp32 partial-sum tile is BLOCK_N x ROW_BYTES)."""
     if GEMV_CONFIG_OVERRIDE is not None:
         c = GEMV_CONFIG_OVERRIDE
         block_n, row_bytes, warps = c["BLOCK_N"], c["ROW_BYTES"], c["num_warps"]
@@ -219,8 +220,7 @@ def _gemv_config(m: int, n_out: int, k: int, blocksize: int, device) -> tuple[in
         block_n = 8
         while block_n > 1 and triton.cdiv(n_out, block_n) < 4 * sms:
             block_n //= 2
-        budget = 2048 if m <= 2 else 1024 if m <= 4 else 512         # bytes per step over the BLOCK_N rows
-        row_bytes = max(budget // block_n, 16)
+        row_bytes = max(2048 // block_n, 16)
         warps = 4
     row_bytes = max(min(row_bytes, triton.next_power_of_2(k // 2)), blocksize // 2)
     return block_n, row_bytes, warps
@@ -232,13 +232,12 @@ def _launch_gemv(x2, data, absmax, nested_absmax, nested_code, offset, code, n_o
     block_n, row_bytes, warps = _gemv_config(M, n_out, K, blocksize, x2.device)
     double = nested_absmax is not None
     dummy = absmax
-    _nf4_gemv_kernel[(triton.cdiv(n_out, block_n),)](
+    _nf4_gemv_kernel[(M, triton.cdiv(n_out, block_n))](
         x2, data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
-        offset if double else dummy, code, bias if bias is not None else x2, y, M, n_out, K // 2, K // blocksize,
+        offset if double else dummy, code, bias if bias is not None else x2, y, n_out, K // 2, K // blocksize,
         x2.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double,
-        INTERPRET_BF16=_INTERPRET and x2.dtype == torch.bfloat16, BLOCK_M=max(1, triton.next_power_of_2(M)),
-        BLOCK_N=block_n, ROW_BYTES=row_bytes, num_warps=warps,
+        INTERPRET_BF16=_INTERPRET and x2.dtype == torch.bfloat16, BLOCK_N=block_n, ROW_BYTES=row_bytes, num_warps=warps,
         enable_fp_fusion=False,  # the absmax decode must not become an FMA (bit-exact weights)
     )
     return y
