@@ -7,3 +7,6 @@ from .loader import load_model
 from .model import LlamaForCausalLM, ModelArgs
 from .tokenizer import Tokenizer
 from .data import load_dataset
+from .config import LoRAConfig, TrainConfig
+from .lora import add_lora, load_adapter, save_adapter, save_merged
+from .trainer import Trainer
