@@ -25,11 +25,16 @@ def check(name, out, same, ref32, atol_rel):
     err = (out.float() - ref32.float()).abs()
     ref_err = (same.float() - ref32.float()).abs().max().item()
     bound = 2 * ref_err + atol_rel * max(1.0, ref32.abs().max().item())
-    if err.max().item() > bound:
-        i = err.argmax().item()
+    if out.dtype == torch.bfloat16 and out.device.type == "cpu":
+        # Triton's CPU interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest even): one more ulp.
+        bound = bound + 2.0**-7 * ref32.float().abs()
+    else:
+        bound = torch.full_like(err, bound)
+    if (err > bound).any():
+        i = (err - bound).argmax().item()
         where = tuple(torch.unravel_index(torch.tensor(i), err.shape))
-        raise AssertionError(f"{name}: max error {err.max().item():.3g} at {tuple(int(w) for w in where)} > bound "
-                             f"{bound:.3g} (same-precision torch error {ref_err:.3g}); "
+        raise AssertionError(f"{name}: error {err.view(-1)[i].item():.3g} at {tuple(int(w) for w in where)} > bound "
+                             f"{bound.view(-1)[i].item():.3g} (same-precision torch error {ref_err:.3g}); "
                              f"{int((err > bound).sum())} of {err.numel()} elements exceed it")
 
 
