@@ -5,7 +5,12 @@ Dequantization (W (N, K) -> bf16/fp16): ours (Triton, CUDA C++), bitsandbytes ``
 + fp32 nested absmax read, output (2*N*K) written; % of ceiling = that over the copy bandwidth measured in this
 run (bench.hw). Targets: >= 95% of copy on the three large shapes, <= 5 us on (1024, 4096).
 
-Small-M matmul y = x @ dequant(W)^T, x (M, K) bf16, M in {1, 8, 32, 128}: ours fused (dequant in the GEMM),
+Every row has two times: µs = the eager call as a user makes it (public API: quant.dequantize_nf4 /
+quant.matmul_nf4 or the path's function; do_bench median, L2 flushed) and GPU-only µs = the device time of the
+kernels that call launches (torch.profiler, L2 flushed), so the difference is host overhead. ``--explore`` runs
+the launch-configuration sweeps and the host-overhead breakdown that chose the defaults (printed, not tabled).
+
+Small-M matmul y = x @ dequant(W)^T, x (M, K) bf16, M in {1, 8, 32, 128}: ours gemv (M <= 8), ours fused (dequant in the GEMM),
 ours dequant into the reused buffer + cuBLAS, ours "auto" (what matmul_nf4 picks after measuring), dequant +
 F.linear (fresh weight each call), bitsandbytes ``matmul_4bit``. GB/s counts the NF4 weight bytes + x + y.
 
