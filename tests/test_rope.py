@@ -5,6 +5,8 @@ compiles with nvcc here and runs on CUDA in the gpu tests.
 """
 import shutil
 
+import os
+
 import pytest
 import torch
 
@@ -43,6 +45,10 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 # one correctly rounded output (half an ulp, relative) is the least error any kernel can have; tiny tensors
 # can give the same-precision reference a lucky max error below it
 RTOL = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # the interpreter converts fp32 -> bf16 by truncation, not round-to-nearest (triton 3.9: about half of
+    # random values land one ulp low), so allow a whole ulp there; compiled kernels keep the half-ulp bound
+    RTOL[torch.bfloat16] = 2.0**-7
 
 
 def _hf_config(head_dim: int, theta: float, scaling: dict | None, five_style: bool) -> LlamaConfig:
