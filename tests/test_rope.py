@@ -3,9 +3,8 @@
 Triton kernel on CPU under the interpreter (small shapes) and on CUDA (real shapes); the CUDA C++ kernel
 compiles with nvcc here and runs on CUDA in the gpu tests.
 """
-import shutil
-
 import os
+import shutil
 
 import pytest
 import torch
