@@ -173,7 +173,8 @@ def test_nf4_linear_forward_and_state_dict():
     x = torch.randn(2, 3, 130)
     ref = torch.nn.functional.linear(x, m.dequantize(torch.float32), lin.bias)
     assert torch.allclose(m(x), ref, atol=1e-6)
-    assert (m(x) - lin(x)).abs().max() < 0.1 * lin(x).abs().max()
+    # 4-bit weights: the output's relative error is ~0.09 (max 0.104 over 200 seeds); 0.15 catches a broken format
+    assert (m(x) - lin(x)).norm() < 0.15 * lin(x).norm()
 
     sd = m.state_dict()
     m2 = quant.NF4Linear.from_linear(torch.nn.Linear(130, 70, bias=True))
