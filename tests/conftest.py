@@ -33,6 +33,16 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test with one torch CPU thread: at tiny shapes it is faster, and far faster while other
+    processes share the cores (use through ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # Fresh random inputs on every run; a failure report names the seed so MINITRAIN_SEED=<n> replays it.

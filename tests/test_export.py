@@ -11,13 +11,7 @@ from minitrain.lora import LoRAError, add_lora, load_adapter, lora_layers, save_
 WORDS = ["the", "company", "profits", "rose", "fell", "shares", "record", "loss", "deal", "new"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: one thread is faster, and far faster while other test processes share the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tiny_checkpoint(path, tie=False, seed=0):

@@ -16,13 +16,8 @@ from minitrain.lora import DEFAULT_TARGETS, LoRAError, LoRALinear, add_lora, lor
 # (N, K, R): tiny; odd/unaligned features and rank.
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: one thread is faster, and far faster while other test processes share the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPES = [(16, 8, 4), (37, 23, 3)]
 
 

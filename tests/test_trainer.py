@@ -27,13 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_export import WORDS, make_tiny_checkpoint  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: one thread is faster, and far faster while other test processes share the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def examples(n, vocab=64, lo=3, hi=20, seed=0):
