@@ -69,12 +69,22 @@ def environment() -> dict[str, str]:
                                            capture_output=True, text=True).stdout.strip().splitlines()[0]
         except Exception:  # noqa: BLE001 - a missing nvidia-smi only loses one header line
             env["driver"] = "unknown"
-    for mod in ("triton", "cupy", "bitsandbytes", "liger_kernel", "unsloth", "transformers", "peft"):
+    from importlib import metadata
+
+    for mod, dist in (("triton", "triton"), ("cupy", "cupy-cuda13x"), ("bitsandbytes", "bitsandbytes"),
+                      ("liger_kernel", "liger-kernel"), ("unsloth", "unsloth"), ("transformers", "transformers"),
+                      ("peft", "peft")):
         try:
             m = __import__(mod)
-            env[mod] = getattr(m, "__version__", "?")
         except Exception:  # noqa: BLE001 - absent peers are simply not listed
-            pass
+            continue
+        version = getattr(m, "__version__", None)
+        if version is None:  # liger_kernel has no __version__; its distribution metadata does
+            try:
+                version = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                version = "?"
+        env[mod] = version
     return env
 
 
