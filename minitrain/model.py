@@ -12,12 +12,24 @@ of consecutive positions is one document and attention stays inside it (a block-
 The four ops (``rms_norm``, ``apply_rope``, ``attention``, ``swiglu``) are small module-level functions so
 fused kernels can be put behind one switch without touching the modules.
 
+Kernels switch: ``model.use_kernels`` (``LlamaForCausalLM`` or ``LlamaModel``; default True) routes RMSNorm,
+RoPE and the SwiGLU activation through ``triton_ops.rms_norm`` / ``rope`` / ``swiglu`` (torch.library custom
+ops, so ``torch.compile(fullgraph=True)`` traces them) for CUDA tensors; CPU tensors, and every tensor when
+the switch is off, take the plain-torch code below, so CPU numerics do not depend on the switch. The
+environment variable ``MINITRAIN_KERNELS=0``, read when the model is built, makes False the default.
+Setting ``model.use_kernels`` after construction wins over the environment. Attention stays SDPA; the NF4
+and LoRA projections have their own modules (quant.NF4Linear, minitrain.lora.LoRALinear).
+The switch sets ``kernel_backend`` on every module that has one: "auto" (kernels on CUDA tensors, plain torch
+otherwise), "torch" (plain torch everywhere) or "triton" (the Triton kernels even for CPU tensors, which
+works only under TRITON_INTERPRET=1: for tests). When triton_ops cannot be imported, "auto" means "torch".
+
 Shape letters: B batch, T sequence, H query heads, KV key/value heads, D head dim, C model dim, F MLP dim,
 V vocab.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -27,6 +39,15 @@ from torch import nn
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+KERNELS_ENV_VAR = "MINITRAIN_KERNELS"
+
+try:  # the fused kernels (issues 2-4); without them every op runs its plain-torch code below
+    from triton_ops.rms_norm import rms_norm as _k_rms_norm
+    from triton_ops.rope import rope as _k_rope
+    from triton_ops.swiglu import swiglu as _k_swiglu
+except ImportError:  # pragma: no cover - triton or the package missing
+    _k_rms_norm = _k_rope = _k_swiglu = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,10 +199,34 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The ops (plain torch; kernels plug in here)
+# The ops (plain torch, or the triton_ops kernels behind ``backend``)
 # ---------------------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def default_kernel_backend() -> str:
+    """"torch" when MINITRAIN_KERNELS=0 (or false/off/no), else "auto"."""
+    v = os.environ.get(KERNELS_ENV_VAR, "1").strip().lower()
+    if v in ("0", "false", "off", "no"):
+        return "torch"
+    if v in ("", "1", "true", "on", "yes"):
+        return "auto"
+    raise ValueError(f"{KERNELS_ENV_VAR}={v!r}: expected 0 or 1")
+
+
+def _kernel_backend(backend: str, x: torch.Tensor, op) -> str | None:
+    """The backend to pass to a triton_ops op, or None for the plain-torch code."""
+    if backend == "torch" or op is None:
+        return None
+    if backend == "auto":
+        return "auto" if x.is_cuda else None
+    if backend == "triton":
+        return "triton"
+    raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "torch") -> torch.Tensor:
     """weight * (x / sqrt(mean(x^2) + eps)); statistics in fp32, cast back before the weight (as HF)."""
+    kb = _kernel_backend(backend, x, _k_rms_norm)
+    if kb is not None:
+        return _k_rms_norm(x, weight, eps, backend=kb)
     dtype = x.dtype
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -200,8 +245,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "torch"):
     """Rotate q (B, H, T, D) and k (B, KV, T, D) by the angles in cos/sin (B, T, D)."""
+    kb = _kernel_backend(backend, q, _k_rope)
+    if kb is not None:  # the kernel takes (B, T, heads, D) with any strides: transposed views, no copies
+        q_rot, k_rot = _k_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=kb)
+        return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
@@ -216,7 +265,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                                           scale=q.shape[-1] ** -0.5)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """silu(gate) * up, (..., F)."""
+    kb = _kernel_backend(backend, gate, _k_swiglu)
+    if kb is not None:
+        return _k_swiglu(gate, up, backend=kb)
     return F.silu(gate) * up
 
 
@@ -254,14 +307,41 @@ def build_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | N
 # ---------------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------------
+class KernelSwitch:
+    """``use_kernels`` / ``kernel_backend`` for a module tree: reading gives the value shared by the submodules
+    that have a ``kernel_backend`` ("mixed" when they differ), setting writes all of them."""
+
+    @property
+    def kernel_backend(self) -> str:
+        values = {m.kernel_backend for m in self.modules() if isinstance(m, (LlamaRMSNorm, LlamaAttention, LlamaMLP))}
+        return values.pop() if len(values) == 1 else "mixed"
+
+    @kernel_backend.setter
+    def kernel_backend(self, backend: str) -> None:
+        if backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+        for m in self.modules():
+            if isinstance(m, (LlamaRMSNorm, LlamaAttention, LlamaMLP)):
+                m.kernel_backend = backend
+
+    @property
+    def use_kernels(self) -> bool:
+        return self.kernel_backend != "torch"
+
+    @use_kernels.setter
+    def use_kernels(self, on: bool) -> None:
+        self.kernel_backend = "auto" if on else "torch"
+
+
 class LlamaRMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernel_backend = default_kernel_backend()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.kernel_backend)
 
 
 class KVCache:
@@ -294,13 +374,14 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=b)
         self.v_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=b)
+        self.kernel_backend = default_kernel_backend()
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        q, k = apply_rope(q, k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin, self.kernel_backend)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, D)
         y = attention(q, k, v, mask)  # (B, H, T, D)
@@ -314,9 +395,10 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(c, f, bias=b)
         self.up_proj = nn.Linear(c, f, bias=b)
         self.down_proj = nn.Linear(f, c, bias=b)
+        self.kernel_backend = default_kernel_backend()
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # (B, T, F) -> (B, T, C)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.kernel_backend))  # (B, T, F) -> (B, T, C)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -332,7 +414,7 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(KernelSwitch, nn.Module):
     """Embeddings, decoder layers and the final norm: input ids (B, T) -> hidden states (B, T, C)."""
 
     def __init__(self, args: ModelArgs):
@@ -384,7 +466,7 @@ class LlamaModel(nn.Module):
         return build_mask(position_ids, position_ids, docs, docs, window)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(KernelSwitch, nn.Module):
     """The causal LM: ``forward(input_ids, position_ids=None, cu_seqlens=None)`` -> logits (B, T, V).
 
     ``hidden_states(...)`` (same arguments) returns the final normed hidden states (B, T, C) without the
