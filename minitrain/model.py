@@ -248,7 +248,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "torch"):
     """Rotate q (B, H, T, D) and k (B, KV, T, D) by the angles in cos/sin (B, T, D)."""
     kb = _kernel_backend(backend, q, _k_rope)
-    if kb is not None:  # the kernel takes (B, T, heads, D) with any strides: transposed views, no copies
+    if kb is not None and q.dtype == k.dtype:  # (mixed dtypes, e.g. half-wrapped projections: plain torch)  # the kernel takes (B, T, heads, D) with any strides: transposed views, no copies
         q_rot, k_rot = _k_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=kb)
         return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
@@ -268,7 +268,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """silu(gate) * up, (..., F)."""
     kb = _kernel_backend(backend, gate, _k_swiglu)
-    if kb is not None:
+    if kb is not None and gate.dtype == up.dtype:
         return _k_swiglu(gate, up, backend=kb)
     return F.silu(gate) * up
 

@@ -178,6 +178,25 @@ def test_triton_bf16_tolerance_rule():
         assert_rule(got_g[n], ref_g[n], truth_g[n], f"grad {n}")
 
 
+def test_triton_autocast_bf16():
+    """fp32 weights under bf16 autocast (the trainer's mixed precision): the kernels get bf16 q/k/gate/up and
+    fp32 norms; the tolerance rule holds against the fp32 model without autocast."""
+    m = make_model(TINY)
+    m.kernel_backend = "torch"
+    ids, pos = packed_inputs(2, [4, 9], TINY["vocab_size"], "cpu")
+    g = torch.randn(2, 13, TINY["vocab_size"])
+    truth, truth_g = run(m, ids, pos, g)
+    out = {}
+    for be in ("torch", "triton"):
+        m.kernel_backend = be
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[be] = run(m, ids, pos, g)
+    (ref, ref_g), (got, got_g) = out["torch"], out["triton"]
+    assert_rule(got, ref, truth, "logits")
+    for n in truth_g:
+        assert_rule(got_g[n], ref_g[n], truth_g[n], f"grad {n}")
+
+
 def test_triton_decode_with_cache():
     """Prefill then one-token decode through the KV cache on the kernels equals the plain-torch run."""
     m = make_model(TINY).eval()
@@ -252,6 +271,26 @@ def test_gpu_bf16_logits_and_grads(compiled):
     assert_rule(k, r, truth, "logits")
     for n in truth_g:
         assert_rule(k_g[n], r_g[n], truth_g[n], f"grad {n}")
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_bf16():
+    """fp32 weights under bf16 autocast, as the trainer runs: kernel model vs plain model, fp32 as truth."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = make_model(LLAMA, torch.float32, "cuda")
+    ids, pos = packed_inputs(2, [256, 256], LLAMA["vocab_size"], "cuda")
+    g = torch.randn(2, 512, LLAMA["vocab_size"], device="cuda")
+    m.kernel_backend = "torch"
+    truth, truth_g = run(m, ids, pos, g)
+    out = {}
+    for be in ("torch", "auto"):
+        m.kernel_backend = be
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out[be] = run(m, ids, pos, g)
+    (ref, ref_g), (got, got_g) = out["torch"], out["auto"]
+    assert_rule(got, ref, truth, "logits")
+    for n in truth_g:
+        assert_rule(got_g[n], ref_g[n], truth_g[n], f"grad {n}")
 
 
 @pytest.mark.gpu
