@@ -248,7 +248,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "torch"):
     """Rotate q (B, H, T, D) and k (B, KV, T, D) by the angles in cos/sin (B, T, D)."""
     kb = _kernel_backend(backend, q, _k_rope)
-    if kb is not None and q.dtype == k.dtype:  # (mixed dtypes, e.g. half-wrapped projections: plain torch)  # the kernel takes (B, T, heads, D) with any strides: transposed views, no copies
+    if kb is not None and q.dtype == k.dtype:  # (q and k of two dtypes take the plain-torch code)
+        # the kernel takes (B, T, heads, D) with any strides: transposed views in and out, no copies
         q_rot, k_rot = _k_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=kb)
         return q_rot.transpose(1, 2), k_rot.transpose(1, 2)
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
