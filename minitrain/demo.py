@@ -176,7 +176,7 @@ def run_demo(model_dir=None, output_dir="runs/demo", max_steps: int | None = Non
     return {"before": before, "after": after, "adapter": out / "adapter", "plot": out / "loss_curve.png",
             "metrics": out / "metrics.jsonl", "final_loss": metrics.get("loss"), "steps": steps,
             "n_train": n_train, "n_eval": n_eval, "device": device, "qlora": cuda,
-            "seconds": time.perf_counter() - t0, "model": model, "tokenizer": tok}
+            "seconds": time.perf_counter() - t0, "model": model, "tokenizer": tok, "model_dir": model_dir}
 
 
 def print_report(res: dict) -> None:
@@ -196,7 +196,8 @@ def print_report(res: dict) -> None:
           f"{res['seconds'] / 60:.1f} minutes")
     print(f"adapter (PEFT format): {res['adapter']}")
     print(f"loss curve: {res['plot']}   metrics: {res['metrics']}")
-    print(f"merge it into a full checkpoint: minitrain merge --model <base> --adapter {res['adapter']} --output merged")
+    print(f"merge it into a full checkpoint: minitrain merge --model {res['model_dir']} --adapter {res['adapter']} "
+          f"--output merged")
 
 
 def main(args) -> int:
