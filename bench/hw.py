@@ -117,6 +117,76 @@ def write_results(what: str, title: str, sections: list[tuple[str, str]], out_di
     return path
 
 
+# ---- shared benchmark plumbing ------------------------------------------------------------------------------
+
+def graph_us(fn) -> float | None:
+    """Median µs of one replay of ``fn`` captured in a CUDA graph: the GPU time of the op, without the
+    Python/launch overhead that an eager call of a ~100 µs op is dominated by (a training step overlaps that
+    host time with earlier GPU work). None when the provider cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return bench_us(graph.replay, warmup=10, rep=60)
+    except Exception as e:  # noqa: BLE001 - eager time is reported instead
+        print(f"  CUDA graph capture failed ({type(e).__name__}: {str(e)[:100]}); eager time reported", flush=True)
+        torch.cuda.synchronize()
+        return None
+
+
+def time_and_peak(fn) -> tuple[float, float, float]:
+    """(µs: CUDA-graph replay when capturable, else eager; peak MiB of one eager call; eager µs)."""
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    eager = bench_us(fn, warmup=10, rep=60)
+    graph = graph_us(fn)
+    return (eager if graph is None else graph), peak, eager
+
+
+def error_cell(e: BaseException) -> str:
+    """One table cell for a provider that could not run; the whole traceback goes to the log."""
+    import traceback
+
+    traceback.print_exception(e)
+    if isinstance(e, ImportError):
+        return f"not installed ({getattr(e, 'name', None) or e})"
+    msg = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"failed: {type(e).__name__}: {msg}"
+
+
+def _row_cache_path(what: str) -> Path:
+    return RESULTS_DIR / f".{what}-rows-{card_slug()}.json"
+
+
+def load_rows(what: str) -> list:
+    """Rows a bench stored for this card (e.g. peers measured in their own process, such as unsloth's)."""
+    import json
+
+    try:
+        return json.loads(_row_cache_path(what).read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def save_rows(what: str, rows: list) -> None:
+    import json
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    _row_cache_path(what).write_text(json.dumps(rows))
+
+
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         raise SystemExit("bench/hw.py measures a CUDA device; none is available here")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import subprocess
 import sys
@@ -159,22 +158,6 @@ def unsloth_step(block, T):
 
 # ---- driver ---------------------------------------------------------------------------------------------
 
-def _cache_path():
-    return hw.RESULTS_DIR / f".lora-rows-{hw.card_slug()}.json"
-
-
-def _load_cache():
-    try:
-        return json.loads(_cache_path().read_text())
-    except (OSError, ValueError):
-        return []
-
-
-def _save_cache(rows):
-    hw.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    _cache_path().write_text(json.dumps(rows))
-
-
 def measure(providers):
     rows = []
     for block in BLOCKS:
@@ -236,7 +219,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/lora.py measures a CUDA device; none is available here")
-    cached = _load_cache()
+    cached = hw.load_rows("lora")
     if args.only_unsloth:
         try:
             import unsloth  # noqa: F401  (must come before peft/transformers: it patches them)
@@ -251,10 +234,10 @@ def main():
                         ("peft + bnb", peft_step)])
         uns = [r for r in cached if r["provider"] == "unsloth"]
         if os.environ.get("PEERS_UNSLOTH") == "1":
-            _save_cache(rows)
+            hw.save_rows("lora", rows)
             try:
                 subprocess.run([sys.executable, "-m", "bench.lora", "--only-unsloth"], timeout=400, check=False)
-                uns = [r for r in _load_cache() if r["provider"] == "unsloth"]
+                uns = [r for r in hw.load_rows("lora") if r["provider"] == "unsloth"]
             except subprocess.TimeoutExpired:
                 print("unsloth subprocess timed out")
         if not uns:
@@ -262,7 +245,7 @@ def main():
                     "error": "not run (python -m bench.lora --only-unsloth under PEERS_UNSLOTH=1)"}
                    for b in BLOCKS for t in TOKENS]
         rows += uns
-    _save_cache(rows)
+    hw.save_rows("lora", rows)
     try:
         from quant.dispatch import resolve_backend
         dq = resolve_backend("auto", torch.device("cuda"))

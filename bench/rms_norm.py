@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import subprocess
 import sys
@@ -115,52 +114,6 @@ def providers():
 
 # ---- driver ---------------------------------------------------------------------------------------------
 
-def _graph_us(fn):
-    """Median µs of one replay of ``fn`` captured in a CUDA graph: the GPU time of the op, without the
-    Python/launch overhead that an eager call of a ~100 µs op is dominated by (a training step overlaps that
-    host time with earlier GPU work). None when the provider cannot be captured."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize()
-        return hw.bench_us(graph.replay, warmup=10, rep=60)
-    except Exception as e:  # noqa: BLE001 - eager time is reported instead
-        print(f"  CUDA graph capture failed ({type(e).__name__}: {str(e)[:100]}); eager time reported", flush=True)
-        torch.cuda.synchronize()
-        return None
-
-
-def _time_and_peak(fn):
-    """(µs: CUDA-graph replay when capturable, else eager; peak MiB of one eager call; eager µs)."""
-    fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    eager = hw.bench_us(fn, warmup=10, rep=60)
-    graph = _graph_us(fn)
-    return (eager if graph is None else graph), peak, eager
-
-
-def _error(e):
-    import traceback
-
-    traceback.print_exception(e)  # the whole story goes to the log; the table gets one line
-    if isinstance(e, ImportError):
-        return f"not installed ({getattr(e, 'name', None) or e})"
-    msg = str(e).splitlines()[0][:120] if str(e) else ""
-    return f"failed: {type(e).__name__}: {msg}"
-
-
 def measure(provs):
     rows = []
     for shape in SHAPES:
@@ -168,16 +121,16 @@ def measure(provs):
             try:
                 fns, err = make(shape), None
             except Exception as e:  # noqa: BLE001 - a missing or broken peer is a table entry, never a crash
-                fns, err = {}, _error(e)
+                fns, err = {}, hw.error_cell(e)
             for mode in MODES:
                 row = {"shape": list(shape), "mode": mode, "provider": name}
                 if err:
                     row["error"] = err
                 else:
                     try:
-                        row["us"], row["peak"], row["eager"] = _time_and_peak(fns[mode])
+                        row["us"], row["peak"], row["eager"] = hw.time_and_peak(fns[mode])
                     except Exception as e:  # noqa: BLE001
-                        row["error"] = _error(e)
+                        row["error"] = hw.error_cell(e)
                 print(f"rms_norm {mode} {shape} {name}: "
                       + (f"{row['us']:.1f} us, peak {row['peak']:.0f} MiB" if "us" in row else row["error"]),
                       flush=True)
@@ -186,22 +139,6 @@ def measure(provs):
             gc.collect()
             torch.cuda.empty_cache()
     return rows
-
-
-def _cache_path():
-    return hw.RESULTS_DIR / f".rms_norm-rows-{hw.card_slug()}.json"
-
-
-def _load_cache():
-    try:
-        return json.loads(_cache_path().read_text())
-    except (OSError, ValueError):
-        return []
-
-
-def _save_cache(rows):
-    hw.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    _cache_path().write_text(json.dumps(rows))
 
 
 def table(rows, copy_gbs):
@@ -239,7 +176,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/rms_norm.py measures a CUDA device; none is available here")
-    cached = _load_cache()
+    cached = hw.load_rows("rms_norm")
     if args.only_unsloth:
         try:
             import unsloth as _unsloth_pkg  # noqa: F401  (first: it patches transformers; "as": the name
@@ -252,10 +189,10 @@ def main():
         rows = measure(providers())
         uns = [r for r in cached if r["provider"] == "unsloth"]
         if os.environ.get("PEERS_UNSLOTH") == "1":
-            _save_cache(rows)
+            hw.save_rows("rms_norm", rows)
             try:
                 subprocess.run([sys.executable, "-m", "bench.rms_norm", "--only-unsloth"], timeout=400, check=False)
-                uns = [r for r in _load_cache() if r["provider"] == "unsloth"]
+                uns = [r for r in hw.load_rows("rms_norm") if r["provider"] == "unsloth"]
             except subprocess.TimeoutExpired:
                 print("unsloth subprocess timed out")
         if not uns:
@@ -263,7 +200,7 @@ def main():
                     "error": "not run (python -m bench.rms_norm --only-unsloth under PEERS_UNSLOTH=1)"}
                    for s in SHAPES for m in MODES]
         rows += uns
-    _save_cache(rows)
+    hw.save_rows("rms_norm", rows)
     c = hw.ceilings()
     body, summary = table(rows, c["copy_gbs"])
     notes = ("\nGB/s: the bytes the op must move (x and y forward; x, dy and dx backward) over the time; % of the "
