@@ -187,6 +187,40 @@ def save_rows(what: str, rows: list) -> None:
     _row_cache_path(what).write_text(json.dumps(rows))
 
 
+def rows_with_unsloth(what: str, only_unsloth: bool, measure_ours_and_peers, measure_unsloth, missing) -> list:
+    """The rows of ``bench.<what>``, with unsloth measured in a process of its own (importing unsloth patches
+    transformers and peft, so it must not share a process with the other providers).
+
+    ``--only-unsloth`` (under PEERS_UNSLOTH=1) measures unsloth and stores its rows beside the cached others;
+    a main run measures everyone else, and with PEERS_UNSLOTH=1 starts that unsloth process itself, then
+    merges the stored unsloth rows. ``missing(reason)`` gives the placeholder rows when unsloth was not run.
+    """
+    import os
+    import subprocess
+    import sys
+
+    cached = load_rows(what)
+    if only_unsloth:
+        try:
+            import unsloth  # noqa: F401  (first: it patches transformers and peft)
+        except Exception as e:  # noqa: BLE001 - reported in the table through the provider's own import
+            print(f"unsloth not importable: {type(e).__name__}: {e}")
+        rows = measure_unsloth() + [r for r in cached if r["provider"] != "unsloth"]
+    else:
+        rows = measure_ours_and_peers()
+        uns = [r for r in cached if r["provider"] == "unsloth"]
+        if os.environ.get("PEERS_UNSLOTH") == "1":
+            save_rows(what, rows)
+            try:
+                subprocess.run([sys.executable, "-m", f"bench.{what}", "--only-unsloth"], timeout=400, check=False)
+                uns = [r for r in load_rows(what) if r["provider"] == "unsloth"]
+            except subprocess.TimeoutExpired:
+                print("unsloth subprocess timed out")
+        rows += uns or missing(f"not run (python -m bench.{what} --only-unsloth under PEERS_UNSLOTH=1)")
+    save_rows(what, rows)
+    return rows
+
+
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         raise SystemExit("bench/hw.py measures a CUDA device; none is available here")

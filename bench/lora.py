@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import subprocess
-import sys
 
 import torch
 import torch.nn.functional as Fn
@@ -219,33 +216,14 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/lora.py measures a CUDA device; none is available here")
-    cached = hw.load_rows("lora")
-    if args.only_unsloth:
-        try:
-            import unsloth  # noqa: F401  (must come before peft/transformers: it patches them)
-        except Exception as e:  # noqa: BLE001 - a missing peer is a table entry, never a crash
-            print(f"unsloth not importable: {type(e).__name__}: {e}")
-        rows = measure([("unsloth", unsloth_step)])
-        rows += [r for r in cached if r["provider"] != "unsloth"]
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        rows = measure([("floor", floor_step), ("minitrain (NF4)", minitrain_step),
-                        ("minitrain (bf16)", lambda b, t: minitrain_step(b, t, nf4=False)),
-                        ("peft + bnb", peft_step)])
-        uns = [r for r in cached if r["provider"] == "unsloth"]
-        if os.environ.get("PEERS_UNSLOTH") == "1":
-            hw.save_rows("lora", rows)
-            try:
-                subprocess.run([sys.executable, "-m", "bench.lora", "--only-unsloth"], timeout=400, check=False)
-                uns = [r for r in hw.load_rows("lora") if r["provider"] == "unsloth"]
-            except subprocess.TimeoutExpired:
-                print("unsloth subprocess timed out")
-        if not uns:
-            uns = [{"block": b, "T": t, "provider": "unsloth",
-                    "error": "not run (python -m bench.lora --only-unsloth under PEERS_UNSLOTH=1)"}
-                   for b in BLOCKS for t in TOKENS]
-        rows += uns
-    hw.save_rows("lora", rows)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = hw.rows_with_unsloth(
+        "lora", args.only_unsloth,
+        lambda: measure([("floor", floor_step), ("minitrain (NF4)", minitrain_step),
+                         ("minitrain (bf16)", lambda b, t: minitrain_step(b, t, nf4=False)),
+                         ("peft + bnb", peft_step)]),
+        lambda: measure([("unsloth", unsloth_step)]),
+        lambda why: [{"block": b, "T": t, "provider": "unsloth", "error": why} for b in BLOCKS for t in TOKENS])
     try:
         from quant.dispatch import resolve_backend
         dq = resolve_backend("auto", torch.device("cuda"))

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import subprocess
-import sys
 
 import torch
 
@@ -176,31 +173,9 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/rms_norm.py measures a CUDA device; none is available here")
-    cached = hw.load_rows("rms_norm")
-    if args.only_unsloth:
-        try:
-            import unsloth as _unsloth_pkg  # noqa: F401  (first: it patches transformers; "as": the name
-            # unsloth is the provider function below)
-        except Exception as e:  # noqa: BLE001 - reported in the table through the provider's own import
-            print(f"unsloth not importable: {type(e).__name__}: {e}")
-        rows = measure([("unsloth", unsloth)])
-        rows += [r for r in cached if r["provider"] != "unsloth"]
-    else:
-        rows = measure(providers())
-        uns = [r for r in cached if r["provider"] == "unsloth"]
-        if os.environ.get("PEERS_UNSLOTH") == "1":
-            hw.save_rows("rms_norm", rows)
-            try:
-                subprocess.run([sys.executable, "-m", "bench.rms_norm", "--only-unsloth"], timeout=400, check=False)
-                uns = [r for r in hw.load_rows("rms_norm") if r["provider"] == "unsloth"]
-            except subprocess.TimeoutExpired:
-                print("unsloth subprocess timed out")
-        if not uns:
-            uns = [{"shape": list(s), "mode": m, "provider": "unsloth",
-                    "error": "not run (python -m bench.rms_norm --only-unsloth under PEERS_UNSLOTH=1)"}
-                   for s in SHAPES for m in MODES]
-        rows += uns
-    hw.save_rows("rms_norm", rows)
+    rows = hw.rows_with_unsloth(
+        "rms_norm", args.only_unsloth, lambda: measure(providers()), lambda: measure([("unsloth", unsloth)]),
+        lambda why: [{"shape": list(s), "mode": m, "provider": "unsloth", "error": why} for s in SHAPES for m in MODES])
     c = hw.ceilings()
     body, summary = table(rows, c["copy_gbs"])
     notes = ("\nGB/s: the bytes the op must move (x and y forward; x, dy and dx backward) over the time; % of the "
