@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from .dispatch import _time_us
 from .nf4 import NF4Weight, dequantize_nf4_ref
 
 __all__ = ["matmul_nf4", "FUSED_MAX_M", "measured_choices"]
@@ -121,20 +122,6 @@ def _dequant_mm(x, qt, bias, fast: bool = False):
 _PATHS = {"fused": _fused, "gemv": _gemv, "dequant": _dequant_mm}
 
 
-def _time_us(fn, reps: int = 7) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def candidates(m: int, shape, blocksize: int) -> tuple[str, ...]:
     """The paths "auto" chooses among for m rows of x: GEMV (m <= GEMV_MAX_M) or the fused GEMM
     (m <= FUSED_MAX_M) when the weight's blocks do not straddle rows, and always dequant + cuBLAS."""
@@ -160,7 +147,7 @@ def _choose_path(x, qt, m: int) -> str:
     timings = {}
     for name in cands:
         try:
-            timings[name] = _time_us(lambda name=name: _PATHS[name](x2, qt, None, True))
+            timings[name] = _time_us(lambda name=name: _PATHS[name](x2, qt, None, True), reps=7)
         except Exception:  # noqa: BLE001 - a kernel that cannot compile here is simply not a candidate
             pass
     choice = min(timings, key=timings.get) if timings else "dequant"
