@@ -8,6 +8,7 @@ switch off, or on CPU tensors with "auto", the model runs the plain-torch code b
 GPU (``-m gpu``): the same in bf16 at Llama-like shapes with ``kernel_backend = "auto"``, eager and
 torch.compile(fullgraph=True), plus a training step's loss and gradients.
 """
+import contextlib
 import copy
 
 import pytest
@@ -92,6 +93,18 @@ class CountCalls:
         return self.fn(*a, **kw)
 
 
+@contextlib.contextmanager
+def counting_kernels():
+    """Wrap the model's three kernel entry points in call counters; yields [rms_norm, rope, swiglu] counters."""
+    saved = mm._k_rms_norm, mm._k_rope, mm._k_swiglu
+    calls = [CountCalls(f) for f in saved]
+    mm._k_rms_norm, mm._k_rope, mm._k_swiglu = calls
+    try:
+        yield calls
+    finally:
+        mm._k_rms_norm, mm._k_rope, mm._k_swiglu = saved
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CPU: Triton under the interpreter vs plain torch
 # ---------------------------------------------------------------------------------------------------------
@@ -126,13 +139,8 @@ def test_switch_off_and_cpu_auto_are_plain_torch(dtype):
     m.kernel_backend = "torch"
     want, want_g = run(m, ids, pos, g)
     m.kernel_backend = "auto"
-    calls = [CountCalls(f) for f in (mm._k_rms_norm, mm._k_rope, mm._k_swiglu)]
-    saved = mm._k_rms_norm, mm._k_rope, mm._k_swiglu
-    mm._k_rms_norm, mm._k_rope, mm._k_swiglu = calls
-    try:
+    with counting_kernels() as calls:
         got, got_g = run(m, ids, pos, g)
-    finally:
-        mm._k_rms_norm, mm._k_rope, mm._k_swiglu = saved
     assert [c.n for c in calls] == [0, 0, 0]
     assert torch.equal(got, want), where(got, want)
     for n in want_g:
@@ -148,13 +156,8 @@ def test_triton_matches_torch_fp32():
     m.kernel_backend = "torch"
     want, want_g = run(m, ids, pos, g)
     m.kernel_backend = "triton"
-    calls = [CountCalls(f) for f in (mm._k_rms_norm, mm._k_rope, mm._k_swiglu)]
-    saved = mm._k_rms_norm, mm._k_rope, mm._k_swiglu
-    mm._k_rms_norm, mm._k_rope, mm._k_swiglu = calls
-    try:
+    with counting_kernels() as calls:
         got, got_g = run(m, ids, pos, g)
-    finally:
-        mm._k_rms_norm, mm._k_rope, mm._k_swiglu = saved
     L = TINY["num_hidden_layers"]
     assert [c.n for c in calls] == [2 * L + 1, L, L], [c.n for c in calls]
     assert_close_rel(got, want, 1e-4, "logits")
@@ -259,13 +262,8 @@ def test_gpu_bf16_logits_and_grads(compiled):
         names, params = zip(*ker.named_parameters())
         k, k_g = logits.detach(), dict(zip(names, torch.autograd.grad(logits, params, g.to(logits.dtype))))
     else:
-        calls = [CountCalls(f) for f in (mm._k_rms_norm, mm._k_rope, mm._k_swiglu)]
-        saved = mm._k_rms_norm, mm._k_rope, mm._k_swiglu
-        mm._k_rms_norm, mm._k_rope, mm._k_swiglu = calls
-        try:
+        with counting_kernels() as calls:
             k, k_g = run(ker, ids, pos, g)
-        finally:
-            mm._k_rms_norm, mm._k_rope, mm._k_swiglu = saved
         L = LLAMA["num_hidden_layers"]
         assert [c.n for c in calls] == [2 * L + 1, L, L], f"kernel calls on CUDA with 'auto': {[c.n for c in calls]}"
     assert_rule(k, r, truth, "logits")
