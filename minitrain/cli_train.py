@@ -4,6 +4,10 @@
 
 User mistakes (a missing file, a bad value, a data or adapter problem) print one line, not a traceback;
 ``MINITRAIN_DEBUG=1`` shows the traceback.
+
+Under ``torchrun --nproc-per-node N -m minitrain train ...`` the process group starts from torchrun's environment
+(see ``minitrain.distributed``): each rank loads the model onto its own GPU, the adapters train data-parallel, and
+rank 0 alone prints and writes. ``--fsdp`` (or MINITRAIN_FSDP=1) also shards the model with FSDP2.
 """
 from __future__ import annotations
 
@@ -94,8 +98,19 @@ def _parse_data(specs) -> list[dict]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    env = distributed.init_distributed()  # None unless launched by torchrun
+    try:
+        return _train(args, env)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, env) -> int:
     import torch
 
+    from . import distributed
     from .data import load_dataset
     from .loader import load_model
     from .lora import add_lora, load_adapter
@@ -118,7 +133,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if dtype == "bad":
         raise ConfigError(f"--dtype must be bf16, fp16 or fp32, got {mcfg.dtype!r}")
     sources = _parse_data([data] if isinstance(data, str) else data)  # check the files before the slow load
-    model, tok = load_model(mcfg.model, max_seq_length=mcfg.max_seq_length, dtype=dtype, load_in_4bit=mcfg.load_in_4bit)
+    fsdp = bool(args.fsdp) or os.environ.get("MINITRAIN_FSDP") == "1"
+    if fsdp and (env is None or env.world_size < 2):
+        raise ConfigError("--fsdp shards the model over several processes: launch with "
+                          "torchrun --nproc-per-node N (N >= 2) -m minitrain train ...")
+    model, tok = load_model(mcfg.model, max_seq_length=mcfg.max_seq_length, dtype=dtype, load_in_4bit=mcfg.load_in_4bit,
+                            device=None if env is None else env.device)
     model.name_or_path = str(mcfg.model)  # recorded as base_model_name_or_path in adapter_config.json
     ds = load_dataset(sources, tok, max_seq_length=mcfg.max_seq_length,
                       train_on_responses_only=tcfg.train_on_responses_only, eval_split=int(tcfg.eval_split) if tcfg.eval_split >= 1 else tcfg.eval_split,
@@ -129,10 +149,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         add_lora(model, r=lcfg.r, alpha=lcfg.lora_alpha, dropout=lcfg.lora_dropout, target_modules=lcfg.target_modules,
                  use_rslora=lcfg.use_rslora, init=lcfg.init)
+    if fsdp:
+        distributed.shard_model(model, env)  # the Trainer broadcasts rank 0's adapter otherwise
     metrics = Trainer(model, tok, ds, tcfg).train()
     out = Path(tcfg.output_dir)
-    print(f"done: {metrics.get('step', 0)} steps, final loss {metrics.get('loss', float('nan')):.4f}")
-    print(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.jsonl'}   loss curve: {out / 'loss_curve.png'}")
+    if env is None or env.is_main:
+        ranks = "" if env is None else f" on {env.world_size} ranks{' (FSDP2)' if fsdp else ''}"
+        print(f"done: {metrics.get('step', 0)} steps{ranks}, final loss {metrics.get('loss', float('nan')):.4f}")
+        print(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.jsonl'}   loss curve: {out / 'loss_curve.png'}")
     return 0
 
 
@@ -176,6 +200,9 @@ def add_subcommands(subparsers) -> None:
     t.add_argument("--adapter", help="continue training this adapter directory (ours or peft's)")
     t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="resume from the latest checkpoint in --output (or the one given)")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model (NF4 weights, adapters) over the ranks with FSDP2 "
+                        "(also MINITRAIN_FSDP=1); without it the adapters train data-parallel on full copies")
     _add_field_flags(t, skip=("model", "output_dir", "resume_from_checkpoint"))
     t.set_defaults(func=_guarded(cmd_train, "train"))
 

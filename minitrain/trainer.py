@@ -9,6 +9,12 @@ trained are projected to the vocabulary; no (tokens x vocab) logits are held).
 Checkpoints (every ``save_steps``) hold the adapter (PEFT format), optimizer and loss-scaler state, the RNG
 states and the data position; a directory is written under a temporary name and renamed, so a kill at any
 moment leaves the previous checkpoint intact, and resuming replays the same batches and dropout masks.
+
+Under ``torchrun`` (a process group of N > 1 ranks) the same loop is data-parallel: each step takes the next
+G*N micro-batches of the global stream, rank r trains positions r, r+N, ...; N is all-reduced before backward and
+the adapter gradients are summed over ranks, so the step equals one process's step with G*N micro-batches.
+Rank 0 alone writes files and prints. With a model sharded by ``minitrain.distributed.shard_model`` (FSDP2)
+FSDP2 reduces the gradients itself. See ``minitrain.distributed``.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as dist_
 from .config import TrainConfig
 from .lora import atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
 
@@ -109,12 +116,17 @@ class ExampleBatches:
         pos = torch.arange(T)[None].expand(len(seqs), T).contiguous()
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos}
 
-    def __iter__(self):
+    def raw(self):
+        """The plan entries (lists of example indices) of the epoch from the current position, not collated."""
         plan = self.plan(self.epoch)
         while self.index < len(plan):
             self.index += 1
-            yield self.collate(plan[self.index - 1])
+            yield plan[self.index - 1]
         self.epoch, self.index = self.epoch + 1, 0
+
+    def __iter__(self):
+        for b in self.raw():
+            yield self.collate(b)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -259,8 +271,9 @@ def _fmt_time(s: float) -> str:
 class Progress:
     """One status line on stderr: redrawn in place on a terminal, a line per log otherwise."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
+    def __init__(self, total: int, enabled: bool, main: bool = True):
+        # main: this process prints at all (False on data-parallel ranks other than 0)
+        self.total, self.enabled, self.main, self.tty = total, enabled and main, main, sys.stderr.isatty()
         self.t0, self.start_step = time.perf_counter(), None
 
     def update(self, step: int, m: dict) -> None:
@@ -278,6 +291,8 @@ class Progress:
         sys.stderr.flush()
 
     def say(self, text: str) -> None:
+        if not self.main:
+            return
         if self.tty and self.enabled:
             sys.stderr.write("\n")
         sys.stderr.write(text + "\n")
@@ -307,6 +322,12 @@ class Trainer:
         if not self.params:
             raise TrainingError("the model has no LoRA adapters to train: call minitrain.add_lora(model) first")
         self.device = self.params[0].device
+        self.dist = dist_.current()  # None in a single process
+        self.fsdp = dist_.is_sharded(model)
+        self.rank, self.world = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
+        self.main = self.rank == 0
+        if self.dist is not None and not self.fsdp:
+            dist_.broadcast_(self.params)  # the same starting adapter on every rank
         pad = getattr(tokenizer, "pad_token_id", None)
         pad = getattr(tokenizer, "eos_token_id", 0) if pad is None else pad
         cfg = self.cfg
@@ -324,8 +345,8 @@ class Trainer:
         else:
             self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                          eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
-                                         fused=self.device.type == "cuda")
-        per_epoch = math.ceil(len(self.batches) / cfg.gradient_accumulation_steps)
+                                         fused=self.device.type == "cuda" and not self.fsdp)
+        per_epoch = math.ceil(len(self.batches) / (cfg.gradient_accumulation_steps * self.world))
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
         self.step, self.history = 0, {"step": [], "loss": [], "eval": []}
         self.warned: set[str] = set()
@@ -350,12 +371,13 @@ class Trainer:
     def train(self) -> dict:
         """Run to ``total_steps`` (resuming when configured); returns the last logged metrics."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed + self.rank)  # ranks draw different dropout masks
         self._maybe_resume()
         set_gradient_checkpointing(self.model, cfg.gradient_checkpointing)
         self.model.train()
-        progress, metrics = Progress(self.total_steps, cfg.progress), {}
+        progress, metrics = Progress(self.total_steps, cfg.progress, self.main), {}
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -379,27 +401,41 @@ class Trainer:
         finally:
             set_gradient_checkpointing(self.model, "off")
             self.model.eval()
-        save_adapter(self.model, self.out / "adapter")
-        write_loss_curve(self.out / "loss_curve.png", self.history)
+        self._save_adapter(self.out / "adapter")
+        if self.main:
+            write_loss_curve(self.out / "loss_curve.png", self.history)
+        dist_.barrier(self.dist)  # the files exist when any rank returns
         return metrics
 
+    def _save_adapter(self, directory: Path) -> None:
+        """Rank 0 writes the whole adapter (gathered first when FSDP shards it; every rank must call this)."""
+        with dist_.full_adapter(self.model) if self.fsdp else nullcontext():
+            if self.main:
+                save_adapter(self.model, directory)
+
     def _next_micro_batches(self) -> list[dict]:
-        out = []
-        while len(out) < self.cfg.gradient_accumulation_steps:
+        """This rank's G micro-batches of the step: positions rank, rank+N, ... of the next G*N of the global
+        stream (all of them in a single process); the other ranks' entries are skipped without collating."""
+        out, j = [], 0
+        while j < self.cfg.gradient_accumulation_steps * self.world:
             if self._iter is None:
-                self._iter = iter(self.batches)
+                self._iter = self.batches.raw()
             b = next(self._iter, None)
             if b is None:
                 self._iter = None  # the next epoch
                 continue
-            out.append(b)
+            if j % self.world == self.rank:
+                out.append(self.batches.collate(b))
+            j += 1
         return out
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _forward_backward(self, micro: list[dict], data_state: dict, good_rng: dict) -> float:
-        """Backward of sum(token losses) / N over all micro-batches of the step; returns that loss."""
+        """Backward of sum(token losses) / N over all micro-batches of the step (of all ranks); returns that loss."""
+        if self.dist is not None:
+            return self._forward_backward_distributed(micro, data_state, good_rng)
         total_items = sum(n_items(b) for b in micro)
         step_loss = 0.0
         for i, batch in enumerate(micro):
@@ -413,12 +449,41 @@ class Trainer:
             step_loss += loss.item()
         return step_loss
 
+    def _forward_backward_distributed(self, micro: list[dict], data_state: dict, good_rng: dict) -> float:
+        """The same over ranks: N counted over all ranks first, gradients summed over ranks after. Every rank runs
+        every micro-batch (FSDP2's collectives need the same number of forwards everywhere), and a non-finite loss
+        is acted on after the loop, by all ranks together."""
+        total_items = int(dist_.reduce_values([sum(n_items(b) for b in micro)], self.device)[0])
+        step_loss, bad = 0.0, None
+        for i, batch in enumerate(micro):
+            if self.fsdp:
+                dist_.set_gradient_sync(self.model, i == len(micro) - 1)
+            elif n_items(batch) == 0:
+                continue
+            with self.autocast():
+                loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / max(1, total_items) \
+                    if n_items(batch) else final_hidden(self.model, batch).sum() * 0.0
+            value = loss.item()
+            if bad is None and not math.isfinite(value):
+                bad = (i, value)
+            self.scaler.scale(loss).backward()
+            step_loss += value
+        step_loss, n_bad = dist_.reduce_values([step_loss, float(bad is not None)], self.device)
+        if n_bad:
+            found = [b for b in dist_.gather_to_main(bad)]
+            r, (i, value) = next((r, b) for r, b in enumerate(found) if b is not None)
+            self._stop_non_finite(value, i, data_state, good_rng, rank=r)
+        if not self.fsdp:
+            dist_.all_reduce_grads_(self.params)
+        return step_loss
+
     def _optimizer_step(self, lr: float, data_state: dict, good_rng: dict) -> float:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.scaler.unscale_(self.opt)
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP2
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16 skips such steps by itself
             self._stop_non_finite(grad_norm, None, data_state, good_rng)
         self.scaler.step(self.opt)
@@ -428,10 +493,14 @@ class Trainer:
 
     # -- metrics, eval, advice -------------------------------------------------------------------------
     def _metrics(self, loss, lr, grad_norm, micro, dt) -> dict:
+        """Step metrics over all ranks: tokens and trained items summed, time and peak memory the slowest/largest."""
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+        items, peak = sum(n_items(b) for b in micro), peak_memory_mib(self.device)
+        if self.dist is not None:
+            tokens, items = dist_.reduce_values([tokens, items], self.device)
+            dt, peak = dist_.reduce_values([dt, peak], self.device, op="max")
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
-                "n_items": sum(n_items(b) for b in micro), "peak_mem_mib": peak_memory_mib(self.device),
-                "step_time": dt}
+                "n_items": int(items), "peak_mem_mib": peak, "step_time": dt}
 
     def _log(self, m: dict, progress: Progress) -> None:
         self.history["step"].append(m["step"])
@@ -442,22 +511,31 @@ class Trainer:
         self._advise(progress, done=False)
 
     def _append_metrics(self, m: dict) -> None:
+        if not self.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the eval split (dropout off)."""
+        """Mean token loss over the eval split (dropout off); ranks share the batches (r, r+N, ...)."""
         was = self.model.training
         self.model.eval()
         total, count = 0.0, 0
         ev = self.eval_batches
         ev.load_state_dict({**ev.state_dict(), "epoch": 0, "index": 0})
-        for batch in ev:
-            batch = self._to_device(batch)
+        entries = list(ev.raw())
+        mine = entries[self.rank::self.world]
+        rounds = -(-len(entries) // self.world) if self.fsdp else len(mine)
+        for k in range(rounds):  # under FSDP2 every rank runs the same number of forwards (extra ones discarded)
+            batch = self._to_device(ev.collate(mine[min(k, len(mine) - 1)] if mine else entries[0]))
             with self.autocast():
-                total += token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy).item()
-            count += n_items(batch)
+                loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy).item() if n_items(batch) else 0.0
+            if k < len(mine):
+                total += loss
+                count += n_items(batch)
+        if self.dist is not None:
+            total, count = dist_.reduce_values([total, count], self.device)
         self.model.train(was)
         return total / max(1, count)
 
@@ -476,12 +554,13 @@ class Trainer:
                 progress.say(f"warning: {sentence}")
                 self._append_metrics({"step": self.step, "warning": kind, "message": sentence})
 
-    def _stop_non_finite(self, value: float, i: int | None, data_state, good_rng) -> None:
+    def _stop_non_finite(self, value: float, i: int | None, data_state, good_rng, rank: int | None = None) -> None:
         """Save the state before this step (the adapter is not yet updated) and stop, naming step and batch."""
         self.opt.zero_grad(set_to_none=True)
         path = self.save_checkpoint(data_state=data_state, rng=good_rng)
         G = self.cfg.gradient_accumulation_steps
-        what = f"loss is {value} at step {self.step + 1}, micro-batch {i + 1} of {G}" if i is not None else \
+        where = f" on rank {rank} of {self.world}" if rank is not None else ""
+        what = f"loss is {value} at step {self.step + 1}, micro-batch {i + 1} of {G}{where}" if i is not None else \
             f"gradient norm is {value} at step {self.step + 1} (micro-batches 1-{G})"
         raise TrainingError(f"{what} "
                             f"(data position {data_state}); the last good state (after step {self.step}) is saved "
@@ -489,23 +568,33 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def save_checkpoint(self, data_state: dict | None = None, rng: dict | None = None) -> Path:
-        """Write ``output_dir/checkpoint-<step>`` atomically (temporary directory, then rename)."""
+        """Write ``output_dir/checkpoint-<step>`` atomically (temporary directory, then rename).
+
+        With several ranks every rank calls this (the RNG states, and under FSDP2 the adapter and optimizer
+        state, are gathered); rank 0 writes. ``rank_rng`` holds every rank's RNG state for an exact resume."""
         final = self.out / f"checkpoint-{self.step}"
         tmp = self.out / f".checkpoint-{self.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_adapter(self.model, tmp / "adapter")
         rng = rng or rng_state()
-        atomic_torch_save({"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                           "torch_rng": rng["torch"], "cuda_rng": rng["cuda"]}, tmp / "optimizer.pt")
-        state = {"step": self.step, "total_steps": self.total_steps, "data": data_state or self.batches.state_dict(),
-                 "python_rng": rng["python"], "numpy_rng": rng["numpy"], "history": self.history,
-                 "warned": sorted(self.warned), "config": asdict(self.cfg)}
-        atomic_write_text(tmp / "trainer_state.json", json.dumps(state, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        self._rotate_checkpoints()
+        ranks_rng = dist_.gather_to_main(rng) if self.dist is not None else [rng]
+        opt_state = dist_.full_optimizer_state(self.model, self.opt) if self.fsdp else self.opt.state_dict()
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._save_adapter(tmp / "adapter")
+        if self.main:
+            atomic_torch_save({"optimizer": opt_state, "scaler": self.scaler.state_dict(), "fsdp": self.fsdp,
+                               "torch_rng": rng["torch"], "cuda_rng": rng["cuda"],
+                               "rank_rng": ranks_rng if self.world > 1 else []}, tmp / "optimizer.pt")
+            state = {"step": self.step, "total_steps": self.total_steps,
+                     "data": data_state or self.batches.state_dict(), "world_size": self.world,
+                     "python_rng": rng["python"], "numpy_rng": rng["numpy"], "history": self.history,
+                     "warned": sorted(self.warned), "config": asdict(self.cfg)}
+            atomic_write_text(tmp / "trainer_state.json", json.dumps(state, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._rotate_checkpoints()
+        dist_.barrier(self.dist)
         return final
 
     def _rotate_checkpoints(self) -> None:
@@ -520,10 +609,12 @@ class Trainer:
         if not where:
             return
         if where == "latest":
-            found = list_checkpoints(self.out)
-            if not found:
+            found = list_checkpoints(self.out) if self.main else []
+            path = found[-1] if found else None
+            if self.dist is not None:  # rank 0's view of the directory decides
+                path = dist_.broadcast_object(path)
+            if path is None:
                 return  # nothing saved yet: a fresh start
-            path = found[-1]
         else:
             path = Path(where)
             if not (path / "trainer_state.json").is_file():
@@ -533,9 +624,16 @@ class Trainer:
     def load_checkpoint(self, path) -> None:
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
-        load_adapter(self.model, path / "adapter")
         blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.opt.load_state_dict(blob["optimizer"])
+        if bool(blob.get("fsdp", False)) != self.fsdp:
+            raise TrainingError(f"resume: {path} was saved {'with' if blob.get('fsdp') else 'without'} FSDP2 "
+                                f"sharding; resume it the same way ({'with' if blob.get('fsdp') else 'without'} --fsdp)")
+        with dist_.full_adapter(self.model, writeback=True) if self.fsdp else nullcontext():
+            load_adapter(self.model, path / "adapter")
+        if self.fsdp:
+            dist_.load_full_optimizer_state(self.model, self.opt, blob["optimizer"])
+        else:
+            self.opt.load_state_dict(blob["optimizer"])
         self.scaler.load_state_dict(blob["scaler"])
         self.batches.load_state_dict(state["data"])
         self._iter = None
@@ -543,14 +641,19 @@ class Trainer:
         self.history = {"step": state["history"]["step"], "loss": state["history"]["loss"],
                         "eval": [tuple(e) for e in state["history"]["eval"]]}
         self.warned = set(state.get("warned", ()))
-        set_rng_state({"torch": blob["torch_rng"], "cuda": blob["cuda_rng"], "python": state["python_rng"],
-                       "numpy": state["numpy_rng"]})
+        ranks = blob.get("rank_rng") or []
+        if len(ranks) == self.world and self.world > 1:  # the same world size: each rank continues its own RNG
+            set_rng_state(ranks[self.rank])
+        else:
+            set_rng_state({"torch": blob["torch_rng"], "cuda": blob["cuda_rng"], "python": state["python_rng"],
+                           "numpy": state["numpy_rng"]})
         self._truncate_metrics(self.step)
+        dist_.barrier(self.dist)  # no rank writes before every rank has read the checkpoint
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint by the interrupted run (they are replayed)."""
         f = self.out / "metrics.jsonl"
-        if not f.exists():
+        if not self.main or not f.exists():
             return
         lines = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
         atomic_write_text(f, "".join(l + "\n" for l in lines))

@@ -179,13 +179,19 @@ class Batches:
             out.update(collate_padded(self.ds.store, batch, pad, self.pad_to_multiple_of, rejected=True))
         return out
 
-    def __iter__(self):
+    def raw(self):
+        """Like iterating, but yields the plan entries (packed rows or example indices) without collating them:
+        a data-parallel rank walks the global stream this way and collates only its own share."""
         batches = self.plan(self.epoch)
         while self.index < len(batches):
             b = batches[self.index]
             self.index += 1
-            yield self.collate(b)
+            yield b
         self.epoch, self.index = self.epoch + 1, 0
+
+    def __iter__(self):
+        for b in self.raw():
+            yield self.collate(b)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "fingerprint": self._fingerprint()}

@@ -1,0 +1,334 @@
+"""Several GPUs (or CPU processes) through ``torchrun``: data parallelism over the adapters, and FSDP2 for QLoRA.
+
+Launch: ``torchrun --nproc-per-node N -m minitrain train ...``. :func:`init_distributed` reads torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), starts the process group (NCCL on CUDA, gloo on CPU)
+and puts rank r on ``cuda:LOCAL_RANK``. The :class:`~minitrain.trainer.Trainer` sees the group and then:
+
+* Data: the global stream of micro-batches is the single-process one. An optimizer step takes the next G*N
+  micro-batches of it (G = gradient_accumulation_steps, N = world size); rank r collates positions r, r+N, ...
+  of those (the others are skipped without collating). So N ranks with G micro-batches each train on exactly the
+  batches that one process with G*N micro-batches per step trains on, and the data position saved in a
+  checkpoint is global: resume is exact, and the same on every rank.
+* Loss: the trained-token count of the step is all-reduced before backward, every rank's micro-batch loss is
+  sum(token losses) / (tokens over all ranks), and the gradients are all-reduced with SUM. The update is then the
+  single-process one (the loss of the step = token losses over all ranks / all trained tokens), whatever N is
+  and however unevenly the tokens fall on the ranks. DDP's mean over ranks would weight a rank with few trained
+  tokens as much as one with many, so it is not used.
+* Why no ``DistributedDataParallel`` wrapper: only the adapters have gradients (tens of MiB even for 8B at r=16).
+  One bucketed all-reduce after the accumulation loop (:func:`all_reduce_sum_`) moves them in a few ms over
+  NVLink, against hundreds of ms of compute per step, needs no ``no_sync`` for accumulation, no hooks on the
+  frozen base, and leaves the model object and its parameter names untouched (saving, loading, torch.compile
+  and gradient checkpointing work as on one GPU).
+* The adapter starts identical everywhere: :func:`broadcast_` copies rank 0's initial adapter to all ranks.
+* Only rank 0 writes files (metrics.jsonl, checkpoints, the adapter, the loss curve) and prints progress;
+  checkpoints also hold every rank's RNG state (gathered to rank 0) so dropout masks resume exactly.
+
+FSDP2 (``--fsdp``, :func:`shard_model`): ``torch.distributed.fsdp.fully_shard`` on every decoder layer and on the
+root. NF4 projections are first replaced by :class:`ShardableNF4Linear`, which holds the packed 4-bit bytes, the
+uint8 absmax codes and the fp32 nested absmax as frozen ``nn.Parameter``s, so FSDP2 shards them (1/N per rank,
+dim 0) and all-gathers them per layer just before the layer runs; the tiny code tables stay replicated buffers.
+The adapters are sharded too; FSDP2 reduce-scatters their gradients with SUM (divide factor 1, sum-only
+collectives; gloo has no PREMUL_SUM), which keeps the token-normalized loss exact as above. Mixed precision is
+the trainer's autocast, as on one GPU (no FSDP param_dtype: it would touch the uint8 weights). The adapter is
+saved as one PEFT adapter whatever N is (:func:`full_adapter` gathers it); optimizer state goes through
+``torch.distributed.checkpoint.state_dict`` as full (unsharded) tensors. Measured on torch 2.13 CPU + gloo:
+fully_shard shards uint8 parameters and runs forward, checkpointed forward and backward correctly.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str | None = None) -> DistEnv | None:
+    """Start the process group from torchrun's environment (a no-op returning None when not launched by it).
+
+    Args:
+        device: "cuda" or "cpu"; None picks CUDA when available. Rank r uses ``cuda:LOCAL_RANK``.
+    Returns:
+        the :class:`DistEnv`, or None in a plain single process.
+    """
+    if not launched_by_torchrun():
+        return None
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if kind == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+                               "use --nproc-per-node <= the GPU count")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    backend = "nccl" if kind == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
+
+
+def current() -> DistEnv | None:
+    """The running group when it has more than one process, else None (the trainer's single-process path)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    backend = dist.get_backend()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collectives on plain tensors
+# ---------------------------------------------------------------------------------------------------------
+BUCKET_ELEMENTS = 1 << 24  # 64 MiB of fp32 per all-reduce: few launches, bounded extra memory
+
+
+def _buckets(tensors: list[torch.Tensor]):
+    """Consecutive groups of same-dtype/device tensors of at most BUCKET_ELEMENTS elements (one may exceed it)."""
+    group, size = [], 0
+    for t in tensors:
+        if group and (t.dtype != group[0].dtype or t.device != group[0].device or size + t.numel() > BUCKET_ELEMENTS):
+            yield group
+            group, size = [], 0
+        group.append(t)
+        size += t.numel()
+    if group:
+        yield group
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
+    """In place: every tensor becomes its sum over ranks (flattened into buckets: few collectives)."""
+    for group in _buckets(tensors):
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """In place: every tensor becomes rank ``src``'s (bucketed like :func:`all_reduce_sum_`)."""
+    with torch.no_grad():
+        for group in _buckets(tensors):
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            dist.broadcast(flat, src=src)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+def all_reduce_grads_(params: list[nn.Parameter]) -> None:
+    """Sum the gradients of ``params`` over ranks (a parameter without a gradient counts as zeros)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_sum_([p.grad for p in params])
+
+
+def reduce_values(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Python numbers summed (or max-ed) over ranks, in float64."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def gather_to_main(obj):
+    """Every rank's ``obj`` as a list on every rank (small objects only: RNG states, flags)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(env: DistEnv | None) -> None:
+    if env is None:
+        return
+    if env.backend == "nccl":
+        dist.barrier(device_ids=[env.local_rank])
+    else:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FSDP2 for QLoRA
+# ---------------------------------------------------------------------------------------------------------
+class ShardableNF4Linear(nn.Module):
+    """An NF4Linear whose quantized tensors are frozen parameters, so ``fully_shard`` shards them.
+
+    Parameters (requires_grad=False): ``nf4_data`` uint8 ((N*K+1)//2, 1) packed codes, ``nf4_absmax`` uint8
+    (blocks,) (fp32 without double quantization), ``nf4_nested_absmax`` fp32 (ceil(blocks/256),).
+    Buffers (replicated, tiny): ``nf4_code`` (16,), ``nf4_nested_code`` (256,), ``nf4_offset`` (1,).
+    ``weight`` rebuilds the NF4Weight from the current (all-gathered) tensors, so LoRALinear and the fused
+    kernels see exactly what they see with quant.NF4Linear.
+    """
+
+    def __init__(self, base):
+        super().__init__()
+        q = base.weight
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.shape, self.dtype_, self.blocksize, self.nested_blocksize = q.shape, q.dtype, q.blocksize, q.nested_blocksize
+        frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
+        self.nf4_data = frozen(q.data)
+        self.nf4_absmax = frozen(q.absmax)
+        self.nf4_nested_absmax = frozen(q.nested_absmax) if q.double_quant else None
+        self.register_buffer("nf4_code", q.code)
+        self.register_buffer("nf4_nested_code", q.nested_code if q.double_quant else None)
+        self.register_buffer("nf4_offset", q.offset.reshape(1) if q.double_quant else None)
+        self.bias = base.bias
+
+    @property
+    def weight(self):
+        from quant.nf4 import NF4Weight
+
+        nested = self.nf4_nested_absmax
+        return NF4Weight(self.nf4_data.detach(), self.nf4_absmax.detach(), self.shape, self.dtype_, self.blocksize,
+                         self.nf4_code, None if nested is None else nested.detach(), self.nf4_nested_code,
+                         None if self.nf4_offset is None else self.nf4_offset.reshape(()), self.nested_blocksize)
+
+    def dequantize(self, dtype=None):
+        return self.weight.dequantize(dtype)
+
+    def forward(self, x):
+        from quant.matmul import matmul_nf4
+
+        return matmul_nf4(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, shardable"
+
+
+def _replace_nf4(model: nn.Module) -> int:
+    """Swap every quant.NF4Linear (inside LoRA layers too) for a ShardableNF4Linear; returns how many."""
+    from quant.linear import NF4Linear
+
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]
+    for name, m in found:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, ShardableNF4Linear(m))
+    return len(found)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when ``model`` went through :func:`shard_model` (its parameters are DTensors)."""
+    return getattr(model, "_minitrain_fsdp", False)
+
+
+def shard_model(model: nn.Module, env: DistEnv | None = None) -> nn.Module:
+    """FSDP2 in place: NF4 tensors and adapters of each decoder layer sharded over the ranks, all-gathered per
+    layer; embeddings, final norm and lm_head sharded as the root's group. Call after add_lora/load_adapter
+    (rank 0's adapter is broadcast first, so every rank shards the same values).
+
+    Returns:
+        the same model (its class is FSDP2's subclass; parameters are DTensors).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .lora import lora_parameters
+    from .trainer import decoder_layers
+
+    env = env or current()
+    if env is None:
+        raise RuntimeError("shard_model (FSDP2) needs a process group of 2 or more ranks: launch with torchrun "
+                           "--nproc-per-node N and call init_distributed() first")
+    broadcast_([p for _, p in lora_parameters(model)])
+    _replace_nf4(model)
+    model.to(env.device)
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    # The root (embeddings, final norm, lm_head) stays gathered from its forward to the end of backward: the loss
+    # reads lm_head.weight after ``hidden_states`` returns, and backward needs it again at once.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    if hasattr(model, "hidden_states"):  # the trainer's forward: FSDP2's gather/reshard hooks must wrap it too
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "hidden_states")
+    for m in model.modules():
+        if hasattr(m, "set_gradient_divide_factor"):  # an FSDP module: reduce gradients with SUM (see above)
+            m.set_gradient_divide_factor(1.0)
+            if hasattr(m, "set_force_sum_reduction_for_comms"):
+                m.set_force_sum_reduction_for_comms(True)
+    model._minitrain_fsdp = True
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP2: reduce-scatter gradients after this backward (the last micro-batch) or keep accumulating."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+@contextlib.contextmanager
+def full_adapter(model: nn.Module, writeback: bool = False):
+    """Inside, every LoRA layer holds its full (unsharded) lora_A/lora_B as plain parameters on every rank, so
+    ``save_adapter``/``load_adapter`` work on a sharded model; with ``writeback`` the (possibly loaded) full values
+    are sharded back on exit. A collective: every rank must enter. A no-op on an unsharded model."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from .lora import lora_layers
+
+    swapped = []
+    for layer in lora_layers(model).values():
+        for name in ("lora_A", "lora_B"):
+            p = layer._parameters[name]
+            if isinstance(p, DTensor):
+                full = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+                layer._parameters[name] = full
+                swapped.append((layer, name, p, full))
+    try:
+        yield model
+    finally:
+        for layer, name, p, full in swapped:
+            if writeback:
+                with torch.no_grad():
+                    p.to_local().copy_(distribute_tensor(full.detach(), p.device_mesh, p.placements).to_local())
+            layer._parameters[name] = p
+
+
+def full_optimizer_state(model: nn.Module, opt) -> dict:
+    """The optimizer state with full tensors on CPU (a collective), keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: nn.Module, opt, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,195 @@
+"""Data-parallel training through torchrun, on CPU with the gloo backend (2 processes), against one process.
+
+Oracle: the single-process trainer (itself checked against transformers + peft in test_trainer.py) on the same
+global batch: N ranks with G micro-batches per step train on exactly the micro-batches one process trains on with
+G*N, and the token-normalized loss makes the split irrelevant, so per-step losses and the final adapter agree to
+fp32 rounding (different summation order only). Also: only rank 0 writes files (rank 1 gets an output directory of
+its own, which must stay absent), resume from a checkpoint continues every rank exactly (dropout on), the CLI
+works under torchrun, and FSDP2 on an NF4 (QLoRA) model gives the same training.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minitrain.config import TrainConfig
+from minitrain.loader import load_model
+from minitrain.lora import add_lora
+from minitrain.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_export import WORDS, make_tiny_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = 1e-5  # fp32: only the order of the gradient sums differs
+
+WORKER = r'''
+import json, sys
+import torch
+torch.set_num_threads(1)
+from minitrain import distributed
+from minitrain.config import TrainConfig
+from minitrain.loader import load_model
+from minitrain.lora import add_lora
+from minitrain.trainer import Trainer
+
+env = distributed.init_distributed("cpu")
+ckpt, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+r = env.rank
+
+def examples():
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(12):
+        ids = torch.randint(0, 64, (int(torch.randint(3, 16, (), generator=g)),), generator=g).tolist()
+        data.append({"input_ids": ids})
+    return data
+
+def run(name, dropout, **kw):
+    model, _ = load_model(ckpt, dtype=torch.float32, device="cpu", tokenizer=False, load_in_4bit=mode == "fsdp")
+    torch.manual_seed(1 + r)  # different initial adapters on purpose: rank 0's must be broadcast
+    add_lora(model, r=4, alpha=8, dropout=dropout)
+    if mode == "fsdp":
+        nf4 = sum(q.weight.data.numel() for q in model.modules() if type(q).__name__ == "NF4Linear")
+        distributed.shard_model(model)
+        local = [p.to_local() for p in model.parameters()]
+        packed = [t for t in local if t.dtype == torch.uint8 and t.dim() == 2]  # the NF4 bytes, now parameters
+        full = sum(p.numel() * p.element_size() for p in model.parameters())
+        result.setdefault("shares", []).append([sum(t.numel() for t in packed) / nf4,
+                                                sum(t.numel() * t.element_size() for t in local) / full])
+    base = dict(output_dir=f"{out}/{name}/rank{r}", learning_rate=1e-2, lr_scheduler_type="constant",
+                max_grad_norm=1.0, progress=False, seed=5, per_device_train_batch_size=1,
+                gradient_accumulation_steps=2, save_steps=0)
+    base.update(kw)
+    tr = Trainer(model, None, examples(), TrainConfig(**base))
+    tr.train()
+    return tr.history["loss"]
+
+result = {}
+result["plain"] = run("plain", 0.0, max_steps=3)
+result["full"] = run("full", 0.1, max_steps=4)
+run("resumed", 0.1, max_steps=2, save_steps=2)  # stopped after the checkpoint at step 2 ...
+result["resumed"] = run("resumed", 0.1, max_steps=4, save_steps=2,  # ... and continued from it
+                        resume_from_checkpoint="latest")
+if r == 0:
+    with open(f"{out}/losses.json", "w") as f:
+        json.dump(result, f)
+distributed.shutdown()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, cwd=REPO, timeout=240):
+    """``torchrun --nproc-per-node 2`` on CPU (gloo); returns the completed process (asserting exit status 0)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def examples():
+    g = torch.Generator().manual_seed(0)  # the worker's data, same generator
+    data = []
+    for _ in range(12):
+        ids = torch.randint(0, 64, (int(torch.randint(3, 16, (), generator=g)),), generator=g).tolist()
+        data.append({"input_ids": ids})
+    return data
+
+
+def one_process(ckpt, out, load_in_4bit=False, **kw):
+    """The single-process run with the same global batch: G*N = 4 micro-batches of 1 per step."""
+    model, _ = load_model(ckpt, dtype=torch.float32, device="cpu", tokenizer=False, load_in_4bit=load_in_4bit)
+    torch.manual_seed(1)  # rank 0's initial adapter
+    add_lora(model, r=4, alpha=8, dropout=0.0)
+    cfg = TrainConfig(output_dir=str(out), learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=1.0,
+                      progress=False, seed=5, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                      save_steps=0, **kw)
+    tr = Trainer(model, None, examples(), cfg)
+    tr.train()
+    return tr.history["loss"]
+
+
+def compare_adapters(a: Path, b: Path) -> None:
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert x.keys() == y.keys()
+    for k in x:
+        d = (x[k] - y[k]).abs()
+        assert d.max() <= TOL, f"{k}: max |diff| {d.max().item():.3g} at {divmod(int(d.argmax()), d.shape[1])}, " \
+                               f"{int((d > TOL).sum())} of {d.numel()} over {TOL}"
+    assert max(v.abs().max().item() for k, v in x.items() if "lora_B" in k) > 0  # it trained
+
+
+def check_losses(got, ref, what):
+    diffs = [abs(a - b) for a, b in zip(got, ref)]
+    assert len(got) == len(ref) and max(diffs) <= TOL, f"{what}: per-step losses {got} vs {ref}, max diff {max(diffs):.3g}"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_train_like_one_process_and_resume_exactly(tmp_path, mode):
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "runs"
+    torchrun([str(script), str(ckpt), str(out), mode])
+    got = json.loads((out / "losses.json").read_text())
+    if mode == "fsdp":  # rank 0 holds half of the packed NF4 bytes, and about half of all parameter bytes
+        assert all(a == 0.5 and 0.45 < b < 0.55 for a, b in got["shares"]), got["shares"]
+
+    ref = one_process(ckpt, tmp_path / "one", load_in_4bit=mode == "fsdp", max_steps=3)
+    check_losses(got["plain"], ref, f"{mode}: 2 ranks x 2 micro-batches vs 1 process x 4")
+    compare_adapters(out / "plain" / "rank0" / "adapter", tmp_path / "one" / "adapter")
+
+    # resume: the same losses, metrics and adapter as the uninterrupted 2-rank run (dropout on: RNG per rank)
+    check_losses(got["resumed"][-2:], got["full"][-2:], f"{mode}: resumed vs uninterrupted")
+    full, res = out / "full" / "rank0", out / "resumed" / "rank0"
+    lines = [[json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+             for d in (full, res)]
+    assert lines[0] == lines[1] and len(lines[0]) == 4, lines
+    compare_adapters(full / "adapter", res / "adapter")
+    assert sorted(p.name for p in res.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    # only rank 0 writes: rank 1's output directories never came into being
+    assert not any((out / run / "rank1").exists() for run in ("plain", "full", "resumed"))
+    assert (out / "plain" / "rank0" / "loss_curve.png").is_file()
+
+
+def test_cli_under_torchrun_matches_one_process(tmp_path):
+    from minitrain.cli_train import main
+
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    g = torch.Generator().manual_seed(0)
+    lines = [{"text": " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(4, 12, (), generator=g)),), generator=g))}
+             for _ in range(24)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    common = ["--model", str(ckpt), "--data", str(data), "--max-steps", "3", "--learning-rate", "1e-2",
+              "--per-device-train-batch-size", "2", "--no-progress", "--dtype", "fp32", "--lora-r", "4",
+              "--save-steps", "0", "--max-seq-length", "32"]
+    proc = torchrun(["-m", "minitrain", "train", *common, "--output", str(tmp_path / "two"),
+                     "--gradient-accumulation-steps", "1"])
+    assert proc.stdout.count("done: 3 steps") == 1, proc.stdout  # printed by rank 0 only
+    assert main(["train", *common, "--output", str(tmp_path / "one"), "--gradient-accumulation-steps", "2"]) == 0
+
+    def losses(d):
+        return [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+    check_losses(losses(tmp_path / "two"), losses(tmp_path / "one"), "CLI: torchrun 2 ranks vs 1 process")
+    compare_adapters(tmp_path / "two" / "adapter", tmp_path / "one" / "adapter")
