@@ -83,7 +83,7 @@ def model_config(tiny: bool, layers: int) -> dict:
     """config.json (transformers 4.x keys) of the Llama-3.1-8B shape, or of the tiny CPU smoke-test shape."""
     if tiny:
         shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=131072)
     else:
         shape = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072)
@@ -225,7 +225,25 @@ def build_ours(spec, device, dtype):
         batch = {"input_ids": ids, "labels": ids}
         return token_loss_sum(model, batch) / (ids.shape[0] * (ids.shape[1] - 1))  # sum / n trained tokens
 
-    return params, loss_fn
+    return params, loss_fn, ""
+
+
+def bnb_quantize_projections(model, dtype, device) -> None:
+    """Replace the seven projections of a bf16 transformers Llama by bitsandbytes Linear4bit (nf4, double
+    quant): the way bench/lora.py builds its peft + bnb layers, used when from_pretrained cannot quantize."""
+    import bitsandbytes as bnb
+
+    for mod in list(model.modules()):
+        for name in SEVEN:
+            lin = getattr(mod, name, None)
+            if lin is None or type(lin).__name__ != "Linear":
+                continue
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4")
+            setattr(mod, name, q.to(device))  # moving to the GPU quantizes
+            del lin
 
 
 def build_hf(spec, device, dtype):
@@ -247,7 +265,19 @@ def build_hf(spec, device, dtype):
             bnb_4bit_compute_dtype=dtype)
     if device.type == "cuda":
         kw["device_map"] = {"": torch.cuda.current_device()}
-    model = transformers.LlamaForCausalLM.from_pretrained(spec["ckpt"], **kw)
+    note = ""
+    try:
+        model = transformers.LlamaForCausalLM.from_pretrained(spec["ckpt"], **kw)
+    except Exception as e:  # noqa: BLE001 - the same layers built by hand instead, and said so in the table
+        if "quantization_config" not in kw:
+            raise
+        print(f"from_pretrained with BitsAndBytesConfig failed ({type(e).__name__}: {str(e)[:200]}); quantizing "
+              "the bf16 model's projections with bnb.nn.Linear4bit instead", flush=True)
+        kw.pop("quantization_config")
+        model = transformers.LlamaForCausalLM.from_pretrained(spec["ckpt"], **kw)
+        bnb_quantize_projections(model, dtype, device)
+        torch.cuda.empty_cache()
+        note = "bnb layers built by hand (from_pretrained + BitsAndBytesConfig failed)"
     if device.type != "cuda":
         model.to(device)
     model.config.use_cache = False
@@ -256,7 +286,7 @@ def build_hf(spec, device, dtype):
                                              bias="none", task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return params, lambda ids: model(input_ids=ids, labels=ids).loss
+    return params, lambda ids: model(input_ids=ids, labels=ids).loss, note
 
 
 def build_unsloth(spec, device, dtype):
@@ -272,7 +302,7 @@ def build_unsloth(spec, device, dtype):
         FastLanguageModel.for_training(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return params, lambda ids: model(input_ids=ids, labels=ids).loss
+    return params, lambda ids: model(input_ids=ids, labels=ids).loss, ""
 
 
 BUILDERS = {"ours": build_ours, "hf": build_hf, "unsloth": build_unsloth}
@@ -334,7 +364,7 @@ def run_row(spec: dict) -> dict:
     if cuda:
         out["total_gib"] = torch.cuda.mem_get_info()[1] / 2**30
     t0 = time.perf_counter()
-    params, loss_fn = BUILDERS[spec["impl"]](spec, device, dtype)
+    params, loss_fn, out["note"] = BUILDERS[spec["impl"]](spec, device, dtype)
     opt = torch.optim.AdamW(params, lr=LR, fused=cuda)
     out["load_s"] = time.perf_counter() - t0
     out["trainable"] = sum(p.numel() for p in params)
@@ -385,6 +415,7 @@ def run_row(spec: dict) -> dict:
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     if spec.get("profile"):
         out["profile"] = profile_steps(step, batches[n_warm:], device)
+    out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # unsloth's import sets its own
     return out
 
 
@@ -414,14 +445,19 @@ def child_main(spec: dict, result: Path) -> None:
 
             traceback.print_exception(e)
     result.write_text(json.dumps(out))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the result is written: skip interpreter teardown (seconds for transformers/triton/unsloth)
 
 
 # ---- the parent: subprocesses, the longest-sequence search, the cache and the table -------------------------
 
-def child_env(unsloth: bool) -> dict:
+def child_env(unsloth: bool, expandable: bool = False) -> dict:
     """The environment of a row's process: unsloth's wheels only on the path of unsloth's own rows (importing
     it patches transformers/peft), offline hub."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if expandable:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if not unsloth:
         paths = [p for p in paths if not os.path.isdir(os.path.join(p, "unsloth"))]
@@ -440,9 +476,9 @@ def spawn(spec: dict, timeout: float, label: str) -> dict:
         res = Path(td) / "result.json"
         cmd = [sys.executable, "-m", "bench.train", "--child", json.dumps(spec), "--result", str(res)]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=child_env(spec.get("impl") == "unsloth"), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
-                                cwd=str(Path(__file__).resolve().parent.parent))
+        env = child_env(spec.get("impl") == "unsloth", spec.get("expandable", False))
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
         tail = collections.deque(maxlen=15)
 
         def pump():
@@ -477,33 +513,33 @@ def next_probe(probes: dict, lo_bound: int, hi_bound: int, step: int, start: int
     """The next sequence length to probe, or None when the search is done.
 
     ``probes``: {seq: {"ok": bool, "peak_reserved_gib": ..., "total_gib": ...}}. The answer lies between the
-    longest pass and the shortest failure; with two passes the peak memory is fitted as a + b*T and the length
-    that fills the card is tried next (memory is close to linear in T), otherwise doubling, then bisection.
+    longest pass and the shortest failure above it. With two passes, peak memory is fitted as a + b*T (it is
+    close to linear in T with flash attention) and the lengths that fill 97% and 101% of the card are tried to
+    bracket the limit; otherwise the first probe is ``start``, then doubling; then bisection.
     """
     passes = sorted(T for T, p in probes.items() if p["ok"])
-    fails = sorted(T for T, p in probes.items() if not p["ok"])
     lo = passes[-1] if passes else 0
-    hi = min([f for f in fails if f > lo] or [hi_bound + step])
+    fails = sorted(T for T, p in probes.items() if not p["ok"] and T > lo)
+    hi = fails[0] if fails else hi_bound + step
     if hi - lo <= step or lo >= hi_bound:
         return None
-    pred = None
+    cands = []
+    if not passes:
+        cands.append(start)
     fit = [(T, probes[T]["peak_reserved_gib"]) for T in passes if probes[T].get("peak_reserved_gib")]
     total = next((p["total_gib"] for p in probes.values() if p.get("total_gib")), None)
     if len(fit) >= 2 and total:
         (t1, m1), (t2, m2) = fit[-2], fit[-1]
         b = (m2 - m1) / (t2 - t1)
         if b > 0:
-            pred = int((total * 0.97 - (m2 - b * t2)) / b) // step * step
-    if not passes:
-        cand = min(start, hi - step) if start < hi else lo + (hi - lo) // step // 2 * step
-    elif pred is not None and lo < pred < hi and pred not in probes:
-        cand = pred
-    elif not fails:
-        cand = min(2 * lo, hi_bound)
-    else:
-        cand = lo + max(1, (hi - lo) // step // 2) * step
-    cand = max(lo + step, min(cand // step * step, hi - step, hi_bound))
-    return None if cand in probes or cand <= lo else cand
+            full = (total - (m2 - b * t2)) / b  # the T whose predicted peak is the whole card
+            cands += [0.97 * full, 1.01 * full + step]
+    cands.append(2 * lo if passes and not fails else (lo + hi) / 2)
+    for c in cands:
+        c = min(int(c) // step * step, hi_bound)
+        if lo < c < hi and c not in probes:
+            return c
+    return None
 
 
 def fmt(x, spec=",.0f", none="—"):
@@ -534,6 +570,10 @@ def render(records: list, tflops: float | None) -> list[tuple[str, str]]:
             note = NOTES.get(info.get("impl"), "")
             if info.get("impl") == "ours":
                 note += f"; gc '{info.get('gc')}'"
+            if res.get("note"):
+                note += f"; {res['note']}"
+            if res.get("alloc_conf"):
+                note += f"; PYTORCH_CUDA_ALLOC_CONF={res['alloc_conf']}"
             line.update({"tok/s": fmt(res["tok_s"]), "step ms": fmt(res["step_ms"], ".1f"), "TFLOP/s": fmt(tf, ".0f"),
                          "% of ceiling": f"{100 * tf / tflops:.0f}%" if tflops else "—",
                          "peak alloc GiB": fmt(res.get("peak_alloc_gib"), ".2f"),
@@ -567,7 +607,8 @@ def render(records: list, tflops: float | None) -> list[tuple[str, str]]:
                         "shortest failing": fmt(above),
                         "peak reserved GiB at longest": fmt(pr[best].get("peak_reserved_gib") if best else None, ".1f"),
                         "done": "yes" if r.get("done") else "no (run again to continue)",
-                        "probes": ", ".join(f"{T}:{'ok' if p['ok'] else p.get('why', 'fail')}" for T, p in sorted(pr.items()))})
+                        "probes": ", ".join(f"{T}:{p.get('why', 'ok' if p['ok'] else 'fail')}"
+                                            for T, p in sorted(pr.items()))})
         sections.append(("Longest trainable sequence at batch 1", hw_table(out)))
     for r in (r for r in records if r["kind"] == "profile"):
         p = r["result"]["profile"]
@@ -643,6 +684,8 @@ def main(argv=None):
                     ".train-rows-<card>.json)")
     ap.add_argument("--fresh", action="store_true", help="forget the cached rows first")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--expandable", action="store_true", help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                    "for every row (unsloth's import sets its own allocator settings in its process)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -655,9 +698,12 @@ def main(argv=None):
         a.seq = "32"
     if a.tiny and a.steps == 12:
         a.steps = 2
+    if a.tiny and a.warmup == 3:
+        a.warmup = 1
     cfg = model_config(a.tiny, layers)
     tag = model_tag(cfg)
-    ckpt = Path(a.ckpt_dir or (f"/tmp/mt-tiny-L{layers}" if a.tiny else "/tmp/mt-8b" + ("" if layers == 32 else f"-L{layers}")))
+    default_dir = f"/tmp/mt-tiny-L{layers}" if a.tiny else "/tmp/mt-8b" + ("" if layers == 32 else f"-L{layers}")
+    ckpt = Path(a.ckpt_dir or default_dir)
     rows = list(ROWS) if a.rows == "all" else [r for r in a.rows.split(",") if r]
     longest = [r for r in a.longest.split(",") if r]
     for r in rows + longest:
@@ -676,9 +722,10 @@ def main(argv=None):
     cuda = prep["cuda"]
     print(f"checkpoint ready ({'written in %.0f s' % prep['write_s'] if prep['write_s'] else 'cached'}); "
           f"device: {prep['card_slug'] if cuda else 'cpu'}", flush=True)
-    cache = Path(a.cache) if a.cache else Path(__file__).resolve().parent / "results" / f".train-rows-{prep['card_slug']}.json"
+    cache = Path(a.cache or Path(__file__).resolve().parent / "results" / f".train-rows-{prep['card_slug']}.json")
     records = [] if a.fresh else load_cache(cache)
-    base = {"ckpt": str(ckpt), "vocab": cfg["vocab_size"], "warmup": a.warmup, "steps": a.steps}
+    base = {"ckpt": str(ckpt), "vocab": cfg["vocab_size"], "warmup": a.warmup, "steps": a.steps,
+            "expandable": a.expandable}
 
     def skip_reason(name):
         if ROWS[name]["cuda"] and not cuda:
@@ -700,30 +747,22 @@ def main(argv=None):
                        and r["batch"] == a.batch for r in records):  # never hide an earlier measurement
                 upsert(records, {**rec, "result": {"ok": False, "error": why}})
             continue
-        spec = {"kind": "row", **base, **ROWS[name], "row": name, "seq": T, "batch": a.batch}
+        # --profile: the ours row at the first --seq also runs 2 steps under torch.profiler after its timed steps
+        prof = a.profile and name == "ours" and T == seqs[0]
+        spec = {"kind": "row", **base, **ROWS[name], "row": name, "seq": T, "batch": a.batch, "profile": prof}
         print(f"== {name} T={T} B={a.batch}", flush=True)
         res = spawn(spec, min(a.timeout, remaining()), f"{name} T={T}")
         print(f"{name} T={T}: " + (f"{res['tok_s']:,.0f} tok/s, step {res['step_ms']:.1f} ms, peak "
                                     f"{fmt(res.get('peak_alloc_gib'), '.2f')} GiB alloc / "
                                     f"{fmt(res.get('peak_reserved_gib'), '.2f')} GiB reserved"
                                     if res.get("ok") else res.get("error")), flush=True)
+        if res.get("profile"):
+            upsert(records, {"kind": "profile", "model": tag, "row": name, "seq": T, "batch": a.batch,
+                             "result": {"profile": res.pop("profile")}})
         upsert(records, {**rec, "result": res})
         save_cache(cache, records)
-
-    if a.profile:
-        T = seqs[0]
-        if remaining() < 90:
-            print("profile: not run (time budget)", flush=True)
-        else:
-            spec = {"kind": "row", **base, **ROWS["ours"], "row": "ours", "seq": T, "batch": a.batch, "profile": True}
-            print(f"== profile ours T={T}", flush=True)
-            res = spawn(spec, min(a.timeout, remaining()), f"profile T={T}")
-            if res.get("ok"):
-                upsert(records, {"kind": "profile", "model": tag, "row": "ours", "seq": T, "batch": a.batch,
-                                 "result": res})
-                save_cache(cache, records)
-            else:
-                print(f"profile failed: {res.get('error')}", flush=True)
+    if a.profile and "ours" not in rows:
+        print("--profile profiles the ours row: add it to --rows", flush=True)
 
     lo_bound, hi_bound = (int(x) for x in a.longest_range.split(":"))
     for name in longest:
@@ -753,8 +792,9 @@ def main(argv=None):
             if why == "error":
                 break  # not a memory limit: searching further would only repeat it
         done = next_probe(probes, lo_bound, hi_bound, a.longest_step, a.longest_start) is None
+        seen = next((p["versions"] for p in probes.values() if p.get("versions")), {})
         upsert(records, {**key, "probes": {str(k): v for k, v in probes.items()}, "done": done,
-                         "result": {"versions": next((p["versions"] for p in probes.values() if p.get("versions")), {})}})
+                         "result": {"versions": seen}})
         save_cache(cache, records)
 
     save_cache(cache, records)

@@ -1,0 +1,98 @@
+"""bench/train.py on the CPU: the whole GPU code path (checkpoint writer, one process per row, the ours and
+transformers+peft rows, the profiler table, the row cache, the results table) at a tiny model shape, so the
+8B run on the GPU cannot fail on a typo; and the longest-sequence search against simulated memory limits."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.train import ROWS, checkpoint_complete, checkpoint_tensors, flops_per_token, model_config, next_probe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Simulated peak memory (GiB) of one batch-1 step at T tokens, with the card's total; each with its reason.
+MEMORY_MODELS = [
+    ("linear, limit near 296k (flash attention: memory linear in T)", lambda T: 6 + 2.5e-4 * T),
+    ("super-linear: the linear fit overshoots, bisection must still converge", lambda T: 6 + 1.5e-4 * T + 3e-10 * T * T),
+    ("nothing fits: even the lower bound fails", lambda T: 90 + 1e-6 * T),
+    ("everything fits: the upper bound passes", lambda T: 6 + 1e-6 * T),
+]
+
+
+def _bench(*args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("PEERS_UNSLOTH", None)
+    p = subprocess.run([sys.executable, "-m", "bench.train", "--tiny", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"bench.train {' '.join(args)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_tiny_run_through_the_gpu_code_path(tmp_path):
+    ckpt, cache = tmp_path / "ckpt", tmp_path / "rows.json"
+    # Rows of an earlier invocation: one another row (kept and shown), one this run measures again (replaced).
+    earlier = {"ok": True, "tok_s": 123.0, "step_ms": 520.3, "step_ms_all": [520.3], "loss_first": 5.5,
+               "loss_last": 5.4, "load_s": 1.0}
+    seed = [{"kind": "row", "model": "tiny-L1", "row": r, "seq": 32, "batch": 2, "flops_per_token": 1.0,
+             "result": dict(earlier)} for r in ("ours-16bit", "ours")]
+    cache.write_text(json.dumps(seed))
+    out = _bench("--rows", "ours,peft-16bit,unsloth", "--profile", "--ckpt-dir", str(ckpt), "--cache", str(cache),
+                 "--no-write")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg == model_config(True, 1)
+    wm = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    want = {name for _, group in checkpoint_tensors(cfg) for name, _, _ in group}
+    assert set(wm) == want and all((ckpt / f).is_file() for f in set(wm.values())), sorted(set(wm) ^ want)
+    assert "written in" in out and checkpoint_complete(ckpt, cfg)  # the next invocation skips writing
+    assert not checkpoint_complete(ckpt, model_config(True, 2))  # another shape is written anew
+
+    records = json.loads(cache.read_text())
+    rows = {r["row"]: r for r in records if r["kind"] == "row"}
+    assert sorted(rows) == ["ours", "ours-16bit", "peft-16bit", "unsloth"], sorted(rows)
+    assert len([r for r in records if r["kind"] == "row"]) == 4
+    assert rows["ours-16bit"]["result"]["tok_s"] == 123.0 and rows["ours"]["result"]["tok_s"] != 123.0
+    for name in ("ours", "peft-16bit"):
+        res = rows[name]["result"]
+        assert res["ok"], f"{name}: {res.get('error')}"
+        assert len(res["step_ms_all"]) == 2 and all(ms > 0 for ms in res["step_ms_all"]), res["step_ms_all"]
+        assert res["tok_s"] == pytest.approx(2 * 32 / (res["step_ms"] / 1e3))
+        assert len(res["losses"]) == 3 and all(math.isfinite(x) for x in res["losses"]), res["losses"]
+        # random ids over a vocabulary of 256: the untrained model's loss is near ln(256)
+        assert abs(res["losses"][0] - math.log(256)) < 0.5, res["losses"]
+    # The same workload in both frameworks: LoRA B starts at zero, so the first step's loss is the base model's.
+    l_ours, l_peft = rows["ours"]["result"]["losses"][0], rows["peft-16bit"]["result"]["losses"][0]
+    assert abs(l_ours - l_peft) < 1e-4, f"first-step loss: ours {l_ours} vs peft {l_peft}"
+    assert not rows["unsloth"]["result"]["ok"] and rows["unsloth"]["result"]["error"]
+
+    prof = [r for r in records if r["kind"] == "profile"]
+    assert len(prof) == 1 and prof[0]["row"] == "ours" and len(prof[0]["result"]["profile"]["kernels"]) > 5
+    assert "| ours | nf4 | 32 | 2 |" in out and "| peft-16bit | bf16 | 32 | 2 |" in out, out[-3000:]
+    assert "| ours-16bit | bf16 | 32 | 2 | 123 | 520.3 |" in out, out[-3000:]
+    assert "## Profile: ours tiny-L1 T=32" in out
+
+
+@pytest.mark.parametrize("why,peak", MEMORY_MODELS, ids=[m[0].split(":")[0] for m in MEMORY_MODELS])
+def test_longest_search_finds_the_limit(why, peak):
+    total, lo_bound, hi_bound, step = 80.0, 1024, 524288, 1024
+    probes, order = {}, []
+    while (T := next_probe(probes, lo_bound, hi_bound, step, 32768)) is not None:
+        assert T not in probes and T % step == 0 and lo_bound <= T <= hi_bound, (T, order)
+        m = peak(T)
+        probes[T] = {"ok": m <= total, "peak_reserved_gib": m if m <= total else None, "total_gib": total}
+        order.append(T)
+        assert len(order) <= 14, f"{why}: too many probes {order}"
+    fits = [T for T in range(step, hi_bound + 1, step) if peak(T) <= total]
+    truth = max(fits, default=None)
+    found = max((T for T, p in probes.items() if p["ok"]), default=None)
+    assert found == truth, f"{why}: found {found}, expected {truth}, probes {order}"
+
+
+def test_rows_and_flops():
+    assert {"ours", "ours-16bit", "peft-bnb", "peft-bnb-liger", "peft-16bit", "unsloth", "unsloth-16bit"} <= set(ROWS)
+    # issue 9: about 32 GFLOP per token for the 8B step at T=2048 without recomputation
+    assert flops_per_token(model_config(False, 32), 2048) == pytest.approx(31.6e9, rel=0.02)
