@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import json
 import math
 import os
@@ -294,8 +295,11 @@ def build_unsloth(spec, device, dtype):
     import unsloth  # noqa: F401  (first: it patches transformers and peft)
     from unsloth import FastLanguageModel
 
+    kw = {}
+    if not spec["quant"] and "load_in_16bit" in inspect.signature(FastLanguageModel.from_pretrained).parameters:
+        kw["load_in_16bit"] = True  # 2026 releases: an explicit 16-bit LoRA request
     model, _ = FastLanguageModel.from_pretrained(model_name=spec["ckpt"], max_seq_length=spec["seq"], dtype=dtype,
-                                                 load_in_4bit=spec["quant"])
+                                                 load_in_4bit=spec["quant"], **kw)
     model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=ALPHA, lora_dropout=0, target_modules=SEVEN,
                                              bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
     if hasattr(FastLanguageModel, "for_training"):
@@ -438,7 +442,9 @@ def child_main(spec: dict, result: Path) -> None:
 
         from bench.hw import error_cell
 
-        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        msg = str(e).lower()  # unsloth and cuBLAS report some allocation failures as other errors
+        oom = isinstance(e, torch.OutOfMemoryError) or any(
+            k in msg for k in ("out of memory", "alloc_failed", "cudaerrormemoryallocation"))
         out = {"ok": False, "oom": oom, "error": "OOM" if oom else error_cell(e)}
         if oom:
             import traceback
@@ -477,8 +483,9 @@ def spawn(spec: dict, timeout: float, label: str) -> dict:
         cmd = [sys.executable, "-m", "bench.train", "--child", json.dumps(spec), "--result", str(res)]
         t0 = time.perf_counter()
         env = child_env(spec.get("impl") == "unsloth", spec.get("expandable", False))
+        root = str(Path(__file__).resolve().parent.parent)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+                                errors="replace", start_new_session=True, cwd=root)
         tail = collections.deque(maxlen=15)
 
         def pump():
@@ -673,6 +680,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=480, help="seconds per row process")
     ap.add_argument("--budget-s", type=float, default=0, help="whole-invocation limit (0: none); rows that would "
                     "not fit are reported as not run, and the results are still written")
+    ap.add_argument("--min-row-s", type=float, default=150, help="with --budget-s: start a row only when this "
+                    "much time is left")
     ap.add_argument("--longest", default="", help="rows for the longest-sequence search, e.g. ours,unsloth")
     ap.add_argument("--longest-range", default="1024:524288", help="lower:upper bound of the search")
     ap.add_argument("--longest-start", type=int, default=32768, help="first probe")
@@ -739,7 +748,7 @@ def main(argv=None):
         rec = {"kind": "row", "model": tag, "row": name, "seq": T, "batch": a.batch,
                "flops_per_token": flops_per_token(cfg, T)}
         why = skip_reason(name)
-        if why is None and remaining() < 90:
+        if why is None and remaining() < a.min_row_s:
             why = "not run (time budget)"
         if why:
             print(f"{name} T={T}: {why}", flush=True)
@@ -751,11 +760,17 @@ def main(argv=None):
         prof = a.profile and name == "ours" and T == seqs[0]
         spec = {"kind": "row", **base, **ROWS[name], "row": name, "seq": T, "batch": a.batch, "profile": prof}
         print(f"== {name} T={T} B={a.batch}", flush=True)
-        res = spawn(spec, min(a.timeout, remaining()), f"{name} T={T}")
+        limit = min(a.timeout, remaining())
+        res = spawn(spec, limit, f"{name} T={T}")
         print(f"{name} T={T}: " + (f"{res['tok_s']:,.0f} tok/s, step {res['step_ms']:.1f} ms, peak "
                                     f"{fmt(res.get('peak_alloc_gib'), '.2f')} GiB alloc / "
                                     f"{fmt(res.get('peak_reserved_gib'), '.2f')} GiB reserved"
                                     if res.get("ok") else res.get("error")), flush=True)
+        earlier = next((r for r in records if r.get("kind") == "row" and r["model"] == tag and r["row"] == name
+                        and r["seq"] == T and r["batch"] == a.batch and r["result"].get("ok")), None)
+        if res.get("timeout") and limit < a.timeout and earlier:
+            print(f"{name} T={T}: cut short by the time budget; the earlier measurement stays", flush=True)
+            continue
         if res.get("profile"):
             upsert(records, {"kind": "profile", "model": tag, "row": name, "seq": T, "batch": a.batch,
                              "result": {"profile": res.pop("profile")}})
@@ -782,7 +797,11 @@ def main(argv=None):
                 break
             spec = {"kind": "row", **base, **ROWS[name], "row": name, "seq": T, "batch": 1, "warmup": 0, "steps": 1}
             print(f"== longest {name}: probe T={T}", flush=True)
-            res = spawn(spec, min(a.probe_timeout, remaining()), f"{name} probe T={T}")
+            limit = min(a.probe_timeout, remaining())
+            res = spawn(spec, limit, f"{name} probe T={T}")
+            if res.get("timeout") and limit < a.probe_timeout:
+                print(f"longest {name}: probe T={T} cut short by the time budget (not recorded)", flush=True)
+                break
             why = "ok" if res.get("ok") else ("oom" if res.get("oom") else "timeout" if res.get("timeout") else "error")
             print(f"longest {name}: T={T} {why}" + (f" ({res.get('error')})" if why == "error" else "") +
                   (f", peak reserved {res['peak_reserved_gib']:.1f} GiB" if res.get("peak_reserved_gib") else ""),

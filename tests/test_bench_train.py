@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Simulated peak memory (GiB) of one batch-1 step at T tokens, with the card's total; each with its reason.
 MEMORY_MODELS = [
     ("linear, limit near 296k (flash attention: memory linear in T)", lambda T: 6 + 2.5e-4 * T),
-    ("super-linear: the linear fit overshoots, bisection must still converge", lambda T: 6 + 1.5e-4 * T + 3e-10 * T * T),
+    ("super-linear: the linear fit overshoots, bisection must still converge",
+     lambda T: 6 + 1.5e-4 * T + 3e-10 * T * T),
     ("nothing fits: even the lower bound fails", lambda T: 90 + 1e-6 * T),
     ("everything fits: the upper bound passes", lambda T: 6 + 1e-6 * T),
 ]
@@ -28,7 +29,8 @@ def _bench(*args, timeout=240):
     env.pop("PEERS_UNSLOTH", None)
     p = subprocess.run([sys.executable, "-m", "bench.train", "--tiny", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"bench.train {' '.join(args)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, (f"bench.train {' '.join(args)} exited {p.returncode}:\n"
+                               f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p.stdout
 
 
