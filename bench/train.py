@@ -33,7 +33,7 @@ and GPU-busy vs wall time per step.
 Results accumulate across invocations in ``bench/results/.train-rows-<card>.json`` (``--cache``) and every
 invocation rewrites ``bench/results/<date>-<card>-train.md`` with all cached rows.
 
-Run: ``python -m bench.train --rows ours,peft-bnb,peft-bnb-liger --seq 2048 --budget-s 540``
+Run: ``python -m bench.train --rows ours,peft-bnb,peft-bnb-liger --seq 2048`` (``--budget-s``, default 540)
      ``PEERS_UNSLOTH=1 python -m bench.train --rows unsloth,unsloth-16bit --seq 2048`` (after
      ``PEERS_UNSLOTH=1 source .whl/install.sh``);  CPU smoke run: ``python -m bench.train --tiny``.
 """
@@ -61,7 +61,7 @@ ROWS = {
     "ours": dict(impl="ours", quant=True, gc="on", cuda=False),
     "ours-16bit": dict(impl="ours", quant=False, gc="on", cuda=False),
     "ours-offload": dict(impl="ours", quant=True, gc="offload", cuda=False),
-    "peft-bnb": dict(impl="hf", quant=True, liger=False, cuda=True),
+    "peft-bnb": dict(impl="hf", quant=True, liger=False, cuda=False),  # bitsandbytes 0.50 runs NF4 on CPU too
     "peft-bnb-liger": dict(impl="hf", quant=True, liger=True, cuda=True),
     "peft-16bit": dict(impl="hf", quant=False, liger=False, cuda=False),
     "peft-16bit-liger": dict(impl="hf", quant=False, liger=True, cuda=True),
@@ -587,7 +587,9 @@ def render(records: list, tflops: float | None) -> list[tuple[str, str]]:
                          "peak reserved GiB": fmt(res.get("peak_reserved_gib"), ".2f"),
                          "vs unsloth": f"{res['tok_s'] / uns['tok_s']:.2f}x" if uns else "—",
                          "note": f"{note}; loss {res['loss_first']:.3f} → {res['loss_last']:.3f}; "
-                                 f"{len(res['step_ms_all'])} timed steps; load {res['load_s']:.0f} s"})
+                                 f"{len(res['step_ms_all'])} timed steps; load {res['load_s']:.0f} s"
+                                 + (f", load peak {res['load_peak_alloc_gib']:.2f} GiB"
+                                    if res.get("load_peak_alloc_gib") else "")})
             out.append(line)
             if r["row"] == "ours" and r["seq"] == 2048 and r["batch"] == 2:
                 met = res["tok_s"] >= TARGET_TOK_S and (res.get("peak_alloc_gib") or 1e9) <= TARGET_GIB
@@ -678,8 +680,9 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="hidden 64, vocab 256, seq 32, 2 timed steps (CPU smoke)")
     ap.add_argument("--ckpt-dir", default=None, help="checkpoint cache (default /tmp/mt-8b[-L<layers>])")
     ap.add_argument("--timeout", type=float, default=480, help="seconds per row process")
-    ap.add_argument("--budget-s", type=float, default=0, help="whole-invocation limit (0: none); rows that would "
-                    "not fit are reported as not run, and the results are still written")
+    ap.add_argument("--budget-s", type=float, default=540, help="whole-invocation limit in seconds (0: none), "
+                    "sized for one 10-minute device call: rows that would not fit are reported as not run, and the "
+                    "results are still written")
     ap.add_argument("--min-row-s", type=float, default=150, help="with --budget-s: start a row only when this "
                     "much time is left")
     ap.add_argument("--longest", default="", help="rows for the longest-sequence search, e.g. ours,unsloth")
