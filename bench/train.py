@@ -167,8 +167,9 @@ def write_checkpoint(d: Path, cfg: dict, device) -> float:
     if checkpoint_complete(d, cfg):
         return 0.0
     t0 = time.perf_counter()
+    for stale in d.parent.glob(f"{d.name}.tmp-*"):  # left by a writer that was killed (16 GB each at 8B)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = d.parent / f"{d.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     gen = torch.Generator(device=device).manual_seed(0)
     weight_map, total = {}, 0
