@@ -99,3 +99,30 @@ def test_rows_and_flops():
     assert {"ours", "ours-16bit", "peft-bnb", "peft-bnb-liger", "peft-16bit", "unsloth", "unsloth-16bit"} <= set(ROWS)
     # issue 9: about 32 GFLOP per token for the 8B step at T=2048 without recomputation
     assert flops_per_token(model_config(False, 32), 2048) == pytest.approx(31.6e9, rel=0.02)
+
+
+@pytest.mark.gpu
+def test_gpu_preflight_one_layer(tmp_path):
+    """The GPU path at the full 8B width with one layer (a minute): checkpoint on the GPU, our NF4 row with the
+    profiler, the transformers + peft + bitsandbytes row; run before the long `python -m bench.train` calls."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PEERS_UNSLOTH", None)
+    cache = tmp_path / "rows.json"
+    p = subprocess.run([sys.executable, "-m", "bench.train", "--layers", "1", "--rows", "ours,peft-bnb", "--seq", "512",
+                        "--warmup", "2", "--steps", "3", "--profile", "--ckpt-dir", str(tmp_path / "ckpt"),
+                        "--cache", str(cache), "--no-write", "--budget-s", "0"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    records = json.loads(cache.read_text())
+    rows = {r["row"]: r["result"] for r in records if r["kind"] == "row"}
+    for name in ("ours", "peft-bnb"):
+        res = rows[name]
+        assert res.get("ok"), f"{name}: {res.get('error')}\n{p.stdout[-4000:]}"
+        assert res["peak_alloc_gib"] > 0 and res["peak_reserved_gib"] >= res["peak_alloc_gib"]
+        assert all(math.isfinite(x) for x in res["losses"]), res["losses"]
+        print(f"\n{name}: {res['tok_s']:,.0f} tok/s, peak {res['peak_alloc_gib']:.2f} GiB, losses {res['losses']}")
+    # same NF4 bytes, same ids, adapters start at zero: the first losses agree up to bf16 rounding
+    assert abs(rows["ours"]["losses"][0] - rows["peft-bnb"]["losses"][0]) < 0.05, (rows["ours"]["losses"],
+                                                                                    rows["peft-bnb"]["losses"])
+    prof = [r["result"]["profile"] for r in records if r["kind"] == "profile"]
+    assert prof and prof[0]["timed"] == "cuda" and prof[0]["kernels"] and prof[0]["gpu_busy_ms"] > 0, prof
