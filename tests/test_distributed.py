@@ -41,9 +41,10 @@ from minitrain.loader import load_model
 from minitrain.lora import add_lora
 from minitrain.trainer import Trainer
 
-env = distributed.init_distributed("cpu")
-ckpt, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+ckpt, out, modes, device = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+env = distributed.init_distributed(device)
 r = env.rank
+dtype = torch.float32 if device == "cpu" else torch.bfloat16
 
 def examples():
     g = torch.Generator().manual_seed(0)
@@ -53,8 +54,8 @@ def examples():
         data.append({"input_ids": ids})
     return data
 
-def run(name, dropout, **kw):
-    model, _ = load_model(ckpt, dtype=torch.float32, device="cpu", tokenizer=False, load_in_4bit=mode == "fsdp")
+def run(mode, name, dropout, **kw):
+    model, _ = load_model(ckpt, dtype=dtype, device=env.device, tokenizer=False, load_in_4bit=mode == "fsdp")
     torch.manual_seed(1 + r)  # different initial adapters on purpose: rank 0's must be broadcast
     add_lora(model, r=4, alpha=8, dropout=dropout)
     if mode == "fsdp":
@@ -65,7 +66,7 @@ def run(name, dropout, **kw):
         full = sum(p.numel() * p.element_size() for p in model.parameters())
         result.setdefault("shares", []).append([sum(t.numel() for t in packed) / nf4,
                                                 sum(t.numel() * t.element_size() for t in local) / full])
-    base = dict(output_dir=f"{out}/{name}/rank{r}", learning_rate=1e-2, lr_scheduler_type="constant",
+    base = dict(output_dir=f"{out}/{mode}/{name}/rank{r}", learning_rate=1e-2, lr_scheduler_type="constant",
                 max_grad_norm=1.0, progress=False, seed=5, per_device_train_batch_size=1,
                 gradient_accumulation_steps=2, save_steps=0)
     base.update(kw)
@@ -73,15 +74,17 @@ def run(name, dropout, **kw):
     tr.train()
     return tr.history["loss"]
 
-result = {}
-result["plain"] = run("plain", 0.0, max_steps=3)
-result["full"] = run("full", 0.1, max_steps=4)
-run("resumed", 0.1, max_steps=2, save_steps=2)  # stopped after the checkpoint at step 2 ...
-result["resumed"] = run("resumed", 0.1, max_steps=4, save_steps=2,  # ... and continued from it
-                        resume_from_checkpoint="latest")
+results = {}
+for mode in modes:
+    result = results[mode] = {}
+    result["plain"] = run(mode, "plain", 0.0, max_steps=3, gradient_checkpointing="on")
+    result["full"] = run(mode, "full", 0.1, max_steps=4)
+    run(mode, "resumed", 0.1, max_steps=2, save_steps=2)  # stopped after the checkpoint at step 2 ...
+    result["resumed"] = run(mode, "resumed", 0.1, max_steps=4, save_steps=2,  # ... and continued from it
+                            resume_from_checkpoint="latest")
 if r == 0:
     with open(f"{out}/losses.json", "w") as f:
-        json.dump(result, f)
+        json.dump(results, f)
 distributed.shutdown()
 '''
 
@@ -92,10 +95,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args, cwd=REPO, timeout=240):
-    """``torchrun --nproc-per-node 2`` on CPU (gloo); returns the completed process (asserting exit status 0)."""
+def torchrun(args, cwd=REPO, timeout=240, gpu=False):
+    """``torchrun --nproc-per-node 2`` on CPU (gloo) or 2 GPUs (NCCL); returns the completed process (asserting
+    exit status 0)."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+           "OMP_NUM_THREADS": "1"}
+    if not gpu:
+        env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -112,9 +118,10 @@ def examples():
     return data
 
 
-def one_process(ckpt, out, load_in_4bit=False, **kw):
+def one_process(ckpt, out, load_in_4bit=False, device="cpu", **kw):
     """The single-process run with the same global batch: G*N = 4 micro-batches of 1 per step."""
-    model, _ = load_model(ckpt, dtype=torch.float32, device="cpu", tokenizer=False, load_in_4bit=load_in_4bit)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model, _ = load_model(ckpt, dtype=dtype, device=device, tokenizer=False, load_in_4bit=load_in_4bit)
     torch.manual_seed(1)  # rank 0's initial adapter
     add_lora(model, r=4, alpha=8, dropout=0.0)
     cfg = TrainConfig(output_dir=str(out), learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=1.0,
@@ -135,39 +142,83 @@ def compare_adapters(a: Path, b: Path) -> None:
     assert max(v.abs().max().item() for k, v in x.items() if "lora_B" in k) > 0  # it trained
 
 
-def check_losses(got, ref, what):
+def check_losses(got, ref, what, tol=TOL):
     diffs = [abs(a - b) for a, b in zip(got, ref)]
-    assert len(got) == len(ref) and max(diffs) <= TOL, f"{what}: per-step losses {got} vs {ref}, max diff {max(diffs):.3g}"
+    assert len(got) == len(ref) and max(diffs) <= tol, f"{what}: per-step losses {got} vs {ref}, max diff {max(diffs):.3g}"
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_train_like_one_process_and_resume_exactly(tmp_path, mode):
+def check_peft_loads(ckpt, adapter: Path, hf=None):
+    """peft loads the adapter onto the transformers base; its logits equal minitrain's with the same adapter."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from minitrain.lora import load_adapter
+
+    hf = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    pm = PeftModel.from_pretrained(hf, adapter).eval()
+    ours, _ = load_model(ckpt, dtype=torch.float32, device="cpu", tokenizer=False)
+    load_adapter(ours, adapter, trainable=False)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        a, b = ours(ids), pm(ids).logits
+    d = (a - b).abs()
+    assert d.max() <= 1e-4, f"peft vs minitrain logits: max |diff| {d.max().item():.3g}, {int((d > 1e-4).sum())} differ"
+
+
+def test_two_ranks_train_like_one_process_and_resume_exactly(tmp_path):
+    """DDP (fp32 base) and FSDP2 (NF4 base), each: 2 ranks x 2 micro-batches == 1 process x 4, resume exact."""
     ckpt = tmp_path / "base"
     make_tiny_checkpoint(ckpt)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "runs"
-    torchrun([str(script), str(ckpt), str(out), mode])
-    got = json.loads((out / "losses.json").read_text())
-    if mode == "fsdp":  # rank 0 holds half of the packed NF4 bytes, and about half of all parameter bytes
-        assert all(a == 0.5 and 0.45 < b < 0.55 for a, b in got["shares"]), got["shares"]
+    torchrun([str(script), str(ckpt), str(out), "ddp,fsdp", "cpu"])  # one launch for both: start-up is most of it
+    results = json.loads((out / "losses.json").read_text())
+    # FSDP2: rank 0 holds half of the packed NF4 bytes, and about half of all parameter bytes
+    assert all(a == 0.5 and 0.45 < b < 0.55 for a, b in results["fsdp"]["shares"]), results["fsdp"]["shares"]
+    for mode in ("ddp", "fsdp"):
+        got, runs = results[mode], out / mode
+        ref = one_process(ckpt, tmp_path / mode, load_in_4bit=mode == "fsdp", max_steps=3,
+                          gradient_checkpointing="on")
+        check_losses(got["plain"], ref, f"{mode}: 2 ranks x 2 micro-batches vs 1 process x 4")
+        compare_adapters(runs / "plain" / "rank0" / "adapter", tmp_path / mode / "adapter")
 
-    ref = one_process(ckpt, tmp_path / "one", load_in_4bit=mode == "fsdp", max_steps=3)
-    check_losses(got["plain"], ref, f"{mode}: 2 ranks x 2 micro-batches vs 1 process x 4")
-    compare_adapters(out / "plain" / "rank0" / "adapter", tmp_path / "one" / "adapter")
+        # resume: the same losses, metrics and adapter as the uninterrupted 2-rank run (dropout on: RNG per rank)
+        check_losses(got["resumed"][-2:], got["full"][-2:], f"{mode}: resumed vs uninterrupted")
+        full, res = runs / "full" / "rank0", runs / "resumed" / "rank0"
+        lines = [[json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+                 for d in (full, res)]
+        assert lines[0] == lines[1] and len(lines[0]) == 4, (mode, lines)
+        compare_adapters(full / "adapter", res / "adapter")
+        assert sorted(p.name for p in res.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
-    # resume: the same losses, metrics and adapter as the uninterrupted 2-rank run (dropout on: RNG per rank)
-    check_losses(got["resumed"][-2:], got["full"][-2:], f"{mode}: resumed vs uninterrupted")
-    full, res = out / "full" / "rank0", out / "resumed" / "rank0"
-    lines = [[json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-             for d in (full, res)]
-    assert lines[0] == lines[1] and len(lines[0]) == 4, lines
-    compare_adapters(full / "adapter", res / "adapter")
-    assert sorted(p.name for p in res.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+        # only rank 0 writes: rank 1's output directories never came into being
+        assert not any((runs / run / "rank1").exists() for run in ("plain", "full", "resumed")), mode
+        assert (runs / "plain" / "rank0" / "loss_curve.png").is_file()
+    check_peft_loads(ckpt, out / "ddp" / "plain" / "rank0" / "adapter")
 
-    # only rank 0 writes: rank 1's output directories never came into being
-    assert not any((out / run / "rank1").exists() for run in ("plain", "full", "resumed"))
-    assert (out / "plain" / "rank0" / "loss_curve.png").is_file()
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_train_like_one_gpu(tmp_path):
+    """NCCL on 2 GPUs, bf16 autocast, fused kernels on (DDP: 16-bit base; FSDP2: NF4 base): the per-step losses
+    of 2 GPUs equal one GPU's on the same global batch within bf16 rounding; the DDP adapter loads in peft (the
+    QLoRA one belongs to the NF4 base, which peft would not reproduce)."""
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "runs"
+    torchrun([str(script), str(ckpt), str(out), "ddp,fsdp", "cuda"], gpu=True, timeout=400)
+    results = json.loads((out / "losses.json").read_text())
+    for mode in ("ddp", "fsdp"):
+        got = results[mode]
+        ref = one_process(ckpt, tmp_path / mode, load_in_4bit=mode == "fsdp", device="cuda", max_steps=3,
+                          gradient_checkpointing="on")
+        check_losses(got["plain"], ref, f"{mode} on 2 GPUs vs 1 GPU (bf16)", tol=2e-2)
+        check_losses(got["resumed"][-2:], got["full"][-2:], f"{mode} on 2 GPUs: resumed vs uninterrupted", tol=2e-2)
+        assert not any((out / mode / run / "rank1").exists() for run in ("plain", "full", "resumed")), mode
+    check_peft_loads(ckpt, out / "ddp" / "plain" / "rank0" / "adapter")
 
 
 def test_cli_under_torchrun_matches_one_process(tmp_path):
