@@ -23,8 +23,9 @@ and puts rank r on ``cuda:LOCAL_RANK``. The :class:`~minitrain.trainer.Trainer` 
 * Only rank 0 writes files (metrics.jsonl, checkpoints, the adapter, the loss curve) and prints progress;
   checkpoints also hold every rank's RNG state (gathered to rank 0) so dropout masks resume exactly.
 
-FSDP2 (``--fsdp``, :func:`shard_model`): ``torch.distributed.fsdp.fully_shard`` on every decoder layer and on the
-root. NF4 projections are first replaced by :class:`ShardableNF4Linear`, which holds the packed 4-bit bytes, the
+FSDP2 (``--fsdp``, :func:`shard_model`): ``torch.distributed.fsdp.fully_shard`` on every decoder layer, on the
+(untied) input embedding, and on the root (final norm, lm_head; kept gathered from forward to the end of backward
+because the loss reads lm_head.weight after ``hidden_states`` returns). NF4 projections are first replaced by :class:`ShardableNF4Linear`, which holds the packed 4-bit bytes, the
 uint8 absmax codes and the fp32 nested absmax as frozen ``nn.Parameter``s, so FSDP2 shards them (1/N per rank,
 dim 0) and all-gathers them per layer just before the layer runs; the tiny code tables stay replicated buffers.
 The adapters are sharded too; FSDP2 reduce-scatters their gradients with SUM (divide factor 1, sum-only
@@ -272,6 +273,10 @@ def shard_model(model: nn.Module, env: DistEnv | None = None) -> nn.Module:
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
+    body = getattr(model, "model", model)
+    emb, head = getattr(body, "embed_tokens", None), getattr(model, "lm_head", None)
+    if emb is not None and (head is None or head.weight is not emb.weight):
+        fully_shard(emb, mesh=mesh)  # its own unit: gathered only for the lookup (frozen: no backward gather)
     # The root (embeddings, final norm, lm_head) stays gathered from its forward to the end of backward: the loss
     # reads lm_head.weight after ``hidden_states`` returns, and backward needs it again at once.
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
