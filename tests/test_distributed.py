@@ -233,14 +233,20 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
     data.write_text("".join(json.dumps(l) + "\n" for l in lines))
     common = ["--model", str(ckpt), "--data", str(data), "--max-steps", "3", "--learning-rate", "1e-2",
               "--per-device-train-batch-size", "2", "--no-progress", "--dtype", "fp32", "--lora-r", "4",
-              "--save-steps", "0", "--max-seq-length", "32"]
+              "--save-steps", "0", "--max-seq-length", "32", "--eval-split", "5", "--eval-steps", "2"]
     proc = torchrun(["-m", "minitrain", "train", *common, "--output", str(tmp_path / "two"),
                      "--gradient-accumulation-steps", "1"])
     assert proc.stdout.count("done: 3 steps") == 1, proc.stdout  # printed by rank 0 only
     assert main(["train", *common, "--output", str(tmp_path / "one"), "--gradient-accumulation-steps", "2"]) == 0
 
-    def losses(d):
-        return [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    def losses(d, key):
+        return [json.loads(l)[key] for l in (d / "metrics.jsonl").read_text().splitlines() if f'"{key}"' in l]
 
-    check_losses(losses(tmp_path / "two"), losses(tmp_path / "one"), "CLI: torchrun 2 ranks vs 1 process")
+    for key in ("loss", "eval_loss"):  # eval: the ranks share the 5 held-out examples, sums reduced
+        two, one = losses(tmp_path / "two", key), losses(tmp_path / "one", key)
+        assert len(one) == (3 if key == "loss" else 2)
+        check_losses(two, one, f"CLI {key}: torchrun 2 ranks vs 1 process")
     compare_adapters(tmp_path / "two" / "adapter", tmp_path / "one" / "adapter")
+    # --fsdp needs torchrun: a plain process gets a one-line error (exit status 2), before loading anything
+    assert main(["train", *common, "--output", str(tmp_path / "x"), "--fsdp"]) == 2
+    assert not (tmp_path / "x").exists()
