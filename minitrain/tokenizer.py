@@ -97,6 +97,59 @@ def _token_str(v) -> str | None:
     raise ValueError(f"tokenizer_config.json: special token must be a string or {{'content': ...}}, got {v!r}")
 
 
+# Conversations on which a fast renderer must equal the template: system prompt or not, multi-turn, an
+# assistant first, nothing at all, contents with surrounding whitespace, markers, Jinja syntax and unicode.
+_PROBES = [
+    [],
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": " spaced \n"},
+     {"role": "assistant", "content": "\n\tok  "}, {"role": "user", "content": ""},
+     {"role": "assistant", "content": "<|im_end|>{{ x }}{% if %}<|eot_id|>"}],
+    [{"role": "assistant", "content": "first"}, {"role": "user", "content": "héllo 日本語 ✓ \u00a0"}],
+    [{"role": "user", "content": "a"}, {"role": "system", "content": "late system"}],
+]
+
+
+def _renderer_candidates(tok: "Tokenizer", chat_template: str | None):
+    """Plain-Python renderers of known template families, parameterized from the tokenizer (bos token) and
+    from one render of the template (a default system prompt)."""
+
+    def chatml(default_system: str | None):
+        head = None if default_system is None else f"<|im_start|>system\n{default_system}<|im_end|>\n"
+
+        def render(messages, add_generation_prompt=False):
+            out = [head] if head and messages and messages[0]["role"] != "system" else []
+            for m in messages:
+                out += ("<|im_start|>", m["role"], "\n", m["content"], "<|im_end|>\n")
+            if add_generation_prompt:
+                out.append("<|im_start|>assistant\n")
+            return "".join(out)
+
+        return render
+
+    def llama3(bos: str):
+        def render(messages, add_generation_prompt=False):
+            out = [bos]
+            for m in messages:
+                out += ("<|start_header_id|>", m["role"], "<|end_header_id|>\n\n", m["content"].strip(), "<|eot_id|>")
+            if add_generation_prompt:
+                out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+            return "".join(out)
+
+        return render
+
+    yield chatml(None)
+    try:
+        one = tok.render_chat([{"role": "user", "content": "x"}], False, chat_template)
+    except Exception:  # noqa: BLE001
+        one = ""
+    start, end = "<|im_start|>system\n", "<|im_end|>\n"
+    if one.startswith(start) and end in one:
+        yield chatml(one[len(start): one.index(end)])
+    yield llama3(tok.bos_token or "")
+
+
 class Tokenizer:
     """A tokenizer.json tokenizer with special tokens and a chat template.
 
@@ -267,20 +320,41 @@ class Tokenizer:
             return "chatml"
         return "alpaca"
 
+    def _template(self, chat_template: str | None = None) -> tuple[str, str]:
+        """(a label for error messages, the Jinja source) of the template in use."""
+        source = chat_template or self.chat_template
+        if source in BUILTIN_TEMPLATES:
+            return f"built-in template {source!r}", BUILTIN_TEMPLATES[source]
+        if source is None:
+            name = self.default_template_name()
+            return f"built-in template {name!r}", BUILTIN_TEMPLATES[name]
+        return ("the given chat template" if chat_template is not None else "the checkpoint's chat template"), source
+
+    def fast_chat_renderer(self, chat_template: str | None = None):
+        """A plain-Python renderer ``f(messages, add_generation_prompt=False) -> str`` for the template, when it
+        belongs to a known family (ChatML with or without a default system prompt as in SmolLM2, Llama-3 with
+        trimmed contents) and renders every probe conversation of ``_PROBES`` byte for byte like the jinja2
+        sandbox; None otherwise. About 20x faster than jinja2's sandbox. Callers that render many records
+        should still compare a sample against ``render_chat`` (``minitrain.data`` does)."""
+        label, source = self._template(chat_template)
+        cache = self.__dict__.setdefault("_fast_renderers", {})
+        if source not in cache:
+            cache[source] = None
+            for cand in _renderer_candidates(self, chat_template):
+                try:
+                    if all(cand(m, g) == self.render_chat(m, g, chat_template) for m in _PROBES for g in (False, True)):
+                        cache[source] = cand
+                        break
+                except Exception:  # noqa: BLE001 - a template that fails on a probe has no fast renderer
+                    break
+        return cache[source]
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, chat_template: str | None = None,
                     **kwargs: Any) -> str:
         """The chat rendered to text (what ``apply_chat_template(..., tokenize=False)`` returns)."""
         import jinja2
 
-        source = chat_template or self.chat_template
-        label = "the checkpoint's chat template"
-        if source in BUILTIN_TEMPLATES:
-            label, source = f"built-in template {source!r}", BUILTIN_TEMPLATES[source]
-        elif source is None:
-            name = self.default_template_name()
-            label, source = f"built-in template {name!r}", BUILTIN_TEMPLATES[name]
-        elif chat_template is not None:
-            label = "the given chat template"
+        label, source = self._template(chat_template)
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise TypeError("apply_chat_template: messages must be a list of dicts with 'role' and 'content'")
         try:
