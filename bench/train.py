@@ -61,6 +61,8 @@ ROWS = {
     "ours": dict(impl="ours", quant=True, gc="on", cuda=False),
     "ours-16bit": dict(impl="ours", quant=False, gc="on", cuda=False),
     "ours-offload": dict(impl="ours", quant=True, gc="offload", cuda=False),
+    "ours-graph": dict(impl="ours", quant=True, gc="on", graph=True, cuda=True),
+    "ours-16bit-graph": dict(impl="ours", quant=False, gc="on", graph=True, cuda=True),
     "peft-bnb": dict(impl="hf", quant=True, liger=False, cuda=False),  # bitsandbytes 0.50 runs NF4 on CPU too
     "peft-bnb-liger": dict(impl="hf", quant=True, liger=True, cuda=True),
     "peft-16bit": dict(impl="hf", quant=False, liger=False, cuda=False),
@@ -69,6 +71,7 @@ ROWS = {
     "unsloth-16bit": dict(impl="unsloth", quant=False, cuda=True),
 }
 NOTES = {"ours": "tight loop of the Trainer's math: token_loss_sum/n (fused linear CE), clip 1.0, fused AdamW",
+         "ours-graph": "the same math, forward + backward replayed from one CUDA graph (minitrain.cuda_graphs)",
          "hf": "model(ids, labels=ids).loss, clip 1.0, fused AdamW",
          "unsloth": "model(ids, labels=ids).loss, clip 1.0, fused AdamW; gc 'unsloth'"}
 VERSION_DISTS = ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth",
@@ -227,6 +230,16 @@ def build_ours(spec, device, dtype):
         batch = {"input_ids": ids, "labels": ids}
         return token_loss_sum(model, batch) / (ids.shape[0] * (ids.shape[1] - 1))  # sum / n trained tokens
 
+    if spec.get("graph"):
+        from minitrain.cuda_graphs import GraphedLoss
+
+        graphed = GraphedLoss(model, spec["batch"], spec["seq"], warmup=2)
+
+        def loss_fn(ids):  # noqa: F811 - forward and backward, from the graph after two eager calls
+            return graphed({"input_ids": ids, "labels": ids}, ids.shape[0] * (ids.shape[1] - 1))
+
+        loss_fn.does_backward = True
+        return params, loss_fn, NOTES["ours-graph"]
     return params, loss_fn, ""
 
 
@@ -379,13 +392,18 @@ def run_row(spec: dict) -> dict:
         out["load_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         torch.cuda.reset_peak_memory_stats()
 
+    graphed = getattr(loss_fn, "does_backward", False)
+
     def step(ids):
-        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
+        if graphed:  # gradients land in fixed .grad tensors: zero them, never drop them
             loss = loss_fn(ids)
-        loss.backward()
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
+                loss = loss_fn(ids)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not graphed)
         return loss.detach()
 
     B, T, V = spec["batch"], spec["seq"], spec["vocab"]

@@ -438,11 +438,12 @@ class LlamaModel(KernelSwitch, nn.Module):
             if B != 1 or position_ids is not None or cache is not None:
                 raise ValueError("cu_seqlens needs B=1 packed input ids, no position_ids and no cache")
             position_ids = cu_seqlens_to_position_ids(cu_seqlens.to(input_ids.device), T)
-        if position_ids is None:
+        plain = position_ids is None  # positions 0..T-1 in every row: one document each, nothing to inspect
+        if plain:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
         elif position_ids.shape != (B, T):
             raise ValueError(f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}")
-        mask = self._mask(position_ids, past, T)
+        mask = self._mask(position_ids, past, T, plain)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)  # (B, T, D)
         for layer in self.layers:
@@ -451,16 +452,23 @@ class LlamaModel(KernelSwitch, nn.Module):
             cache.length += T
         return self.norm(x)
 
-    def _mask(self, position_ids: torch.Tensor, past: int, T: int) -> torch.Tensor | None:
-        """None where plain causal attention is right (SDPA's fast path), else an explicit bool mask."""
+    def _mask(self, position_ids: torch.Tensor, past: int, T: int, plain: bool = False) -> torch.Tensor | None:
+        """None where plain causal attention is right (SDPA's fast path), else an explicit bool mask.
+
+        Whether given position ids restart (packed documents) is read from their values, a host sync; while a
+        CUDA graph is captured (no sync allowed) or compiled, given position ids are taken as packed."""
         window = self.args.sliding_window
+        if plain and not past and (window is None or T <= window):
+            return None
         if past:  # decoding after a prefill: keys are the cache (one document) plus the new tokens
             if T == 1 and (window is None or past < window):
                 return None
             k_pos = torch.arange(past + T, device=position_ids.device)[None].expand(position_ids.shape[0], -1)
             return build_mask(position_ids, k_pos, None, None, window)
         docs = document_ids(position_ids)
-        packed = torch.compiler.is_compiling() or bool((docs[:, -1] > 1).any())
+        capturing = position_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        packed = (torch.compiler.is_compiling() or capturing
+                  or bool((docs[:, -1] > 1).any()))
         if not packed and (window is None or T <= window):
             return None
         docs = docs if packed else None

@@ -1,0 +1,138 @@
+"""CUDA-graph training micro-steps (minitrain.cuda_graphs): the loss formulation on CPU against the trainer's,
+and on the GPU the replayed forward + backward against the eager one (losses, every adapter gradient, a few
+AdamW steps), with QLoRA bases, gradient checkpointing, packed rows and ignored labels."""
+import pytest
+import torch
+
+from minitrain.cuda_graphs import GraphedLoss, GraphError, graph_blockers, summed_token_loss, zero_grads
+from minitrain.lora import add_lora
+from minitrain.model import LlamaForCausalLM, ModelArgs
+from minitrain.trainer import n_items, set_gradient_checkpointing, token_loss_sum
+
+ARGS = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=4, max_position_embeddings=512)
+
+
+def model_with_lora(device, dtype, nf4=False, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(ModelArgs(**ARGS)).to(dtype)
+    if nf4:
+        import quant
+
+        for layer in model.model.layers:
+            for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                for n in names:
+                    setattr(parent, n, quant.NF4Linear.from_linear(getattr(parent, n)))
+    add_lora(model, r=8, alpha=16, dropout=dropout)
+    for n, p in model.named_parameters():  # non-zero B so that every adapter gradient is exercised
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    return model
+
+
+def random_batch(B, T, device, packed=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, ARGS["vocab_size"], (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, : T // 4] = -100  # a prompt that is not trained
+    labels[torch.rand(B, T, generator=g) < 0.1] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    if packed:  # two documents per row, the second restarting its positions
+        cut = T // 3
+        pos = torch.cat([torch.arange(cut), torch.arange(T - cut)])[None].expand(B, T).contiguous()
+        batch["position_ids"] = pos
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def grads(model):
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_summed_token_loss_equals_the_trainers_loss_on_cpu():
+    """The graph-safe loss (all positions through the CE, ignored labels add nothing) is the trainer's loss."""
+    model = model_with_lora("cpu", torch.float32)
+    for packed in (False, True):
+        batch = random_batch(2, 24, "cpu", packed=packed, seed=3)
+        n = n_items(batch)
+        want = token_loss_sum(model, batch) / n
+        got = summed_token_loss(model, batch["input_ids"], batch["labels"], batch.get("position_ids"),
+                                torch.tensor(float(n)))
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (packed, got.item(), want.item())
+
+
+def test_graphs_refuse_what_they_cannot_run():
+    model = model_with_lora("cpu", torch.float32, dropout=0.1)
+    why = graph_blockers(model)
+    assert any("CUDA" in w for w in why) and any("dropout" in w for w in why), why
+    with pytest.raises(GraphError, match="not possible"):
+        GraphedLoss(model, 2, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nf4, checkpointing, packed", [(False, "off", False), (True, "on", False),
+                                                        (True, "on", True)])
+def test_graph_replay_matches_eager_forward_backward(nf4, checkpointing, packed):
+    B, T = 2, 200  # T not a multiple of any block size
+    eager = model_with_lora("cuda", torch.bfloat16, nf4=nf4)
+    graphed = model_with_lora("cuda", torch.bfloat16, nf4=nf4)
+    for m in (eager, graphed):
+        set_gradient_checkpointing(m, checkpointing)
+    gl = GraphedLoss(graphed, B, T, packed=packed, warmup=2)
+    for step in range(5):  # 2 eager warm-up calls, the capture, 2 replays: each on new data
+        batch = random_batch(B, T, "cuda", packed=packed, seed=10 + step)
+        n = n_items(batch)
+        zero_grads(list(eager.parameters()))
+        eager.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            want = token_loss_sum(eager, batch) / n
+        want.backward()
+        zero_grads(gl.params)
+        got = gl(batch, n)
+        torch.cuda.synchronize()
+        assert abs(got.item() - want.item()) <= 2e-3 * abs(want.item()), (step, got.item(), want.item())
+        ge, gg = grads(eager), grads(graphed)
+        for name in ge:
+            err = ((gg[name] - ge[name]).norm() / ge[name].norm().clamp_min(1e-12)).item()
+            assert err < 2e-2, f"step {step}: {name} gradient differs, relative error {err:.3g}"
+    assert gl.graph is not None
+
+
+@pytest.mark.gpu
+def test_graph_accumulates_like_eager_and_trains_the_same():
+    """Two micro-batches per step through the graph, AdamW on the adapters: the loss curve tracks eager."""
+    B, T = 2, 128
+    models = [model_with_lora("cuda", torch.bfloat16, nf4=True) for _ in range(2)]
+    for m in models:
+        set_gradient_checkpointing(m, "on")
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in models]
+    gl = GraphedLoss(models[1], B, T, warmup=1)
+    curves = ([], [])
+    for step in range(6):
+        micro = [random_batch(B, T, "cuda", seed=100 + 2 * step + j) for j in range(2)]
+        n = sum(n_items(b) for b in micro)
+        for k, (m, opt) in enumerate(zip(models, opts)):
+            opt.zero_grad(set_to_none=False)
+            total = 0.0
+            for b in micro:
+                if k == 0:
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        loss = token_loss_sum(m, b) / n
+                    loss.backward()
+                else:
+                    loss = gl(b, n)
+                total += loss.item()
+            opt.step()
+            curves[k].append(total)
+    for a, b in zip(*curves):
+        assert abs(a - b) <= 5e-3 * abs(a), curves
+
+
+@pytest.mark.gpu
+def test_graph_rejects_a_batch_of_another_shape():
+    model = model_with_lora("cuda", torch.bfloat16)
+    gl = GraphedLoss(model, 2, 64, warmup=1)
+    with pytest.raises(GraphError, match=r"shape \(2, 64\)"):
+        gl(random_batch(2, 65, "cuda"), 10)
