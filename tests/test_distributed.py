@@ -46,6 +46,8 @@ env = distributed.init_distributed(device)
 r = env.rank
 dtype = torch.float32 if device == "cpu" else torch.bfloat16
 
+PLAIN = dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+
 def examples():
     g = torch.Generator().manual_seed(0)
     data = []
@@ -77,11 +79,13 @@ def run(mode, name, dropout, **kw):
 results = {}
 for mode in modes:
     result = results[mode] = {}
-    result["plain"] = run(mode, "plain", 0.0, max_steps=3, gradient_checkpointing="on")
-    result["full"] = run(mode, "full", 0.1, max_steps=4)
-    run(mode, "resumed", 0.1, max_steps=2, save_steps=2)  # stopped after the checkpoint at step 2 ...
+    gc = {"ddp": ("on", "off"), "fsdp": ("off", "on")}[mode]  # (plain, resumed): each mode both ways
+    # SGD without clipping: a gradient off by any factor (a mean over ranks instead of the sum) changes the curve
+    result["plain"] = run(mode, "plain", 0.0, max_steps=3, gradient_checkpointing=gc[0], **PLAIN)
+    result["full"] = run(mode, "full", 0.1, max_steps=4, gradient_checkpointing=gc[1])
+    run(mode, "resumed", 0.1, max_steps=2, save_steps=2, gradient_checkpointing=gc[1])  # stopped at step 2 ...
     result["resumed"] = run(mode, "resumed", 0.1, max_steps=4, save_steps=2,  # ... and continued from it
-                            resume_from_checkpoint="latest")
+                            resume_from_checkpoint="latest", gradient_checkpointing=gc[1])
 if r == 0:
     with open(f"{out}/losses.json", "w") as f:
         json.dump(results, f)
@@ -119,14 +123,15 @@ def examples():
 
 
 def one_process(ckpt, out, load_in_4bit=False, device="cpu", **kw):
-    """The single-process run with the same global batch: G*N = 4 micro-batches of 1 per step."""
+    """The single-process run with the same global batch as the worker's "plain" run: G*N = 4 micro-batches of 1
+    per step, SGD without clipping."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model, _ = load_model(ckpt, dtype=dtype, device=device, tokenizer=False, load_in_4bit=load_in_4bit)
     torch.manual_seed(1)  # rank 0's initial adapter
     add_lora(model, r=4, alpha=8, dropout=0.0)
-    cfg = TrainConfig(output_dir=str(out), learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=1.0,
-                      progress=False, seed=5, per_device_train_batch_size=1, gradient_accumulation_steps=4,
-                      save_steps=0, **kw)
+    cfg = TrainConfig(output_dir=str(out), lr_scheduler_type="constant", progress=False, seed=5,
+                      per_device_train_batch_size=1, gradient_accumulation_steps=4, save_steps=0,
+                      optim="sgd", learning_rate=0.5, max_grad_norm=0.0, **kw)
     tr = Trainer(model, None, examples(), cfg)
     tr.train()
     return tr.history["loss"]
@@ -178,8 +183,7 @@ def test_two_ranks_train_like_one_process_and_resume_exactly(tmp_path):
     assert all(a == 0.5 and 0.45 < b < 0.55 for a, b in results["fsdp"]["shares"]), results["fsdp"]["shares"]
     for mode in ("ddp", "fsdp"):
         got, runs = results[mode], out / mode
-        ref = one_process(ckpt, tmp_path / mode, load_in_4bit=mode == "fsdp", max_steps=3,
-                          gradient_checkpointing="on")
+        ref = one_process(ckpt, tmp_path / mode, load_in_4bit=mode == "fsdp", max_steps=3)
         check_losses(got["plain"], ref, f"{mode}: 2 ranks x 2 micro-batches vs 1 process x 4")
         compare_adapters(runs / "plain" / "rank0" / "adapter", tmp_path / mode / "adapter")
 
@@ -213,8 +217,7 @@ def test_two_gpus_train_like_one_gpu(tmp_path):
     results = json.loads((out / "losses.json").read_text())
     for mode in ("ddp", "fsdp"):
         got = results[mode]
-        ref = one_process(ckpt, tmp_path / mode, load_in_4bit=mode == "fsdp", device="cuda", max_steps=3,
-                          gradient_checkpointing="on")
+        ref = one_process(ckpt, tmp_path / mode, load_in_4bit=mode == "fsdp", device="cuda", max_steps=3)
         check_losses(got["plain"], ref, f"{mode} on 2 GPUs vs 1 GPU (bf16)", tol=2e-2)
         check_losses(got["resumed"][-2:], got["full"][-2:], f"{mode} on 2 GPUs: resumed vs uninterrupted", tol=2e-2)
         assert not any((out / mode / run / "rank1").exists() for run in ("plain", "full", "resumed")), mode
