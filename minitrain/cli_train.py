@@ -238,7 +238,8 @@ def _guarded(fn, name: str):
             return fn(args)
         except (ConfigError, LoRAError, TrainingError, ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
             msg = str(e).strip().strip('"') or type(e).__name__
-            print(f"minitrain {name}: error: {msg}", file=sys.stderr)
+            where = f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})" if "WORLD_SIZE" in os.environ else ""
+            print(f"minitrain {name}: error{where}: {msg}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"minitrain {name}: interrupted", file=sys.stderr)

@@ -470,8 +470,7 @@ class Trainer:
             step_loss += value
         step_loss, n_bad = dist_.reduce_values([step_loss, float(bad is not None)], self.device)
         if n_bad:
-            found = [b for b in dist_.gather_to_main(bad)]
-            r, (i, value) = next((r, b) for r, b in enumerate(found) if b is not None)
+            r, (i, value) = next((r, b) for r, b in enumerate(dist_.gather_to_main(bad)) if b is not None)
             self._stop_non_finite(value, i, data_state, good_rng, rank=r)
         if not self.fsdp:
             dist_.all_reduce_grads_(self.params)
