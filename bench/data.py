@@ -20,7 +20,10 @@ import sys
 import tempfile
 import time
 import warnings
+from itertools import chain
 from pathlib import Path
+
+import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET = 50_000  # records/s
@@ -59,6 +62,47 @@ def make_tokenizer(path: str | None, sample: list[str]):
             "byte-level BPE, 8192 tokens, trained on the synthetic text; ChatML template")
 
 
+def variants(backend):
+    """The tokenizer with one part changed, to see what its time is spent on (same ids unless noted)."""
+    from tokenizers import Tokenizer as TK
+
+    cfg = json.loads(backend.to_str())
+    out = []
+    pre = cfg.get("pre_tokenizer") or {}
+    if pre.get("type") == "Sequence":
+        digits = [p for p in pre["pretokenizers"] if p.get("type") != "Digits"]
+        if len(digits) < len(pre["pretokenizers"]):
+            c = json.loads(backend.to_str())
+            c["pre_tokenizer"]["pretokenizers"] = digits
+            out.append(("without the Digits pre-tokenizer (ids differ on digits)", TK.from_str(json.dumps(c))))
+    if cfg.get("model", {}).get("type") == "BPE":
+        c = json.loads(backend.to_str())
+        c["model"]["ignore_merges"] = not c["model"].get("ignore_merges", False)
+        out.append((f"ignore_merges={c['model']['ignore_merges']}", TK.from_str(json.dumps(c))))
+    if cfg.get("post_processor") is not None:
+        c = json.loads(backend.to_str())
+        c["post_processor"] = None
+        out.append(("without the post-processor", TK.from_str(json.dumps(c))))
+    return out
+
+
+def one_thread_rate(backend, texts: list[str]) -> float:
+    """Seconds for encode_batch_fast over ``texts`` in a fresh process with TOKENIZERS_PARALLELISM=false (the
+    variable is read once per process, so it cannot be switched here)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as d:
+        backend.save(str(Path(d) / "tokenizer.json"))
+        (Path(d) / "texts.json").write_text(json.dumps(texts))
+        code = ("import json, sys, time; from tokenizers import Tokenizer; d = sys.argv[1]; "
+                "tk = Tokenizer.from_file(d + '/tokenizer.json'); t = json.load(open(d + '/texts.json')); "
+                "t0 = time.perf_counter(); tk.encode_batch_fast(t, add_special_tokens=False); "
+                "print(time.perf_counter() - t0)")
+        out = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, check=True,
+                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def python_speed() -> float:
     """Seconds for a fixed pure-Python loop (about 0.1-0.2 s on an idle modern core): shows how much of the
     machine this run had when other processes share the cores."""
@@ -92,10 +136,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.tokenizer is None:
+        from minitrain.gguf_convert import cache_dir
+
+        smol = cache_dir() / "smollm2-135m-instruct"  # what `minitrain demo` converts once (prepare_model)
+        args.tokenizer = str(smol) if (smol / "tokenizer.json").is_file() else None
     import torch
 
     from minitrain.data import load_dataset
-    from minitrain.data.encode import find_backend
+    from minitrain.data.encode import PieceCache, find_backend, piece_cache_unsupported
 
     n, m = args.records, min(args.per_record, args.records)
     load0, speed0 = os.getloadavg(), python_speed()
@@ -117,14 +166,44 @@ def main(argv=None) -> int:
 
     s, texts = timed(lambda: [tok.apply_chat_template(c, tokenize=False) for c in convs])
     row("render chat template", n, "jinja2 sandbox (minitrain.tokenizer)", s)
+    fast = getattr(tok, "fast_chat_renderer", lambda: None)()
+    if fast is not None:
+        s, fast_texts = timed(lambda: [fast(c) for c in convs])
+        row("render chat template", n, "minitrain fast renderer (verified on probes)", s,
+            note="byte-identical to jinja2 on all records" if fast_texts == texts else "DIFFERS from jinja2")
+    pieces = PieceCache(backend) if piece_cache_unsupported(backend) is None else None
+    if pieces is not None:
+        s, (pids, _, counts) = timed(lambda: pieces.encode(texts))
+        row("tokenize rendered text", n, "minitrain PieceCache (cold cache, tokenizers for new pieces)", s,
+            len(pids), f"{pieces.n_entries:,} distinct pieces")
     enc = getattr(backend, "encode_batch_fast", backend.encode_batch)
     s, ids = timed(lambda: [e.ids for e in enc(texts, add_special_tokens=False)])
     ntok = sum(map(len, ids))
-    row("tokenize rendered text", n, "tokenizers encode_batch (Rust, all cores)", s, ntok)
+    row("tokenize rendered text", n, "tokenizers encode_batch_fast (Rust, all cores)", s, ntok)
+    if pieces is not None:
+        same = np.array_equal(pids, np.fromiter(chain.from_iterable(ids), np.int32, ntok)) and \
+            counts.tolist() == list(map(len, ids))
+        rows[-2]["note"] += "; ids identical to encode_batch on all records" if same else "; IDS DIFFER"
+    s, encs = timed(lambda: enc(texts, add_special_tokens=False))
+    row("tokenize rendered text, Encoding objects only", n, "tokenizers encode_batch_fast (Rust, all cores)", s, ntok)
+    s, _ = timed(lambda: [e.ids for e in encs])
+    row("Encoding.ids to Python lists", n, "tokenizers", s, ntok)
+    del encs
     s, _ = timed(lambda: backend.encode_batch(texts, add_special_tokens=False))
     row("tokenize rendered text + offsets", n, "tokenizers encode_batch (Rust, all cores)", s, ntok)
     s, _ = timed(lambda: [tok.encode(t, add_special_tokens=False) for t in texts[:m]])
     row("tokenize rendered text", m, "per-record encode", s, sum(map(len, ids[:m])))
+    pt = backend.pre_tokenizer
+    if pt is not None:
+        s, pre = timed(lambda: [pt.pre_tokenize_str(t) for t in texts[:m]])
+        row("pre-tokenizer alone (pre_tokenize_str)", m, "tokenizers", s, sum(map(len, ids[:m])),
+            f"{sum(map(len, pre)) / m:.0f} pre-tokens per record")
+    s, out = timed(lambda: one_thread_rate(backend, texts[:m]))
+    row("tokenize rendered text", m, "tokenizers encode_batch_fast, TOKENIZERS_PARALLELISM=false (subprocess)",
+        (out, out), sum(map(len, ids[:m])), "time measured inside the subprocess")
+    for what, change in variants(backend):
+        s, _ = timed(lambda: change.encode_batch_fast(texts[:m], add_special_tokens=False))
+        row("tokenize rendered text", m, f"tokenizers encode_batch_fast, {what}", s, sum(map(len, ids[:m])))
 
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "instruct.jsonl"

@@ -628,3 +628,160 @@ def test_worker_processes_give_the_same_dataset(tmp_path, backend):
     assert ref.locations == par.locations
     with pytest.raises(DataError, match=r"c.jsonl:1: the chat template is not prefix-stable"):
         load_dataset(c, TinyTok(backend, UNSTABLE), num_proc=2)  # an error in a worker reaches the caller
+
+
+# ---- fast paths: the piece cache (tokenization) and the fast chat renderer, each equal to the slow path
+FUZZ_ALPHABET = (["a", "b", "Z", "é", "日", "🎉", "1", "7", "'", "'s", ".", ",", "?", "-", "<", ">", " ", " ", " ", "  ",
+                  "\n", "\n\n", "\t", "\r\n", "\xa0", "\u3000", "\x1c", "\x85", "\u2028", "the", " the", "Paris"]
+                 + ["<|im_start|>", "<|im_end|>", "<eos>"])
+
+
+def random_texts(n, seed):
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(FUZZ_ALPHABET, size=rng.integers(0, 40))) for _ in range(n)]
+
+
+def backend_with(pre_tokenizer, kind):
+    from tokenizers import Tokenizer, Regex, decoders, models, pre_tokenizers, trainers
+
+    from minitrain.data.encode import CUT_SAFE_PATTERNS
+
+    tk = Tokenizer(models.BPE())
+    if kind == "gpt2":
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif kind == "digits":  # SmolLM2's: single digits, then GPT-2's regex
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:  # Llama-3's split pattern, then bytes without a regex
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CUT_SAFE_PATTERNS[1]), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS + random_texts(50, 0), trainers.BpeTrainer(
+        vocab_size=500, special_tokens=SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tk
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "digits", "llama3"])
+def test_piece_cache_tokenizes_exactly_like_tokenizers(kind):
+    """Random strings full of whitespace runs, unicode spaces, digits, apostrophes and special tokens: the same
+    ids and token start offsets as encode_batch, with a cold and with a warm cache."""
+    from minitrain.data.encode import PieceCache, piece_cache_unsupported
+
+    tk = backend_with(None, kind)
+    assert piece_cache_unsupported(tk) is None
+    texts = random_texts(400, np.random.SeedSequence().entropy % 2**32)
+    cache = PieceCache(tk)
+    for _ in range(2):
+        ids, starts, counts = cache.encode(texts)
+        ref = tk.encode_batch(texts, add_special_tokens=False)
+        base = np.cumsum([0] + [len(t) for t in texts[:-1]])
+        cuts = np.cumsum(counts)[:-1]
+        bad = [i for i, (x, s, e) in enumerate(zip(np.split(ids, cuts), np.split(starts, cuts), ref))
+               if x.tolist() != e.ids or (s - base[i]).tolist() != [a for a, _ in e.offsets]]
+        assert not bad, f"{len(bad)} of {len(texts)} texts differ, first {texts[bad[0]]!r}"
+
+
+def test_piece_cache_refuses_what_it_cannot_prove():
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from minitrain.data.encode import piece_cache_unsupported
+
+    tk = backend_with(None, "gpt2")
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert "Metaspace" in piece_cache_unsupported(tk)
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+| "), "isolated")
+    assert "not a known" in piece_cache_unsupported(tk)
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert "add_prefix_space" in piece_cache_unsupported(tk)
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.normalizer = normalizers.NFC()
+    assert "normalizer" in piece_cache_unsupported(tk)
+
+
+VARIED = [{"messages": MULTI},
+          {"messages": [{"role": "user", "content": "  two  spaces,\n  indented\n\tand tabbed  "},
+                        {"role": "assistant", "content": "\n leading newline then space; 12 345 ✓ 日本語 🎉 "}]},
+          {"messages": [{"role": "user", "content": "héllo\u00a0 wörld \u3000 full-width space"},
+                        {"role": "assistant", "content": "Don't stop: it's 3.14 — ok?"},
+                        {"role": "user", "content": "more"}, {"role": "assistant", "content": "   "}]},
+          {"instruction": "Say hi", "input": "to  Bob", "output": "hi Bob", "system": "Be nice. "},
+          {"prompt": "Q?", "chosen": "A  yes", "rejected": " B no"}]
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def minitrain_tok(tk, template):
+    from minitrain.tokenizer import Tokenizer
+
+    bos = "<|begin_of_text|>" if template == "llama-3" else None
+    return Tokenizer(tk, config={"eos_token": "<eos>", "pad_token": "<pad>"} | ({"bos_token": bos} if bos else {}),
+                     chat_template=template)
+
+
+def same_store(a, b):
+    for x, y in ((a.store, b.store), (a.store.rejected, b.store.rejected)):
+        assert np.array_equal(x.ids, y.ids) and np.array_equal(x.offsets, y.offsets)
+        assert np.array_equal(x.mask, y.mask), f"{int((x.mask != y.mask).sum())} mask entries differ"
+
+
+@pytest.mark.parametrize("kind", ["digits", "llama3"])
+@pytest.mark.parametrize("template", ["chatml", "llama-3", SMOL_TEMPLATE], ids=["chatml", "llama-3", "smollm2"])
+@pytest.mark.parametrize("responses_only", [True, False])
+def test_fast_paths_equal_slow_paths(tmp_path, kind, template, responses_only):
+    """Piece cache + fast renderer (the default) == tokenizers encode_batch + jinja2 == the per-record path."""
+    from minitrain.data.encode import Encoder
+
+    tok = minitrain_tok(backend_with(None, kind), template)
+    enc = Encoder(tok)
+    assert enc.renderer is not None and enc.pieces is not None  # the fast paths are the ones under test
+    f = write_jsonl(tmp_path / "v.jsonl", VARIED * 3)
+    raw = write_jsonl(tmp_path / "r.jsonl", [{"text": t} for t in random_texts(20, 1)])
+    kw = dict(train_on_responses_only=responses_only, batch_records=4)
+    fast = load_dataset([f, raw], tok, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("minitrain.data.encode.piece_cache_unsupported", lambda b: "off")
+        mp.setattr(type(tok), "fast_chat_renderer", lambda self, chat_template=None: None)
+        rust = load_dataset([f, raw], tok, **kw)
+    slow = load_dataset([f, raw], tok, use_batch_api=False, **kw)
+    same_store(fast, rust)
+    same_store(fast, slow)
+    if responses_only:
+        check_masking(fast, 0, MULTI, END["llama3" if template == "llama-3" else "chatml"])
+
+
+def test_fast_path_checks_can_fail(tmp_path, monkeypatch):
+    """A fast renderer that is wrong on some records, and a piece cache that returns a wrong id, are caught by
+    the sampled comparison: a warning, and the dataset is the slow path's."""
+    from minitrain.data.encode import Encoder, PieceCache
+
+    tok = minitrain_tok(backend_with(None, "digits"), "chatml")
+    good = tok.fast_chat_renderer()
+    recs = [{"instruction": f"Say {w}", "output": f"{w} there"} for w in ("hi", "yo", "hey", "X", "ho")]
+    f = write_jsonl(tmp_path / "i.jsonl", recs)
+    ref = load_dataset(f, tok, use_batch_api=False)
+    monkeypatch.setattr(Encoder, "verify_first", 0)
+    monkeypatch.setattr(Encoder, "verify_every", 1)
+    monkeypatch.setattr(type(tok), "fast_chat_renderer", lambda self, chat_template=None:
+                        lambda m, add_generation_prompt=False: good(m, add_generation_prompt).replace("X", "Y"))
+    with pytest.warns(UserWarning, match="fast chat renderer disagreed"):
+        ds = load_dataset(f, tok)
+    same_store(ds, ref)
+    monkeypatch.undo()
+    monkeypatch.setattr(Encoder, "verify_first", 0)
+    monkeypatch.setattr(Encoder, "verify_every", 1)
+    real = PieceCache.encode
+
+    def off_by_one(self, texts):
+        ids, starts, counts = real(self, texts)
+        ids = ids.copy()
+        ids[-1] += 1
+        return ids, starts, counts
+
+    monkeypatch.setattr(PieceCache, "encode", off_by_one)
+    with pytest.warns(UserWarning, match="piece-cache tokenization disagreed"):
+        ds = load_dataset(f, tok)
+    same_store(ds, ref)

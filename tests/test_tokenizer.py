@@ -214,3 +214,24 @@ def test_missing_and_bad_tokenizer_files(tmp_path):
     (d / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="tokenizer.json: could not be read"):
         Tokenizer.from_pretrained(d)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama-3", "system", "alpaca", "features"])
+def test_fast_chat_renderer_equals_jinja_or_is_refused(tmp_path, template):
+    """The fast renderer exists for the ChatML (with or without a default system prompt) and Llama-3 families and
+    then renders every conversation byte for byte like the jinja2 sandbox; other templates get none."""
+    source = {"system": CHATML_WITH_SYSTEM, "features": FEATURES}.get(template, template)
+    tok = Tokenizer.from_pretrained(build_tokenizer(tmp_path))
+    tok.set_chat_template(source)
+    fast = tok.fast_chat_renderer()
+    if template in ("alpaca", "features"):
+        assert fast is None
+        return
+    assert fast is not None
+    convs = [MESSAGES, MESSAGES[1:], MESSAGES[:1], [], [{"role": "assistant", "content": " x "}],
+             [{"role": "user", "content": "\n\n  tabs\tand ✓ 🎉 {{ not jinja }}  "}, {"role": "assistant", "content": ""}]]
+    for conv in convs:
+        for gen in (False, True):
+            assert fast(conv, add_generation_prompt=gen) == tok.render_chat(conv, gen), (conv, gen)
+    if template == "system":  # the default system prompt was read from the template, not assumed
+        assert fast(MESSAGES[1:2]).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")

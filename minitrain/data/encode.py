@@ -62,7 +62,7 @@ class Encoder:
     """
 
     verify_first = 32
-    verify_every = 64
+    verify_every = 128
 
     def __init__(self, tokenizer, train_on_responses_only: bool = True, use_batch_api: bool = True):
         self.tok = tokenizer
