@@ -277,18 +277,23 @@ def shard_model(model: nn.Module, env: DistEnv | None = None) -> nn.Module:
     emb, head = getattr(body, "embed_tokens", None), getattr(model, "lm_head", None)
     if emb is not None and (head is None or head.weight is not emb.weight):
         fully_shard(emb, mesh=mesh)  # its own unit: gathered only for the lookup (frozen: no backward gather)
-    # The root (embeddings, final norm, lm_head) stays gathered from its forward to the end of backward: the loss
+    # The root (final norm, lm_head; tied embeddings) stays gathered from its forward to the end of backward: the loss
     # reads lm_head.weight after ``hidden_states`` returns, and backward needs it again at once.
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     if hasattr(model, "hidden_states"):  # the trainer's forward: FSDP2's gather/reshard hooks must wrap it too
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
+        try:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+        except ImportError:  # older spelling
+            from torch.distributed._composable.fsdp import register_fsdp_forward_method
         register_fsdp_forward_method(model, "hidden_states")
     for m in model.modules():
-        if hasattr(m, "set_gradient_divide_factor"):  # an FSDP module: reduce gradients with SUM (see above)
-            m.set_gradient_divide_factor(1.0)
-            if hasattr(m, "set_force_sum_reduction_for_comms"):
-                m.set_force_sum_reduction_for_comms(True)
+        if not hasattr(m, "set_requires_gradient_sync"):
+            continue  # not an FSDP module
+        # reduce gradients with SUM (see the module docstring)
+        (m.set_gradient_divide_factor if hasattr(m, "set_gradient_divide_factor")
+         else m.set_reduce_scatter_divide_factor)(1.0)
+        if hasattr(m, "set_force_sum_reduction_for_comms"):
+            m.set_force_sum_reduction_for_comms(True)
     model._minitrain_fsdp = True
     return model
 
