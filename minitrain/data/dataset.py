@@ -279,6 +279,8 @@ def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs,
         step = -(-len(pending) // n)
         encoded = [e for part in pool.imap(_WorkerEncoder.run, [pending[s: s + step] for s in
                                                                range(0, len(pending), step)]) for e in part]
+    if _keep_all_fitting(pending, encoded, store, rej, info, k, src_of, fmt_of, locs, max_len):
+        return
     kept, kept_rej = [], []
     for (fmt, ex, loc), (ids, mask, r_enc) in zip(pending, encoded):
         policy = overflow or ("split" if fmt == "raw" else "truncate")
@@ -300,6 +302,31 @@ def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs,
             info.trained += int(pmask[1:].sum())
     store.add_batch(kept)
     rej.add_batch(kept_rej)
+
+
+def _keep_all_fitting(pending, encoded, store, rej, info, k, src_of, fmt_of, locs, max_len) -> bool:
+    """The common batch (no rejected sequences, none longer than max_len, none empty) with array operations
+    instead of a loop over examples; False (nothing done) for any other batch."""
+    masks = [m for _, m, _ in encoded]
+    lens = np.fromiter(map(len, masks), np.int64, len(masks))
+    if lens.min() < 1 or lens.max() > max_len or any(r is not None for _, _, r in encoded):
+        return False
+    flat = np.concatenate(masks)
+    starts = np.cumsum(lens) - lens
+    trained = np.add.reduceat(flat, starts, dtype=np.int64) - flat[starts]  # label 0 is never a target
+    keep = trained > 0
+    info.refused += int((~keep).sum())
+    sel = np.flatnonzero(keep).tolist()
+    store.add_batch([encoded[i][:2] for i in sel])
+    empty = (np.zeros(0, np.int32), np.zeros(0, bool))
+    rej.add_batch([empty] * len(sel))
+    src_of.extend([k] * len(sel))
+    fmt_of.extend(pending[i][0] for i in sel)
+    locs.extend(pending[i][2] for i in sel)
+    info.examples += len(sel)
+    info.tokens += int(lens[keep].sum())
+    info.trained += int(trained[keep].sum())
+    return True
 
 
 def _warn(info: SourceInfo, max_len: int) -> None:

@@ -330,6 +330,13 @@ class PieceCache:
 
     def __init__(self, backend, max_entries: int = 1 << 20):
         self.backend, self.max_entries = backend, max_entries
+        # added tokens, longest first (leftmost-longest, as tokenizers matches them); None when some are
+        # matched on normalized text and others not (two passes in tokenizers): such texts go to tokenizers whole
+        added = [t for t in backend.get_added_tokens_decoder().values()]
+        self._added = None
+        if added and len({t.normalized for t in added}) == 1:
+            alts = sorted({t.content for t in added}, key=len, reverse=True)
+            self._added = re.compile("(" + "|".join(map(re.escape, alts)) + ")")
         self._reset()
 
     def _reset(self) -> None:
@@ -350,11 +357,38 @@ class PieceCache:
         out[: len(a)] = a
         return out
 
+    def _encode_new(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(ids, token starts) of each text. A text holding added tokens is cut at them (they are hard
+        boundaries for tokenizers too) and put together from cached parts: the pieces that join the end of one
+        turn to the start of the next ("word<|im_end|>\\n<|im_start|>assistant\\nWord") are new in almost
+        every record, and tokenizers would take ~20 us for each."""
+        out: list = [None] * len(texts)
+        segs = [[p for p in self._added.split(t) if p] if self._added else [t] for t in texts]
+        plain = [i for i, ps in enumerate(segs) if len(ps) <= 1]  # no added token, or only one
+        composite = [i for i, ps in enumerate(segs) if len(ps) > 1]
+        if composite:
+            new = list(dict.fromkeys(p for i in composite for p in segs[i] if p not in self.first))
+            if new:
+                self._add(new, self.first, with_space=False)  # parts are never composite: no recursion
+            for i in composite:
+                ids, starts, at = [], [], 0
+                for p in segs[i]:
+                    e = self.first[p]
+                    a, b = self.e_off[e], self.e_off[e] + self.e_ntok[e]
+                    ids += self.t_ids[a:b].tolist()
+                    starts += (self.t_start[a:b] + at).tolist()
+                    at += len(p)
+                out[i] = (ids, starts)
+        if plain:
+            for i, e in zip(plain, self.backend.encode_batch([texts[i] for i in plain], add_special_tokens=False)):
+                out[i] = (e.ids, [s for s, _ in e.offsets])
+        return out
+
     def _add(self, keys: list[str], table: dict, with_space: bool) -> None:
         texts = [" " + k for k in keys] if with_space else keys
-        encs = self.backend.encode_batch(texts, add_special_tokens=False)
+        encs = self._encode_new(texts)
         n0, n = self.n_entries, self.n_entries + len(keys)
-        ntok = np.fromiter((len(e.ids) for e in encs), np.int64, len(keys))
+        ntok = np.fromiter((len(e[0]) for e in encs), np.int64, len(keys))
         total = int(ntok.sum())
         for name in ("e_len", "e_ntok", "e_off"):
             setattr(self, name, self._grow(getattr(self, name), n))
@@ -363,8 +397,8 @@ class PieceCache:
         self.e_len[n0:n] = np.fromiter(map(len, texts), np.int64, len(keys))
         self.e_ntok[n0:n] = ntok
         self.e_off[n0:n] = self.n_tok + np.cumsum(ntok) - ntok
-        self.t_ids[self.n_tok: self.n_tok + total] = [i for e in encs for i in e.ids]
-        self.t_start[self.n_tok: self.n_tok + total] = [s for e in encs for s, _ in e.offsets]
+        self.t_ids[self.n_tok: self.n_tok + total] = [i for e in encs for i in e[0]]
+        self.t_start[self.n_tok: self.n_tok + total] = [s for e in encs for s in e[1]]
         self.n_tok += total
         self.n_entries = n
         table.update(zip(keys, range(n0, n)))
