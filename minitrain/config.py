@@ -66,6 +66,7 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast; None: on when the GPU supports it
     fp16: bool = False  # fp16 autocast with dynamic loss scaling (GPUs without bf16)
     fused_cross_entropy: bool = True  # loss from hidden states without materializing (tokens x vocab) logits
+    cuda_graphs: str = "auto"  # replay forward+backward from CUDA graphs: "auto" (packing on CUDA) | "on" | "off"
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
     progress: bool = True  # the progress line on stderr
 
@@ -77,6 +78,9 @@ class TrainConfig:
             self.gradient_checkpointing = "off"
         check_choice("gradient_checkpointing", self.gradient_checkpointing, ("off", "on", "offload"))
         check_choice("lr_scheduler_type", self.lr_scheduler_type, ("linear", "cosine", "constant"))
+        if self.cuda_graphs is True or self.cuda_graphs is False:
+            self.cuda_graphs = "on" if self.cuda_graphs else "off"
+        check_choice("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         check_choice("optim", self.optim, ("adamw", "sgd"))
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):

@@ -89,13 +89,15 @@ class GraphedLoss:
         packed: batches carry ``position_ids`` (documents packed into rows); otherwise positions are 0..T-1.
         amp_dtype: autocast dtype (bf16/fp16) or None; autocast's weight cache is off, as graphs require.
         warmup: eager calls before the capture (at least 1; they train normally).
+        pool: a ``torch.cuda.graph_pool_handle()`` shared with other GraphedLoss objects of the same model (their
+            replays run one after another, so they can share memory), or None for a private pool.
     Call ``gl(batch, n_total)`` with a dict of (B, T) ``input_ids``, ``labels`` (-100 = not trained) and, when
     packed, ``position_ids``; returns the loss (0-dim fp32 CUDA tensor, already divided by n_total) after its
     gradients were added into ``.grad``.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, seq_len: int, packed: bool = False,
-                 amp_dtype: torch.dtype | None = torch.bfloat16, warmup: int = 2):
+                 amp_dtype: torch.dtype | None = torch.bfloat16, warmup: int = 2, pool=None):
         why = graph_blockers(model)
         if why:
             raise GraphError("CUDA graph training is not possible: " + "; ".join(why))
@@ -106,6 +108,7 @@ class GraphedLoss:
         self.params = trainable_parameters(model)
         self.warmup_left = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.pool = pool
         dev = self.device
         self.ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=dev)
         self.labels = torch.full((batch_size, seq_len), -100, dtype=torch.long, device=dev)
@@ -158,7 +161,7 @@ class GraphedLoss:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records, computes nothing
+        with torch.cuda.graph(self.graph, pool=self.pool):  # records, computes nothing
             self.loss = self._run()
         self.graph.replay()  # this batch's forward and backward
         return self.loss

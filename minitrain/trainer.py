@@ -44,6 +44,9 @@ except ImportError:
     fused_linear_cross_entropy = None
 
 
+MAX_GRAPHS = 4  # CUDA graphs (batch shapes) captured per run; further shapes run eagerly
+
+
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user must act on (the message says which)."""
 
@@ -351,6 +354,49 @@ class Trainer:
         self.step, self.history = 0, {"step": [], "loss": [], "eval": []}
         self.warned: set[str] = set()
         self._iter = None
+        self.graphs_off_because = self._graph_blockers()
+        self._graphs: dict[tuple, object] = {}  # (B, T, packed) -> cuda_graphs.GraphedLoss
+        self._graph_pool = None
+
+    # -- CUDA graphs -----------------------------------------------------------------------------------------
+    def _graph_blockers(self) -> list[str]:
+        """Why forward+backward run eagerly instead of from CUDA graphs ([] when graphs are used)."""
+        cfg = self.cfg
+        if cfg.cuda_graphs == "off":
+            return ["cuda_graphs='off'"]
+        from .cuda_graphs import graph_blockers
+
+        why = graph_blockers(self.model)
+        if cfg.cuda_graphs == "auto" and not cfg.packing:
+            why.append("packing is off (batches change shape; cuda_graphs='on' captures one graph per shape, "
+                       f"up to {MAX_GRAPHS})")
+        if self.amp_dtype == torch.float16:
+            why.append("fp16 loss scaling runs eagerly")
+        if self.fsdp:
+            why.append("FSDP2 runs eagerly")
+        if cfg.gradient_checkpointing == "offload":
+            why.append("gradient_checkpointing='offload' runs eagerly")
+        if not cfg.fused_cross_entropy:
+            why.append("fused_cross_entropy is off")
+        if why and cfg.cuda_graphs == "on":
+            raise TrainingError("cuda_graphs='on' is not possible: " + "; ".join(why))
+        return why
+
+    def _graph_for(self, batch: dict):
+        """The GraphedLoss for this batch's shape (created on first sight), or None to run eagerly."""
+        if self.graphs_off_because:
+            return None
+        packed = batch.get("position_ids") is not None
+        key = (*batch["input_ids"].shape, packed)
+        g = self._graphs.get(key)
+        if g is None and len(self._graphs) < MAX_GRAPHS:
+            from .cuda_graphs import GraphedLoss
+
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()  # the graphs share one memory pool
+            g = self._graphs[key] = GraphedLoss(self.model, key[0], key[1], packed=packed, amp_dtype=self.amp_dtype,
+                                                pool=self._graph_pool)
+        return g
 
     def _amp_dtype(self):
         cfg = self.cfg
@@ -378,6 +424,10 @@ class Trainer:
         set_gradient_checkpointing(self.model, cfg.gradient_checkpointing)
         self.model.train()
         progress, metrics = Progress(self.total_steps, cfg.progress, self.main), {}
+        if self.device.type == "cuda":
+            why = self.graphs_off_because
+            progress.say("CUDA graphs: " + ("on (forward + backward replayed per batch shape)" if not why else
+                                            "off: " + "; ".join(why)))
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -399,6 +449,7 @@ class Trainer:
                 self._evaluate(progress)
             self._advise(progress, done=True)
         finally:
+            self._graphs.clear()  # captured for this run's model setup; a later train() captures anew
             set_gradient_checkpointing(self.model, "off")
             self.model.eval()
         self._save_adapter(self.out / "adapter")
@@ -441,6 +492,13 @@ class Trainer:
         for i, batch in enumerate(micro):
             if n_items(batch) == 0:
                 continue
+            graph = self._graph_for(batch)
+            if graph is not None:  # forward and backward replayed; the update has not happened yet
+                loss = graph(batch, total_items)
+                if not torch.isfinite(loss):
+                    self._stop_non_finite(loss.item(), i, data_state, good_rng)
+                step_loss += loss.item()
+                continue
             with self.autocast():
                 loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / total_items
             if not torch.isfinite(loss):
@@ -460,13 +518,18 @@ class Trainer:
                 dist_.set_gradient_sync(self.model, i == len(micro) - 1)
             elif n_items(batch) == 0:
                 continue
-            with self.autocast():
-                loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / max(1, total_items) \
-                    if n_items(batch) else final_hidden(self.model, batch).sum() * 0.0
-            value = loss.item()
+            graph = self._graph_for(batch) if n_items(batch) else None
+            if graph is not None:  # forward and backward replayed (DDP: gradients are summed after the loop)
+                value = graph(batch, total_items).item()
+            else:
+                with self.autocast():
+                    loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / max(1, total_items) \
+                        if n_items(batch) else final_hidden(self.model, batch).sum() * 0.0
+                value = loss.item()
             if bad is None and not math.isfinite(value):
                 bad = (i, value)
-            self.scaler.scale(loss).backward()
+            if graph is None:
+                self.scaler.scale(loss).backward()
             step_loss += value
         step_loss, n_bad = dist_.reduce_values([step_loss, float(bad is not None)], self.device)
         if n_bad:
@@ -487,7 +550,7 @@ class Trainer:
             self._stop_non_finite(grad_norm, None, data_state, good_rng)
         self.scaler.step(self.opt)
         self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not self._graphs)  # graphs write into fixed .grad tensors
         return grad_norm
 
     # -- metrics, eval, advice -------------------------------------------------------------------------
@@ -555,7 +618,7 @@ class Trainer:
 
     def _stop_non_finite(self, value: float, i: int | None, data_state, good_rng, rank: int | None = None) -> None:
         """Save the state before this step (the adapter is not yet updated) and stop, naming step and batch."""
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not self._graphs)  # graphs write into fixed .grad tensors
         path = self.save_checkpoint(data_state=data_state, rng=good_rng)
         G = self.cfg.gradient_accumulation_steps
         where = f" on rank {rank} of {self.world}" if rank is not None else ""

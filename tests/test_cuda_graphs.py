@@ -6,7 +6,7 @@ import torch
 
 from minitrain.cuda_graphs import GraphedLoss, GraphError, graph_blockers, summed_token_loss, zero_grads
 from minitrain.lora import add_lora
-from minitrain.model import LlamaForCausalLM, ModelArgs
+from minitrain.model import LlamaForCausalLM, ModelArgs, rope_inv_freq
 from minitrain.trainer import n_items, set_gradient_checkpointing, token_loss_sum
 
 ARGS = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
@@ -17,6 +17,7 @@ def model_with_lora(device, dtype, nf4=False, dropout=0.0, seed=0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(ModelArgs(**ARGS)).to(dtype)
+    model.model.inv_freq = rope_inv_freq(ModelArgs(**ARGS)).to(device)  # fp32 angles, as the loader sets them
     if nf4:
         import quant
 
@@ -136,3 +137,46 @@ def test_graph_rejects_a_batch_of_another_shape():
     gl = GraphedLoss(model, 2, 64, warmup=1)
     with pytest.raises(GraphError, match=r"shape \(2, 64\)"):
         gl(random_batch(2, 65, "cuda"), 10)
+
+
+@pytest.mark.gpu
+def test_trainer_with_cuda_graphs_follows_the_eager_trainer(tmp_path):
+    """Trainer(cuda_graphs="on") against cuda_graphs="off": same data, same init, AdamW with clipping and
+    accumulation; per-step losses within bf16 tolerance, and the graphs were really used."""
+    from minitrain.config import TrainConfig
+    from minitrain.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    T = 96
+    data = []
+    for _ in range(24):
+        ids = torch.randint(0, ARGS["vocab_size"], (T,), generator=g).tolist()
+        data.append({"input_ids": ids, "labels": [-100] * 20 + ids[20:]})
+    curves, used = [], []
+    for mode in ("off", "on"):
+        model = model_with_lora("cuda", torch.bfloat16, nf4=True)
+        cfg = TrainConfig(output_dir=str(tmp_path / mode), max_steps=6, learning_rate=1e-3, per_device_train_batch_size=2,
+                          gradient_accumulation_steps=2, gradient_checkpointing="on", save_steps=0, progress=False,
+                          lr_scheduler_type="constant", cuda_graphs=mode, seed=1)
+        tr = Trainer(model, None, data, cfg)
+        calls = []
+        orig = tr._graph_for
+        tr._graph_for = lambda b: (calls.append(1), orig(b))[1]
+        tr.train()
+        curves.append(tr.history["loss"])
+        used.append(bool(tr.graphs_off_because) is False and len(calls) > 0)
+    assert used == [False, True]
+    for a, b in zip(*curves):
+        assert abs(a - b) <= 1e-2 * abs(a), curves
+
+
+def test_trainer_says_why_graphs_are_off(tmp_path):
+    from minitrain.config import TrainConfig
+    from minitrain.trainer import Trainer, TrainingError
+
+    model = model_with_lora("cpu", torch.float32)
+    data = [{"input_ids": list(range(10))}] * 4
+    tr = Trainer(model, None, data, TrainConfig(output_dir=str(tmp_path), max_steps=1, progress=False))
+    assert any("CUDA" in w for w in tr.graphs_off_because)
+    with pytest.raises(TrainingError, match="cuda_graphs='on' is not possible"):
+        Trainer(model, None, data, TrainConfig(output_dir=str(tmp_path), max_steps=1, cuda_graphs="on"))
