@@ -264,8 +264,19 @@ class _WorkerEncoder:
         cls.encoder = encoder
 
     @classmethod
-    def run(cls, pending) -> list[tuple]:
-        return _encode_examples(cls.encoder, pending)
+    def run(cls, pending) -> tuple:
+        """The encoded examples packed into a few flat arrays: thousands of small arrays pickle slowly."""
+        out = _encode_examples(cls.encoder, pending)
+        lens = np.fromiter((len(m) for _, m, _ in out), np.int64, len(out))
+        ids = np.concatenate([i for i, _, _ in out]) if out else np.zeros(0, np.int32)
+        mask = np.concatenate([m for _, m, _ in out]) if out else np.zeros(0, bool)
+        return ids, mask, lens, [r for _, _, r in out]
+
+    @staticmethod
+    def unpack(part) -> list[tuple]:
+        ids, mask, lens, rej = part
+        cuts = np.cumsum(lens)[:-1]
+        return list(zip(np.split(ids, cuts), np.split(mask, cuts), rej))
 
 
 def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs, max_len, overflow, pool=None):
@@ -278,7 +289,8 @@ def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs,
         pool, n = pool
         step = -(-len(pending) // n)
         encoded = [e for part in pool.imap(_WorkerEncoder.run, [pending[s: s + step] for s in
-                                                               range(0, len(pending), step)]) for e in part]
+                                                               range(0, len(pending), step)])
+                   for e in _WorkerEncoder.unpack(part)]
     if _keep_all_fitting(pending, encoded, store, rej, info, k, src_of, fmt_of, locs, max_len):
         return
     kept, kept_rej = [], []
