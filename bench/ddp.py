@@ -15,7 +15,7 @@ Run (repo root):
   python -m bench.ddp                                   # all three on this machine's GPUs (torchrun started here)
   python -m bench.ddp --mode single                     # 1 GPU only
   torchrun --nproc-per-node 2 -m bench.ddp --mode ddp   # or --mode fsdp; rows merge with the stored ones
-Options: --layers 32 (of the 8B's 32), --seq 2048, --batch 2, --steps 6.
+Options: --layers 32 (of the 8B's 32), --seq 2048, --batch 2, --steps 8.
 Rows are kept in bench/results/.ddp-rows-<card>.json, the table in bench/results/<date>-<card>-ddp.md.
 """
 from __future__ import annotations
@@ -95,10 +95,11 @@ def measure(mode: str, layers: int, seq: int, batch: int, steps: int, smoke: boo
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(output_dir=out, max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant",
                           per_device_train_batch_size=batch, gradient_accumulation_steps=1, save_steps=0,
-                          gradient_checkpointing="on", bf16=not smoke, progress=False, seed=0)
+                          gradient_checkpointing="on", bf16=not smoke, progress=False, seed=0,
+                          cuda_graphs="off" if smoke or mode == "fsdp" else "on")  # FSDP2 runs eagerly
         tr = Trainer(model, None, data, cfg, callbacks=[lambda t, s, m: rows.append(m)])
         tr.train()
-    timed = rows[2:] if len(rows) > 3 else rows[1:]  # the first steps compile kernels and fill caches
+    timed = rows[3:] if len(rows) > 4 else rows[1:]  # the first steps compile, fill caches, capture the graph
     dt = sorted(r["step_time"] for r in timed)[len(timed) // 2]
     tokens = batch * seq * world
     return {"mode": mode, "world": world, "step_s": dt, "tokens_per_s": tokens / dt,
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--nproc", type=int, default=None, help="GPUs for --mode all (default: all visible)")
     p.add_argument("--smoke", action="store_true", help="a tiny model on CPU: checks the script, measures nothing")
     a = p.parse_args(argv)
