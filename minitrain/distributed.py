@@ -26,18 +26,19 @@ and puts rank r on ``cuda:LOCAL_RANK``. The :class:`~minitrain.trainer.Trainer` 
 FSDP2 (``--fsdp``, :func:`shard_model`): ``torch.distributed.fsdp.fully_shard`` on every decoder layer, on the
 (untied) input embedding, and on the root (final norm, lm_head; kept gathered from forward to the end of backward
 because the loss reads lm_head.weight after ``hidden_states`` returns). NF4 projections are first replaced by :class:`ShardableNF4Linear`, which holds the packed 4-bit bytes, the
-uint8 absmax codes and the fp32 nested absmax as frozen ``nn.Parameter``s, so FSDP2 shards them (1/N per rank,
+uint8 absmax codes (both as float16 bit views) and the fp32 nested absmax as frozen ``nn.Parameter``s, so FSDP2 shards them (1/N per rank,
 dim 0) and all-gathers them per layer just before the layer runs; the tiny code tables stay replicated buffers.
 The adapters are sharded too; FSDP2 reduce-scatters their gradients with SUM (divide factor 1, sum-only
 collectives; gloo has no PREMUL_SUM), which keeps the token-normalized loss exact as above. Mixed precision is
-the trainer's autocast, as on one GPU (no FSDP param_dtype: it would touch the uint8 weights). The adapter is
+the trainer's autocast, as on one GPU (no FSDP param_dtype: it would cast the bit views of the NF4 bytes). The adapter is
 saved as one PEFT adapter whatever N is (:func:`full_adapter` gathers it); optimizer state goes through
-``torch.distributed.checkpoint.state_dict`` as full (unsharded) tensors. Measured on torch 2.13 CPU + gloo:
-fully_shard shards uint8 parameters and runs forward, checkpointed forward and backward correctly.
+``torch.distributed.checkpoint.state_dict`` as full (unsharded) tensors. The byte tensors travel as float16 bit
+views (see :class:`ShardableNF4Linear`): torch 2.11's fully_shard refuses uint8 parameters on CUDA.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -191,8 +192,12 @@ def barrier(env: DistEnv | None) -> None:
 class ShardableNF4Linear(nn.Module):
     """An NF4Linear whose quantized tensors are frozen parameters, so ``fully_shard`` shards them.
 
-    Parameters (requires_grad=False): ``nf4_data`` uint8 ((N*K+1)//2, 1) packed codes, ``nf4_absmax`` uint8
-    (blocks,) (fp32 without double quantization), ``nf4_nested_absmax`` fp32 (ceil(blocks/256),).
+    Parameters (requires_grad=False): ``nf4_data`` the packed codes ((N*K+1)//2 bytes), ``nf4_absmax`` the uint8
+    block scales (fp32 without double quantization), ``nf4_nested_absmax`` fp32 (ceil(blocks/256),). The byte
+    tensors are stored as float16 *bit views* (two bytes per element, padded to an even count): FSDP2 of
+    torch 2.11 cannot make a uint8 parameter (it calls nn.Parameter with requires_grad=True), and all-gathering
+    16-bit elements moves the same bits. Nothing may cast these parameters (no ``model.to(dtype)`` after
+    sharding); ``weight`` views them back as bytes.
     Buffers (replicated, tiny): ``nf4_code`` (16,), ``nf4_nested_code`` (256,), ``nf4_offset`` (1,).
     ``weight`` rebuilds the NF4Weight from the current (all-gathered) tensors, so LoRALinear and the fused
     kernels see exactly what they see with quant.NF4Linear.
@@ -204,8 +209,11 @@ class ShardableNF4Linear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.shape, self.dtype_, self.blocksize, self.nested_blocksize = q.shape, q.dtype, q.blocksize, q.nested_blocksize
         frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
-        self.nf4_data = frozen(q.data)
-        self.nf4_absmax = frozen(q.absmax)
+        self.data_shape = tuple(q.data.shape)
+        self.nf4_data = frozen(_bytes_as_half(q.data))
+        self.absmax_bytes = q.absmax.dtype == torch.uint8
+        self.absmax_shape = tuple(q.absmax.shape)
+        self.nf4_absmax = frozen(_bytes_as_half(q.absmax) if self.absmax_bytes else q.absmax)
         self.nf4_nested_absmax = frozen(q.nested_absmax) if q.double_quant else None
         self.register_buffer("nf4_code", q.code)
         self.register_buffer("nf4_nested_code", q.nested_code if q.double_quant else None)
@@ -217,7 +225,10 @@ class ShardableNF4Linear(nn.Module):
         from quant.nf4 import NF4Weight
 
         nested = self.nf4_nested_absmax
-        return NF4Weight(self.nf4_data.detach(), self.nf4_absmax.detach(), self.shape, self.dtype_, self.blocksize,
+        data = _half_as_bytes(self.nf4_data.detach(), self.data_shape)
+        absmax = self.nf4_absmax.detach()
+        absmax = _half_as_bytes(absmax, self.absmax_shape) if self.absmax_bytes else absmax
+        return NF4Weight(data, absmax, self.shape, self.dtype_, self.blocksize,
                          self.nf4_code, None if nested is None else nested.detach(), self.nf4_nested_code,
                          None if self.nf4_offset is None else self.nf4_offset.reshape(()), self.nested_blocksize)
 
@@ -231,6 +242,20 @@ class ShardableNF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, shardable"
+
+
+def _bytes_as_half(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor's bytes as a 1-D float16 tensor (one zero byte appended when the count is odd)."""
+    flat = t.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat.view(torch.float16)
+
+
+def _half_as_bytes(h: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Inverse of :func:`_bytes_as_half` for the original ``shape``."""
+    n = math.prod(shape)
+    return h.reshape(-1).view(torch.uint8)[:n].reshape(shape)
 
 
 def _replace_nf4(model: nn.Module) -> int:

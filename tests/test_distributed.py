@@ -64,9 +64,9 @@ def run(mode, name, dropout, **kw):
         nf4 = sum(q.weight.data.numel() for q in model.modules() if type(q).__name__ == "NF4Linear")
         distributed.shard_model(model)
         local = [p.to_local() for p in model.parameters()]
-        packed = [t for t in local if t.dtype == torch.uint8 and t.dim() == 2]  # the NF4 bytes, now parameters
+        packed = [p.to_local() for n, p in model.named_parameters() if n.endswith("nf4_data")]  # the NF4 bytes
         full = sum(p.numel() * p.element_size() for p in model.parameters())
-        result.setdefault("shares", []).append([sum(t.numel() for t in packed) / nf4,
+        result.setdefault("shares", []).append([sum(t.numel() * t.element_size() for t in packed) / nf4,
                                                 sum(t.numel() * t.element_size() for t in local) / full])
     base = dict(output_dir=f"{out}/{mode}/{name}/rank{r}", learning_rate=1e-2, lr_scheduler_type="constant",
                 max_grad_norm=1.0, progress=False, seed=5, per_device_train_batch_size=1,
