@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .batching import Batches
-from .encode import Encoder
+from .encode import Encoder, split_by
 from .formats import FORMATS, detect_format, normalize
 from .sources import DataError, ReadStats, read_records
 
@@ -275,8 +275,7 @@ class _WorkerEncoder:
     @staticmethod
     def unpack(part) -> list[tuple]:
         ids, mask, lens, rej = part
-        cuts = np.cumsum(lens)[:-1]
-        return list(zip(np.split(ids, cuts), np.split(mask, cuts), rej))
+        return list(zip(split_by(ids, lens), split_by(mask, lens), rej))
 
 
 def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs, max_len, overflow, pool=None):
