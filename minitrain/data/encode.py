@@ -234,7 +234,7 @@ class Encoder:
         texts = [t for t, _ in rendered]
         ids, gstart, counts = self.pieces.encode(texts)
         # spans in the coordinates of the texts' concatenation; a token is trained when it starts inside one
-        base = np.cumsum([0] + [len(t) for t in texts[:-1]])
+        base = np.cumsum([0] + [len(t) for t in texts[:-1]]).tolist()  # Python ints: numpy scalars are slow here
         lo = [base[r] + a for r, (_, spans) in enumerate(rendered) for a, _ in spans]
         hi = [base[r] + b for r, (_, spans) in enumerate(rendered) for _, b in spans]
         n = len(ids) + 1
