@@ -219,7 +219,7 @@ def add_subcommands(subparsers) -> None:
     d.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one epoch)")
     d.add_argument("--n-train", type=int, default=400, help="training headlines")
     d.add_argument("--n-eval", type=int, default=120, help="held-out headlines")
-    d.add_argument("--learning-rate", type=float, default=1e-3)
+    d.add_argument("--learning-rate", type=float, default=5e-4)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.set_defaults(func=_guarded(cmd_demo, "demo"))

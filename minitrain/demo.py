@@ -128,9 +128,13 @@ def accuracy(model, tok, examples: list[dict], batch_size: int = 16) -> float:
 
 
 def run_demo(model_dir=None, output_dir="runs/demo", max_steps: int | None = None, n_train: int = 400,
-             n_eval: int = 120, learning_rate: float = 1e-3, batch_size: int = 8, seed: int = 0,
+             n_eval: int = 120, learning_rate: float = 5e-4, batch_size: int = 8, seed: int = 0,
              device: str | None = None, progress: bool = True, r: int = 16) -> dict:
     """Generate the task, measure accuracy, fine-tune with LoRA (QLoRA on CUDA), measure again.
+
+    learning_rate 5e-4: at 1e-3 the bf16 QLoRA run on an H100 (seed 0) spiked at step 8 and ended at 78% held-out
+    accuracy, with the fused kernels and without them alike in kind (seed 1 reached 100%); at 5e-4 both paths
+    reach 100% on the GPU with matching loss curves, and the fp32 CPU run goes 60.8% -> 100%.
 
     Returns:
         {"before", "after", "adapter", "plot", "metrics", "seconds", "model", "tokenizer", ...}.
