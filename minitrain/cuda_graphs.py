@@ -160,6 +160,9 @@ class GraphedLoss:
         for p in self.params:  # backward must add into tensors that outlive the capture
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        # blocks the eager warm-up cached would otherwise stay reserved beside the graph's own pool
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=self.pool):  # records, computes nothing
             self.loss = self._run()
