@@ -354,6 +354,7 @@ class PieceCache:
     def _reset(self) -> None:
         self.first: dict[str, int] = {}  # a text's first piece, encoded as it is
         self.rest: dict[str, int] = {}  # a later piece, encoded with the space before it
+        self._parts: dict[str, tuple[list[int], list[int]]] = {}  # first-piece entries as (ids, starts)
         self.n_entries = self.n_tok = 0
         self.e_len = np.zeros(1024, np.int64)  # characters of the piece (with its space)
         self.e_ntok = np.zeros(1024, np.int64)
@@ -385,10 +386,9 @@ class PieceCache:
             for i in composite:
                 ids, starts, at = [], [], 0
                 for p in segs[i]:
-                    e = self.first[p]
-                    a, b = self.e_off[e], self.e_off[e] + self.e_ntok[e]
-                    ids += self.t_ids[a:b].tolist()
-                    starts += (self.t_start[a:b] + at).tolist()
+                    p_ids, p_starts = self._parts[p]
+                    ids += p_ids
+                    starts += [s + at for s in p_starts]
                     at += len(p)
                 out[i] = (ids, starts)
         if plain:
@@ -414,6 +414,8 @@ class PieceCache:
         self.n_tok += total
         self.n_entries = n
         table.update(zip(keys, range(n0, n)))
+        if table is self.first:  # as Python lists too: pieces holding added tokens are put together from them
+            self._parts.update(zip(keys, encs))
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Token ids of every text, concatenated (int32); each token's start in characters within the
