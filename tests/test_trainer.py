@@ -246,6 +246,36 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path):
     assert (tmp_path / "out" / "checkpoint-1" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_fp16_loss_scaling_skips_an_overflowing_step_and_goes_on(tmp_path):
+    """fp16 autocast with dynamic loss scaling: a step whose gradients overflow is skipped (weights untouched,
+    scale halved) instead of stopping the run, and the other steps train."""
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    model = adapted(ckpt)
+    first = next(iter(lora_layers(model).values()))
+    snaps, scales, handles = {}, {}, []
+
+    def hook(g):  # an overflow in one backward only
+        handles.pop().remove()
+        return g * float("inf")
+
+    def watch(trainer, step, metrics):
+        snaps[step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        scales[step] = trainer.scaler.get_scale()
+        if step == 2:
+            handles.append(first.lora_A.register_hook(hook))
+
+    tr = Trainer(model, None, examples(16), quiet(tmp_path, max_steps=5, fp16=True, per_device_train_batch_size=2,
+                                                  gradient_accumulation_steps=2, learning_rate=1e-2), callbacks=[watch])
+    assert tr.amp_dtype == torch.float16 and tr.scaler.is_enabled()
+    tr.train()  # no TrainingError: the scaler handles the overflow
+    assert all(torch.equal(snaps[3][n], snaps[2][n]) for n in snaps[2]), "the overflowing step changed the weights"
+    assert scales[3] == scales[2] / 2, scales
+    assert any(not torch.equal(snaps[4][n], snaps[3][n]) for n in snaps[3]), "training did not go on"
+    assert all(torch.isfinite(p).all() for _, p in model.named_parameters())
+    assert all(torch.isfinite(torch.tensor(tr.history["loss"])))
+
+
 def test_gradient_checkpointing_modes_give_the_same_training(tmp_path):
     ckpt = tmp_path / "base"
     make_tiny_checkpoint(ckpt)
