@@ -466,8 +466,8 @@ class LlamaModel(KernelSwitch, nn.Module):
             k_pos = torch.arange(past + T, device=position_ids.device)[None].expand(position_ids.shape[0], -1)
             return build_mask(position_ids, k_pos, None, None, window)
         docs = document_ids(position_ids)
-        capturing = position_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        packed = (torch.compiler.is_compiling() or capturing
+        packed = (torch.compiler.is_compiling()  # first: dynamo cannot trace is_current_stream_capturing
+                  or (position_ids.is_cuda and torch.cuda.is_current_stream_capturing())
                   or bool((docs[:, -1] > 1).any()))
         if not packed and (window is None or T <= window):
             return None
