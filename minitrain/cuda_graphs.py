@@ -36,6 +36,11 @@ except ImportError:  # the plain path below computes the same loss
     fused_linear_cross_entropy = None
 
 
+# torch.utils.checkpoint reads the CUDA RNG state, which a capture refused before torch 2.10 (pytorch #162505)
+CHECKPOINT_IN_GRAPHS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 10)
+CHECKPOINT_TOO_OLD = f"gradient checkpointing inside a CUDA graph needs torch >= 2.10 (this is {torch.__version__})"
+
+
 class GraphError(RuntimeError):
     """The model or the batch cannot be run from a CUDA graph (the message says why)."""
 
@@ -60,6 +65,9 @@ def graph_blockers(model: nn.Module) -> list[str]:
     drop = [n for n, m in model.named_modules() if isinstance(getattr(m, "dropout", None), float) and m.dropout > 0]
     if drop:
         why.append(f"LoRA dropout is on ({drop[0]} and {len(drop) - 1} more); graphs need dropout 0")
+    if not CHECKPOINT_IN_GRAPHS and any(type(m.__dict__.get("forward")).__name__ == "CheckpointedLayer"
+                                        for m in model.modules()):
+        why.append(CHECKPOINT_TOO_OLD)
     if not hasattr(model, "hidden_states"):
         why.append(f"{type(model).__name__} has no hidden_states() (minitrain's LlamaForCausalLM has)")
     return why
@@ -145,6 +153,10 @@ class GraphedLoss:
             self.n.fill_(float(n_total))
 
     def __call__(self, batch: dict, n_total) -> torch.Tensor:
+        with torch.cuda.device(self.device):  # capture and replay on the model's card, whatever the current one
+            return self._call(batch, n_total)
+
+    def _call(self, batch: dict, n_total) -> torch.Tensor:
         self._load(batch, n_total)
         if self.graph is not None:
             self.graph.replay()

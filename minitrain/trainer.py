@@ -364,9 +364,11 @@ class Trainer:
         cfg = self.cfg
         if cfg.cuda_graphs == "off":
             return ["cuda_graphs='off'"]
-        from .cuda_graphs import graph_blockers
+        from .cuda_graphs import CHECKPOINT_IN_GRAPHS, CHECKPOINT_TOO_OLD, graph_blockers
 
         why = graph_blockers(self.model)
+        if cfg.gradient_checkpointing != "off" and not CHECKPOINT_IN_GRAPHS:
+            why.append(CHECKPOINT_TOO_OLD)
         if cfg.cuda_graphs == "auto" and not cfg.packing:
             why.append("packing is off (batches change shape; cuda_graphs='on' captures one graph per shape, "
                        f"up to {MAX_GRAPHS})")
@@ -592,7 +594,12 @@ class Trainer:
         for k in range(rounds):  # under FSDP2 every rank runs the same number of forwards (extra ones discarded)
             batch = self._to_device(ev.collate(mine[min(k, len(mine) - 1)] if mine else entries[0]))
             with self.autocast():
-                loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy).item() if n_items(batch) else 0.0
+                if n_items(batch):
+                    loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy).item()
+                else:  # nothing to score; under FSDP2 the forward still runs (the other ranks' all-gathers wait)
+                    if self.fsdp:
+                        final_hidden(self.model, batch)
+                    loss = 0.0
             if k < len(mine):
                 total += loss
                 count += n_items(batch)

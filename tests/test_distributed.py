@@ -253,3 +253,37 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
     # --fsdp needs torchrun: a plain process gets a one-line error (exit status 2), before loading anything
     assert main(["train", *common, "--output", str(tmp_path / "x"), "--fsdp"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+EVAL_WORKER = r'''
+import sys
+import torch
+from minitrain import distributed
+from minitrain.config import TrainConfig
+from minitrain.loader import load_model
+from minitrain.lora import add_lora
+from minitrain.trainer import Trainer
+env = distributed.init_distributed("cpu")
+model, _ = load_model(sys.argv[1], dtype=torch.float32, device="cpu", tokenizer=False, load_in_4bit=True)
+torch.manual_seed(1)
+add_lora(model, r=4, alpha=8)
+distributed.shard_model(model)
+train = [{"input_ids": list(range(3, 12))} for _ in range(4)]
+ev = [{"input_ids": list(range(3, 12))}, {"input_ids": list(range(3, 12)), "labels": [-100] * 9}]
+tr = Trainer(model, None, train, TrainConfig(output_dir=sys.argv[2] + f"/rank{env.rank}", max_steps=1, progress=False,
+             per_device_train_batch_size=1, per_device_eval_batch_size=1, save_steps=0), eval_dataset=ev)
+print(f"EVAL {env.rank} {tr.evaluate():.6f}", flush=True)
+distributed.shutdown()
+'''
+
+
+def test_fsdp_eval_with_an_untrained_batch_on_one_rank_does_not_hang(tmp_path):
+    """Rank 1's eval batch has no trained label: it must still run the forward, or rank 0's all-gathers wait
+    for ever (found in review); both ranks report the same loss (rank 0's batch only)."""
+    ckpt = tmp_path / "ckpt"
+    make_tiny_checkpoint(ckpt)
+    script = tmp_path / "eval_worker.py"
+    script.write_text(EVAL_WORKER)
+    proc = torchrun([str(script), str(ckpt), str(tmp_path / "out")], timeout=120)
+    losses = sorted(l.split()[1:] for l in proc.stdout.splitlines() if l.startswith("EVAL"))
+    assert [r for r, _ in losses] == ["0", "1"] and losses[0][1] == losses[1][1], proc.stdout
