@@ -36,7 +36,7 @@ for step in "$@"; do
   esac
   echo "  ($(( $(date +%s) - start )) s)" >> "$summary"
 done
-cp bench/results/*.md "$W/results/" 2>/dev/null
+cp bench/results/*.md bench/results/.*-rows-*.json "$W/results/" 2>/dev/null  # row caches too: merge them locally
 tar czf "$OUT/all.tgz" -C "$W" logs results
 cp -r "$W/logs" "$OUT/"
 cat "$summary"

@@ -19,6 +19,9 @@ zero the gradients in place (``zero_grads``), never set them to None, between op
 The loss covers every position whose label is not -100 through the fused linear cross-entropy with
 ``ignore_index`` (no boolean indexing: shapes must not depend on the data inside a graph).
 
+Resuming from a checkpoint replays the same batches, but the first two calls per shape after the resume run
+eagerly (warm-up), so a resumed run equals an uninterrupted one within bf16 rounding, not bit for bit.
+
 Limits, checked: CUDA only; a fixed (batch, seq) shape per graph (packed batches have one); no LoRA dropout
 (checkpoint recomputation would draw new masks); no host synchronization inside the model's forward (the
 model decides document masking from whether ``position_ids`` is given, not from their values, while capturing).
