@@ -489,7 +489,7 @@ class Trainer:
         """Backward of sum(token losses) / N over all micro-batches of the step (of all ranks); returns that loss."""
         if self.dist is not None:
             return self._forward_backward_distributed(micro, data_state, good_rng)
-        total_items = sum(n_items(b) for b in micro)
+        total_items = self._step_items = sum(n_items(b) for b in micro)
         step_loss = 0.0
         for i, batch in enumerate(micro):
             if n_items(batch) == 0:
@@ -513,7 +513,7 @@ class Trainer:
         """The same over ranks: N counted over all ranks first, gradients summed over ranks after. Every rank runs
         every micro-batch (FSDP2's collectives need the same number of forwards everywhere), and a non-finite loss
         is acted on after the loop, by all ranks together."""
-        total_items = int(dist_.reduce_values([sum(n_items(b) for b in micro)], self.device)[0])
+        total_items = self._step_items = int(dist_.reduce_values([sum(n_items(b) for b in micro)], self.device)[0])
         step_loss, bad = 0.0, None
         for i, batch in enumerate(micro):
             if self.fsdp:
@@ -542,6 +542,9 @@ class Trainer:
         return step_loss
 
     def _optimizer_step(self, lr: float, data_state: dict, good_rng: dict) -> float:
+        if getattr(self, "_step_items", 1) == 0:  # nothing trained anywhere: no update (AdamW would still apply
+            self.opt.zero_grad(set_to_none=not self._graphs)  # momentum and decay to zero grads under graphs/DDP)
+            return 0.0
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.scaler.unscale_(self.opt)
