@@ -434,12 +434,14 @@ class Trainer:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 data_state, good_rng = self.batches.state_dict(), rng_state()
-                micro = [self._to_device(b) for b in self._next_micro_batches()]
+                host = self._next_micro_batches()
+                counts = [n_items(b) for b in host]  # on the host before the copy: no device sync per batch
+                micro = [self._to_device(b) for b in host]
                 lr = lr_at(self.step, self.total_steps, cfg)
-                loss = self._forward_backward(micro, data_state, good_rng)
-                grad_norm = self._optimizer_step(lr, data_state, good_rng)
+                loss, trained = self._forward_backward(micro, counts, data_state, good_rng)
+                grad_norm = self._optimizer_step(lr, trained, data_state, good_rng)
                 self.step += 1
-                metrics = self._metrics(loss, lr, grad_norm, micro, time.perf_counter() - t0)
+                metrics = self._metrics(loss, lr, grad_norm, host, counts, time.perf_counter() - t0)
                 self._log(metrics, progress)
                 if self.eval_batches is not None and cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0:
                     self._evaluate(progress)
@@ -485,48 +487,50 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def _forward_backward(self, micro: list[dict], data_state: dict, good_rng: dict) -> float:
-        """Backward of sum(token losses) / N over all micro-batches of the step (of all ranks); returns that loss."""
+    def _forward_backward(self, micro: list[dict], counts: list[int], data_state: dict,
+                          good_rng: dict) -> tuple[float, int]:
+        """Backward of sum(token losses) / N over all micro-batches of the step (of all ranks), N the trained
+        tokens (``counts`` per micro-batch on this rank); returns (that loss, N)."""
         if self.dist is not None:
-            return self._forward_backward_distributed(micro, data_state, good_rng)
-        total_items = self._step_items = sum(n_items(b) for b in micro)
+            return self._forward_backward_distributed(micro, counts, data_state, good_rng)
+        total_items = sum(counts)
         step_loss = 0.0
         for i, batch in enumerate(micro):
-            if n_items(batch) == 0:
+            if counts[i] == 0:
                 continue
             graph = self._graph_for(batch)
             if graph is not None:  # forward and backward replayed; the update has not happened yet
                 loss = graph(batch, total_items)
-                if not torch.isfinite(loss):
-                    self._stop_non_finite(loss.item(), i, data_state, good_rng)
-                step_loss += loss.item()
-                continue
-            with self.autocast():
-                loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / total_items
-            if not torch.isfinite(loss):
-                self._stop_non_finite(loss.item(), i, data_state, good_rng)
-            self.scaler.scale(loss).backward()
-            step_loss += loss.item()
-        return step_loss
+            else:
+                with self.autocast():
+                    loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / total_items
+            value = loss.item()
+            if not math.isfinite(value):  # eager: before the backward reaches the gradients
+                self._stop_non_finite(value, i, data_state, good_rng)
+            if graph is None:
+                self.scaler.scale(loss).backward()
+            step_loss += value
+        return step_loss, total_items
 
-    def _forward_backward_distributed(self, micro: list[dict], data_state: dict, good_rng: dict) -> float:
+    def _forward_backward_distributed(self, micro: list[dict], counts: list[int], data_state: dict,
+                                      good_rng: dict) -> tuple[float, int]:
         """The same over ranks: N counted over all ranks first, gradients summed over ranks after. Every rank runs
         every micro-batch (FSDP2's collectives need the same number of forwards everywhere), and a non-finite loss
         is acted on after the loop, by all ranks together."""
-        total_items = self._step_items = int(dist_.reduce_values([sum(n_items(b) for b in micro)], self.device)[0])
+        total_items = int(dist_.reduce_values([sum(counts)], self.device)[0])
         step_loss, bad = 0.0, None
         for i, batch in enumerate(micro):
             if self.fsdp:
                 dist_.set_gradient_sync(self.model, i == len(micro) - 1)
-            elif n_items(batch) == 0:
+            elif counts[i] == 0:
                 continue
-            graph = self._graph_for(batch) if n_items(batch) else None
+            graph = self._graph_for(batch) if counts[i] else None
             if graph is not None:  # forward and backward replayed (DDP: gradients are summed after the loop)
                 value = graph(batch, total_items).item()
             else:
                 with self.autocast():
                     loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / max(1, total_items) \
-                        if n_items(batch) else final_hidden(self.model, batch).sum() * 0.0
+                        if counts[i] else final_hidden(self.model, batch).sum() * 0.0
                 value = loss.item()
             if bad is None and not math.isfinite(value):
                 bad = (i, value)
@@ -539,11 +543,11 @@ class Trainer:
             self._stop_non_finite(value, i, data_state, good_rng, rank=r)
         if not self.fsdp:
             dist_.all_reduce_grads_(self.params)
-        return step_loss
+        return step_loss, total_items
 
-    def _optimizer_step(self, lr: float, data_state: dict, good_rng: dict) -> float:
-        if getattr(self, "_step_items", 1) == 0:  # nothing trained anywhere: no update (AdamW would still apply
-            self.opt.zero_grad(set_to_none=not self._graphs)  # momentum and decay to zero grads under graphs/DDP)
+    def _optimizer_step(self, lr: float, trained: int, data_state: dict, good_rng: dict) -> float:
+        if trained == 0:  # nothing trained on any rank: no update (AdamW would still apply momentum and decay to
+            self.opt.zero_grad(set_to_none=not self._graphs)  # the zero gradients of graphs, DDP or FSDP2)
             return 0.0
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -559,10 +563,12 @@ class Trainer:
         return grad_norm
 
     # -- metrics, eval, advice -------------------------------------------------------------------------
-    def _metrics(self, loss, lr, grad_norm, micro, dt) -> dict:
-        """Step metrics over all ranks: tokens and trained items summed, time and peak memory the slowest/largest."""
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
-        items, peak = sum(n_items(b) for b in micro), peak_memory_mib(self.device)
+    def _metrics(self, loss, lr, grad_norm, host_micro, counts, dt) -> dict:
+        """Step metrics over all ranks: tokens and trained items summed, time and peak memory the slowest/largest
+        (counted from the host copies of the micro-batches)."""
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in host_micro)
+        items, peak = sum(counts), peak_memory_mib(self.device)
         if self.dist is not None:
             tokens, items = dist_.reduce_values([tokens, items], self.device)
             dt, peak = dist_.reduce_values([dt, peak], self.device, op="max")
@@ -595,9 +601,11 @@ class Trainer:
         mine = entries[self.rank::self.world]
         rounds = -(-len(entries) // self.world) if self.fsdp else len(mine)
         for k in range(rounds):  # under FSDP2 every rank runs the same number of forwards (extra ones discarded)
-            batch = self._to_device(ev.collate(mine[min(k, len(mine) - 1)] if mine else entries[0]))
+            batch = ev.collate(mine[min(k, len(mine) - 1)] if mine else entries[0])
+            n = n_items(batch)  # on the host
+            batch = self._to_device(batch)
             with self.autocast():
-                if n_items(batch):
+                if n:
                     loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy).item()
                 else:  # nothing to score; under FSDP2 the forward still runs (the other ranks' all-gathers wait)
                     if self.fsdp:
@@ -605,7 +613,7 @@ class Trainer:
                     loss = 0.0
             if k < len(mine):
                 total += loss
-                count += n_items(batch)
+                count += n
         if self.dist is not None:
             total, count = dist_.reduce_values([total, count], self.device)
         self.model.train(was)
