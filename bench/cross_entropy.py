@@ -22,7 +22,6 @@ entry, never a crash. Results: bench/results/<date>-<card>-cross_entropy.md.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -257,12 +256,7 @@ def _summary(rows):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only-unsloth", action="store_true",
-                    help="measure cut-cross-entropy and unsloth only (run under PEERS_UNSLOTH=1)")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/cross_entropy.py measures a CUDA device; none is available here")
+    args = hw.peer_bench_args("cross_entropy", "measure cut-cross-entropy and unsloth only (run under PEERS_UNSLOTH=1)")
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.only_unsloth:
         rows = [r for n in TOKENS for r in linear_rows(n, only_unsloth=True)] + logits_rows(only_unsloth=True)
@@ -299,10 +293,7 @@ def main():
              "(>1 = ours faster); peers are torch, torch.compile, liger-kernel, cut-cross-entropy and unsloth. "
              "unsloth_fused_ce_loss may shift labels internally (N-1 tokens) on older unsloth_zoo.\n\n")
     summary = _summary(rows)
-    print(body + notes + summary)
-    path = hw.write_results("cross_entropy", "Cross-entropy: fused linear (hidden -> loss) and on given logits",
-                            [("Results", body + notes), ("Targets", summary)])
-    print(f"wrote {path}")
+    hw.publish("cross_entropy", "Cross-entropy: fused linear (hidden -> loss) and on given logits", body, notes, summary)
 
 
 if __name__ == "__main__":

@@ -141,18 +141,45 @@ def graph_us(fn) -> float | None:
         return None
 
 
-def time_and_peak(fn) -> tuple[float, float, float]:
-    """(µs: CUDA-graph replay when capturable, else eager; peak MiB of one eager call; eager µs)."""
+def peak_mib(fn) -> float:
+    """MiB that one call of ``fn`` allocates above what was held before it (after a first, warming call)."""
     fn()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def time_and_peak(fn) -> tuple[float, float, float]:
+    """(µs: CUDA-graph replay when capturable, else eager; peak MiB of one eager call; eager µs)."""
+    peak = peak_mib(fn)
     eager = bench_us(fn, warmup=10, rep=60)
     graph = graph_us(fn)
     return (eager if graph is None else graph), peak, eager
+
+
+def peer_bench_args(name: str, only_unsloth_help: str = "measure unsloth only (run under PEERS_UNSLOTH=1)"):
+    """The command line of a kernel bench with an unsloth-only mode; refuses to run without a CUDA device."""
+    import argparse
+    import sys
+
+    doc = (sys.modules["__main__"].__doc__ or name).splitlines()[0]
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--only-unsloth", action="store_true", help=only_unsloth_help)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"bench/{name}.py measures a CUDA device; none is available here")
+    return args
+
+
+def publish(what: str, title: str, body: str, notes: str, summary: str) -> Path:
+    """Print a bench's table, notes and target lines and write them as ``<date>-<card>-<what>.md``."""
+    print(body + notes + summary)
+    path = write_results(what, title, [("Results", body + notes), ("Targets", summary)])
+    print(f"wrote {path}")
+    return path
 
 
 def error_cell(e: BaseException) -> str:

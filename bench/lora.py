@@ -23,7 +23,6 @@ Run: ``python -m bench.lora`` (about a minute of GPU time; unsloth adds ~1 min w
 """
 from __future__ import annotations
 
-import argparse
 import gc
 
 import torch
@@ -55,13 +54,7 @@ def _w(N, K):
 
 
 def _time_and_peak(step):
-    step()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = hw.peak_mib(step)
     return hw.bench_us(step, warmup=5, rep=60), peak
 
 
@@ -211,11 +204,7 @@ def table(rows, tflops_ceiling):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only-unsloth", action="store_true", help="measure unsloth only (run under PEERS_UNSLOTH=1)")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/lora.py measures a CUDA device; none is available here")
+    args = hw.peer_bench_args("lora")
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = hw.rows_with_unsloth(
         "lora", args.only_unsloth,
@@ -235,10 +224,7 @@ def main():
              f"matmul ceiling. Peak MiB: extra memory of one forward+backward above the held weights and input. "
              f"vs best peer: best peer time / this time (>1 = faster). NF4 dequantization backend: {dq}. "
              f"Adapters: bf16 for minitrain, peft's own default dtype for peft + bnb and unsloth.\n\n")
-    print(body + notes + summary)
-    path = hw.write_results("lora", "Fused LoRA blocks (MLP, QKV), forward + backward, Llama-3.1-8B shapes",
-                            [("Results", body + notes), ("Targets", summary)])
-    print(f"wrote {path}")
+    hw.publish("lora", "Fused LoRA blocks (MLP, QKV), forward + backward, Llama-3.1-8B shapes", body, notes, summary)
 
 
 if __name__ == "__main__":

@@ -74,13 +74,7 @@ def _quantize(shape):
 
 
 def _time_peak(fn):
-    fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = hw.peak_mib(fn)
     return hw.bench_us(fn), peak
 
 

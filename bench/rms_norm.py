@@ -21,7 +21,6 @@ Run: ``python -m bench.rms_norm`` (well under a minute of GPU time plus torch.co
 """
 from __future__ import annotations
 
-import argparse
 import gc
 
 import torch
@@ -168,11 +167,7 @@ def table(rows, copy_gbs):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only-unsloth", action="store_true", help="measure unsloth only (run under PEERS_UNSLOTH=1)")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/rms_norm.py measures a CUDA device; none is available here")
+    args = hw.peer_bench_args("rms_norm")
     rows = hw.rows_with_unsloth(
         "rms_norm", args.only_unsloth, lambda: measure(providers()), lambda: measure([("unsloth", unsloth)]),
         lambda why: [{"shape": list(s), "mode": m, "provider": "unsloth", "error": why} for s in SHAPES for m in MODES])
@@ -183,10 +178,7 @@ def main():
              "provider alike), eager µs: the same call launched from Python (host overhead included). vs best peer: "
              "best peer time / this time (>1 = faster). "
              "unsloth never computes dweight: compare it with the 'no dW' row.\n\n")
-    print(body + notes + summary)
-    path = hw.write_results("rms_norm", "RMSNorm, forward and forward + backward",
-                            [("Results", body + notes), ("Targets", summary)])
-    print(f"wrote {path}")
+    hw.publish("rms_norm", "RMSNorm, forward and forward + backward", body, notes, summary)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ the upstream). Run: ``python -m bench.rope`` (well under a minute of GPU time pl
 """
 from __future__ import annotations
 
-import argparse
 import gc
 
 import torch
@@ -200,11 +199,7 @@ def table(rows, copy_gbs):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only-unsloth", action="store_true", help="measure unsloth only (run under PEERS_UNSLOTH=1)")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/rope.py measures a CUDA device; none is available here")
+    args = hw.peer_bench_args("rope")
     rows = hw.rows_with_unsloth(
         "rope", args.only_unsloth, lambda: measure(providers()), lambda: measure([("unsloth", unsloth)]),
         lambda why: [{"shape": list(s), "mode": m, "provider": "unsloth", "error": why} for s in SHAPES for m in MODES])
@@ -216,10 +211,7 @@ def main():
              "the same call launched from Python (host overhead included). vs best peer: best peer "
              "time / this time (>1 = faster). liger-kernel and unsloth rotate in place; minitrain (triton) and "
              "(cuda) write new tensors, as transformers does.\n\n")
-    print(body + notes + summary)
-    path = hw.write_results("rope", "RoPE (q and k, Llama-3 scaling), forward and forward + backward",
-                            [("Results", body + notes), ("Targets", summary)])
-    print(f"wrote {path}")
+    hw.publish("rope", "RoPE (q and k, Llama-3 scaling), forward and forward + backward", body, notes, summary)
 
 
 if __name__ == "__main__":
