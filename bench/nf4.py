@@ -353,26 +353,20 @@ def explore():
         out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
         args = (q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code, out, 64, 256)
         nb = deq_bytes(shape, torch.bfloat16)
-        for t, g, w in tri:
-            td.CONFIG_OVERRIDE = {"TILE": t, "BYTE_GATHER": g, "num_warps": w}
+        configs = [(td, "triton", {"TILE": t, "BYTE_GATHER": g, "num_warps": w}) for t, g, w in tri] + \
+                  [(cd, "cuda", {"U": u, "blocks_per_sm": b}) for u, b in cud]
+        for mod, name, cfg in configs:
+            mod.CONFIG_OVERRIDE = cfg
+            label = f"dequant {shape} {name} " + " ".join(f"{k}={v}" for k, v in cfg.items())
             try:
-                k = kernel_us(lambda: td._launch(*args))
-                line = f"dequant {shape} triton TILE={t} gather={g} warps={w}: GPU {k:.1f} us ({nb / k / 1e3:.0f} GB/s)"
+                k = kernel_us(lambda: mod._launch(*args))
+                line = f"{label}: GPU {k:.1f} us ({nb / k / 1e3:.0f} GB/s)"
             except Exception as ex:  # noqa: BLE001
-                line = f"dequant {shape} triton {t},{g},{w}: failed {ex}"[:300]
+                line = f"{label}: failed {ex}"[:300]
+            finally:
+                mod.CONFIG_OVERRIDE = None
             print(line, flush=True)
             lines.append(line)
-        td.CONFIG_OVERRIDE = None
-        for u, b in cud:
-            cd.CONFIG_OVERRIDE = {"U": u, "blocks_per_sm": b}
-            try:
-                k = kernel_us(lambda: cd._launch(*args))
-                line = f"dequant {shape} cuda U={u} blocks/SM={b}: GPU {k:.1f} us ({nb / k / 1e3:.0f} GB/s)"
-            except Exception as ex:  # noqa: BLE001
-                line = f"dequant {shape} cuda {u},{b}: failed {ex}"[:300]
-            print(line, flush=True)
-            lines.append(line)
-        cd.CONFIG_OVERRIDE = None
         del out
     # 3. GEMV configurations vs the other paths and bitsandbytes (kernel time)
     gcfg = [(bn, rb, w) for bn, rb, w in itertools.product((1, 2, 4, 8), (256, 512, 1024), (4,))] + \
