@@ -53,6 +53,18 @@ def run(model, ids, pos, dlogits):
     return logits.detach(), dict(zip(names, grads))
 
 
+def under_autocast(model, ids, pos, dlogits, kernel_backend: str):
+    """(fp32 plain run, bf16-autocast plain run, bf16-autocast run on ``kernel_backend``): each (logits, grads)."""
+    model.kernel_backend = "torch"
+    truth = run(model, ids, pos, dlogits)
+    out = {}
+    for be in ("torch", kernel_backend):
+        model.kernel_backend = be
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            out[be] = run(model, ids, pos, dlogits)
+    return truth, out["torch"], out[kernel_backend]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (in fp64)."""
     a, b = a.double(), b.double()
@@ -190,17 +202,9 @@ def test_triton_bf16_tolerance_rule():
 def test_triton_autocast_bf16():
     """fp32 weights under bf16 autocast (the trainer's mixed precision): the kernels get bf16 q/k/gate/up and
     fp32 norms; the tolerance rule holds against the fp32 model without autocast."""
-    m = make_model(TINY)
-    m.kernel_backend = "torch"
     ids, pos = packed_inputs(2, [4, 9], TINY["vocab_size"], "cpu")
     g = torch.randn(2, 13, TINY["vocab_size"])
-    truth, truth_g = run(m, ids, pos, g)
-    out = {}
-    for be in ("torch", "triton"):
-        m.kernel_backend = be
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out[be] = run(m, ids, pos, g)
-    (ref, ref_g), (got, got_g) = out["torch"], out["triton"]
+    (truth, truth_g), (ref, ref_g), (got, got_g) = under_autocast(make_model(TINY), ids, pos, g, "triton")
     assert_rule(got, ref, truth, "logits")
     for n in truth_g:
         assert_rule(got_g[n], ref_g[n], truth_g[n], f"grad {n}")
@@ -281,17 +285,10 @@ def test_gpu_bf16_logits_and_grads(compiled):
 def test_gpu_autocast_bf16():
     """fp32 weights under bf16 autocast, as the trainer runs: kernel model vs plain model, fp32 as truth."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    m = make_model(LLAMA, torch.float32, "cuda")
     ids, pos = packed_inputs(2, [256, 256], LLAMA["vocab_size"], "cuda")
     g = torch.randn(2, 512, LLAMA["vocab_size"], device="cuda")
-    m.kernel_backend = "torch"
-    truth, truth_g = run(m, ids, pos, g)
-    out = {}
-    for be in ("torch", "auto"):
-        m.kernel_backend = be
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out[be] = run(m, ids, pos, g)
-    (ref, ref_g), (got, got_g) = out["torch"], out["auto"]
+    (truth, truth_g), (ref, ref_g), (got, got_g) = under_autocast(make_model(LLAMA, torch.float32, "cuda"), ids, pos,
+                                                                  g, "auto")
     assert_rule(got, ref, truth, "logits")
     for n in truth_g:
         assert_rule(got_g[n], ref_g[n], truth_g[n], f"grad {n}")
