@@ -59,6 +59,28 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
+@triton.jit
+def _decode_tile(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, off, row_byte, row_blk, n_ok,
+                 byte0, KH, jb, jh, HB: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 x_dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """The (BLOCK_N, NB, HB) weight tile whose packed bytes start at column ``byte0`` of each row, decoded into
+    x's dtype: (even-k values, odd-k values). KH: packed bytes per row; rows of jb blocks past KH read as 0."""
+    blk_ok = (byte0 + jb * HB) < KH                                      # (NB,)
+    w_ok = n_ok[:, None] & blk_ok[None, :]                               # (BN, NB)
+    boffs = row_byte[:, None, None] + (byte0 + jb * HB)[None, :, None] + jh[None, None, :]
+    packed = tl.load(data_ptr + boffs, mask=w_ok[:, :, None], other=0, eviction_policy="evict_first")
+    blk = row_blk[:, None] + (byte0 // HB + jb)[None, :]                 # (BN, NB)
+    if DOUBLE_QUANT:
+        a8 = tl.load(absmax_ptr + blk, mask=w_ok, other=0).to(tl.int32)
+        a2 = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=w_ok, other=0.0)
+        scale = tl.load(nested_code_ptr + a8) * a2 + off  # fp fusion is off: two roundings as the reference
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=w_ok, other=0.0)
+    w_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, :, None]     # even k
+    w_lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, :, None]    # odd k
+    return cast_rtne(w_hi, x_dtype, INTERPRET_BF16), cast_rtne(w_lo, x_dtype, INTERPRET_BF16)
+
+
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT"],
                  prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune})
 @triton.jit
@@ -81,25 +103,16 @@ def _nf4_matmul_kernel(x_ptr, data_ptr, absmax_ptr, nested_absmax_ptr, nested_co
     row_byte = offs_n * (K // 2)
     row_blk = offs_n * (K // BLOCKSIZE)
     x_dtype = x_ptr.dtype.element_ty
+    off = 0.0
     if DOUBLE_QUANT:
         off = tl.load(offset_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_blk_ok = (k0 + jb * BLOCKSIZE) < K                                         # (NB,)
-        w_ok = n_ok[:, None] & k_blk_ok[None, :]                                     # (BN, NB)
-        boffs = row_byte[:, None, None] + (k0 // 2 + jb * HB)[None, :, None] + jh[None, None, :]
-        packed = tl.load(data_ptr + boffs, mask=w_ok[:, :, None], other=0, eviction_policy="evict_first")
-        blk = row_blk[:, None] + (k0 // BLOCKSIZE + jb)[None, :]                     # (BN, NB)
-        if DOUBLE_QUANT:
-            a8 = tl.load(absmax_ptr + blk, mask=w_ok, other=0).to(tl.int32)
-            a2 = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=w_ok, other=0.0)
-            scale = tl.load(nested_code_ptr + a8) * a2 + off  # fp fusion is off: two roundings as the ref
-        else:
-            scale = tl.load(absmax_ptr + blk, mask=w_ok, other=0.0)
-        w_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, :, None]     # even k
-        w_lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, :, None]    # odd k
-        w_hi = tl.reshape(cast_rtne(w_hi, x_dtype, INTERPRET_BF16), (BLOCK_N, BLOCK_K // 2))
-        w_lo = tl.reshape(cast_rtne(w_lo, x_dtype, INTERPRET_BF16), (BLOCK_N, BLOCK_K // 2))
+        w_hi, w_lo = _decode_tile(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, off, row_byte,
+                                  row_blk, n_ok, k0 // 2, K // 2, jb, jh, HB, NESTED_BLOCKSIZE, DOUBLE_QUANT, x_dtype,
+                                  INTERPRET_BF16)
+        w_hi = tl.reshape(w_hi, (BLOCK_N, BLOCK_K // 2))
+        w_lo = tl.reshape(w_lo, (BLOCK_N, BLOCK_K // 2))
         kk = k0 + 2 * half
         x_mask = m_ok[:, None] & (kk < K)[None, :]
         x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=x_mask, other=0.0)
@@ -177,25 +190,16 @@ def _nf4_gemv_kernel(x_ptr, data_ptr, absmax_ptr, nested_absmax_ptr, nested_code
     row_blk = offs_n * KB
     x_row = x_ptr + m * stride_xm
     x_dtype = x_ptr.dtype.element_ty
+    off = 0.0
     if DOUBLE_QUANT:
         off = tl.load(offset_ptr)
     acc = tl.zeros((BLOCK_N, ROW_BYTES), dtype=tl.float32)
     for b0 in range(0, KH, ROW_BYTES):                                    # b0: packed byte = k0 / 2
-        blk_ok = (b0 + jb * HB) < KH                                      # (NB,)
-        w_ok = n_ok[:, None] & blk_ok[None, :]                            # (BN, NB)
-        boffs = row_byte[:, None, None] + (b0 + jb * HB)[None, :, None] + jh[None, None, :]
-        packed = tl.load(data_ptr + boffs, mask=w_ok[:, :, None], other=0, eviction_policy="evict_first")
-        blk = row_blk[:, None] + (b0 // HB + jb)[None, :]                 # (BN, NB)
-        if DOUBLE_QUANT:
-            a8 = tl.load(absmax_ptr + blk, mask=w_ok, other=0).to(tl.int32)
-            a2 = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=w_ok, other=0.0)
-            scale = tl.load(nested_code_ptr + a8) * a2 + off  # fp fusion is off: two roundings as the reference
-        else:
-            scale = tl.load(absmax_ptr + blk, mask=w_ok, other=0.0)
-        w_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, :, None]     # even k
-        w_lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, :, None]    # odd k
-        w_hi = tl.reshape(cast_rtne(w_hi, x_dtype, INTERPRET_BF16), (BLOCK_N, ROW_BYTES)).to(tl.float32)
-        w_lo = tl.reshape(cast_rtne(w_lo, x_dtype, INTERPRET_BF16), (BLOCK_N, ROW_BYTES)).to(tl.float32)
+        w_hi, w_lo = _decode_tile(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, off, row_byte,
+                                  row_blk, n_ok, b0, KH, jb, jh, HB, NESTED_BLOCKSIZE, DOUBLE_QUANT, x_dtype,
+                                  INTERPRET_BF16)
+        w_hi = tl.reshape(w_hi, (BLOCK_N, ROW_BYTES)).to(tl.float32)
+        w_lo = tl.reshape(w_lo, (BLOCK_N, ROW_BYTES)).to(tl.float32)
         kb = b0 + half
         x_ok = kb < KH
         x_even = tl.load(x_row + 2 * kb, mask=x_ok, other=0.0).to(tl.float32)
