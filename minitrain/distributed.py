@@ -24,8 +24,8 @@ and puts rank r on ``cuda:LOCAL_RANK``. The :class:`~minitrain.trainer.Trainer` 
   checkpoints also hold every rank's RNG state (gathered to rank 0) so dropout masks resume exactly.
 
 FSDP2 (``--fsdp``, :func:`shard_model`): ``torch.distributed.fsdp.fully_shard`` on every decoder layer, on the
-(untied) input embedding, and on the root (final norm, lm_head; kept gathered from forward to the end of backward
-because the loss reads lm_head.weight after ``hidden_states`` returns). NF4 projections are first replaced by :class:`ShardableNF4Linear`, which holds the packed 4-bit bytes, the
+(untied) input embedding, on the (untied) lm_head, entered through the trainer's loss so that its weight is gathered
+only around the fused cross-entropy and its backward, and on the root (final norm; a tied embedding). NF4 projections are first replaced by :class:`ShardableNF4Linear`, which holds the packed 4-bit bytes, the
 uint8 absmax codes (both as float16 bit views) and the fp32 nested absmax as frozen ``nn.Parameter``s, so FSDP2 shards them (1/N per rank,
 dim 0) and all-gathers them per layer just before the layer runs; the tiny code tables stay replicated buffers.
 The adapters are sharded too; FSDP2 reduce-scatters their gradients with SUM (divide factor 1, sum-only
@@ -38,6 +38,7 @@ views (see :class:`ShardableNF4Linear`): torch 2.11's fully_shard refuses uint8 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -298,18 +299,28 @@ def shard_model(model: nn.Module, env: DistEnv | None = None) -> nn.Module:
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
+    try:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+    except ImportError:  # older spelling
+        from torch.distributed._composable.fsdp import register_fsdp_forward_method
     body = getattr(model, "model", model)
     emb, head = getattr(body, "embed_tokens", None), getattr(model, "lm_head", None)
-    if emb is not None and (head is None or head.weight is not emb.weight):
+    tied = emb is not None and head is not None and head.weight is emb.weight
+    if emb is not None and not tied:
         fully_shard(emb, mesh=mesh)  # its own unit: gathered only for the lookup (frozen: no backward gather)
-    # The root (final norm, lm_head; tied embeddings) stays gathered from its forward to the end of backward: the loss
-    # reads lm_head.weight after ``hidden_states`` returns, and backward needs it again at once.
+    if head is not None and not tied:
+        # Its own unit too, entered through the loss (the trainer calls minitrain_head_loss): the (V, C) weight is
+        # all-gathered for the fused cross-entropy's forward, freed, gathered again for its backward and freed as
+        # soon as the hidden states' gradient exists, so it is not held whole while the layers' backward runs.
+        from .trainer import head_loss
+
+        head.minitrain_head_loss = functools.partial(head_loss, head)
+        fully_shard(head, mesh=mesh)
+        register_fsdp_forward_method(head, "minitrain_head_loss")
+    # The root (final norm; a tied embedding/lm_head) stays gathered from its forward to the end of backward: a tied
+    # weight is read by the loss after ``hidden_states`` returns, and backward needs it again at once.
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     if hasattr(model, "hidden_states"):  # the trainer's forward: FSDP2's gather/reshard hooks must wrap it too
-        try:
-            from torch.distributed.fsdp import register_fsdp_forward_method
-        except ImportError:  # older spelling
-            from torch.distributed._composable.fsdp import register_fsdp_forward_method
         register_fsdp_forward_method(model, "hidden_states")
     for m in model.modules():
         if not hasattr(m, "set_requires_gradient_sync"):

@@ -18,6 +18,7 @@ FSDP2 reduces the gradients itself. See ``minitrain.distributed``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -73,7 +74,15 @@ def token_loss_sum(model: nn.Module, batch: dict, fused: bool = True) -> torch.T
     keep = targets != -100
     h = hidden[:, :-1][keep]  # (n, C)
     y = targets[keep]  # (n,)
-    w = model.lm_head.weight
+    head = model.lm_head
+    # FSDP2 gives an untied lm_head its own unit and this method (distributed.shard_model), so its weight is
+    # all-gathered only around the loss and its backward
+    return getattr(head, "minitrain_head_loss", functools.partial(head_loss, head))(h, y, fused)
+
+
+def head_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Summed cross-entropy of the rows ``h`` (n, C) through ``head.weight`` (V, C) against ``y`` (n,), fp32."""
+    w = head.weight
     if fused and fused_linear_cross_entropy is not None:
         return fused_linear_cross_entropy(h.to(w.dtype).contiguous(), w, y, reduction="sum")
     logits = F.linear(h, w).float()  # (n, V)
@@ -529,8 +538,9 @@ class Trainer:
                 value = graph(batch, total_items).item()
             else:
                 with self.autocast():
-                    loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / max(1, total_items) \
-                        if counts[i] else final_hidden(self.model, batch).sum() * 0.0
+                    # FSDP2: a rank without trained tokens runs the loss too (0 over no rows): every rank must
+                    # make the same all-gathers, the lm_head's included
+                    loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / max(1, total_items)
                 value = loss.item()
             if bad is None and not math.isfinite(value):
                 bad = (i, value)
@@ -605,12 +615,10 @@ class Trainer:
             n = n_items(batch)  # on the host
             batch = self._to_device(batch)
             with self.autocast():
-                if n:
-                    loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy).item()
-                else:  # nothing to score; under FSDP2 the forward still runs (the other ranks' all-gathers wait)
-                    if self.fsdp:
-                        final_hidden(self.model, batch)
-                    loss = 0.0
+                # nothing to score: under FSDP2 the forward and the loss still run (0 over no rows; the other
+                # ranks' all-gathers wait for this rank's)
+                loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy).item() \
+                    if n or self.fsdp else 0.0
             if k < len(mine):
                 total += loss
                 count += n
