@@ -44,54 +44,125 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> to
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------
+# A row of C elements lives in registers as a power-of-two block of BLOCK_C columns plus, when C is not a
+# power of two, a power-of-two tail of TAIL_C columns after it (C = 4100: 4096 + 4, where one 8192 block
+# would leave half its lanes masked). ALIGN (elements) is a power of two dividing every row stride, so rows
+# of odd width are still loaded in vectors of ALIGN elements (8 bytes for C = 4100 in bf16, not 2). MASK_C is
+# False when the main block lies inside the row (C >= BLOCK_C): its loads then carry only a row mask, which
+# leaves them vectorized (a column mask `cols < C` with C not a multiple of 16 makes every load 2 bytes wide).
+@triton.jit
+def _fwd_part(x, rstd, w_ptr, y_ptr, y_row, cols, cmask, mask):
+    h = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)  # the rounding transformers does with hidden.to(input_dtype)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+    y = w.to(tl.float32)[None, :] * h.to(tl.float32)  # bf16*bf16 is exact in fp32: one rounding, as torch's mul
+    tl.store(y_ptr + y_row[:, None] + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, C, inv_c, sx, sy, eps,
-                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TAIL_C: tl.constexpr,
+                         MASK_C: tl.constexpr, ALIGN: tl.constexpr, EVICT: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: N*C can pass 2^31
-    cols = tl.arange(0, BLOCK_C)
     rmask = rows < N
-    mask = rmask[:, None] & (cols < C)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0)
+    x_row = tl.multiple_of(rows * sx, ALIGN)
+    y_row = tl.multiple_of(rows * sy, ALIGN)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < (C if MASK_C else BLOCK_C)  # all-true when C >= BLOCK_C: no column mask, vector loads
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + x_row[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
     x32 = x.to(tl.float32)
-    var = tl.sum(x32 * x32, axis=1) * inv_c  # torch's mean multiplies by fp32(1/C) too
-    rstd = tl.math.rsqrt(var + eps)  # the same rsqrtf torch.rsqrt uses on CUDA
-    h = (x32 * rstd[:, None]).to(x.dtype)  # the rounding transformers does with hidden.to(input_dtype)
-    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0)
-    y = w.to(tl.float32)[None, :] * h.to(tl.float32)  # bf16*bf16 is exact in fp32: one rounding, as torch's mul
-    tl.store(y_ptr + rows[:, None] * sy + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    ss = tl.sum(x32 * x32, axis=1)
+    if TAIL_C > 0:
+        tcols = BLOCK_C + tl.arange(0, TAIL_C)
+        tcmask = tcols < C
+        tmask = rmask[:, None] & tcmask[None, :]
+        xt = tl.load(x_ptr + x_row[:, None] + tcols[None, :], mask=tmask, other=0.0, eviction_policy=EVICT)
+        xt32 = xt.to(tl.float32)
+        ss += tl.sum(xt32 * xt32, axis=1)
+    rstd = tl.math.rsqrt(ss * inv_c + eps)  # torch's mean multiplies by fp32(1/C) too; rsqrtf as torch.rsqrt
+    _fwd_part(x, rstd, w_ptr, y_ptr, y_row, cols, cmask, mask)
+    if TAIL_C > 0:
+        _fwd_part(xt, rstd, w_ptr, y_ptr, y_row, tcols, tcmask, tmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
 
 @triton.jit
+def _bwd_load(x_ptr, dy_ptr, w, rstd, x_row, dy_row, cols, mask, EVICT: tl.constexpr):
+    x = tl.load(x_ptr + x_row[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
+    dy = tl.load(dy_ptr + dy_row[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
+    xhat = x.to(tl.float32) * rstd[:, None]
+    g = dy.to(tl.float32) * w[None, :]
+    return x, dy.to(tl.float32), xhat, g
+
+
+@triton.jit
+def _bwd_store(dx_ptr, dx_row, cols, mask, g, xhat, c, rstd):
+    dx = (g - xhat * c[:, None]) * rstd[:, None]
+    tl.store(dx_ptr + dx_row[:, None] + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, N, C, inv_c, sdy, sx, sdx,
-                         HAS_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                         HAS_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                         TAIL_C: tl.constexpr, MASK_C: tl.constexpr, ALIGN: tl.constexpr, EVICT: tl.constexpr,
+                         NUM_STAGES: tl.constexpr):
     # persistent: program p takes row blocks p, p + P, p + 2P, ... and keeps its dw partial in registers
+    # (a grid of one program per row block runs each loop once)
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cmask = cols < (C if MASK_C else BLOCK_C)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for start in range(pid * BLOCK_M, N, n_prog * BLOCK_M):
+    if TAIL_C > 0:
+        tcols = BLOCK_C + tl.arange(0, TAIL_C)
+        tcmask = tcols < C
+        wt = tl.load(w_ptr + tcols, mask=tcmask, other=0.0).to(tl.float32)
+        acc_t = tl.zeros((BLOCK_M, TAIL_C), dtype=tl.float32)
+    for start in tl.range(pid * BLOCK_M, N, n_prog * BLOCK_M, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < N
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(dy_ptr + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_row = tl.multiple_of(rows * sx, ALIGN)
+        dy_row = tl.multiple_of(rows * sdy, ALIGN)
+        dx_row = tl.multiple_of(rows * sdx, ALIGN)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        xhat = x.to(tl.float32) * rstd[:, None]
-        g = dy * w[None, :]
-        c = tl.sum(g * xhat, axis=1) * inv_c
-        dx = (g - xhat * c[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + rows[:, None] * sdx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        mask = rmask[:, None] & cmask[None, :]
+        x, dy, xhat, g = _bwd_load(x_ptr, dy_ptr, w, rstd, x_row, dy_row, cols, mask, EVICT)
+        dot = tl.sum(g * xhat, axis=1)
+        if TAIL_C > 0:
+            tmask = rmask[:, None] & tcmask[None, :]
+            xt, dyt, xhat_t, g_t = _bwd_load(x_ptr, dy_ptr, wt, rstd, x_row, dy_row, tcols, tmask, EVICT)
+            dot += tl.sum(g_t * xhat_t, axis=1)
+        c = dot * inv_c
+        _bwd_store(dx_ptr, dx_row, cols, mask, g, xhat, c, rstd)
         if HAS_DW:
             acc += dy * xhat.to(x.dtype).to(tl.float32)
+        if TAIL_C > 0:
+            _bwd_store(dx_ptr, dx_row, tcols, tmask, g_t, xhat_t, c, rstd)
+            if HAS_DW:
+                acc_t += dyt * xhat_t.to(xt.dtype).to(tl.float32)
     if HAS_DW:
-        tl.store(dw_part_ptr + pid.to(tl.int64) * C + cols, tl.sum(acc, axis=0), mask=cmask)
+        part = dw_part_ptr + pid.to(tl.int64) * C
+        tl.store(part + cols, tl.sum(acc, axis=0), mask=cmask)
+        if TAIL_C > 0:
+            tl.store(part + tcols, tl.sum(acc_t, axis=0), mask=tcmask)
+
+
+@triton.jit
+def _rms_norm_dw_kernel(part_ptr, dw_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dw[c] = sum over the P partial rows, in a fixed order (deterministic), cast to the weight's dtype
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        prow = start + tl.arange(0, BLOCK_P)
+        mask = (prow < P)[:, None] & cmask[None, :]
+        acc += tl.load(part_ptr + prow.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    tl.store(dw_ptr + cols, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Launchers
+# Launch configurations
 # ----------------------------------------------------------------------------------------------------------
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -114,19 +185,76 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
                          f"as (rows, {C}); pass a contiguous tensor") from None
 
 
-def _fwd_config(C: int) -> tuple[int, int, int]:
-    # tiles of up to 16K elements (several short rows per program), ~32 elements per thread: ~64 registers,
-    # two programs per SM, 64 KB of loads in flight per SM
-    block_c = triton.next_power_of_2(C)
-    block_m = max(1, min(16, 16384 // block_c))
-    return block_c, block_m, min(16, max(4, block_c * block_m // 1024))
+def _blocks(C: int, chunking: str = "tail") -> tuple[int, int]:
+    """(BLOCK_C, TAIL_C): "pow2" rounds C up to one power-of-two block; "tail" splits a non-power-of-two C
+    into the largest power of two below it plus a power-of-two tail (4100 = 4096 + 4 in 4096 + 4 lanes, not
+    8192), unless that takes as many lanes as rounding up (100 = 64 + 64 lanes: one 128 block)."""
+    up = triton.next_power_of_2(C)
+    if chunking == "pow2" or up == C:
+        return up, 0
+    if chunking != "tail":
+        raise ValueError(f"rms_norm: chunking must be 'pow2' or 'tail', got {chunking!r}")
+    main = up // 2
+    tail = triton.next_power_of_2(C - main)
+    return (up, 0) if main + tail >= up else (main, tail)
 
 
-def _bwd_config(C: int) -> tuple[int, int, int]:
-    # ~8 elements per thread: ~64 registers with w and the dw partial held in fp32 (checked with ptxas, sm_90)
-    block_c = triton.next_power_of_2(C)
-    block_m = max(1, min(16, 2048 // block_c))
-    return block_c, block_m, min(32, max(4, block_c * block_m // 256))
+def _rows_per_tile(elements: int, width: int) -> int:
+    """Rows of ``width`` in a tile of about ``elements`` (a small tail may take it 1/16 over): a power of two
+    from 1 to 16."""
+    n = min(16, max(1, (elements + elements // 16) // width))
+    return 1 << (n.bit_length() - 1)
+
+
+def _warps(elements: int, per_warp: int, most: int) -> int:
+    return min(most, max(4, triton.next_power_of_2(max(1, elements // per_warp))))
+
+
+def _align(*strides: int) -> int:
+    """The largest power of two (at most 16) dividing every row stride, in elements."""
+    a = 16
+    for s in strides:
+        while a > 1 and s % a:
+            a //= 2
+    return a
+
+
+# Defaults from first principles, per pass (H100/H200: 132 SMs, 64K 32-bit registers and 2048 threads per SM):
+#   forward: one launch of row blocks, tiles of up to 16K elements (several short rows per program) at ~32
+#     elements per thread: ~64 registers, two 16-warp programs per SM, 64 KB of loads in flight per SM;
+#   backward: ~8 elements per thread (x, dy, w and the dw partial in fp32 fit ~64 registers; checked with
+#     ptxas for sm_90), persistent programs filling the SM's 64 warps, the row loop software-pipelined (the
+#     next rows' x and dy load while this row reduces); without dw, one program per row block.
+# `config` (a dict with any of these keys) overrides them, for bench.rms_norm --sweep.
+FWD_KEYS = ("block_m", "num_warps", "chunking", "evict")
+BWD_KEYS = ("block_m", "num_warps", "chunking", "evict", "per_sm", "stages")
+
+
+def _fwd_config(C: int, config: dict | None = None) -> dict:
+    cfg = dict(config or {})
+    unknown = set(cfg) - set(FWD_KEYS)
+    if unknown:
+        raise ValueError(f"rms_norm: unknown forward config keys {sorted(unknown)}; expected {FWD_KEYS}")
+    block_c, tail_c = _blocks(C, cfg.get("chunking", "tail"))
+    block_m = cfg.get("block_m") or _rows_per_tile(16384, block_c + tail_c)
+    num_warps = cfg.get("num_warps") or _warps((block_c + tail_c) * block_m, 1024, 16)
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "TAIL_C": tail_c, "EVICT": cfg.get("evict", ""),
+            "num_warps": num_warps}
+
+
+def _bwd_config(C: int, config: dict | None = None, need_dw: bool = True) -> dict:
+    cfg = dict(config or {})
+    unknown = set(cfg) - set(BWD_KEYS)
+    if unknown:
+        raise ValueError(f"rms_norm: unknown backward config keys {sorted(unknown)}; expected {BWD_KEYS}")
+    block_c, tail_c = _blocks(C, cfg.get("chunking", "tail"))
+    block_m = cfg.get("block_m") or _rows_per_tile(2048, block_c + tail_c)
+    num_warps = cfg.get("num_warps") or _warps((block_c + tail_c) * block_m, 256, 32)
+    per_sm = cfg.get("per_sm")
+    if per_sm is None:  # 0: one program per row block (no persistent loop); only without dw
+        per_sm = max(1, 32 // num_warps) if need_dw else 0
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "TAIL_C": tail_c, "EVICT": cfg.get("evict", ""),
+            "NUM_STAGES": cfg.get("stages", 1), "num_warps": num_warps, "per_sm": per_sm}
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -143,7 +271,9 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"rms_norm: C={x.shape[-1]} is above the kernel's limit of {MAX_C}")
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y and rstd (fp32, one per row); ``config`` overrides the launch configuration (see _fwd_config)."""
     check_inputs(x, weight)
     C = x.shape[-1]
     x2 = _rows(x, "x")
@@ -152,14 +282,16 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if N == 0 or C == 0:
         return y, rstd.fill_(1.0 / eps**0.5) if C == 0 else rstd
-    block_c, block_m, num_warps = _fwd_config(C)
-    _rms_norm_fwd_kernel[(triton.cdiv(N, block_m),)](
-        x2, weight, y, rstd, N, C, 1.0 / C, x2.stride(0), C, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+    cfg = _fwd_config(C, config)
+    _rms_norm_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
+        x2, weight, y, rstd, N, C, 1.0 / C, x2.stride(0), C, eps, MASK_C=cfg["BLOCK_C"] > C,
+        ALIGN=_align(x2.stride(0), C), **cfg)
     return y, rstd
 
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                      need_dw: bool, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx and dweight (empty when not ``need_dw``); ``config`` overrides the launch configuration."""
     C = x.shape[-1]
     x2 = _rows(x, "x")
     N = x2.shape[0]
@@ -170,22 +302,29 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     except ValueError:  # incoming gradients may be expanded or transposed: one copy is the cheapest fix
         dy2 = _rows(dy.contiguous(), "dy")
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_c, block_m, num_warps = _bwd_config(C)
-    n_blocks = triton.cdiv(N, block_m)
+    cfg = _bwd_config(C, config, need_dw)
+    per_sm = cfg.pop("per_sm")
+    n_blocks = triton.cdiv(N, cfg["BLOCK_M"])
     if _interpreting() or x.device.type != "cuda":
         n_prog = max(1, min(n_blocks, 4))
-    else:  # persistent: as many programs as fit on the card at ~64 registers per thread
-        n_prog = max(1, min(n_blocks, _sm_count(x.device.index or 0) * max(1, 32 // num_warps)))
+    elif per_sm <= 0 and not need_dw:  # one program per row block
+        n_prog = max(1, n_blocks)
+    else:  # persistent: a fixed number of programs per SM, each holding one dw partial row
+        n_prog = max(1, min(n_blocks, _sm_count(x.device.index or 0) * max(1, per_sm)))
     part = torch.empty((n_prog, C) if need_dw else (1, 1), dtype=torch.float32, device=x.device)
     if N > 0 and C > 0:
+        align = _align(dy2.stride(0), x2.stride(0), C)
         _rms_norm_bwd_kernel[(n_prog,)](
             dy2, x2, weight, rstd, dx, part, N, C, 1.0 / C, dy2.stride(0), x2.stride(0), C,
-            HAS_DW=need_dw, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+            HAS_DW=need_dw, MASK_C=cfg["BLOCK_C"] > C, ALIGN=align, **cfg)
     if not need_dw:
         return dx, weight.new_empty(0)
     if N == 0:
         return dx, torch.zeros_like(weight)
-    return dx, part.sum(0).to(weight.dtype)  # fixed-order reduction of the partials: deterministic
+    dw = torch.empty_like(weight)
+    # the partials summed in a fixed order and cast in one small kernel: deterministic, no atomics
+    _rms_norm_dw_kernel[(triton.cdiv(C, 32),)](part, dw, n_prog, C, BLOCK_P=128, BLOCK_C=32, num_warps=4)
+    return dx, dw
 
 
 # ----------------------------------------------------------------------------------------------------------
