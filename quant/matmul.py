@@ -2,27 +2,29 @@
 
 Paths (``backend=``):
 * "torch": the reference (``dequantize_nf4_ref`` to x's dtype, then ``F.linear``); always used on CPU.
-* "fused": ``triton_ops.nf4_matmul`` dequantizes W tile by tile in registers inside the GEMM/GEMV, so W is
-  read once at 4.1 bits per weight and never written out: the fast path for small M (decode, short
-  sequences), where dequant + GEMM is bound by writing and re-reading the N*K 16-bit weight.
-* "gemv": ``triton_ops.nf4_matmul.nf4_gemv`` for M <= 8 (decode): each program streams a few weight rows once
-  with 16-byte loads and reduces in fp32; x is re-read from L1/L2, the weight from DRAM exactly once.
+* "gemv_cuda": ``csrc.nf4_gemv`` (CUDA C++) for M <= 8 (decode): each block streams a few weight rows once with
+  16-byte loads, its warps split K, all M rows of x are accumulated in fp32 from one pass over the weight. Any K.
+* "gemv": ``triton_ops.nf4_matmul.nf4_gemv`` (Triton) for M <= 8; K % blocksize == 0 only.
+* "fused": ``triton_ops.nf4_matmul`` dequantizes W tile by tile in registers inside a Triton GEMM (M <= 256).
+  Measured 5-17x slower than "dequant" at M = 8..128 on an H200 (bench/results/2026-11-27-h200-nf4.md), so
+  "auto" never considers it; it stays available by name.
 * "dequant": dequantize W into a reused scratch buffer (the measured-fastest dequant kernel) and call cuBLAS
-  through ``F.linear``: the fast path for large M, where the GEMM dominates.
-* "auto" (default): on CUDA, M > FUSED_MAX_M or a shape the kernels cannot tile -> "dequant"; otherwise the
-  first call for a (card, x dtype, N, K, M rounded up to a power of two) times "gemv" (M <= 8) or "fused"
-  (M <= FUSED_MAX_M) against "dequant" on the real inputs (CUDA events, median of a few runs) and keeps the
-  faster for the rest of the process, so a fused kernel is only used where it measured faster.
-  In eager mode with nothing to differentiate, the chosen path is launched directly on the weight's cached,
-  validated arguments (no torch.library dispatch); otherwise through the op below. ``MINITRAIN_NF4_MATMUL`` (torch | fused | dequant) overrides.
+  through ``F.linear``: the path for every M > 8.
+* "auto" (default): on CUDA, M > 8 -> "dequant"; M <= 8 -> the first call for a (card, x dtype, N, K, M rounded up
+  to a power of two) times "gemv_cuda" (when CuPy is installed), "gemv" (when the Triton kernel can tile the
+  weight) and "dequant" on the real inputs (CUDA events, median of a few runs) and keeps the fastest for the rest
+  of the process. ``MINITRAIN_NF4_MATMUL`` (one of the path names) overrides "auto".
 
-On CUDA the whole thing is one ``torch.library`` op (``minitrain::nf4_linear``) with a registered autograd
-formula: dx = dy @ W, with W dequantized again in the backward rather than saved (the scratch buffer is
-reused, so nothing of size N*K outlives the call), and dbias = sum of dy.
+Eager calls with nothing to differentiate (decode, evaluation) take a short path: the weight's validated kernel
+arguments are prepared once per NF4Weight object (dropped with it) and each call only checks x, looks the path up
+and launches; no torch.library dispatch. Everything else goes through one ``torch.library`` op
+(``minitrain::nf4_linear``) with a registered autograd formula: dx = dy @ W, with W dequantized again in the
+backward rather than saved (the scratch buffer is reused, so nothing of size N*K outlives the call), and
+dbias = sum of dy. ``torch.compile(fullgraph=True)`` traces that op without graph breaks.
 
 The scratch buffer is one flat tensor per (device, dtype), grown to the largest weight seen. Work on one
 stream is ordered, so the next dequantization cannot overwrite it before the previous GEMM has read it;
-callers running NF4 layers concurrently on several streams should use backend="fused" or "torch".
+callers running NF4 layers concurrently on several streams should use a GEMV path or "torch".
 """
 from __future__ import annotations
 
@@ -35,21 +37,23 @@ import torch.nn.functional as F
 from .dispatch import _time_us
 from .nf4 import NF4Weight, dequantize_nf4_ref
 
-__all__ = ["matmul_nf4", "FUSED_MAX_M", "measured_choices"]
+__all__ = ["matmul_nf4", "FUSED_MAX_M", "GEMV_MAX_M", "measured_choices", "candidates"]
 
-BACKENDS = ("auto", "torch", "gemv", "fused", "dequant")
+BACKENDS = ("auto", "torch", "gemv_cuda", "gemv", "fused", "dequant")
 ENV_VAR = "MINITRAIN_NF4_MATMUL"
-FUSED_MAX_M = 256  # beyond this the fused kernel re-dequantizes W for every M tile; cuBLAS wins
+FUSED_MAX_M = 256  # the fused Triton GEMM's limit (by name only; "auto" uses dequant + cuBLAS above GEMV_MAX_M)
+GEMV_MAX_M = 8     # both GEMV kernels accumulate at most 8 rows of x per pass over the weight
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-# Measurement cache (like functools.lru_cache; results are the same either way, only the speed differs):
-# (device index, x dtype, N, K, M bucket) -> "fused" | "dequant".
+# Measurement cache (like functools.lru_cache; results are the same up to rounding, only the speed differs):
+# (device index, x dtype, N, K, M bucket) -> path name.
 _MEASURED: dict[tuple, str] = {}
 # Reused dequantization buffers: (device index, dtype) -> flat tensor.
 _SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
 def measured_choices() -> dict[tuple, str]:
-    """What "auto" measured so far: {(device index, dtype, N, K, M bucket): "fused" | "dequant"}."""
+    """What "auto" measured so far: {(device index, dtype, N, K, M bucket): path}."""
     return dict(_MEASURED)
 
 
@@ -115,26 +119,60 @@ def _gemv(x, qt, bias, fast: bool = False):
     return nf4_gemv(x, *_qargs(qt), bias)
 
 
+def _gemv_cuda(x, qt, bias, fast: bool = False):
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if not fast:
+        from csrc.nf4_gemv import nf4_gemv_cuda
+
+        return nf4_gemv_cuda(x, *_qargs(qt), bias)
+    plan = getattr(qt, "plan", None)  # validated flattened arguments, kept on the prepared weight
+    if plan is None:
+        from csrc.nf4_gemv import GemvPlan
+
+        plan = qt.plan = GemvPlan(*_qargs(qt))
+    k, n = qt.shape[1], qt.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    plan(x2, bias, y)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+
+
 def _dequant_mm(x, qt, bias, fast: bool = False):
     return F.linear(x, _dequant_into_scratch(qt, x.dtype, fast), bias)
 
 
-_PATHS = {"fused": _fused, "gemv": _gemv, "dequant": _dequant_mm}
+_PATHS = {"gemv_cuda": _gemv_cuda, "gemv": _gemv, "fused": _fused, "dequant": _dequant_mm}
+
+
+def _cuda_gemv_available() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def candidates(m: int, shape, blocksize: int) -> tuple[str, ...]:
-    """The paths "auto" chooses among for m rows of x: GEMV (m <= GEMV_MAX_M) or the fused GEMM
-    (m <= FUSED_MAX_M) when the weight's blocks do not straddle rows, and always dequant + cuBLAS."""
-    from triton_ops.nf4_matmul import GEMV_MAX_M, fused_supported
+    """The paths "auto" chooses among for m rows of x: for m <= GEMV_MAX_M the CUDA C++ GEMV (with CuPy), the
+    Triton GEMV (when the weight's blocks do not straddle rows) and dequant + cuBLAS; above, dequant + cuBLAS."""
+    from triton_ops.nf4_matmul import fused_supported
 
-    if not fused_supported(shape, blocksize) or m > FUSED_MAX_M:
+    if m > GEMV_MAX_M:
         return ("dequant",)
-    return ("gemv", "dequant") if m <= GEMV_MAX_M else ("fused", "dequant")
+    cands = ("gemv_cuda",) if _cuda_gemv_available() else ()
+    if fused_supported(shape, blocksize):
+        cands += ("gemv",)
+    return cands + ("dequant",)
 
 
-def _choose_path(x, qt, m: int) -> str:
+def _choose_path(x, qt, m: int, index: int | None = None) -> str:
     bucket = 1 << max(m - 1, 0).bit_length()
-    key = (x.device.index, x.dtype, qt.shape[0], qt.shape[1], bucket)
+    key = (x.device.index if index is None else index, x.dtype, qt.shape[0], qt.shape[1], bucket)
     choice = _MEASURED.get(key)
     if choice is not None:
         return choice
@@ -142,13 +180,13 @@ def _choose_path(x, qt, m: int) -> str:
     if len(cands) == 1:
         return cands[0]
     if _capturing(x.device) or torch.compiler.is_compiling():
-        return cands[0] if m <= 8 else "dequant"  # no timing inside a capture; the bandwidth-bound guess
+        return cands[0]  # no timing inside a capture: the bandwidth-bound guess (a GEMV for m <= 8)
     x2 = x.reshape(-1, qt.shape[1]).detach()
     timings = {}
     for name in cands:
         try:
             timings[name] = _time_us(lambda name=name: _PATHS[name](x2, qt, None, True), reps=7)
-        except Exception:  # noqa: BLE001 - a kernel that cannot compile here is simply not a candidate
+        except Exception:  # noqa: BLE001 - a kernel that cannot compile or run here is simply not a candidate
             pass
     choice = min(timings, key=timings.get) if timings else "dequant"
     _MEASURED[key] = choice
@@ -195,6 +233,65 @@ def _backward(ctx, grad_y):
 _nf4_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# -- the eager fast path ----------------------------------------------------------------------------------------
+# A decode GEMV takes 5-20 us on the GPU, so the Python work of a call is what an eager caller sees. Per NF4Weight
+# object (weakly referenced: dropped with the weight) the validated flattened arguments and the GEMV plan are kept;
+# a call then checks x and bias against cached sizes, looks the path up, allocates y and launches.
+_PREPARED: dict[int, "_Prepared"] = {}
+
+
+class _Prepared:
+    __slots__ = ("ref", "data", "qt", "index", "n", "k")
+
+
+def _prepare(q) -> "_Prepared":
+    import weakref
+
+    from .dispatch import prepared_args
+
+    a = prepared_args(q)  # validates the weight (contiguity, sizes, devices) once
+    p = _Prepared()
+    p.data = q.data
+    p.qt = _weight(*a[:6], list(q.shape), a[6], a[7])
+    p.index = q.data.device.index if q.data.device.index is not None else torch.cuda.current_device()
+    p.n, p.k = int(q.shape[0]), int(q.shape[1])
+    key = id(q)
+    try:
+        p.ref = weakref.ref(q, lambda _, key=key: _PREPARED.pop(key, None))
+    except TypeError:  # not weak-referenceable: prepared again on every call
+        p.ref = lambda: None
+        return p
+    if len(_PREPARED) > 4096:
+        _PREPARED.clear()
+    _PREPARED[key] = p
+    return p
+
+
+def _eager_call(x, q, bias, backend):
+    """The short path (see above), or None when the call needs the checked path (errors, odd devices/dtypes)."""
+    p = _PREPARED.get(id(q))
+    if p is None or p.ref() is not q or p.data is not q.data:
+        if not isinstance(q, NF4Weight) or q.data.device.type != "cuda":
+            return None
+        p = _prepare(q)
+    k = p.k
+    if x.shape[-1] != k or x.dtype not in _FLOATS or x.get_device() != p.index:
+        return None
+    if bias is not None:
+        if bias.shape != (p.n,) or bias.get_device() != p.index:
+            return None
+        if bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto")
+        if backend not in BACKENDS or backend == "torch":
+            return None
+    if backend == "auto":
+        backend = _choose_path(x, p.qt, x.numel() // k, p.index)
+    fn = _PATHS.get(backend)
+    return None if fn is None else fn(x, p.qt, bias, True)
+
+
 def matmul_nf4(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """y = x @ dequant(q).T (+ bias).
 
@@ -202,10 +299,15 @@ def matmul_nf4(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None, 
         x: (..., K) float tensor on q's device.
         q: NF4 weight of shape (N, K).
         bias: optional (N,).
-        backend: "auto" | "torch" | "fused" | "dequant" (see the module docstring).
+        backend: "auto" | "torch" | "gemv_cuda" | "gemv" | "fused" | "dequant" (see the module docstring).
     Returns:
         (..., N) in x's dtype; differentiable in x and bias.
     """
+    if (type(x) is torch.Tensor and x.is_cuda and backend != "torch" and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+        y = _eager_call(x, q, bias, backend)
+        if y is not None:
+            return y
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"matmul_nf4: x has {x.shape[-1]} features but the weight is {tuple(q.shape)} (N, K)")
     if x.device != q.device:
@@ -216,7 +318,7 @@ def matmul_nf4(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None, 
         backend = os.environ.get(ENV_VAR, "auto")
         if backend not in BACKENDS:
             raise ValueError(f"{ENV_VAR}={backend!r}: expected one of {BACKENDS}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in _FLOATS:
         raise ValueError(f"matmul_nf4: x must be float32, float16 or bfloat16, got {x.dtype}")
     if bias is not None:
         if bias.shape != (q.shape[0],):
@@ -224,15 +326,6 @@ def matmul_nf4(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None, 
         bias = bias.to(x.dtype)
     if backend == "torch" or (x.device.type != "cuda" and backend == "auto"):
         return F.linear(x, dequantize_nf4_ref(q, x.dtype), bias)
-    if (x.is_cuda and type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
-        # Eager, nothing to differentiate: the same forward without the torch.library op, on the weight's cached
-        # validated arguments (the op's dispatch and per-call checks cost more than a decode GEMV takes).
-        from .dispatch import prepared_args
-
-        a = prepared_args(q)
-        qt = _weight(*a[:6], list(q.shape), a[6], a[7])
-        return _forward(x, qt, bias, backend, fast=True)
     double = q.double_quant
     offset = q.offset.reshape(1) if double else None
     # One op for every path; on CPU (explicit kernel paths) the Triton kernels run under the interpreter.
