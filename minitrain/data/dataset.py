@@ -47,15 +47,20 @@ class TokenStore:
     def add_batch(self, seqs: list[tuple[list[int] | np.ndarray, np.ndarray]]) -> None:
         if not seqs:
             return
-        lens = [len(m) for _, m in seqs]
-        self._ids.append(np.concatenate([np.asarray(i, dtype=np.int32) for i, _ in seqs]))
-        self._mask.append(np.concatenate([m for _, m in seqs]) if sum(lens) else np.zeros(0, bool))
-        self._lens += lens
+        lens = np.fromiter((len(m) for _, m in seqs), np.int64, len(seqs))
+        self.add_flat(np.concatenate([np.asarray(i, dtype=np.int32) for i, _ in seqs]),
+                      np.concatenate([m for _, m in seqs]) if lens.sum() else np.zeros(0, bool), lens)
+
+    def add_flat(self, ids: np.ndarray, mask: np.ndarray, lens: np.ndarray) -> None:
+        """Sequences given concatenated (int32 ids, bool mask) with their lengths."""
+        self._ids.append(ids.astype(np.int32, copy=False))
+        self._mask.append(mask.astype(bool, copy=False))
+        self._lens.append(np.asarray(lens, dtype=np.int64))
 
     def finalize(self) -> "TokenStore":
         self.ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int32)
         self.mask = np.concatenate(self._mask) if self._mask else np.zeros(0, bool)
-        self.lengths = np.asarray(self._lens, dtype=np.int64)
+        self.lengths = np.concatenate(self._lens) if self._lens else np.zeros(0, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
         self._ids, self._mask, self._lens = [], [], []
         return self
@@ -203,7 +208,7 @@ def _read_all(data, encoder, pool, max_seq_length, format, overflow, skip_bad_li
             if fmap:
                 rec = {fmap.get(key, key): v for key, v in rec.items()}
             try:
-                if f != cur_file:
+                if f is not cur_file and f != cur_file:
                     cur_file, cur_fmt = f, src.get("format", format) or detect_format(rec, loc)
                 try:
                     ex = normalize(rec, cur_fmt, loc, system_prompt)
@@ -237,6 +242,17 @@ def _try_detect(rec: dict, loc: str) -> str | None:
         return None
 
 
+def _encode_flat(encoder, pending) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(ids, trained mask, lengths), concatenated, for a batch that is all raw text or all chat without
+    rejected sequences (the common case: no array per example); None for any other batch."""
+    if pending[0][0] == "raw":
+        if all(f == "raw" for f, _, _ in pending):
+            return encoder.encode_raw_flat([ex["text"] for _, ex, _ in pending])
+    elif all(f != "raw" and "rejected_messages" not in ex for f, ex, _ in pending):
+        return encoder.encode_chat_flat([ex["messages"] for _, ex, _ in pending], [loc for _, _, loc in pending])
+    return None
+
+
 def _encode_examples(encoder, pending) -> list[tuple]:
     """(ids int32 array, trained mask, rejected pair or None) for each pending (format, example, location)."""
     raw = [(i, ex["text"]) for i, (f, ex, _) in enumerate(pending) if f == "raw"]
@@ -254,8 +270,13 @@ def _encode_examples(encoder, pending) -> list[tuple]:
     return [(*as_arr(enc[i]), as_arr(renc[i]) if i in renc else None) for i in range(len(pending))]
 
 
+def _split_flat(flat) -> list[tuple]:
+    ids, mask, lens = flat
+    return list(zip(split_by(ids, lens), split_by(mask, lens), [None] * len(lens)))
+
+
 class _WorkerEncoder:
-    """Runs ``_encode_examples`` in a worker process; the encoder reaches the worker through fork, once."""
+    """Runs the encoding in a worker process; the encoder reaches the worker through fork, once."""
 
     encoder = None  # set in each worker by ``init``; the parent never sets it
 
@@ -266,6 +287,9 @@ class _WorkerEncoder:
     @classmethod
     def run(cls, pending) -> tuple:
         """The encoded examples packed into a few flat arrays: thousands of small arrays pickle slowly."""
+        flat = _encode_flat(cls.encoder, pending)
+        if flat is not None:
+            return (*flat, None)
         out = _encode_examples(cls.encoder, pending)
         lens = np.fromiter((len(m) for _, m, _ in out), np.int64, len(out))
         ids = np.concatenate([i for i, _, _ in out]) if out else np.zeros(0, np.int32)
@@ -275,23 +299,30 @@ class _WorkerEncoder:
     @staticmethod
     def unpack(part) -> list[tuple]:
         ids, mask, lens, rej = part
-        return list(zip(split_by(ids, lens), split_by(mask, lens), rej))
+        return list(zip(split_by(ids, lens), split_by(mask, lens), rej if rej is not None else [None] * len(lens)))
 
 
 def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs, max_len, overflow, pool=None):
     if not pending:
         return
+    flat = encoded = None
     if pool is None:
-        encoded = _encode_examples(encoder, pending)
+        flat = _encode_flat(encoder, pending)
+        if flat is None:
+            encoded = _encode_examples(encoder, pending)
     else:
         # imap, not map: results come back in order, so an error names the first bad record, whichever worker
         pool, n = pool
         step = -(-len(pending) // n)
-        encoded = [e for part in pool.imap(_WorkerEncoder.run, [pending[s: s + step] for s in
-                                                               range(0, len(pending), step)])
-                   for e in _WorkerEncoder.unpack(part)]
-    if _keep_all_fitting(pending, encoded, store, rej, info, k, src_of, fmt_of, locs, max_len):
-        return
+        parts = list(pool.imap(_WorkerEncoder.run, [pending[s: s + step] for s in range(0, len(pending), step)]))
+        if all(p[3] is None for p in parts):
+            flat = tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+        else:
+            encoded = [e for part in parts for e in _WorkerEncoder.unpack(part)]
+    if flat is not None:
+        if _keep_all_fitting(pending, *flat, store, rej, info, k, src_of, fmt_of, locs, max_len):
+            return
+        encoded = _split_flat(flat)
     kept, kept_rej = [], []
     for (fmt, ex, loc), (ids, mask, r_enc) in zip(pending, encoded):
         policy = overflow or ("split" if fmt == "raw" else "truncate")
@@ -315,26 +346,29 @@ def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs,
     rej.add_batch(kept_rej)
 
 
-def _keep_all_fitting(pending, encoded, store, rej, info, k, src_of, fmt_of, locs, max_len) -> bool:
-    """The common batch (no rejected sequences, none longer than max_len, none empty) with array operations
-    instead of a loop over examples; False (nothing done) for any other batch."""
-    masks = [m for _, m, _ in encoded]
-    lens = np.fromiter(map(len, masks), np.int64, len(masks))
-    if lens.min() < 1 or lens.max() > max_len or any(r is not None for _, _, r in encoded):
+def _keep_all_fitting(pending, ids, flat, lens, store, rej, info, k, src_of, fmt_of, locs, max_len) -> bool:
+    """The common batch (no rejected sequences, none longer than max_len, none empty), given concatenated, with
+    array operations instead of a loop over examples; False (nothing done) for any other batch."""
+    if lens.min() < 1 or lens.max() > max_len:
         return False
-    flat = np.concatenate(masks)
     starts = np.cumsum(lens) - lens
     trained = np.add.reduceat(flat, starts, dtype=np.int64) - flat[starts]  # label 0 is never a target
     keep = trained > 0
-    info.refused += int((~keep).sum())
-    sel = np.flatnonzero(keep).tolist()
-    store.add_batch([encoded[i][:2] for i in sel])
-    empty = (np.zeros(0, np.int32), np.zeros(0, bool))
-    rej.add_batch([empty] * len(sel))
-    src_of.extend([k] * len(sel))
-    fmt_of.extend(pending[i][0] for i in sel)
-    locs.extend(pending[i][2] for i in sel)
-    info.examples += len(sel)
+    n_keep = int(keep.sum())
+    info.refused += len(keep) - n_keep
+    if n_keep == len(keep):
+        store.add_flat(ids, flat, lens)
+        fmt_of.extend(f for f, _, _ in pending)
+        locs.extend(loc for _, _, loc in pending)
+    else:
+        tok_keep = np.repeat(keep, lens)
+        store.add_flat(ids[tok_keep], flat[tok_keep], lens[keep])
+        sel = np.flatnonzero(keep).tolist()
+        fmt_of.extend(pending[i][0] for i in sel)
+        locs.extend(pending[i][2] for i in sel)
+    rej.add_flat(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(n_keep, np.int64))
+    src_of.extend([k] * n_keep)
+    info.examples += n_keep
     info.tokens += int(lens[keep].sum())
     info.trained += int(trained[keep].sum())
     return True

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from itertools import chain, repeat
+from itertools import chain
 
 import numpy as np
 
@@ -84,6 +84,7 @@ class Encoder:
         self.renderer = None
         if use_batch_api and callable(getattr(tokenizer, "fast_chat_renderer", None)):
             self.renderer = tokenizer.fast_chat_renderer()
+        self._spans = getattr(self.renderer, "spans", None)  # render + assistant spans in one pass
         self._seen = 0  # records encoded so far: picks the ones that are verified
 
     def _verify_idx(self, n: int) -> list[int]:
@@ -92,41 +93,43 @@ class Encoder:
 
     # ---- raw text: the whole document is trained, EOS closes it so packed documents stay apart
     def encode_raw(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        ids, mask, counts = self.encode_raw_flat(texts)
+        return list(zip(split_by(ids, counts), split_by(mask, counts)))
+
+    def encode_raw_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ids of all texts concatenated (int32), their trained mask (all True), tokens per text (int64)."""
         if self._raw_fast and not self._raw_checked:
             self._raw_checked = True
             if self.backend.encode(texts[0], add_special_tokens=True).ids != list(self.tok.encode(texts[0])):
                 self._raw_fast = False  # the wrapper adds something of its own: follow the wrapper
         if self._raw_fast:
-            all_ids = self._raw_ids(texts)
+            ids, counts = self._raw_ids(texts)
         else:
-            all_ids = [np.asarray(self.tok.encode(t), dtype=np.int32) for t in texts]
-        out = []
-        for ids in all_ids:
-            if self.eos is not None and (not len(ids) or ids[-1] != self.eos):
-                ids = np.append(ids, np.int32(self.eos))
-            out.append((ids, np.ones(len(ids), dtype=bool)))
-        return out
+            ids, counts = _concat([np.asarray(self.tok.encode(t), dtype=np.int32) for t in texts])
+        ids, counts = _wrap(ids, counts, np.zeros(0, np.int32), np.zeros(0, np.int32), self.eos)
+        return ids, np.ones(len(ids), dtype=bool), counts
 
     def _rust_raw(self, texts):
         enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         return [np.asarray(e.ids, dtype=np.int32) for e in enc(texts, add_special_tokens=True)]
 
-    def _raw_ids(self, texts) -> list[np.ndarray]:
+    def _raw_ids(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        if self.pieces is not None:
+            pre, post = _added_specials(self.backend)
+            if pre is None:
+                self.pieces = None
         if self.pieces is None:
-            return self._rust_raw(texts)
-        pre, post = _added_specials(self.backend)
-        if pre is None:
-            self.pieces = None
-            return self._rust_raw(texts)
+            return _concat(self._rust_raw(texts))
         ids, _, counts = self.pieces.encode(texts)
-        out = [np.concatenate([pre, x, post]) if len(pre) or len(post) else x for x in split_by(ids, counts)]
+        ids, counts = _wrap(ids, counts, pre, post, None)
         check = self._verify_idx(len(texts))
         self._seen += len(texts)
         ref = self._rust_raw([texts[i] for i in check])
-        if any(not np.array_equal(out[i], r) for i, r in zip(check, ref)):
+        ends = np.cumsum(counts)
+        if any(not np.array_equal(ids[ends[i] - counts[i]: ends[i]], r) for i, r in zip(check, ref)):
             self._fast_failed("piece-cache tokenization")
-            return self._rust_raw(texts)
-        return out
+            return _concat(self._rust_raw(texts))
+        return ids, counts
 
     def _fast_failed(self, what: str) -> None:
         import warnings
@@ -136,7 +139,7 @@ class Encoder:
         if what.startswith("piece"):
             self.pieces = None
         else:
-            self.renderer = None
+            self.renderer = self._spans = None
 
     # ---- chat: rendered with the template, assistant spans found from prefix renders
     def _render(self, msgs, loc, gen=False, tokenize=False, fast=True):
@@ -148,6 +151,10 @@ class Encoder:
             raise DataError(f"{loc}: the chat template failed on this conversation: {e}") from None
 
     def _char_spans(self, msgs, loc, fast=True) -> tuple[str, list[tuple[int, int]]]:
+        if fast and self._spans is not None and self.responses_only:
+            out = self._spans(msgs)  # one pass; None where the generic path decides (and words the error)
+            if out is not None:
+                return out
         full = self._render(msgs, loc, fast=fast)
         if not self.responses_only:
             return full, [(0, len(full))]
@@ -201,6 +208,12 @@ class Encoder:
         return full, mask
 
     def encode_chat(self, convs: list[list[dict]], locs: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        ids, mask, counts = self.encode_chat_flat(convs, locs)
+        return list(zip(split_by(ids, counts), split_by(mask, counts)))
+
+    def encode_chat_flat(self, convs: list[list[dict]], locs: list[str]) -> tuple[np.ndarray, np.ndarray,
+                                                                                   np.ndarray]:
+        """Ids of all conversations concatenated (int32), their trained mask (bool), tokens per conversation."""
         if self._chat_fast and not self._chat_checked:
             self._chat_checked = True
             text, _ = self._char_spans(convs[0], locs[0], fast=False)
@@ -208,13 +221,13 @@ class Encoder:
             if fast != _as_ids(self._render(convs[0], locs[0], tokenize=True)):
                 self._chat_fast = False
         if not self._chat_fast:
-            return [self._token_spans(m, loc) for m, loc in zip(convs, locs)]
+            return _concat_pairs([self._token_spans(m, loc) for m, loc in zip(convs, locs)])
         rendered = self._rendered(convs, locs)
         if self.pieces is not None:
             out = self._piece_chat(rendered)
             if out is not None:
                 return out
-        return self._rust_chat(rendered)
+        return _concat_pairs(self._rust_chat(rendered))
 
     def _rust_chat(self, rendered) -> list[tuple[np.ndarray, np.ndarray]]:
         encs = self.backend.encode_batch([t for t, _ in rendered], add_special_tokens=False)
@@ -230,25 +243,67 @@ class Encoder:
             out.append((ids, mask))
         return out
 
-    def _piece_chat(self, rendered) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    def _piece_chat(self, rendered) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         texts = [t for t, _ in rendered]
         ids, gstart, counts = self.pieces.encode(texts)
         # spans in the coordinates of the texts' concatenation; a token is trained when it starts inside one
-        base = np.cumsum([0] + [len(t) for t in texts[:-1]]).tolist()  # Python ints: numpy scalars are slow here
-        lo = [base[r] + a for r, (_, spans) in enumerate(rendered) for a, _ in spans]
-        hi = [base[r] + b for r, (_, spans) in enumerate(rendered) for _, b in spans]
+        nsp = np.fromiter(map(len, (s for _, s in rendered)), np.int64, len(rendered))
+        flat = np.fromiter(chain.from_iterable(chain.from_iterable(s for _, s in rendered)), np.int64,
+                           2 * int(nsp.sum())).reshape(-1, 2)
+        lens = np.fromiter(map(len, texts), np.int64, len(texts))
+        base = np.repeat(np.cumsum(lens) - lens, nsp)
         n = len(ids) + 1
-        edges = (np.bincount(np.searchsorted(gstart, lo, "left"), minlength=n)
-                 - np.bincount(np.searchsorted(gstart, hi, "left"), minlength=n))
+        edges = (np.bincount(np.searchsorted(gstart, base + flat[:, 0], "left"), minlength=n)
+                 - np.bincount(np.searchsorted(gstart, base + flat[:, 1], "left"), minlength=n))
         mask = np.cumsum(edges[:-1]) > 0
-        out = list(zip(split_by(ids, counts), split_by(mask, counts)))
         check = self._verify_idx(len(texts))
         self._seen += len(texts)
         ref = self._rust_chat([rendered[i] for i in check])
-        if any(not (np.array_equal(out[i][0], r[0]) and np.array_equal(out[i][1], r[1])) for i, r in zip(check, ref)):
-            self._fast_failed("piece-cache tokenization")
-            return None
-        return out
+        ends = np.cumsum(counts)
+        for i, (r_ids, r_mask) in zip(check, ref):
+            a, b = ends[i] - counts[i], ends[i]
+            if not (np.array_equal(ids[a:b], r_ids) and np.array_equal(mask[a:b], r_mask)):
+                self._fast_failed("piece-cache tokenization")
+                return None
+        return ids, mask, counts
+
+
+def _concat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.fromiter(map(len, arrays), np.int64, len(arrays))
+    return (np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)), counts
+
+
+def _concat_pairs(pairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids, counts = _concat([np.asarray(i, dtype=np.int32) for i, _ in pairs])
+    mask = np.concatenate([m for _, m in pairs]) if pairs else np.zeros(0, bool)
+    return ids, mask.astype(bool, copy=False), counts
+
+
+def _wrap(ids: np.ndarray, counts: np.ndarray, pre: np.ndarray, post: np.ndarray, eos: int | None):
+    """Each sequence of the flat ``ids`` as pre + sequence + post, then EOS unless it already ends with it."""
+    k, m, n = len(pre), len(post), len(counts)
+    if not (k or m or eos is not None):
+        return ids, counts
+    starts = np.cumsum(counts) - counts
+    nonempty = counts > 0
+    last = np.full(n, -1, np.int64)
+    last[nonempty] = ids[(starts + counts - 1)[nonempty]]
+    if m:
+        last[:] = post[-1]
+    elif k:
+        last[~nonempty] = pre[-1]
+    add = np.zeros(n, np.int64) if eos is None else (last != eos).astype(np.int64)
+    new = counts + k + m + add
+    out_start = np.cumsum(new) - new
+    out = np.empty(int(new.sum()), np.int32)
+    out[np.repeat(out_start + k - starts, counts) + np.arange(len(ids))] = ids
+    for j in range(k):
+        out[out_start + j] = pre[j]
+    for j in range(m):
+        out[out_start + k + counts + j] = post[j]
+    if eos is not None:
+        out[(out_start + new - 1)[add > 0]] = eos
+    return out, new
 
 
 def split_by(a: np.ndarray, counts) -> list[np.ndarray]:
@@ -325,20 +380,28 @@ class PieceCache:
     """Exact ``tokenizers`` BPE encoding of many texts through a cache of space-delimited pieces.
 
     On this 2-core machine ``tokenizers`` spends ~3.5 us per token (mostly pre-tokenization: regex, byte mapping,
-    offset bookkeeping in Rust), so 100k chat records take ~20 s. Text is made of few distinct words: split
-    each text at U+0020 (``str.split``), look every piece up in a dict, and run the real tokenizer only on the
-    pieces never seen (its ``encode_batch``). Exactness: for the supported pre-tokenizers (no normalizer; BPE;
+    offset bookkeeping in Rust), so 100k chat records take ~20 s. Text is made of few distinct words: cut each
+    text into pieces at spaces, look every piece up in a table, and run the real tokenizer only on the pieces
+    never seen (its ``encode_batch``). Exactness: for the supported pre-tokenizers (no normalizer; BPE;
     ByteLevel without a prefix space; Digits; GPT-2, Llama-3 or Qwen2 split patterns; added tokens without
     spaces or strip flags) a space whose preceding character is not whitespace starts a new pre-token, no
     alternative of those regexes can match a non-space followed by a space, and no lookahead decides anything
-    across it (``\\s+(?!\\S)`` only matches whitespace runs); so tokens of the whole text are the tokens of
-    the pieces, the 2nd..nth piece encoded with its leading space. Spaces preceded by whitespace are not cut
-    points: such pieces are joined to the one before. Digit splitting and added-token matching are local and
-    are done by the real tokenizer on each piece.
+    across it (``\\s+(?!\\S)`` only matches whitespace runs); so the tokens of a whole text are the tokens of its
+    pieces, each encoded alone, a piece running from one such space (or the text's start) to the next. A space
+    that follows whitespace is no cut point (whitespace here is ``str.isspace``, a superset of the regexes'
+    ``\\s``: a wider set only means fewer cuts). Digit splitting and added-token matching are local and are
+    done by the real tokenizer on each piece.
 
-    Entries are kept in flat numpy tables (ids, start offset of each token within its piece), so a batch is
-    assembled with a few vectorized gathers. The cache is dropped when it passes ``max_entries``.
+    The whole batch is one array of code points; cut points, piece hashes (a polynomial hash mod 2^64 through
+    prefix sums) and the gather of the cached tokens are numpy operations, with no Python work per piece. A hash
+    only proposes a cache entry: every character of the batch is then compared with the proposed entries'
+    characters, and a piece that differs (a hash collision) is looked up by its string instead. Entries are
+    kept in flat numpy tables (ids, start offset of each token within its piece, characters). The cache is
+    dropped when it passes ``max_entries``.
     """
+
+    _B = 0x9E3779B97F4A7C15  # odd: invertible mod 2^64
+    _CHUNK = 1 << 22  # characters hashed at once (bounds the power tables)
 
     def __init__(self, backend, max_entries: int = 1 << 20):
         self.backend, self.max_entries = backend, max_entries
@@ -349,18 +412,25 @@ class PieceCache:
         if added and len({t.normalized for t in added}) == 1:
             alts = sorted({t.content for t in added}, key=len, reverse=True)
             self._added = re.compile("(" + "|".join(map(re.escape, alts)) + ")")
+        self._pow = np.ones(1, np.uint64)
+        self._ipow = np.ones(1, np.uint64)
         self._reset()
 
     def _reset(self) -> None:
-        self.first: dict[str, int] = {}  # a text's first piece, encoded as it is
-        self.rest: dict[str, int] = {}  # a later piece, encoded with the space before it
-        self._parts: dict[str, tuple[list[int], list[int]]] = {}  # first-piece entries as (ids, starts)
-        self.n_entries = self.n_tok = 0
-        self.e_len = np.zeros(1024, np.int64)  # characters of the piece (with its space)
+        self._parts: dict[str, tuple[list[int], list[int]]] = {}  # text between added tokens: (ids, starts)
+        self.by_hash: dict[int, int] = {}  # piece hash -> entry
+        self.by_str: dict[str, int] = {}  # piece -> entry, for pieces whose hash belongs to another piece
+        self.strings: list[str] = []  # the piece of each entry
+        self._tab_key = np.zeros(1 << 12, np.uint64)  # by_hash as an open-addressing table (key 0: empty)
+        self._tab_val = np.full(1 << 12, -1, np.int64)
+        self.n_entries = self.n_tok = self.n_chars = 0
+        self.e_len = np.zeros(1024, np.int64)  # characters of the piece
         self.e_ntok = np.zeros(1024, np.int64)
         self.e_off = np.zeros(1024, np.int64)  # where its tokens start in the token tables
+        self.e_coff = np.zeros(1024, np.int64)  # where its characters start in c_chars
         self.t_ids = np.zeros(4096, np.int32)
         self.t_start = np.zeros(4096, np.int64)  # token start, in characters from the piece's start
+        self.c_chars = np.zeros(4096, np.uint32)  # code points of every entry's piece
 
     @staticmethod
     def _grow(a: np.ndarray, n: int) -> np.ndarray:
@@ -369,6 +439,17 @@ class PieceCache:
         out = np.zeros(max(n, 2 * len(a)), a.dtype)
         out[: len(a)] = a
         return out
+
+    def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(self._pow) < n:
+            m = max(n, 2 * len(self._pow))
+            with np.errstate(over="ignore"):
+                self._pow = np.ones(m, np.uint64)  # B^0 .. B^(m-1), and the inverses
+                self._pow[1:] = np.cumprod(np.full(m - 1, self._B, np.uint64))
+                inv = pow(self._B, -1, 1 << 64)
+                self._ipow = np.ones(m, np.uint64)
+                self._ipow[1:] = np.cumprod(np.full(m - 1, inv, np.uint64))
+        return self._pow[:n], self._ipow[:n]
 
     def _encode_new(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """(ids, token starts) of each text. A text holding added tokens is cut at them (they are hard
@@ -380,9 +461,10 @@ class PieceCache:
         plain = [i for i, ps in enumerate(segs) if len(ps) <= 1]  # no added token, or only one
         composite = [i for i, ps in enumerate(segs) if len(ps) > 1]
         if composite:
-            new = list(dict.fromkeys(p for i in composite for p in segs[i] if p not in self.first))
-            if new:
-                self._add(new, self.first, with_space=False)  # parts are never composite: no recursion
+            new = list(dict.fromkeys(p for i in composite for p in segs[i] if p not in self._parts))
+            if new:  # parts are never composite
+                encs = self.backend.encode_batch(new, add_special_tokens=False)
+                self._parts.update((p, (e.ids, [s for s, _ in e.offsets])) for p, e in zip(new, encs))
             for i in composite:
                 ids, starts, at = [], [], 0
                 for p in segs[i]:
@@ -396,85 +478,150 @@ class PieceCache:
                 out[i] = (e.ids, [s for s, _ in e.offsets])
         return out
 
-    def _add(self, keys: list[str], table: dict, with_space: bool) -> None:
-        texts = [" " + k for k in keys] if with_space else keys
-        encs = self._encode_new(texts)
+    def _add(self, keys: list[str]) -> int:
+        """Encode ``keys`` (distinct pieces) into new entries; returns the first new entry's number."""
+        encs = self._encode_new(keys)
         n0, n = self.n_entries, self.n_entries + len(keys)
-        ntok = np.fromiter((len(e[0]) for e in encs), np.int64, len(keys))
-        total = int(ntok.sum())
-        for name in ("e_len", "e_ntok", "e_off"):
+        ntok = np.fromiter(map(len, (e[0] for e in encs)), np.int64, len(keys))
+        lens = np.fromiter(map(len, keys), np.int64, len(keys))
+        total, nch = int(ntok.sum()), int(lens.sum())
+        for name in ("e_len", "e_ntok", "e_off", "e_coff"):
             setattr(self, name, self._grow(getattr(self, name), n))
         self.t_ids = self._grow(self.t_ids, self.n_tok + total)
         self.t_start = self._grow(self.t_start, self.n_tok + total)
-        self.e_len[n0:n] = np.fromiter(map(len, texts), np.int64, len(keys))
+        self.c_chars = self._grow(self.c_chars, self.n_chars + nch)
+        self.e_len[n0:n] = lens
         self.e_ntok[n0:n] = ntok
         self.e_off[n0:n] = self.n_tok + np.cumsum(ntok) - ntok
-        self.t_ids[self.n_tok: self.n_tok + total] = [i for e in encs for i in e[0]]
-        self.t_start[self.n_tok: self.n_tok + total] = [s for e in encs for s in e[1]]
+        self.e_coff[n0:n] = self.n_chars + np.cumsum(lens) - lens
+        self.t_ids[self.n_tok: self.n_tok + total] = list(chain.from_iterable(e[0] for e in encs))
+        self.t_start[self.n_tok: self.n_tok + total] = list(chain.from_iterable(e[1] for e in encs))
+        self.c_chars[self.n_chars: self.n_chars + nch] = _code_points("".join(keys))
         self.n_tok += total
+        self.n_chars += nch
         self.n_entries = n
-        table.update(zip(keys, range(n0, n)))
-        if table is self.first:  # as Python lists too: pieces holding added tokens are put together from them
-            self._parts.update(zip(keys, encs))
+        self.strings += keys
+        return n0
+
+    def _lookup(self, h: np.ndarray) -> np.ndarray:
+        """The entry of each hash in the table (linear probing), -1 where absent."""
+        mask = len(self._tab_key) - 1
+        shift = np.uint64(64 - mask.bit_length())
+        slot = (h >> shift).astype(np.int64)
+        out = self._tab_val[slot]
+        k = self._tab_key[slot]
+        todo = np.flatnonzero((k != h) & (k != 0))
+        out[k != h] = -1
+        while len(todo):
+            slot[todo] = (slot[todo] + 1) & mask
+            k = self._tab_key[slot[todo]]
+            hit = k == h[todo]
+            out[todo[hit]] = self._tab_val[slot[todo[hit]]]
+            todo = todo[~hit & (k != 0)]
+        return out
+
+    def _insert(self, keys: np.ndarray, entries: np.ndarray) -> None:
+        """Add distinct hashes not in the table yet; the table is rebuilt 4x as large past a quarter full."""
+        for key, e in zip(keys.tolist(), entries.tolist()):
+            self.by_hash[key] = e
+        if 4 * len(self.by_hash) > len(self._tab_key):
+            size = len(self._tab_key)
+            while 4 * len(self.by_hash) > size:
+                size *= 4
+            self._tab_key = np.zeros(size, np.uint64)
+            self._tab_val = np.full(size, -1, np.int64)
+            keys = np.fromiter(self.by_hash.keys(), np.uint64, len(self.by_hash))
+            entries = np.fromiter(self.by_hash.values(), np.int64, len(self.by_hash))
+        mask = len(self._tab_key) - 1
+        shift = 64 - mask.bit_length()
+        tk, tv = self._tab_key, self._tab_val
+        for key, e in zip(keys.tolist(), entries.tolist()):
+            slot = key >> shift
+            while tk[slot] != 0:
+                slot = (slot + 1) & mask
+            tk[slot], tv[slot] = key, e
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Token ids of every text, concatenated (int32); each token's start in characters within the
         concatenation of the texts (int64); tokens per text (int64)."""
         if self.n_entries > self.max_entries:
             self._reset()
-        parts = [t.split(" ") for t in texts]
-        for j, t in enumerate(texts):
-            if _space_after_space(t):
-                parts[j] = _join_unsafe_cuts(parts[j])
-        npieces = np.fromiter(map(len, parts), np.int64, len(parts))
-        first_pos = np.cumsum(npieces) - npieces
-        flat = list(chain.from_iterable(parts))
-        firsts = [p[0] for p in parts]
-        idx = np.fromiter(map(self.rest.get, flat, repeat(-1)), np.int64, len(flat))
-        idx[first_pos] = np.fromiter(map(self.first.get, firsts, repeat(-1)), np.int64, len(firsts))
+        lens = np.fromiter(map(len, texts), np.int64, len(texts))
+        if len(texts) > 1 and lens.sum() > self._CHUNK:  # in parts: the hash tables grow with the batch
+            ends = np.cumsum(lens)
+            cut = max(1, min(len(texts) - 1, int(np.searchsorted(ends, ends[-1] // 2))))
+            a, b = self.encode(texts[:cut]), self.encode(texts[cut:])
+            return (np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1] + int(ends[cut - 1])]),
+                    np.concatenate([a[2], b[2]]))
+        s = "".join(texts)
+        a = _code_points(s)
+        n = len(a)
+        tstart = np.cumsum(lens) - lens
+        if n == 0:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(len(texts), np.int64)
+        # cut points: text starts, and spaces that follow a non-whitespace character
+        sp = np.flatnonzero(a[1:] == 32)  # spaces after the first character, less one
+        cut = np.zeros(n, bool)
+        cut[sp[~_is_space(a[sp])] + 1] = True
+        cut[tstart[lens > 0]] = True
+        pstart = np.flatnonzero(cut)
+        pend = np.empty_like(pstart)
+        pend[:-1] = pstart[1:]
+        pend[-1] = n
+        plen = pend - pstart
+        pw, ipw = self._powers(n + 1)
+        with np.errstate(over="ignore"):
+            pre = np.zeros(n + 1, np.uint64)
+            np.cumsum(a.astype(np.uint64) * pw[:n], out=pre[1:])
+            h = ((pre[pend] - pre[pstart]) * ipw[pstart] + plen.astype(np.uint64)) | np.uint64(1)  # 0: empty slot
+        # proposed entries: by hash, new pieces added
+        idx = self._lookup(h)
         miss = np.flatnonzero(idx < 0)
         if len(miss):
-            is_first = np.zeros(len(flat), bool)
-            is_first[first_pos] = True
-            new_first = list(dict.fromkeys(flat[i] for i in miss[is_first[miss]]))
-            new_rest = list(dict.fromkeys(flat[i] for i in miss[~is_first[miss]]))
-            if new_first:
-                self._add(new_first, self.first, with_space=False)
-            if new_rest:
-                self._add(new_rest, self.rest, with_space=True)
-            idx[miss] = [(self.first if is_first[i] else self.rest)[flat[i]] for i in miss]
+            uh, first = np.unique(h[miss], return_index=True)
+            first = miss[first]
+            n0 = self._add([s[i:j] for i, j in zip(pstart[first].tolist(), pend[first].tolist())])
+            self._insert(uh, np.arange(n0, self.n_entries))
+            idx[miss] = self._lookup(h[miss])
+        # exact: every character equals the proposed entry's (a hash collision is looked up by its string)
+        bad = self.e_len[idx] != plen
+        ok = np.flatnonzero(~bad)
+        if len(ok) == len(idx):
+            same = self.c_chars[np.repeat(self.e_coff[idx] - pstart, plen) + np.arange(n)] == a
+            if not same.all():
+                bad[np.searchsorted(pstart, np.flatnonzero(~same), "right") - 1] = True
+        else:  # lengths differ somewhere: compare the pieces of the right length only
+            for i in ok.tolist():
+                if self.strings[idx[i]] != s[pstart[i]: pend[i]]:
+                    bad[i] = True
+        for i in np.flatnonzero(bad).tolist():
+            piece = s[pstart[i]: pend[i]]
+            e = self.by_str.get(piece)
+            if e is None:
+                e = self.by_str[piece] = self._add([piece])
+            idx[i] = e
         ntok = self.e_ntok[idx]
-        counts = np.add.reduceat(ntok, first_pos) if len(first_pos) else np.zeros(0, np.int64)
-        piece_start = np.cumsum(self.e_len[idx]) - self.e_len[idx]  # in the concatenation of all texts
-        total = int(ntok.sum())
-        pos = np.repeat(self.e_off[idx] - (np.cumsum(ntok) - ntok), ntok) + np.arange(total)
-        return self.t_ids[pos], self.t_start[pos] + np.repeat(piece_start, ntok), counts
+        ct = np.cumsum(ntok)
+        total = int(ct[-1])
+        # tokens per text: the tokens of the pieces that start inside it
+        counts = np.diff(np.concatenate([[0], ct])[np.searchsorted(pstart, np.append(tstart, n))])
+        pos = np.repeat(self.e_off[idx] - (ct - ntok), ntok) + np.arange(total)
+        return self.t_ids[pos], self.t_start[pos] + np.repeat(pstart, ntok), counts
 
 
-_WS_SPACE = re.compile(r"\s ").search
+_SPACE = np.zeros(0x3002, bool)
+_SPACE[[c for c in range(0x3001) if chr(c).isspace()]] = True  # no code point above U+3000 is whitespace
 
 
-def _space_after_space(text: str) -> bool:
-    """Whether some space follows a whitespace character (str.isspace). Substring searches first: on ASCII text
-    without rarer control whitespace they decide alone, several times faster than a regex scan."""
-    if "  " in text or "\n " in text:
-        return True
-    if text.isascii() and not ("\t" in text or "\r" in text or "\x0b" in text or "\x0c" in text or "\x1c" in text
-                               or "\x1d" in text or "\x1e" in text or "\x1f" in text):
-        return False
-    return _WS_SPACE(text) is not None
+def _is_space(a: np.ndarray) -> np.ndarray:
+    return _SPACE[a] if a.dtype == np.uint8 else _SPACE[np.minimum(a, 0x3001)]
 
 
-def _join_unsafe_cuts(parts: list[str]) -> list[str]:
-    """Join each piece to the one before when the space between them follows whitespace (not a cut point)."""
-    out = [parts[0]]
-    for p in parts[1:]:
-        prev = out[-1]
-        if (prev == "" and len(out) > 1) or (prev and prev[-1].isspace()):
-            out[-1] = prev + " " + p
-        else:
-            out.append(p)
-    return out
+def _code_points(s: str) -> np.ndarray:
+    """The code points of ``s``: uint8 for ASCII text, else uint32 (lone surrogates pass through)."""
+    if s.isascii():
+        return np.frombuffer(s.encode("ascii"), np.uint8)
+    return np.frombuffer(s.encode("utf-32-le", "surrogatepass"), np.uint32)
 
 
 def _first_at(decode, n: int, c: int) -> int:
