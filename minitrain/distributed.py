@@ -24,8 +24,10 @@ and puts rank r on ``cuda:LOCAL_RANK``. The :class:`~minitrain.trainer.Trainer` 
   checkpoints also hold every rank's RNG state (gathered to rank 0) so dropout masks resume exactly.
 
 FSDP2 (``--fsdp``, :func:`shard_model`): ``torch.distributed.fsdp.fully_shard`` on every decoder layer, on the
-(untied) input embedding, on the (untied) lm_head, entered through the trainer's loss so that its weight is gathered
-only around the fused cross-entropy and its backward, and on the root (final norm; a tied embedding). NF4 projections are first replaced by :class:`ShardableNF4Linear`, which holds the packed 4-bit bytes, the
+(untied) input embedding, on the (untied, frozen) lm_head, and on the root (final norm; a tied embedding). The lm_head
+is never gathered for training: the loss is computed vocabulary-parallel (:func:`vocab_parallel_loss`): the ranks
+exchange their hidden rows (N x C, 32 MiB for 4096 tokens at C=4096) instead of the (V x C) weight (1 GiB for
+Llama-3's 128256 x 4096 in bf16, which FSDP2 would hold twice plus a shard while gathering it). NF4 projections are first replaced by :class:`ShardableNF4Linear`, which holds the packed 4-bit bytes, the
 uint8 absmax codes (both as float16 bit views) and the fp32 nested absmax as frozen ``nn.Parameter``s, so FSDP2 shards them (1/N per rank,
 dim 0) and all-gathers them per layer just before the layer runs; the tiny code tables stay replicated buffers.
 The adapters are sharded too; FSDP2 reduce-scatters their gradients with SUM (divide factor 1, sum-only
@@ -299,28 +301,24 @@ def shard_model(model: nn.Module, env: DistEnv | None = None) -> nn.Module:
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
-    try:
-        from torch.distributed.fsdp import register_fsdp_forward_method
-    except ImportError:  # older spelling
-        from torch.distributed._composable.fsdp import register_fsdp_forward_method
     body = getattr(model, "model", model)
     emb, head = getattr(body, "embed_tokens", None), getattr(model, "lm_head", None)
     tied = emb is not None and head is not None and head.weight is emb.weight
     if emb is not None and not tied:
         fully_shard(emb, mesh=mesh)  # its own unit: gathered only for the lookup (frozen: no backward gather)
-    if head is not None and not tied:
-        # Its own unit too, entered through the loss (the trainer calls minitrain_head_loss): the (V, C) weight is
-        # all-gathered for the fused cross-entropy's forward, freed, gathered again for its backward and freed as
-        # soon as the hidden states' gradient exists, so it is not held whole while the layers' backward runs.
-        from .trainer import head_loss
-
-        head.minitrain_head_loss = functools.partial(head_loss, head)
+    if head is not None and not tied and not head.weight.requires_grad and head.bias is None:
+        # Its own unit, sharded by vocabulary rows and never gathered for training: the trainer's loss goes through
+        # minitrain_head_loss (vocab_parallel_loss), which gathers the hidden rows instead (see there).
         fully_shard(head, mesh=mesh)
-        register_fsdp_forward_method(head, "minitrain_head_loss")
+        head.minitrain_head_loss = functools.partial(vocab_parallel_loss, head)
     # The root (final norm; a tied embedding/lm_head) stays gathered from its forward to the end of backward: a tied
     # weight is read by the loss after ``hidden_states`` returns, and backward needs it again at once.
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     if hasattr(model, "hidden_states"):  # the trainer's forward: FSDP2's gather/reshard hooks must wrap it too
+        try:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+        except ImportError:  # older spelling
+            from torch.distributed._composable.fsdp import register_fsdp_forward_method
         register_fsdp_forward_method(model, "hidden_states")
     for m in model.modules():
         if not hasattr(m, "set_requires_gradient_sync"):
@@ -378,3 +376,107 @@ def load_full_optimizer_state(model: nn.Module, opt, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel cross-entropy for an lm_head sharded by rows
+# ---------------------------------------------------------------------------------------------------------
+def _shard_rows(head: nn.Module) -> tuple[torch.Tensor, int, int]:
+    """(local weight rows, first vocabulary id they hold, full vocabulary size) of a (possibly FSDP2-sharded)
+    lm_head. FSDP2 shards dim 0 like torch.chunk: rank r holds rows [r * ceil(V/N), ...)."""
+    w = head.weight
+    if not hasattr(w, "to_local"):
+        return w.detach(), 0, w.shape[0]
+    V = w.shape[0]
+    rank = w.device_mesh.get_local_rank()
+    per = -(-V // w.device_mesh.size())
+    return w.to_local().detach(), min(rank * per, V), V
+
+
+def _gather_rows(t: torch.Tensor, n_max: int, fill) -> torch.Tensor:
+    """Every rank's ``t`` (n_r, ...) padded to n_max rows with ``fill``, stacked: (world * n_max, ...)."""
+    pad = t.new_full((n_max - t.shape[0], *t.shape[1:]), fill)
+    mine = torch.cat([t, pad]).contiguous()
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return torch.cat(out)
+
+
+def _shard_pass(h, w, labels, lse=None, scale=None):
+    """Over this rank's vocabulary rows ``w``: (losses, lse) when lse is None; else the hidden-state gradient
+    sum_v G[:, v] w[v] with G = scale * (softmax(logits - lse) - onehot) (labels outside [0, V_shard) subtract
+    nothing, ignore_index rows get 0). The fused chunked kernels on CUDA, fp32 torch on CPU."""
+    if h.is_cuda:
+        from triton_ops.fused_linear_cross_entropy import _run_chunks, default_chunk_size
+
+        chunk = default_chunk_size(h.shape[0], w.shape[0], h.element_size())
+        if lse is None:
+            loss, lse_part, *_ = _run_chunks(h, w, None, labels, -100, 0.0, chunk, None, None, False, False, False)
+            return loss, lse_part
+        return _run_chunks(h, w, None, labels, -100, 0.0, chunk, scale, lse, True, False, False)[2]
+    logits = h.float() @ w.float().t()
+    if lse is None:
+        lse_part = torch.logsumexp(logits, dim=1)
+        inside = (labels >= 0) & (labels < w.shape[0])
+        z_y = logits.gather(1, labels.clamp(0, w.shape[0] - 1)[:, None])[:, 0]
+        return torch.where(inside, lse_part - z_y, 0.0), lse_part  # the loss where the target is in the shard
+    g = torch.exp(logits - lse[:, None])
+    g[torch.arange(len(labels)), labels.clamp(0, w.shape[0] - 1)] -= ((labels >= 0) & (labels < w.shape[0])).float()
+    g *= (scale * (labels != -100))[:, None]
+    return (g @ w.float()).to(h.dtype)
+
+
+class _VocabParallelLoss(torch.autograd.Function):
+    """Summed cross-entropy of this rank's rows against a row-sharded lm_head. Forward: all-gather the hidden rows
+    and labels of every rank (padded to the largest count); per token, the logsumexp over this rank's vocabulary
+    rows and the target logit when the target is one of them; an all-gather of those partial logsumexps and an
+    all-reduce of the target logits give every token's exact loss on every rank. Backward: each rank forms the
+    softmax gradient of every token over its vocabulary rows (with the global logsumexp) times its rows of W, and
+    a reduce-scatter (fp32) sums the N partial hidden-state gradients back to the rank that owns each token. The
+    FLOPs are those of one rank's loss (all tokens x V/N instead of own tokens x V); nothing of size V x C moves."""
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    def forward(ctx, h, labels, w, v0, V):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        counts = [int(c) for c in _gather_rows(torch.tensor([h.shape[0]], device=h.device), 1, 0)]
+        n_max = max(max(counts), 1)
+        h_all = _gather_rows(h.detach(), n_max, 0)
+        y_all = _gather_rows(labels, n_max, -100)
+        inside = (y_all >= v0) & (y_all < v0 + w.shape[0])
+        local = torch.where(y_all == -100, -100, torch.where(inside, y_all - v0, w.shape[0]))
+        loss_part, lse_part = _shard_pass(h_all, w, local)
+        target = torch.where(inside, lse_part - loss_part, 0.0)  # the target logit where this rank holds it
+        lse_all = torch.empty(world, *lse_part.shape, dtype=lse_part.dtype, device=lse_part.device)
+        dist.all_gather(list(lse_all.unbind(0)), lse_part.contiguous())
+        dist.all_reduce(target)
+        lse = torch.logsumexp(lse_all, dim=0)
+        rows = slice(rank * n_max, rank * n_max + h.shape[0])
+        loss = torch.where(y_all[rows] != -100, lse[rows] - target[rows], 0.0).sum()
+        ctx.save_for_backward(h_all, local, lse, w)
+        ctx.n, ctx.n_max = h.shape[0], n_max
+        return loss
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    def backward(ctx, grad):
+        h_all, local, lse, w = ctx.saved_tensors
+        world, rank = dist.get_world_size(), dist.get_rank()
+        scales = torch.empty(world, 1, dtype=torch.float32, device=h_all.device)  # each token's owner's upstream grad
+        dist.all_gather(list(scales.unbind(0)), grad.detach().float().reshape(1).contiguous())
+        scale = scales.reshape(world).repeat_interleave(ctx.n_max)
+        partial = _shard_pass(h_all, w, local, lse, scale).float()
+        if dist.get_backend() == "nccl":
+            mine = torch.empty(ctx.n_max, h_all.shape[1], dtype=torch.float32, device=h_all.device)
+            dist.reduce_scatter_tensor(mine, partial)
+        else:  # gloo has no reduce-scatter
+            dist.all_reduce(partial)
+            mine = partial[rank * ctx.n_max:(rank + 1) * ctx.n_max]
+        return mine[:ctx.n].to(h_all.dtype), None, None, None, None
+
+
+def vocab_parallel_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Summed fp32 cross-entropy of this rank's rows ``h`` (n, C) with targets ``y`` (n,) through an lm_head whose
+    weight rows are sharded over the ranks (a collective: every rank calls it, with any n, 0 included)."""
+    w, v0, V = _shard_rows(head)
+    return _VocabParallelLoss.apply(h.to(w.dtype).contiguous(), y.contiguous(), w, v0, V)

@@ -290,3 +290,50 @@ def test_fsdp_eval_with_an_untrained_batch_on_one_rank_does_not_hang(tmp_path):
     torchrun([str(script), str(ckpt), str(tmp_path / "out")], timeout=120)
     losses = [(tmp_path / "out" / f"eval{r}.txt").read_text() for r in (0, 1)]
     assert losses[0] == losses[1] and float(losses[0]) > 0, losses
+
+
+VOCAB_WORKER = r'''
+import sys
+import torch
+import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.device_mesh import init_device_mesh
+from minitrain import distributed
+env = distributed.init_distributed("cpu")
+r = env.rank
+g = torch.Generator().manual_seed(0)
+V, C = 37, 8  # odd V: FSDP2's torch.chunk shards are 19 and 18 rows
+W = torch.randn(V, C, generator=g)
+sizes = [5, 0]  # rank 1 has no trained row at all
+hs = [torch.randn(n, C, generator=g, dtype=torch.float64).float() for n in sizes]
+ys = [torch.randint(0, V, (n,), generator=g) for n in sizes]
+ys[0][1] = -100  # an ignored row
+head = torch.nn.Linear(C, V, bias=False)
+head.weight.data.copy_(W)
+head.weight.requires_grad_(False)
+fully_shard(head, mesh=init_device_mesh("cpu", (2,)))
+h = hs[r].clone().requires_grad_(True)
+loss = distributed.vocab_parallel_loss(head, h, ys[r])
+(loss * (r + 2)).backward()  # different upstream grads per rank: each token's owner's must be used
+ref_h = [x.clone().requires_grad_(True) for x in hs]
+ref = [F.cross_entropy(x @ W.t(), y, reduction="sum", ignore_index=-100) for x, y in zip(ref_h, ys)]
+sum(l * (i + 2) for i, l in enumerate(ref)).backward()
+out = {"loss": abs(loss.item() - ref[r].item()), "grad": (h.grad - ref_h[r].grad).abs().max().item() if sizes[r] else 0.0,
+       "value": loss.item()}
+with open(sys.argv[1] + f"/vp{r}.txt", "w") as f:
+    f.write(repr(out))
+distributed.shutdown()
+'''
+
+
+def test_vocab_parallel_loss_equals_cross_entropy_of_the_full_head(tmp_path):
+    """FSDP2 never gathers the lm_head for the loss: the vocabulary-parallel loss and its hidden-state gradient must
+    equal F.cross_entropy of the full head per rank (uneven shards, an ignored row, a rank without rows, different
+    upstream grads per rank)."""
+    script = tmp_path / "vp_worker.py"
+    script.write_text(VOCAB_WORKER)
+    torchrun([str(script), str(tmp_path)], timeout=120)
+    for r in (0, 1):
+        got = eval((tmp_path / f"vp{r}.txt").read_text())
+        assert got["loss"] <= 1e-4 and got["grad"] <= 1e-5, (r, got)
+    assert eval((tmp_path / "vp0.txt").read_text())["value"] > 0
