@@ -121,23 +121,29 @@ __device__ __forceinline__ unsigned word_of(const U32x4& v, int s) {
     return s == 0 ? v.x : s == 1 ? v.y : s == 2 ? v.z : v.w;
 }
 
-// Sum v[i] over the warp for every i, leaving the total of value (lane >> (5 - log2 V)) in v[0]: each halving
-// step sends half of the remaining values to the partner lane and keeps the other half.
+// One reduce-scatter step over V values per lane, S of them kept: lanes whose bit (32 * S / V) is set keep (and
+// receive the partner's copy of) the upper half v[S..2S), the others the lower half; the kept half lands in v[0..S).
+template <int V, int S>
+__device__ __forceinline__ void halve(float (&v)[V], int lane) {
+    constexpr int mask = 32 * S / V;
+    const bool upper = (lane & mask) != 0;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+        const float send = upper ? v[i] : v[i + S];
+        const float keep = upper ? v[i + S] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, mask);
+    }
+}
+
+// Sum v[i] over the warp for every i, leaving the total of value (lane / (32 / V)) in v[0]: V-1 shuffles for the
+// halving steps (all indices compile-time, so v stays in registers), then 5 - log2(V) for the rest.
 template <int V>
 __device__ __forceinline__ float warp_reduce_scatter(float (&v)[V], int lane) {
-    int mask = 16;
-#pragma unroll
-    for (int s = V / 2; s >= 1; s >>= 1) {
-        const bool upper = (lane & mask) != 0;
-#pragma unroll
-        for (int i = 0; i < s; ++i) {
-            const float send = upper ? v[i] : v[i + s];
-            const float keep = upper ? v[i + s] : v[i];
-            v[i] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, mask);
-        }
-        mask >>= 1;
-    }
-    // Then a plain butterfly over the lanes that still hold the same value index (none left when V == 32).
+    if constexpr (V >= 32) halve<V, 16>(v, lane);
+    if constexpr (V >= 16) halve<V, 8>(v, lane);
+    if constexpr (V >= 8) halve<V, 4>(v, lane);
+    if constexpr (V >= 4) halve<V, 2>(v, lane);
+    if constexpr (V >= 2) halve<V, 1>(v, lane);
 #pragma unroll
     for (int mk = 16 / V; mk >= 1; mk >>= 1) v[0] += __shfl_xor_sync(0xFFFFFFFFu, v[0], mk);
     return v[0];
@@ -313,11 +319,8 @@ __device__ __forceinline__ void nf4_gemv(const void* __restrict__ x, const unsig
 
 #if defined(GEMV_XT) && defined(GEMV_MT) && defined(GEMV_R)
 NF4_GEMV_KERNEL_EXPAND(GEMV_XT, GEMV_MT, GEMV_R)
-#else
+#else  // the nvcc compile check: every dtype, and 4, 16 and 32 accumulators per lane
 NF4_GEMV_KERNEL(2, 1, 4)
-NF4_GEMV_KERNEL(2, 8, 4)
-NF4_GEMV_KERNEL(1, 2, 8)
-NF4_GEMV_KERNEL(0, 4, 2)
-NF4_GEMV_KERNEL(2, 1, 1)
 NF4_GEMV_KERNEL(1, 8, 2)
+NF4_GEMV_KERNEL(0, 4, 8)
 #endif

@@ -1,9 +1,13 @@
-"""quant.matmul_nf4 / the fused small-M Triton kernel: y = x @ dequant(W)^T (+ bias) and its gradients against
-F.linear on the dequantized weight.
+"""quant.matmul_nf4 and its kernels (Triton fused GEMM and GEMV, CUDA C++ GEMV): y = x @ dequant(W)^T (+ bias) and
+its gradients against F.linear on the dequantized weight.
 
 Tolerance rule: |kernel - fp32 reference| <= 2 * |same-precision reference - fp32 reference| + atol, where the
 same-precision reference is F.linear(x, dequant(W) in x's dtype) and the fp32 reference does the same in fp32.
 """
+import re
+import shutil
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,7 +49,7 @@ def _case(shape, m, dtype, device, double_quant=True, bias=True, lead=()):
 def _compare(q, x, b, backend, check_grads=True):
     """Forward (and backward) of matmul_nf4 vs F.linear in x's precision and in fp32, same upstream grad."""
     dtype = x.dtype
-    xk = x.clone().requires_grad_(check_grads)
+    xk = x.clone().requires_grad_() if check_grads else x  # x itself: strided inputs reach the kernel as they are
     bk = None if b is None else b.clone().requires_grad_(check_grads)
     y = quant.matmul_nf4(xk, q, bk, backend=backend)
     w_same = dequantize_nf4_ref(q, dtype)
@@ -123,7 +127,7 @@ def test_errors():
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("m", GPU_M)
 def test_matmul_gpu(shape, m):
-    backends = ["auto", "dequant"] + (["fused"] if m <= 256 else []) + (["gemv"] if m <= 8 else [])
+    backends = ["auto", "dequant"] + (["fused"] if m <= 256 else []) + (["gemv", "gemv_cuda"] if m <= 8 else [])
     dtypes = [torch.bfloat16, torch.float16] if shape == (4096, 4096) and m <= 32 else [torch.bfloat16]
     for dtype in dtypes:
         q, x, b = _case(shape, m, dtype, "cuda", bias=(m % 2 == 0))
@@ -180,3 +184,124 @@ def test_fused_op_autograd_cpu():
     for a, r, name in zip(torch.autograd.grad(y, (xk, bk), dy), torch.autograd.grad(yr, (xr, br), dy), ("dx", "db")):
         assert torch.allclose(a, r, rtol=1e-5, atol=1e-5), f"{name}: max error {(a - r).abs().max().item():.3g}"
     assert torch.allclose(y, yr, rtol=1e-5, atol=1e-5), f"y: max error {(y - yr).abs().max().item():.3g}"
+
+
+# -- CUDA C++ GEMV (csrc/nf4_gemv.cu) ----------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_gemv_cuda_source_compiles_with_nvcc():
+    """The kernel source compiles for sm_90 (three instantiations: fp32/fp16/bf16, 4/16/32 accumulators per lane)."""
+    from csrc import nvcc_compile_check
+
+    nvcc_compile_check("nf4_gemv.cu", arch="sm_90")
+
+
+def test_gemv_cuda_config():
+    """R * MT accumulators per lane stay <= 32, W <= 8 warps share K's 1024-element chunks evenly, and the grid
+    covers every output feature."""
+    from csrc.nf4_gemv import _mt, gemv_config
+
+    for m in (1, 2, 3, 5, 8):
+        for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (3, 64), (1027, 100), (1024, 4096)):
+            r, w = gemv_config(m, n, k, sms=132)
+            chunks = -(-k // 1024)
+            per_warp = [len(range(i, chunks, w)) for i in range(w)]
+            assert r * _mt(m) <= 32 and r in (1, 2, 4, 8) and 1 <= w <= 8, (m, n, k, r, w)
+            assert max(per_warp) - min(per_warp) <= 1 and min(per_warp) >= 1, (m, n, k, w, per_warp)
+            assert -(-n // r) * r >= n
+
+
+def test_gemv_cuda_launch_arguments_match_kernel(monkeypatch):
+    """The launcher's argument tuple matches the kernel's parameter list in count and C type, with the weight's
+    scalars in place (no GPU: the kernel object records what it is given)."""
+    import csrc
+    import csrc.nf4_gemv as g
+
+    params = re.search(r"nf4_gemv_x##XT##_m##MT##_r##R\((.*?)\)\s*\{", csrc.source("nf4_gemv.cu"), re.S).group(1)
+    params = [re.sub(r"\s+", " ", p.replace("\\", "")).strip() for p in params.split(",")]
+    want = [np.uint64 if "*" in p else np.int64 if p.startswith("long long") else np.int32 for p in params]
+    seen = []
+    monkeypatch.setattr(g, "_check", lambda *a: None)
+    monkeypatch.setattr(g, "_sms", lambda index: 132)
+    monkeypatch.setattr(g, "_stream", lambda index: None)
+    monkeypatch.setattr(g, "_kernel", lambda *key: lambda grid, block, args, stream: seen.append((key, grid, block, args)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    q = quant.quantize_nf4(torch.randn(40, 2048))
+    plan = g.GemvPlan(q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, q.shape, 64, 256)
+    plan.index = 0
+    x = torch.randn(11, 2048, dtype=torch.bfloat16)
+    b = torch.randn(40, dtype=torch.bfloat16)
+    plan(x, b, torch.empty(11, 40, dtype=torch.bfloat16))
+    assert len(seen) == 2  # 11 rows: 8 + 3
+    for (key, grid, block, args), m in zip(seen, (8, 3)):
+        assert [type(a) for a in args] == want, (params, [type(a).__name__ for a in args])
+        named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
+        assert (named["M"], named["N"], named["K"], named["stride_xm"]) == (m, 40, 2048, 2048)
+        assert (named["log2_bs"], named["log2_nested"], named["double_quant"], named["has_bias"]) == (6, 8, 1, 1)
+        assert key[1:3] == (2, 8 if m == 8 else 4) and grid[0] * (40 // grid[0]) >= 40 and block[0] % 32 == 0
+    assert int(seen[1][3][0]) == x.data_ptr() + 8 * 2048 * 2 and int(seen[0][3][7]) == b.data_ptr()
+
+
+def test_gemv_cuda_needs_cuda_tensors():
+    q, x, b = _case((16, 64), 2, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="CUDA device"):
+        quant.matmul_nf4(x, q, b, backend="gemv_cuda")
+
+
+def test_auto_candidates():
+    from quant.matmul import candidates
+
+    assert candidates(1, (4096, 4096), 64)[-2:] == ("gemv", "dequant")
+    assert "gemv" not in candidates(3, (8, 96), 64)  # blocks straddle rows: the Triton GEMV cannot tile it
+    assert candidates(9, (4096, 4096), 64) == candidates(128, (4096, 4096), 64) == ("dequant",)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("m", [1, 8])
+def test_gemv_cuda_llama_shapes_gpu(shape, m):
+    for dtype in (torch.bfloat16, torch.float16):
+        q, x, b = _case(shape, m, dtype, "cuda", bias=m == 8)
+        _compare(q, x, b, "gemv_cuda", check_grads=(m == 8 and dtype == torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 12])
+def test_gemv_cuda_odd_shapes_gpu(m):
+    """Tiny N; odd N; K with a partial 1024-chunk; K % 32 != 0 and blocks straddling rows (the scalar path); every
+    dtype; with and without double quantization and bias; M not a power of two; M > 8 (two launches)."""
+    cases = [((3, 64), torch.bfloat16, True), ((1027, 4096), torch.float16, True), ((131, 4160), torch.bfloat16, False),
+             ((7, 100), torch.float32, True), ((64, 1040), torch.bfloat16, True), ((300, 2048), torch.float32, False)]
+    for shape, dtype, dq in cases:
+        q, x, b = _case(shape, m, dtype, "cuda", double_quant=dq, bias=m % 2 == 1)
+        _compare(q, x, b, "gemv_cuda", check_grads=False)
+
+
+@pytest.mark.gpu
+def test_gemv_cuda_unaligned_and_strided_gpu():
+    """Packed bytes at an odd address and x rows with an unaligned stride take the scalar path; a 3-D x; the eager
+    short path and the op path (autograd) give identical results."""
+    q, x, b = _case((256, 4096), 4, torch.bfloat16, "cuda")
+    buf = torch.empty(q.data.numel() + 1, dtype=torch.uint8, device="cuda")
+    buf[1:].copy_(q.data.view(-1))
+    q_odd = quant.NF4Weight(buf[1:].view(-1, 1), q.absmax, q.shape, q.dtype, q.blocksize, q.code, q.nested_absmax,
+                            q.nested_code, q.offset, q.nested_blocksize)
+    _compare(q_odd, x, b, "gemv_cuda", check_grads=False)
+    wide = torch.randn(4, 4100, device="cuda").to(torch.bfloat16)
+    _compare(q, wide[:, 3:4099], b, "gemv_cuda", check_grads=False)  # row stride 4100 elements, offset 3
+    _compare(q, x.view(2, 2, 4096), None, "gemv_cuda", check_grads=False)
+    y_fast = quant.matmul_nf4(x, q, b, backend="gemv_cuda")
+    y_op = quant.matmul_nf4(x.clone().requires_grad_(), q, b, backend="gemv_cuda")
+    assert torch.equal(y_fast, y_op.detach())
+
+
+@pytest.mark.gpu
+def test_gemv_cuda_compile_and_auto_gpu():
+    from quant.matmul import measured_choices
+
+    q, x, b = _case((1024, 4096), 1, torch.bfloat16, "cuda")
+    want = quant.matmul_nf4(x, q, b, backend="gemv_cuda")
+    f = torch.compile(lambda x: quant.matmul_nf4(x, q, b, backend="gemv_cuda"), fullgraph=True)
+    assert torch.equal(f(x), want)
+    _compare(q, x, b, "auto", check_grads=False)
+    picked = [v for k, v in measured_choices().items() if k[1:] == (torch.bfloat16, 1024, 4096, 1)]
+    assert picked and picked[0] in ("gemv_cuda", "gemv", "dequant"), measured_choices()

@@ -220,8 +220,8 @@ def _gemv_config(m: int, n_out: int, k: int, blocksize: int, device) -> tuple[in
     if GEMV_CONFIG_OVERRIDE is not None:
         c = GEMV_CONFIG_OVERRIDE
         block_n, row_bytes, warps = c["BLOCK_N"], c["ROW_BYTES"], c["num_warps"]
-    elif _INTERPRET:
-        block_n, row_bytes, warps = 4, 32, 4
+    elif _INTERPRET:  # few, wide programs: the interpreter's cost is per program and per op, not per element
+        block_n, row_bytes, warps = 16, 64, 4
     else:
         sms = _SM_COUNT.get(device.index)
         if sms is None:
