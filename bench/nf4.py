@@ -10,9 +10,13 @@ quant.matmul_nf4 or the path's function; do_bench median, L2 flushed) and GPU-on
 kernels that call launches (torch.profiler, L2 flushed), so the difference is host overhead. ``--explore`` runs
 the launch-configuration sweeps and the host-overhead breakdown that chose the defaults (printed, not tabled).
 
-Small-M matmul y = x @ dequant(W)^T, x (M, K) bf16, M in {1, 8, 32, 128}: ours gemv (M <= 8), ours fused (dequant in the GEMM),
-ours dequant into the reused buffer + cuBLAS, ours "auto" (what matmul_nf4 picks after measuring), dequant +
-F.linear (fresh weight each call), bitsandbytes ``matmul_4bit``. GB/s counts the NF4 weight bytes + x + y.
+Small-M matmul y = x @ dequant(W)^T, x (M, K) bf16, M in {1, 8, 32, 128}: ours gemv cuda (CUDA C++, M <= 8), ours
+gemv triton (M <= 8), ours dequant into the reused buffer + cuBLAS, ours "auto" (quant.matmul_nf4 as a user calls
+it, after its one-time measurement), dequant + F.linear (fresh weight each call), bitsandbytes ``matmul_4bit``. GB/s
+counts the NF4 weight bytes + x + y. (The fused Triton GEMM is left out: 5-17x slower than dequant + cuBLAS at
+M = 8..128 in the 2026-11-27 H200 run, and "auto" no longer considers it.) ``--matmul-only`` runs this section
+alone; ``--sweep`` times the CUDA GEMV's launch configurations (weight rows per block R x warps per block W) at
+M = 1, 2, 4, 8 on the three Llama shapes and prints the best per shape, which is how its defaults are chosen.
 
 unsloth must run in its own process (importing it patches transformers/peft): ``python -m bench.nf4
 --only-unsloth`` under PEERS_UNSLOTH=1 measures it and leaves its rows in bench/results/.nf4-unsloth-<card>.json,
@@ -192,7 +196,7 @@ def _quantized_cache(shape):
 
 def matmul_rows():
     import quant
-    from quant.matmul import _dequant_mm, _fused, _gemv, _weight, measured_choices
+    from quant.matmul import _dequant_mm, _gemv, _gemv_cuda, _weight, measured_choices
 
     rows, picks = [], {}
     for shape in MM_SHAPES:
@@ -211,16 +215,58 @@ def matmul_rows():
                 return lambda: bnb.matmul_4bit(x, packed.t(), quant_state=st)
 
             if m <= 8:
-                _run_provider(rows, key, "ours gemv", lambda: (lambda: _gemv(x, qt, None, True)))
-            _run_provider(rows, key, "ours fused", lambda: (lambda: _fused(x, qt, None, True)))
+                _run_provider(rows, key, "ours gemv cuda", lambda: (lambda: _gemv_cuda(x, qt, None, True)))
+                _run_provider(rows, key, "ours gemv triton", lambda: (lambda: _gemv(x, qt, None, True)))
             _run_provider(rows, key, "ours dequant+cuBLAS", lambda: (lambda: _dequant_mm(x, qt, None, True)))
             _run_provider(rows, key, "ours auto", lambda: (lambda: quant.matmul_nf4(x, q)))
             _run_provider(rows, key, "dequant + F.linear",
                           lambda: (lambda: F.linear(x, quant.dequantize_nf4(q, torch.bfloat16))))
             _run_provider(rows, key, "bitsandbytes matmul_4bit", bnb_mm)
-            choice = [v for k, v in measured_choices().items() if k[2:4] == shape and k[4] == max(1, 1 << (m - 1).bit_length())]
-            picks[(m,) + shape] = choice[0] if choice else "?"
+            bucket = max(1, 1 << (m - 1).bit_length())
+            choice = [v for k, v in measured_choices().items() if k[2:4] == shape and k[4] == bucket]
+            picks[(m,) + shape] = choice[0] if choice else ("dequant" if m > 8 else "?")
     return rows, picks
+
+
+def gemv_sweep():
+    """Kernel time of the CUDA GEMV for every launch configuration (R, W) at M = 1, 2, 4, 8 on the Llama shapes."""
+    import csrc.nf4_gemv as cg
+    from quant.matmul import _gemv_cuda, _weight
+
+    lines = [hw.card_name()]
+    for shape in [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]:
+        q, _, _ = _quantized_cache(shape)
+        qt = _weight(q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code,
+                     list(shape), 64, 256)
+        for m in (1, 2, 4, 8):
+            x = torch.randn(m, shape[1], device="cuda", dtype=torch.bfloat16)
+            default = cg.gemv_config(m, shape[0], shape[1], cg._sms(0))
+            results = {}
+            for r in (1, 2, 4, 8):
+                if r * cg._mt(m) > 32:
+                    continue
+                for w in (1, 2, 4, 8):
+                    cg.CONFIG_OVERRIDE = {"R": r, "W": w}
+                    try:
+                        results[(r, w)] = kernel_us(lambda: _gemv_cuda(x, qt, None, True))
+                    except Exception as ex:  # noqa: BLE001 - one failing configuration must not end the sweep
+                        print(f"gemv sweep {shape} M={m} R={r} W={w}: failed {type(ex).__name__}: {ex}"[:300])
+                    finally:
+                        cg.CONFIG_OVERRIDE = None
+            if not results:
+                continue
+            best = min(results, key=results.get)
+            nb = mm_bytes(shape, m)
+            line = (f"gemv cuda {shape[0]}x{shape[1]} M={m}: best R={best[0]} W={best[1]} {results[best]:.1f} us "
+                    f"({nb / results[best] / 1e3:.0f} GB/s); default R={default[0]} W={default[1]} "
+                    f"{results.get(default, float('nan')):.1f} us; all: "
+                    + " ".join(f"{r},{w}:{t:.1f}" for (r, w), t in sorted(results.items())))
+            print(line, flush=True)
+            lines.append(line)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "nf4-gemv-sweep.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 # ---- tables -------------------------------------------------------------------------------------------------
@@ -281,7 +327,7 @@ def _summary(rows, copy_gbs, picks):
             if not (auto and deq):
                 continue
             pick = picks.get((m,) + shape, "?")
-            names = {"gemv": "ours gemv", "fused": "ours fused", "dequant": "ours dequant+cuBLAS"}
+            names = {"gemv_cuda": "ours gemv cuda", "gemv": "ours gemv triton", "dequant": "ours dequant+cuBLAS"}
             others = [by[k + (v,)] for p, v in names.items() if p != pick and k + (v,) in by]
             used = by.get(k + (names.get(pick, ""),))
             verdict = ""
@@ -289,6 +335,12 @@ def _summary(rows, copy_gbs, picks):
                 best_other = min(others, key=lambda r: r["us"])
                 verdict = (f"; picked path {used['us']:.1f} µs vs best other ours {best_other['provider']} "
                            f"{best_other['us']:.1f} µs ({'wins' if used['us'] <= best_other['us'] else 'LOSES'})")
+            cu, fl = by.get(k + ("ours gemv cuda",)), by.get(k + ("ours dequant+cuBLAS",))
+            if cu and cu.get("kus"):  # the goal: GPU time below bnb's at M = 1 and below dequant + cuBLAS at M = 8
+                vs = [(name, r["kus"]) for name, r in (("bnb matmul_4bit", bnb), ("dequant+cuBLAS", fl)) if r and r.get("kus")]
+                lines.append(f"- gemv cuda M={m} {shape[0]}x{shape[1]} GPU-only {cu['kus']:.1f} µs (eager {cu['us']:.1f}); "
+                             + "; ".join(f"{name} {t:.1f} µs ({'beats' if cu['kus'] < t else 'LOSES to'} it, "
+                                         f"{t / cu['kus']:.2f}x)" for name, t in vs))
             lines.append(f"- matmul M={m} {shape[0]}x{shape[1]}: auto picked {pick}, eager {auto['us']:.1f} µs "
                          f"(GPU-only {auto.get('kus', 0):.1f}); dequant+F.linear {deq['us']:.1f} µs "
                          f"({deq['us'] / auto['us']:.2f}x)"
@@ -320,7 +372,7 @@ def explore():
     import triton_ops.nf4_dequant as td
     import triton_ops.nf4_matmul as tm
     import csrc.nf4_dequant as cd
-    from quant.matmul import _dequant_mm, _fused, _gemv, _weight
+    from quant.matmul import _dequant_mm, _gemv, _gemv_cuda, _weight
 
     print(f"{hw.card_name()}", flush=True)
     lines = []
@@ -378,6 +430,7 @@ def explore():
         for m in (1, 8):
             x = torch.randn(m, shape[1], device="cuda", dtype=torch.bfloat16)
             report(f"mm M={m} {shape} default gemv", lambda: _gemv(x, qt, None, True))
+            report(f"mm M={m} {shape} gemv cuda", lambda: _gemv_cuda(x, qt, None, True))
             report(f"mm M={m} {shape} dequant+cuBLAS", lambda: _dequant_mm(x, qt, None, True))
             report(f"mm M={m} {shape} public auto", lambda: quant.matmul_nf4(x, q))
             if st is not None:
@@ -408,11 +461,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only-unsloth", action="store_true", help="measure unsloth only (run under PEERS_UNSLOTH=1)")
     ap.add_argument("--explore", action="store_true", help="host-overhead and launch-configuration sweeps only")
+    ap.add_argument("--sweep", action="store_true", help="the CUDA GEMV's launch-configuration sweep only")
+    ap.add_argument("--matmul-only", action="store_true", help="the small-M matmul table only (nf4-matmul results)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/nf4.py measures a CUDA device; none is available here")
     if args.explore:
         explore()
+        return
+    if args.sweep:
+        gemv_sweep()
         return
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.only_unsloth:
@@ -432,6 +490,16 @@ def main():
             subprocess.run([sys.executable, "-m", "bench.nf4", "--only-unsloth"], timeout=240, check=False)
         except subprocess.TimeoutExpired:
             print("unsloth subprocess timed out")
+    if args.matmul_only:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        mm, picks = matmul_rows()
+        body = _table(mm, copy_gbs)
+        notes = (f"\nGB/s: NF4 weight + x read, y written; % of ceiling: of the copy bandwidth measured in this run "
+                 f"({copy_gbs:.0f} GB/s). µs = eager call (do_bench median, L2 flushed); GPU-only µs = device time of "
+                 f"the kernels the call launches (torch.profiler, L2 flushed). vs best peer: best peer time / ours "
+                 f"(>1 = ours faster), eager.\n\n")
+        hw.publish("nf4-matmul", "Small-M NF4 matmul", body, notes, _summary(mm, copy_gbs, picks))
+        return
     rows = dequant_rows()
     try:
         uns = json.loads(_cache_path().read_text())
