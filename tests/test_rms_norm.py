@@ -12,7 +12,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 CPU_SHAPES = [
     (2, 8),          # tiny
     (3, 2, 80),      # odd C (not a power of two), 3-D input
-    (5, 4100),       # odd wide C, masked tail of a 8192 block
+    (5, 4100),       # odd wide C: a 4096 block plus a 4-column tail (and an odd row stride)
+    (2, 3, 100),     # odd C whose tail would take as many lanes as rounding up: one masked 128 block
     (257, 33),       # many rows of a small C: several rows per program, persistent backward loops
 ]
 GPU_SHAPES = [
@@ -198,12 +199,61 @@ def test_rms_norm_torch_compile_gpu():
 
 
 
+def test_rms_norm_launch_configs_agree_cpu():
+    # every configuration the bench sweep may pick computes the same thing: y, rstd and dx bit-identical to the
+    # default launch when the row is split into the same blocks (each row's arithmetic is then the same), within
+    # an ulp of rstd when the sum of squares adds its blocks in another order; dw up to the partials' order
+    from triton_ops.rms_norm import rms_norm_backward, rms_norm_forward
+
+    def same(a, b, exact, what):
+        if exact:
+            assert torch.equal(a, b), what
+        else:
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=2**-7, msg=str(what))
+
+    for N, C in ((3, 4100), (5, 80)):
+        x = torch.randn(N, C, dtype=torch.bfloat16) * 3
+        w = (1 + 0.5 * torch.randn(C)).to(torch.bfloat16)
+        dy = torch.randn(N, C, dtype=torch.bfloat16)
+        y0, r0 = rms_norm_forward(x, w, 1e-6)
+        dx0, dw0 = rms_norm_backward(dy, x, w, r0, True)
+        for cfg in ({"chunking": "pow2"}, {"block_m": 2, "num_warps": 4, "evict": "evict_first"}):
+            y, r = rms_norm_forward(x, w, 1e-6, config=cfg)
+            same(y, y0, "chunking" not in cfg, (N, C, cfg))
+            same(r, r0, "chunking" not in cfg, (N, C, cfg))
+        for cfg in ({"chunking": "pow2"}, {"block_m": 4, "per_sm": 1, "stages": 3, "evict": "evict_first"},
+                    {"block_m": 1, "num_warps": 8, "per_sm": 3, "stages": 1}):
+            dx, dw = rms_norm_backward(dy, x, w, r0, True, config=cfg)
+            same(dx, dx0, "chunking" not in cfg, (N, C, cfg))
+            torch.testing.assert_close(dw.float(), dw0.float(), atol=0.05, rtol=2**-7)
+        dx, dw = rms_norm_backward(dy, x, w, r0, False, config={"per_sm": 0})
+        assert torch.equal(dx, dx0) and dw.numel() == 0
+    with pytest.raises(ValueError, match="unknown forward config keys"):
+        rms_norm_forward(x, w, 1e-6, config={"blockm": 2})
+    with pytest.raises(ValueError, match="persistent"):
+        rms_norm_backward(dy, x, w, r0, True, config={"per_sm": 0})
+
+
+def test_rms_norm_blocks():
+    from triton_ops.rms_norm import _align, _blocks
+
+    assert _blocks(4096) == (4096, 0)
+    assert _blocks(4100) == (4096, 4)           # not one 8192 block: half its lanes would be masked
+    assert _blocks(4100, "pow2") == (8192, 0)
+    assert _blocks(5120) == (4096, 1024)
+    assert _blocks(100) == (128, 0)             # 64 + 64 lanes = 128: no gain from a tail
+    assert _blocks(80) == (64, 16)
+    assert _align(4100, 4100) == 4 and _align(4096, 6144) == 16 and _align(4097) == 1
+
+
+# compiles the kernels for sm_90 with Triton's bundled ptxas and prints (registers, spill stack bytes) per launch
+# configuration; integer arguments are marked divisible by 16 where a real launch would specialize them so
 SM90_CHECK = """
-import os, re, subprocess, sys, tempfile
+import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton_ops.rms_norm import _bwd_config, _fwd_config, _rms_norm_bwd_kernel, _rms_norm_fwd_kernel
+from triton_ops.rms_norm import _align, _bwd_config, _fwd_config, _rms_norm_bwd_kernel, _rms_norm_fwd_kernel
 
 def compile_sm90(fn, signature, constexprs, num_warps, aligned):
     names = list(signature)
@@ -216,19 +266,28 @@ def compile_sm90(fn, signature, constexprs, num_warps, aligned):
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\\d+).*?STACK:(\\d+)", out, re.S)
-    return int(m.group(1)), int(m.group(2))
+    widths = sorted(set(re.findall(r"ld\\.global(?:\\.[\\w:]+)*?\\.(v[24]\\.b32|b16|b32)", k.asm["ptx"])))
+    return int(m.group(1)), int(m.group(2)), widths
 
-bc, bm, warps = _fwd_config(4096)
-sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "rstd_ptr": "*fp32", "N": "i32", "C": "i32",
-       "inv_c": "fp32", "sx": "i32", "sy": "i32", "eps": "fp32", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"}
-print("fwd", *compile_sm90(_rms_norm_fwd_kernel, sig, {"BLOCK_M": bm, "BLOCK_C": bc}, warps,
-                           ["x_ptr", "w_ptr", "y_ptr", "rstd_ptr", "sx", "sy"]))
-bc, bm, warps = _bwd_config(4096)
-sig = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "dx_ptr": "*bf16",
-       "dw_part_ptr": "*fp32", "N": "i32", "C": "i32", "inv_c": "fp32", "sdy": "i32", "sx": "i32", "sdx": "i32",
-       "HAS_DW": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr"}
-print("bwd", *compile_sm90(_rms_norm_bwd_kernel, sig, {"HAS_DW": True, "BLOCK_M": bm, "BLOCK_C": bc}, warps,
-                           ["dy_ptr", "x_ptr", "w_ptr", "rstd_ptr", "dx_ptr", "dw_part_ptr", "sdy", "sx", "sdx"]))
+for kind, C in (("fwd", 4096), ("fwd", 4100), ("bwd", 4096), ("bwd", 4100), ("bwd_nodw", 4096)):
+    common = {"C": "i32", "N": "i32", "inv_c": "fp32"}
+    if kind == "fwd":
+        cfg = _fwd_config(C)
+        sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "rstd_ptr": "*fp32", "N": "i32", "C": "i32",
+               "inv_c": "fp32", "sx": "i32", "sy": "i32", "eps": "fp32"}
+        strides, fn, extra = ["sx", "sy"], _rms_norm_fwd_kernel, {}
+    else:
+        cfg = _bwd_config(C, need_dw=kind == "bwd")
+        cfg.pop("per_sm")
+        sig = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "dx_ptr": "*bf16",
+               "dw_part_ptr": "*fp32", "N": "i32", "C": "i32", "inv_c": "fp32", "sdy": "i32", "sx": "i32",
+               "sdx": "i32"}
+        strides, fn, extra = ["sdy", "sx", "sdx"], _rms_norm_bwd_kernel, {"HAS_DW": kind == "bwd"}
+    warps = cfg.pop("num_warps")
+    constexprs = dict(cfg, MASK_C=cfg["BLOCK_C"] > C, ALIGN=_align(C), **extra)
+    sig.update({k: "constexpr" for k in constexprs})
+    aligned = [n for n, t in sig.items() if t.startswith("*")] + (strides + ["C"] if C % 16 == 0 else [])
+    print(kind, C, json.dumps(compile_sm90(fn, sig, constexprs, warps, aligned)), flush=True)
 """
 
 
@@ -236,6 +295,7 @@ print("bwd", *compile_sm90(_rms_norm_bwd_kernel, sig, {"HAS_DW": True, "BLOCK_M"
 def test_rms_norm_kernels_compile_for_sm90():
     # the interpreter never compiles; this compiles for sm_90 without a GPU (Triton's bundled ptxas) in a
     # process without TRITON_INTERPRET, and checks the register budget the launch configs assume
+    import json
     import os
     import subprocess
     import sys
@@ -245,8 +305,14 @@ def test_rms_norm_kernels_compile_for_sm90():
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", SM90_CHECK], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = {line.split()[0]: tuple(map(int, line.split()[1:]))
+    got = {(line.split()[0], int(line.split()[1])): json.loads(line.split(maxsplit=2)[2])
            for line in r.stdout.splitlines() if line[:3] in ("fwd", "bwd")}
-    # (registers, stack bytes): no spills; the backward's two 16-warp programs per SM need <= 64 registers
-    assert got["fwd"][1] == 0 and got["fwd"][0] <= 80, got
-    assert got["bwd"][1] == 0 and got["bwd"][0] <= 64, got
+    assert len(got) == 5, r.stdout
+    # (registers, spill stack bytes, global load widths): no spills; two 16-warp programs per SM need <= 64
+    # registers; rows of 4096 load 16 bytes at a time, rows of 4100 (8200-byte stride) at least 8 bytes in
+    # their 4096-column block (only the 4-column tail and the weight's tail load 2 bytes)
+    for key, (regs, stack, widths) in got.items():
+        assert stack == 0 and regs <= 64, (key, got)
+    assert "v4.b32" in got[("fwd", 4096)][2] and "b16" not in got[("fwd", 4096)][2], got
+    assert "v2.b32" in got[("fwd", 4100)][2], got
+    assert "b16" not in got[("bwd", 4096)][2], got

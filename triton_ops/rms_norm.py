@@ -106,19 +106,20 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, N,
                          HAS_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                          TAIL_C: tl.constexpr, MASK_C: tl.constexpr, ALIGN: tl.constexpr, EVICT: tl.constexpr,
                          NUM_STAGES: tl.constexpr):
-    # persistent: program p takes row blocks p, p + P, p + 2P, ... and keeps its dw partial in registers
+    # persistent: program p takes row blocks p, p + P, p + 2P, ... and keeps its dw partial in registers, summed
+    # over the block's rows at each step (in-thread when a thread holds a column of the block's rows)
     # (a grid of one program per row block runs each loop once)
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < (C if MASK_C else BLOCK_C)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if TAIL_C > 0:
         tcols = BLOCK_C + tl.arange(0, TAIL_C)
         tcmask = tcols < C
         wt = tl.load(w_ptr + tcols, mask=tcmask, other=0.0).to(tl.float32)
-        acc_t = tl.zeros((BLOCK_M, TAIL_C), dtype=tl.float32)
+        acc_t = tl.zeros((TAIL_C,), dtype=tl.float32)
     for start in tl.range(pid * BLOCK_M, N, n_prog * BLOCK_M, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < N
@@ -136,16 +137,16 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, N,
         c = dot * inv_c
         _bwd_store(dx_ptr, dx_row, cols, mask, g, xhat, c, rstd)
         if HAS_DW:
-            acc += dy * xhat.to(x.dtype).to(tl.float32)
+            acc += tl.sum(dy * xhat.to(x.dtype).to(tl.float32), axis=0)
         if TAIL_C > 0:
             _bwd_store(dx_ptr, dx_row, tcols, tmask, g_t, xhat_t, c, rstd)
             if HAS_DW:
-                acc_t += dyt * xhat_t.to(xt.dtype).to(tl.float32)
+                acc_t += tl.sum(dyt * xhat_t.to(xt.dtype).to(tl.float32), axis=0)
     if HAS_DW:
         part = dw_part_ptr + pid.to(tl.int64) * C
-        tl.store(part + cols, tl.sum(acc, axis=0), mask=cmask)
+        tl.store(part + cols, acc, mask=cmask)
         if TAIL_C > 0:
-            tl.store(part + tcols, tl.sum(acc_t, axis=0), mask=tcmask)
+            tl.store(part + tcols, acc_t, mask=tcmask)
 
 
 @triton.jit
@@ -219,24 +220,34 @@ def _align(*strides: int) -> int:
     return a
 
 
-# Defaults from first principles, per pass (H100/H200: 132 SMs, 64K 32-bit registers and 2048 threads per SM):
-#   forward: one launch of row blocks, tiles of up to 16K elements (several short rows per program) at ~32
-#     elements per thread: ~64 registers, two 16-warp programs per SM, 64 KB of loads in flight per SM;
-#   backward: ~8 elements per thread (x, dy, w and the dw partial in fp32 fit ~64 registers; checked with
-#     ptxas for sm_90), persistent programs filling the SM's 64 warps, the row loop software-pipelined (the
-#     next rows' x and dy load while this row reduces); without dw, one program per row block.
-# `config` (a dict with any of these keys) overrides them, for bench.rms_norm --sweep.
+# Defaults from first principles, per pass (H100/H200: 132 SMs, 64K 32-bit registers and 2048 threads per SM;
+# register counts from ptxas for sm_90, tests/test_rms_norm.py checks them):
+#   forward: one program per tile of rows; tiles of up to 16K elements (several short rows per program) at
+#     ~32 elements per thread: C = 4096 takes 4 rows, 16 warps, ~61 registers, two programs and 64 KB of loads
+#     in flight per SM. A tail costs registers (4 rows of 4096 + 4: ~76, one program per SM), so a row with a
+#     tail gets half the tile (2 rows of 4100: ~40 registers);
+#   backward: ~8 elements per thread, as x, dy, x^ and g are all live until the row's dot is reduced (C = 4096:
+#     1 row, 16 warps, ~63 registers with w and the dw partial in fp32). With dw: persistent programs, as many
+#     per SM as the registers allow (2 of 16 warps), each looping over rows with the loop software-pipelined
+#     (stages=2: the next row's x and dy load into shared memory while this one reduces; no loop-carried
+#     latency between rows). Without dw: one program per row block, like the forward.
+# `config` (a dict with any of FWD_KEYS / BWD_KEYS) overrides them, for bench.rms_norm --sweep; per_sm=0 means
+# one program per row block (accepted only without dw).
 FWD_KEYS = ("block_m", "num_warps", "chunking", "evict")
 BWD_KEYS = ("block_m", "num_warps", "chunking", "evict", "per_sm", "stages")
 
 
+def _check_keys(cfg: dict, keys: tuple, what: str) -> None:
+    unknown = set(cfg) - set(keys)
+    if unknown:
+        raise ValueError(f"rms_norm: unknown {what} config keys {sorted(unknown)}; expected some of {keys}")
+
+
 def _fwd_config(C: int, config: dict | None = None) -> dict:
     cfg = dict(config or {})
-    unknown = set(cfg) - set(FWD_KEYS)
-    if unknown:
-        raise ValueError(f"rms_norm: unknown forward config keys {sorted(unknown)}; expected {FWD_KEYS}")
+    _check_keys(cfg, FWD_KEYS, "forward")
     block_c, tail_c = _blocks(C, cfg.get("chunking", "tail"))
-    block_m = cfg.get("block_m") or _rows_per_tile(16384, block_c + tail_c)
+    block_m = cfg.get("block_m") or _rows_per_tile(8192 if tail_c else 16384, block_c + tail_c)
     num_warps = cfg.get("num_warps") or _warps((block_c + tail_c) * block_m, 1024, 16)
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "TAIL_C": tail_c, "EVICT": cfg.get("evict", ""),
             "num_warps": num_warps}
@@ -244,17 +255,19 @@ def _fwd_config(C: int, config: dict | None = None) -> dict:
 
 def _bwd_config(C: int, config: dict | None = None, need_dw: bool = True) -> dict:
     cfg = dict(config or {})
-    unknown = set(cfg) - set(BWD_KEYS)
-    if unknown:
-        raise ValueError(f"rms_norm: unknown backward config keys {sorted(unknown)}; expected {BWD_KEYS}")
+    _check_keys(cfg, BWD_KEYS, "backward")
     block_c, tail_c = _blocks(C, cfg.get("chunking", "tail"))
     block_m = cfg.get("block_m") or _rows_per_tile(2048, block_c + tail_c)
     num_warps = cfg.get("num_warps") or _warps((block_c + tail_c) * block_m, 256, 32)
     per_sm = cfg.get("per_sm")
-    if per_sm is None:  # 0: one program per row block (no persistent loop); only without dw
+    if per_sm is None:
         per_sm = max(1, 32 // num_warps) if need_dw else 0
+    if per_sm <= 0 and need_dw:
+        raise ValueError("rms_norm: per_sm=0 (one program per row block) would write one dw partial per block; "
+                         "the dw backward needs persistent programs (per_sm >= 1)")
+    stages = cfg.get("stages") or (2 if per_sm > 0 else 1)
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "TAIL_C": tail_c, "EVICT": cfg.get("evict", ""),
-            "NUM_STAGES": cfg.get("stages", 1), "num_warps": num_warps, "per_sm": per_sm}
+            "NUM_STAGES": stages, "num_warps": num_warps, "per_sm": per_sm}
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -307,7 +320,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     n_blocks = triton.cdiv(N, cfg["BLOCK_M"])
     if _interpreting() or x.device.type != "cuda":
         n_prog = max(1, min(n_blocks, 4))
-    elif per_sm <= 0 and not need_dw:  # one program per row block
+    elif per_sm <= 0:  # one program per row block (no dw)
         n_prog = max(1, n_blocks)
     else:  # persistent: a fixed number of programs per SM, each holding one dw partial row
         n_prog = max(1, min(n_blocks, _sm_count(x.device.index or 0) * max(1, per_sm)))
