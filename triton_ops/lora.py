@@ -33,6 +33,7 @@ import math
 from typing import Any, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as Fn
 
 from .swiglu import _swiglu_bwd_inplace_op, _swiglu_fwd_op, swiglu_ref
 
@@ -123,6 +124,11 @@ def _drop(x2: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor
     return x2 if keep is None else torch.where(keep, x2 * (1.0 / (1.0 - p)), 0).to(x2.dtype)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; the attribute test is cheaper than a no-op .to() call (host time counts at small T)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _mm_s(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """s·(a @ b) in one GEMM: the scale rides on cuBLAS's alpha (beta=0 ignores the uninitialized buffer)."""
     if s == 1.0:
@@ -143,8 +149,8 @@ def _a_cat(projs, tensors, batched, dtype):
     if not batched:
         return None
     if len(batched) == 1:
-        return tensors[3 * batched[0]].to(dtype)
-    return torch.cat([tensors[3 * i].to(dtype) for i in batched])                    # (ΣR, K)
+        return _as(tensors[3 * batched[0]], dtype)
+    return torch.cat([_as(tensors[3 * i], dtype) for i in batched])                    # (ΣR, K)
 
 
 def _adapter_inputs(x2, projs, tensors, batched, A_cat):
@@ -161,7 +167,7 @@ def _adapter_inputs(x2, projs, tensors, batched, A_cat):
     for i, pr in enumerate(projs):
         keep = tensors[3 * i + 2]
         if keep is not None:
-            xas[i] = torch.mm(_drop(x2, keep, pr.p), tensors[3 * i].to(x2.dtype).t())
+            xas[i] = torch.mm(_drop(x2, keep, pr.p), _as(tensors[3 * i], x2.dtype).t())
     return xas
 
 
@@ -175,10 +181,10 @@ def _group_forward(x2, projs, tensors):
     ys = []
     for i, pr in enumerate(projs):
         W = _dense(pr.base, dtype)
-        y = torch.mm(x2, W.t()) if pr.bias is None else torch.addmm(pr.bias.to(dtype), x2, W.t())
+        y = Fn.linear(x2, W, None if pr.bias is None else _as(pr.bias, dtype))     # one cuBLAS call
         del W
         if pr.has_adapter:
-            y.addmm_(xas[i], tensors[3 * i + 1].to(dtype).t(), alpha=pr.scale)
+            y.addmm_(xas[i], _as(tensors[3 * i + 1], dtype).t(), alpha=pr.scale)
         ys.append(y)
     return ys, xas, A_cat
 
@@ -200,7 +206,7 @@ def _group_backward(x2, dys, projs, tensors, xas, A_cat, need_dx, out=None):
     if any(dys[i] is not None for i in batched):
         if len(batched) == 1:
             i = batched[0]
-            G = _mm_s(dys[i], tensors[3 * i + 1].to(dtype), projs[i].scale)         # (M, R)
+            G = _mm_s(dys[i], _as(tensors[3 * i + 1], dtype), projs[i].scale)         # (M, R)
         else:
             G = x2.new_empty(x2.shape[0], A_cat.shape[0])                             # (M, ΣR)
             off = 0
@@ -209,7 +215,7 @@ def _group_backward(x2, dys, projs, tensors, xas, A_cat, need_dx, out=None):
                 if dys[i] is None:
                     G[:, off:off + r].zero_()
                 else:
-                    G[:, off:off + r].addmm_(dys[i], tensors[3 * i + 1].to(dtype), beta=0, alpha=projs[i].scale)
+                    G[:, off:off + r].addmm_(dys[i], _as(tensors[3 * i + 1], dtype), beta=0, alpha=projs[i].scale)
                 off += r
         dA_cat = torch.mm(G.t(), x2)                                                  # (ΣR, K)
         off = 0
@@ -217,17 +223,17 @@ def _group_backward(x2, dys, projs, tensors, xas, A_cat, need_dx, out=None):
             A, B = tensors[3 * i], tensors[3 * i + 1]
             r = A.shape[0]
             if dys[i] is not None:
-                grads[3 * i] = (dA_cat if len(batched) == 1 else dA_cat[off:off + r]).to(A.dtype)
-                grads[3 * i + 1] = _mm_s(dys[i].t(), xas[i], projs[i].scale).to(B.dtype)
+                grads[3 * i] = _as(dA_cat if len(batched) == 1 else dA_cat[off:off + r], A.dtype)
+                grads[3 * i + 1] = _as(_mm_s(dys[i].t(), xas[i], projs[i].scale), B.dtype)
             off += r
     dropped = []
     for i, pr in enumerate(projs):
         A, B, keep = tensors[3 * i: 3 * i + 3]
         if keep is None or dys[i] is None:
             continue
-        dyB = _mm_s(dys[i], B.to(dtype), pr.scale / (1.0 - pr.p))                    # (M, R), s/(1-p) folded
-        grads[3 * i] = torch.mm(dyB.t(), torch.where(keep, x2, 0)).to(A.dtype)        # dyBᵀ·(x ⊙ keep)
-        grads[3 * i + 1] = _mm_s(dys[i].t(), xas[i], pr.scale).to(B.dtype)
+        dyB = _mm_s(dys[i], _as(B, dtype), pr.scale / (1.0 - pr.p))                 # (M, R), s/(1-p) folded
+        grads[3 * i] = _as(torch.mm(dyB.t(), torch.where(keep, x2, 0)), A.dtype)   # dyBᵀ·(x ⊙ keep)
+        grads[3 * i + 1] = _as(_mm_s(dys[i].t(), xas[i], pr.scale), B.dtype)
         dropped.append((i, dyB))
     if not need_dx:
         return None, grads
@@ -242,7 +248,7 @@ def _group_backward(x2, dys, projs, tensors, xas, A_cat, need_dx, out=None):
         dx = torch.mm(dys[i], W, out=out) if dx is None else dx.addmm_(dys[i], W)
         del W
     for i, dyB in dropped:
-        dx.add_(torch.where(tensors[3 * i + 2], torch.mm(dyB, tensors[3 * i].to(dtype)), 0))
+        dx.add_(torch.where(tensors[3 * i + 2], torch.mm(dyB, _as(tensors[3 * i], dtype)), 0))
     return dx, grads
 
 
@@ -328,17 +334,17 @@ class _LoRAMLPFn(torch.autograd.Function):
         del Wd
         dyB = None
         if down.has_adapter:
-            dyB = _mm_s(dy2, Bd.to(dtype), down.scale / (1.0 - down.p))             # (M, R)
+            dyB = _mm_s(dy2, _as(Bd, dtype), down.scale / (1.0 - down.p))             # (M, R)
             if kd is None:
-                dh.addmm_(dyB, Ad.to(dtype))
+                dh.addmm_(dyB, _as(Ad, dtype))
             else:
-                dh.add_(torch.where(kd, torch.mm(dyB, Ad.to(dtype)), 0))
+                dh.add_(torch.where(kd, torch.mm(dyB, _as(Ad, dtype)), 0))
         # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du.
         _swiglu_bwd_inplace_op(dh, g, u, down.has_adapter, ctx.backend)
         dAd = dBd = None
         if down.has_adapter:
-            dAd = torch.mm(dyB.t(), dh if kd is None else torch.where(kd, dh, 0)).to(Ad.dtype)
-            dBd = _mm_s(dy2.t(), xa_d, down.scale).to(Bd.dtype)
+            dAd = _as(torch.mm(dyB.t(), dh if kd is None else torch.where(kd, dh, 0)), Ad.dtype)
+            dBd = _as(_mm_s(dy2.t(), xa_d, down.scale), Bd.dtype)
         del dh
         dx, grads = _group_backward(x2, (g, u), (gate, up), tensors[:6], [xa_g, xa_u], A_cat,
                                     ctx.needs_input_grad[0])
