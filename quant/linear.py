@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .matmul import matmul_nf4
 from .nf4 import NF4Weight, quantize_nf4
 
 
@@ -34,8 +35,6 @@ class NF4Linear(nn.Module):
         return self.weight.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .matmul import matmul_nf4
-
         return matmul_nf4(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):

@@ -132,8 +132,8 @@ def _gemv_cuda(x, qt, bias, fast: bool = False):
 
         plan = qt.plan = GemvPlan(*_qargs(qt))
     k, n = qt.shape[1], qt.shape[0]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.stride(1) != 1:
         x2 = x2.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
