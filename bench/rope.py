@@ -117,9 +117,15 @@ def liger(shape):
     return _modes(lambda: liger_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin), q, k, dq, dk, _bhtd)
 
 
-def unsloth(shape):
-    from unsloth.kernels.rope_embedding import fast_rope_embedding
+def unsloth_provider(shape):
+    # unsloth 2026.10: fast_rope_embedding(Q, K, cos, sin, rope_embedding_indices=None), Q (B, H, T, D)
+    # (checked against the 2026.10.9 wheel); looked up explicitly: a TypeError "'module' object is not
+    # callable" was seen on the GPU machine, so a non-callable is reported with what it is instead of called
+    import importlib
 
+    fast_rope_embedding = importlib.import_module("unsloth.kernels.rope_embedding").fast_rope_embedding
+    if not callable(fast_rope_embedding):
+        raise TypeError(f"unsloth.kernels.rope_embedding.fast_rope_embedding is {fast_rope_embedding!r}")
     q, k, cos, sin, dq, dk = _inputs(*shape)
     # unsloth indexes cos/sin by position within the sequence: a (T, D) table (all rows start at 0 here)
     c, s = cos[0].contiguous(), sin[0].contiguous()
@@ -201,7 +207,7 @@ def table(rows, copy_gbs):
 def main():
     args = hw.peer_bench_args("rope")
     rows = hw.rows_with_unsloth(
-        "rope", args.only_unsloth, lambda: measure(providers()), lambda: measure([("unsloth", unsloth)]),
+        "rope", args.only_unsloth, lambda: measure(providers()), lambda: measure([("unsloth", unsloth_provider)]),
         lambda why: [{"shape": list(s), "mode": m, "provider": "unsloth", "error": why} for s in SHAPES for m in MODES])
     c = hw.ceilings()
     body, summary = table(rows, c["copy_gbs"])
