@@ -182,15 +182,30 @@ def _choose_path(x, qt, m: int, index: int | None = None) -> str:
     if _capturing(x.device) or torch.compiler.is_compiling():
         return cands[0]  # no timing inside a capture: the bandwidth-bound guess (a GEMV for m <= 8)
     x2 = x.reshape(-1, qt.shape[1]).detach()
-    timings = {}
+    timings, outs = {}, {}
     for name in cands:
         try:
-            timings[name] = _time_us(lambda name=name: _PATHS[name](x2, qt, None, True), reps=7)
+            timings[name] = _time_us(lambda name=name: outs.__setitem__(name, _PATHS[name](x2, qt, None, True)), reps=7)
         except Exception:  # noqa: BLE001 - a kernel that cannot compile or run here is simply not a candidate
             pass
+    ref = outs.get("dequant")
+    for name in [n for n in timings if n != "dequant" and ref is not None]:
+        if not _agrees(outs[name], ref):  # a safety net: never pick a kernel that disagrees with cuBLAS here
+            import warnings
+
+            warnings.warn(f"matmul_nf4: path {name!r} disagrees with dequant + cuBLAS for a {tuple(qt.shape)} weight, "
+                          f"M={m}, {x.dtype}; not used")
+            timings.pop(name)
     choice = min(timings, key=timings.get) if timings else "dequant"
     _MEASURED[key] = choice
     return choice
+
+
+def _agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Same numbers up to accumulation order and one rounding to a 16-bit dtype (2% of the largest output)."""
+    y, ref = y.float(), ref.float()
+    scale = ref.abs().max()
+    return bool(torch.isfinite(y).all() and ((y - ref).abs().max() <= 0.02 * scale + 1e-3))
 
 
 def _forward(x, qt, bias, path: str, fast: bool = False):

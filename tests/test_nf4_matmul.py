@@ -305,3 +305,29 @@ def test_gemv_cuda_compile_and_auto_gpu():
     _compare(q, x, b, "auto", check_grads=False)
     picked = [v for k, v in measured_choices().items() if k[1:] == (torch.bfloat16, 1024, 4096, 1)]
     assert picked and picked[0] in ("gemv_cuda", "gemv", "dequant"), measured_choices()
+
+
+def test_auto_agreement_check():
+    """The safety net of "auto": a path whose output is off by more than bf16 rounding is rejected."""
+    from quant.matmul import _agrees
+
+    ref = torch.randn(3, 257) * 4
+    assert _agrees(ref.to(torch.bfloat16), ref)
+    assert not _agrees(ref * 1.05, ref)
+    bad = ref.clone()
+    bad[1, 7] = float("nan")
+    assert not _agrees(bad, ref)
+
+
+@pytest.mark.gpu
+def test_auto_drops_a_wrong_kernel_gpu(monkeypatch):
+    pytest.importorskip("cupy")
+    import quant.matmul as qm
+
+    monkeypatch.setattr(qm, "_MEASURED", {})
+    good = qm._PATHS["gemv_cuda"]
+    monkeypatch.setitem(qm._PATHS, "gemv_cuda", lambda x, qt, b, fast=False: good(x, qt, b, fast) * 1.5)
+    q, x, _ = _case((512, 1024), 1, torch.bfloat16, "cuda", bias=False)
+    with pytest.warns(UserWarning, match="disagrees"):
+        quant.matmul_nf4(x, q)
+    assert qm.measured_choices() and "gemv_cuda" not in qm.measured_choices().values()
