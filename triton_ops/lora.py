@@ -235,6 +235,7 @@ def _group_backward(x2, dys, projs, tensors, xas, A_cat, need_dx, out=None):
         grads[3 * i] = _as(torch.mm(dyB.t(), torch.where(keep, x2, 0)), A.dtype)   # dyBᵀ·(x ⊙ keep)
         grads[3 * i + 1] = _as(_mm_s(dys[i].t(), xas[i], pr.scale), B.dtype)
         dropped.append((i, dyB))
+    xas = None  # when recomputed here (overwrite_x), freed before any dequantized weight is allocated
     if not need_dx:
         return None, grads
     dx = None
