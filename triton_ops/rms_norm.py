@@ -11,12 +11,15 @@ Backward, with x^ = x32 * r and g = dy * w (fp32, no intermediate rounding):
     dx = r * (g - x^ * mean(g * x^))          (the rounding of h is passed straight through, as autograd does)
     dw = sum over rows of dy * h              (h rounded, the exact derivative of y = w * h)
 
-dw is accumulated in fp32 by a fixed set of persistent programs, one partial row each, then summed by a
-deterministic reduction: no atomics, the same bits on every run.
+dw is accumulated in fp32 by a fixed set of persistent programs, one partial row each, then summed in a fixed
+order and cast to the weight's dtype by one small kernel: no atomics, the same bits on every run.
 
 Layout: x (..., C) whose rows are evenly strided with unit column stride (any contiguous tensor or a row
-slice of one); weight (C,). Bytes moved per element: forward reads x and writes y (2 * elem bytes); backward
-reads x and dy and writes dx (3 * elem bytes) plus one fp32 partial row of C per program for dw.
+slice of one); weight (C,). A row is held in registers as a power-of-two block plus, for other widths, a
+power-of-two tail (C = 4100: 4096 + 4 columns). Bytes moved per element: forward reads x and writes y
+(2 * elem bytes); backward reads x and dy and writes dx (3 * elem bytes), plus for dw one fp32 partial row of
+C per persistent program, written once and read once (2 programs per SM at C = 4096: 2 * 132 * 4096 * 4 bytes
+= 4.3 MB each way, 1% of the 403 MB the backward moves at x (16384, 4096) bf16).
 """
 from __future__ import annotations
 
