@@ -9,11 +9,12 @@ Paths (``backend=``):
   Measured 5-17x slower than "dequant" at M = 8..128 on an H200 (bench/results/2026-11-27-h200-nf4.md), so
   "auto" never considers it; it stays available by name.
 * "dequant": dequantize W into a reused scratch buffer (the measured-fastest dequant kernel) and call cuBLAS
-  through ``F.linear``: the path for every M > 8.
-* "auto" (default): on CUDA, M > 8 -> "dequant"; M <= 8 -> the first call for a (card, x dtype, N, K, M rounded up
-  to a power of two) times "gemv_cuda" (when CuPy is installed), "gemv" (when the Triton kernel can tile the
-  weight) and "dequant" on the real inputs (CUDA events, median of a few runs) and keeps the fastest for the rest
-  of the process. ``MINITRAIN_NF4_MATMUL`` (one of the path names) overrides "auto".
+  through ``F.linear``: the path for every M > 16.
+* "auto" (default): on CUDA, M > 16 -> "dequant"; otherwise the first call for a (card, x dtype, N, K, M rounded up
+  to a power of two) times "gemv_cuda" (when CuPy is installed; M <= 16, two passes over W above 8), "gemv"
+  (M <= 8, when the Triton kernel can tile the weight) and "dequant" on the real inputs (CUDA events, median of a
+  few runs), drops a GEMV whose output disagrees with dequant + cuBLAS, and keeps the fastest for the rest of the
+  process. ``MINITRAIN_NF4_MATMUL`` (one of the path names) overrides "auto".
 
 Eager calls with nothing to differentiate (decode, evaluation) take a short path: the weight's validated kernel
 arguments are prepared once per NF4Weight object (dropped with it) and each call only checks x, looks the path up
@@ -158,14 +159,13 @@ def _cuda_gemv_available() -> bool:
 
 
 def candidates(m: int, shape, blocksize: int) -> tuple[str, ...]:
-    """The paths "auto" chooses among for m rows of x: for m <= GEMV_MAX_M the CUDA C++ GEMV (with CuPy), the
-    Triton GEMV (when the weight's blocks do not straddle rows) and dequant + cuBLAS; above, dequant + cuBLAS."""
+    """The paths "auto" chooses among for m rows of x: the CUDA C++ GEMV (with CuPy) for m <= 2 * GEMV_MAX_M (two
+    passes over the weight above GEMV_MAX_M), the Triton GEMV for m <= GEMV_MAX_M when the weight's blocks do not
+    straddle rows, and always dequant + cuBLAS (the only one for larger m)."""
     from triton_ops.nf4_matmul import fused_supported
 
-    if m > GEMV_MAX_M:
-        return ("dequant",)
-    cands = ("gemv_cuda",) if _cuda_gemv_available() else ()
-    if fused_supported(shape, blocksize):
+    cands = ("gemv_cuda",) if m <= 2 * GEMV_MAX_M and _cuda_gemv_available() else ()
+    if m <= GEMV_MAX_M and fused_supported(shape, blocksize):
         cands += ("gemv",)
     return cands + ("dequant",)
 
@@ -180,7 +180,7 @@ def _choose_path(x, qt, m: int, index: int | None = None) -> str:
     if len(cands) == 1:
         return cands[0]
     if _capturing(x.device) or torch.compiler.is_compiling():
-        return cands[0]  # no timing inside a capture: the bandwidth-bound guess (a GEMV for m <= 8)
+        return cands[0] if m <= GEMV_MAX_M else "dequant"  # no timing inside a capture: the bandwidth-bound guess
     x2 = x.reshape(-1, qt.shape[1]).detach()
     timings, outs = {}, {}
     for name in cands:

@@ -248,11 +248,13 @@ def test_gemv_cuda_needs_cuda_tensors():
 
 
 def test_auto_candidates():
-    from quant.matmul import candidates
+    from quant.matmul import _cuda_gemv_available, candidates
 
-    assert candidates(1, (4096, 4096), 64)[-2:] == ("gemv", "dequant")
-    assert "gemv" not in candidates(3, (8, 96), 64)  # blocks straddle rows: the Triton GEMV cannot tile it
-    assert candidates(9, (4096, 4096), 64) == candidates(128, (4096, 4096), 64) == ("dequant",)
+    cuda = ("gemv_cuda",) if _cuda_gemv_available() else ()
+    assert candidates(1, (4096, 4096), 64) == cuda + ("gemv", "dequant")
+    assert candidates(3, (8, 96), 64) == cuda + ("dequant",)  # blocks straddle rows: the Triton GEMV cannot tile it
+    assert candidates(16, (4096, 4096), 64) == cuda + ("dequant",)  # the CUDA GEMV in two passes
+    assert candidates(17, (4096, 4096), 64) == candidates(128, (4096, 4096), 64) == ("dequant",)
 
 
 @pytest.mark.gpu
