@@ -202,11 +202,14 @@ SWEEP_FWD = [
 ]
 SWEEP_BWD_DW = [
     {},                                         # default: 1 row x 16 warps, 2 programs per SM, stages=2
+                                                # (C = 4100: 32 warps, 1 program per SM)
     {"stages": 1},
     {"stages": 3},
     {"stages": 2, "evict": "evict_first"},
     {"per_sm": 1, "stages": 2},
     {"per_sm": 3, "stages": 2},                 # more programs than the registers let be resident
+    {"block_m": 1, "num_warps": 16, "per_sm": 2, "stages": 2},   # C = 4096's default, for C = 4100
+    {"block_m": 1, "num_warps": 16, "per_sm": 2, "stages": 1},
     {"block_m": 1, "num_warps": 32, "per_sm": 1, "stages": 1},
     {"block_m": 1, "num_warps": 32, "per_sm": 1, "stages": 2},
     {"block_m": 2, "num_warps": 32, "per_sm": 1, "stages": 1},
@@ -216,7 +219,8 @@ SWEEP_BWD_DW = [
     {"chunking": "pow2", "stages": 1},          # the previous launch for C = 4100
 ]
 SWEEP_BWD_NODW = [
-    {},                                         # default: 1 row x 16 warps, one program per row block
+    {},                                         # default: 1 row x 16 warps (32 for 4100), one per row block
+    {"block_m": 1, "num_warps": 16, "per_sm": 0},
     {"evict": "evict_first"},
     {"block_m": 1, "num_warps": 8, "per_sm": 0},
     {"block_m": 1, "num_warps": 32, "per_sm": 0},

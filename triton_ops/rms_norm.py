@@ -230,7 +230,8 @@ def _align(*strides: int) -> int:
 #     in flight per SM. A tail costs registers (4 rows of 4096 + 4: ~76, one program per SM), so a row with a
 #     tail gets half the tile (2 rows of 4100: ~40 registers);
 #   backward: ~8 elements per thread, as x, dy, x^ and g are all live until the row's dot is reduced (C = 4096:
-#     1 row, 16 warps, ~63 registers with w and the dw partial in fp32). With dw: persistent programs, as many
+#     1 row, 16 warps, ~63 registers with w and the dw partial in fp32; 4100: 1 row, 32 warps, ~53 registers,
+#     as Triton 3.6 gives the 16-warp launch ~86). With dw: persistent programs, as many
 #     per SM as the registers allow (2 of 16 warps), each looping over rows with the loop software-pipelined
 #     (stages=2: the next row's x and dy load into shared memory while this one reduces; no loop-carried
 #     latency between rows). Without dw: one program per row block, like the forward.
@@ -261,7 +262,9 @@ def _bwd_config(C: int, config: dict | None = None, need_dw: bool = True) -> dic
     _check_keys(cfg, BWD_KEYS, "backward")
     block_c, tail_c = _blocks(C, cfg.get("chunking", "tail"))
     block_m = cfg.get("block_m") or _rows_per_tile(2048, block_c + tail_c)
-    num_warps = cfg.get("num_warps") or _warps((block_c + tail_c) * block_m, 256, 32)
+    # a tail is replicated across threads (4 columns: x, dy, x^, g, w and dw of 4 each, ~20 registers more),
+    # so a row with a tail spreads its block over twice the warps to stay within 64 registers
+    num_warps = cfg.get("num_warps") or _warps((block_c + tail_c) * block_m, 128 if tail_c else 256, 32)
     per_sm = cfg.get("per_sm")
     if per_sm is None:
         per_sm = max(1, 32 // num_warps) if need_dw else 0
