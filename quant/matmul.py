@@ -256,7 +256,7 @@ _PREPARED: dict[int, "_Prepared"] = {}
 
 
 class _Prepared:
-    __slots__ = ("ref", "data", "qt", "index", "n", "k")
+    __slots__ = ("ref", "data", "absmax", "qt", "index", "n", "k")
 
 
 def _prepare(q) -> "_Prepared":
@@ -266,7 +266,7 @@ def _prepare(q) -> "_Prepared":
 
     a = prepared_args(q)  # validates the weight (contiguity, sizes, devices) once
     p = _Prepared()
-    p.data = q.data
+    p.data, p.absmax = q.data, q.absmax
     p.qt = _weight(*a[:6], list(q.shape), a[6], a[7])
     p.index = q.data.device.index if q.data.device.index is not None else torch.cuda.current_device()
     p.n, p.k = int(q.shape[0]), int(q.shape[1])
@@ -285,7 +285,7 @@ def _prepare(q) -> "_Prepared":
 def _eager_call(x, q, bias, backend):
     """The short path (see above), or None when the call needs the checked path (errors, odd devices/dtypes)."""
     p = _PREPARED.get(id(q))
-    if p is None or p.ref() is not q or p.data is not q.data:
+    if p is None or p.ref() is not q or p.data is not q.data or p.absmax is not q.absmax:
         if not isinstance(q, NF4Weight) or q.data.device.type != "cuda":
             return None
         p = _prepare(q)
