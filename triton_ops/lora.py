@@ -35,7 +35,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.nn.functional as Fn
 
-from .swiglu import _swiglu_bwd_inplace_op, _swiglu_fwd_op, swiglu_ref
+from .swiglu import (_swiglu_bwd_inplace_op, _swiglu_fwd_op, swiglu_backward_triton, swiglu_forward_triton,
+                     swiglu_ref)
 
 __all__ = ["LoRAWeights", "lora_scale", "dropout_keep_mask", "lora_linear", "lora_o", "lora_qkv", "lora_mlp",
            "lora_linear_ref", "lora_mlp_ref"]
@@ -253,6 +254,25 @@ def _group_backward(x2, dys, projs, tensors, xas, A_cat, need_dx, out=None):
     return dx, grads
 
 
+def _swiglu_fwd(g, u, backend):
+    """h = silu(g)·u. Eager calls launch the kernel directly: the torch.library op (what torch.compile traces)
+    costs a Python dispatcher round trip per call and nothing else here (autograd is off inside Functions)."""
+    if backend == "triton" and not torch.compiler.is_compiling():
+        return swiglu_forward_triton(g, u)
+    return _swiglu_fwd_op(g, u, backend)
+
+
+def _swiglu_bwd_(dh, g, u, store_h, backend):
+    """In place: dh <- h (when store_h), g <- dg, u <- du (see ``_swiglu_fwd`` for the eager shortcut)."""
+    if backend == "triton" and not torch.compiler.is_compiling():
+        swiglu_backward_triton(dh, g, u, g, u, dh, store_h)
+        # the kernel writes through pointers: tell autograd, so a second backward refuses the overwritten g, u
+        for t in (dh, g, u):
+            torch.autograd.graph.increment_version(t)
+    else:
+        _swiglu_bwd_inplace_op(dh, g, u, store_h, backend)
+
+
 def _contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -313,7 +333,7 @@ class _LoRAMLPFn(torch.autograd.Function):
         x2 = _flat(x, K)
         tensors = _flat_keeps(tensors)
         (g, u), xas, A_cat = _group_forward(x2, (gate, up), tensors[:6])            # (M, F) each
-        h = _swiglu_fwd_op(g, u, backend)                                            # (M, F), freed after down
+        h = _swiglu_fwd(g, u, backend)                                               # (M, F), freed after down
         (y,), (xa_d,), _ = _group_forward(h, (down,), tensors[6:])                    # (M, C)
         del h
         ctx.projs, ctx.backend = projs, backend
@@ -341,7 +361,7 @@ class _LoRAMLPFn(torch.autograd.Function):
             else:
                 dh.add_(torch.where(kd, torch.mm(dyB, _as(Ad, dtype)), 0))
         # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du.
-        _swiglu_bwd_inplace_op(dh, g, u, down.has_adapter, ctx.backend)
+        _swiglu_bwd_(dh, g, u, down.has_adapter, ctx.backend)
         dAd = dBd = None
         if down.has_adapter:
             dAd = _as(torch.mm(dyB.t(), dh if kd is None else torch.where(kd, dh, 0)), Ad.dtype)
