@@ -254,7 +254,9 @@ def test_rms_norm_launch_configs_agree_gpu():
     # other grids): whichever wins can become the default without changing a bit of y or dx
     from bench.rms_norm import SWEEP_BWD_DW, SWEEP_FWD
 
-    _configs_agree("cuda", [(1000, 4096), (999, 4100), (4097, 80)], SWEEP_FWD[1:], SWEEP_BWD_DW[1:])
+    # row counts specialize like the bench's (16384: a multiple of 16, 16383: not), so the sweep reuses these
+    # compilations from Triton's cache
+    _configs_agree("cuda", [(1024, 4096), (999, 4100)], SWEEP_FWD[1:], SWEEP_BWD_DW[1:])
 
 
 def test_rms_norm_blocks():
