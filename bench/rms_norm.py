@@ -282,10 +282,10 @@ def sweep():
                 try:
                     row["launch"] = _launch_desc("bwd_nodw" if kind == "bwd no dW" else kind, C, cfg)
                     if kind == "fwd":
-                        def fn(cfg=cfg):
+                        def fn(cfg=cfg, x=x, w=w):
                             return rms_norm_forward(x, w, EPS, config=cfg)
                     else:
-                        def fn(cfg=cfg, need_dw=kind == "bwd"):
+                        def fn(cfg=cfg, need_dw=kind == "bwd", x=x, w=w, dy=dy, r0=r0):
                             return rms_norm_backward(dy, x, w, r0, need_dw, config=cfg)
                     out = fn()
                     exact = cfg.get("chunking", "tail") == "tail"

@@ -109,9 +109,8 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, N,
                          HAS_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                          TAIL_C: tl.constexpr, MASK_C: tl.constexpr, ALIGN: tl.constexpr, EVICT: tl.constexpr,
                          NUM_STAGES: tl.constexpr):
-    # persistent: program p takes row blocks p, p + P, p + 2P, ... and keeps its dw partial in registers, summed
-    # over the block's rows at each step (in-thread when a thread holds a column of the block's rows)
-    # (a grid of one program per row block runs each loop once)
+    # persistent: program p takes row blocks p, p + P, p + 2P, ... (a grid of one program per row block runs the
+    # loop once) and keeps its dw partial in registers, summed over the block's rows at each step
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)
