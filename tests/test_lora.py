@@ -4,6 +4,7 @@ plain-torch composition in the same precision, peft's LoRA layer on the same wei
 import pytest
 import torch
 import torch.nn.functional as Fn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import quant
 from triton_ops.lora import (LoRAWeights, dropout_keep_mask, lora_linear, lora_mlp, lora_o, lora_qkv, lora_scale)
@@ -367,7 +368,7 @@ def test_lora_qkv_unused_output(device):
             torch.testing.assert_close(u, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {i}: {m}")
 
 
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+class _OpLog(TorchDispatchMode):
     """Records the aten ops a region dispatches (the host work of an eager call, one entry per op)."""
 
     def __init__(self):

@@ -16,10 +16,19 @@ Layouts: x (..., K) with any leading shape (flattened to M = tokens rows); base 
 float dtype or any object with ``dequantize(dtype=None, out=None)`` (e.g. an NF4 weight); bias (N,) frozen.
 
 What is kept for backward: x (and for the MLP the two pre-activations g = gate(x), u = up(x)), the adapters,
-and the dropout keep-masks as bool (1 byte per element of the dropped input). The dequantized base weight
-exists only while one matmul uses it and is dequantized again in backward: never saved. A bool mask was chosen
-over regenerating from a seed because it costs one byte per element only when dropout is on, needs no custom
-RNG kernel, and gives the caller the mask (tests apply it to the references).
+the dropout keep-masks as bool (1 byte per element of the dropped input), and the rank-R products
+drop(x)·Aᵀ (M, R) with the concatenated [A_i] (ΣR, K) (tiny; they spare backward a GEMM that re-reads x).
+The dequantized base weight exists only while one matmul uses it and is dequantized again in backward:
+never saved. With ``overwrite_x=True`` (QKV / linear) backward computes every adapter gradient first, then
+writes dx into x's storage, so its peak is the held outputs and dys plus one dequantized weight.
+
+Host work per call (eager; a CUDA-graph replay has none): QKV with three adapters issues 8 launching ops
+forward (one x·[A_i]ᵀ GEMM, three base GEMMs, three adapter addmm_, one cat) and 11 backward (three
+s_i·dy_i·B_i into one (M, ΣR) buffer, one Gᵀ·x for all dA, three dB, one G·[A_i], three base dx GEMMs
+accumulating into one buffer), plus one dequantization per NF4 base per pass; scales ride on GEMM alphas.
+
+A bool keep-mask was chosen over regenerating from a seed because it costs one byte per element only when
+dropout is on, needs no custom RNG kernel, and gives the caller the mask (tests apply it to the references).
 
 Bytes and FLOPs per projection (M tokens, bf16): forward 2·M·N·K (+ 2·M·R·(N+K) adapter) FLOPs; backward
 2·M·N·K (dx) + 6·M·R·(N+K) (adapter); the base GEMMs dominate for R ≪ K, N.
