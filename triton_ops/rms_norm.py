@@ -337,7 +337,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
             HAS_DW=need_dw, MASK_C=cfg["BLOCK_C"] > C, ALIGN=align, **cfg)
     if not need_dw:
         return dx, weight.new_empty(0)
-    if N == 0:
+    if N == 0 or C == 0:
         return dx, torch.zeros_like(weight)
     dw = torch.empty_like(weight)
     # the partials summed in a fixed order and cast in one small kernel: deterministic, no atomics
