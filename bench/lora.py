@@ -199,10 +199,12 @@ def unsloth_step(block, T):
 # ---- driver ---------------------------------------------------------------------------------------------
 
 def measure(providers):
+    """Rows of every (provider, block, T). Providers run one after another (peers last), so a capture that
+    breaks a peer's CUDA context cannot lose our rows."""
     rows = []
-    for block in BLOCKS:
-        for T in TOKENS:
-            for name, make in providers:
+    for name, make in providers:
+        for block in BLOCKS:
+            for T in TOKENS:
                 if (block, name) in SKIP:
                     continue
                 row = {"block": block, "T": T, "provider": name}
@@ -216,11 +218,12 @@ def measure(providers):
                     row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
                 gc.collect()
                 torch.cuda.empty_cache()
-                print(f"{block} T={T} {name}: " + (f"eager {row['us']:.0f} us, graph "
-                                                   f"{row['graph_us'] or 0:.0f} us, peak {row['peak']:.0f} MiB"
-                                                   + (f" (not captured: {row['graph_why']})" if row['graph_why']
-                                                      else "")
-                                                   if "us" in row else row["error"]), flush=True)
+                if "us" in row:
+                    msg = f"eager {row['us']:.0f} us, graph {row['graph_us'] or 0:.0f} us, peak {row['peak']:.0f} MiB"
+                    msg += f" (not captured: {row['graph_why']})" if row["graph_why"] else ""
+                else:
+                    msg = row["error"]
+                print(f"{block} T={T} {name}: {msg}", flush=True)
                 rows.append(row)
     return rows
 
