@@ -190,11 +190,18 @@ def _group_forward(x2, projs, tensors):
     xas = _adapter_inputs(x2, projs, tensors, batched, A_cat)
     ys = []
     for i, pr in enumerate(projs):
+        bias = None if pr.bias is None else _as(pr.bias, dtype)
         W = _dense(pr.base, dtype)
-        y = Fn.linear(x2, W, None if pr.bias is None else _as(pr.bias, dtype))     # one cuBLAS call
-        del W
         if pr.has_adapter:
-            y.addmm_(xas[i], _as(tensors[3 * i + 1], dtype).t(), alpha=pr.scale)
+            # The rank-R term first (b + s·xa·Bᵀ, one skinny GEMM writing y), then the base GEMM accumulates
+            # onto it (beta=1): that GEMM is compute-bound, so reading y in its epilogue is almost free, where
+            # an addmm_ after it would be a memory-bound pass reading and writing y again.
+            Bt = _as(tensors[3 * i + 1], dtype).t()
+            y = _mm_s(xas[i], Bt, pr.scale) if bias is None else torch.addmm(bias, xas[i], Bt, alpha=pr.scale)
+            y.addmm_(x2, W.t())
+        else:
+            y = Fn.linear(x2, W, bias)
+        del W
         ys.append(y)
     return ys, xas, A_cat
 
@@ -259,7 +266,7 @@ def _group_backward(x2, dys, projs, tensors, xas, A_cat, need_dx, out=None):
         dx = torch.mm(dys[i], W, out=out) if dx is None else dx.addmm_(dys[i], W)
         del W
     for i, dyB in dropped:
-        dx.add_(torch.where(tensors[3 * i + 2], torch.mm(dyB, _as(tensors[3 * i], dtype)), 0))
+        dx.add_(torch.mm(dyB, _as(tensors[3 * i], dtype)).mul_(tensors[3 * i + 2]))
     return dx, grads
 
 
@@ -358,17 +365,20 @@ class _LoRAMLPFn(torch.autograd.Function):
         dy2 = _contig(_flat(dy, dy.shape[-1]))
         dtype = dy2.dtype
 
-        # dh = dy·Wd (+ adapter); the base part is the dx of down's projection.
-        Wd = _dense(down.base, dtype)
-        dh = torch.mm(dy2, Wd)                                                       # (M, F)
-        del Wd
+        # dh = dy·Wd (+ adapter); the base part is the dx of down's projection. The rank-R term is written
+        # first and the base GEMM accumulates onto it (see _group_forward).
         dyB = None
         if down.has_adapter:
             dyB = _mm_s(dy2, _as(Bd, dtype), down.scale / (1.0 - down.p))             # (M, R)
-            if kd is None:
-                dh.addmm_(dyB, _as(Ad, dtype))
-            else:
-                dh.add_(torch.where(kd, torch.mm(dyB, _as(Ad, dtype)), 0))
+            dh = torch.mm(dyB, _as(Ad, dtype))                                       # (M, F)
+            if kd is not None:
+                dh.mul_(kd)
+            Wd = _dense(down.base, dtype)
+            dh.addmm_(dy2, Wd)
+        else:
+            Wd = _dense(down.base, dtype)
+            dh = torch.mm(dy2, Wd)                                                   # (M, F)
+        del Wd
         # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du.
         _swiglu_bwd_(dh, g, u, down.has_adapter, ctx.backend)
         dAd = dBd = None
