@@ -285,6 +285,18 @@ def _targets(block, T, by):
             parts.append(f"peak {ours['peak']:.0f} vs unsloth {uns['peak']:.0f} MiB (target ≤: "
                          f"{'met' if ours['peak'] <= uns['peak'] else 'NOT met'})")
         lines.append(f"- {block} T={T} {name}: " + "; ".join(parts))
+    if block == "qkv":  # what is alive at the backward's peak (bf16, MiB)
+        mib = 2 / 2**20
+        held = 2 * T * (H * D + 2 * KV * D) * mib   # outputs + dys, held by the step around the backward
+        w, dx = H * D * C * mib, T * C * mib
+        lines.append(f"- qkv T={T} peak model: outputs + dys {held:.0f} + the dequantized q weight {w:.0f} = "
+                     f"{held + w:.0f} MiB with dx written into x, + dx {dx:.0f} = {held + w + dx:.0f} MiB with a "
+                     f"fresh dx buffer (rank-R terms < 2 MiB)")
+    if block == "mlp":
+        mib = 2 / 2**20
+        held, gu, dh, w = 2 * T * C * mib, 2 * T * F * mib, T * F * mib, C * F * mib
+        lines.append(f"- mlp T={T} peak model: output + dy {held:.0f} + saved g, u {gu:.0f} + dh {dh:.0f} + the "
+                     f"dequantized down weight {w:.0f} = {held + gu + dh + w:.0f} MiB (rank-R terms < 2 MiB)")
     if floor and peft:
         b = []
         for label, key in (("graph", "graph_us"), ("eager", "us")):
