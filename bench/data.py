@@ -107,6 +107,15 @@ def one_thread_rate(backend, texts: list[str]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def same_examples(a, b, n: int) -> bool:
+    """Whether the first ``n`` examples of two datasets have the same ids and trained masks."""
+    if len(a) < n or len(b) < n:
+        return False
+    ea, eb = int(a.store.offsets[n]), int(b.store.offsets[n])
+    return (np.array_equal(a.store.offsets[: n + 1], b.store.offsets[: n + 1]) and
+            np.array_equal(a.store.ids[:ea], b.store.ids[:eb]) and np.array_equal(a.store.mask[:ea], b.store.mask[:eb]))
+
+
 def python_speed() -> float:
     """Seconds for a fixed pure-Python loop (about 0.1-0.2 s on an idle modern core): shows how much of the
     machine this run had when other processes share the cores."""
@@ -147,7 +156,7 @@ def main(argv=None) -> int:
         args.tokenizer = str(smol) if (smol / "tokenizer.json").is_file() else None
     import torch
 
-    from minitrain.data import load_dataset
+    from minitrain.data import load_dataset, normalize, read_records
     from minitrain.data.encode import PieceCache, find_backend, piece_cache_unsupported
 
     n, m = args.records, min(args.per_record, args.records)
@@ -222,6 +231,16 @@ def main(argv=None) -> int:
         fm.write_text("".join(json.dumps(r) + "\n" for r in recs[:m]))
         fr = Path(d) / "raw.jsonl"
         fr.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        # the parts of load_dataset, one by one (its own row below is all of them together)
+        s, got = timed(lambda: list(read_records(f)))
+        row("load_dataset part: read + parse JSONL", len(got), "minitrain.data.sources", s)
+        s, exs = timed(lambda: [normalize(r, "instruct", loc) for r, loc, _ in got])
+        row("load_dataset part: normalize to messages", len(exs), "minitrain.data.formats", s)
+        spans = getattr(fast, "spans", None)
+        if spans is not None:
+            s, _ = timed(lambda: [spans(e["messages"]) for e in exs])
+            row("load_dataset part: render + assistant spans", len(exs), "minitrain fast renderer, one pass", s)
+        del got, exs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             s, ds = timed(lambda: load_dataset(f, tok, max_seq_length=2048))
@@ -234,6 +253,11 @@ def main(argv=None) -> int:
             row("load_dataset instruct, responses only", len(dsp), f"minitrain, num_proc={os.cpu_count()}", s, tokens)
             s, dsm = timed(lambda: load_dataset(fm, tok, max_seq_length=2048, use_batch_api=False))
             row("load_dataset instruct, responses only", len(dsm), "per-record path", s, int(dsm.store.lengths.sum()))
+            same = same_examples(ds, dsm, len(dsm)) and same_examples(dsp, dsm, len(dsm))
+            rows[-4]["note"] += (f"; ids and masks identical to the per-record path (tokenizer's own encode, jinja2 "
+                                 f"template) on the first {len(dsm):,} records" if same else
+                                 "; DIFFERS from the per-record path")
+            rows[-2]["note"] += "same as the batch path" if same_examples(dsp, ds, len(ds)) else "DIFFERS from the batch path"
             s, dsr = timed(lambda: load_dataset(fr, tok, max_seq_length=2048))
             row("load_dataset raw text", len(dsr), "minitrain batch path", s, int(dsr.store.lengths.sum()))
         loader = ds.train_batches(batch_size=8, packing=True)

@@ -683,6 +683,32 @@ def test_piece_cache_tokenizes_exactly_like_tokenizers(kind):
         assert not bad, f"{len(bad)} of {len(texts)} texts differ, first {texts[bad[0]]!r}"
 
 
+def test_piece_cache_hash_collisions_and_chunks_stay_exact(monkeypatch):
+    """The piece hash only proposes a cache entry: with a base of 1 the hash is the sum of the code points plus
+    the length (anagrams such as ' the' and ' teh' collide), and the ids must still be encode_batch's; a tiny
+    chunk size exercises the batch cut into parts."""
+    from minitrain.data.encode import PieceCache
+
+    tk = backend_with(None, "digits")
+    words = ["the", "teh", "eth", "het", "ab", "ba", "12", "21", "a\xa0b", "b\xa0a", "<|im_end|>x", "x<|im_end|>"]
+    rng = np.random.default_rng(np.random.SeedSequence().entropy % 2**32)
+    texts = [" ".join(rng.choice(words, size=rng.integers(0, 12))) for _ in range(300)] + random_texts(100, 3)
+    ref = tk.encode_batch(texts, add_special_tokens=False)
+    for b, chunk in ((1, PieceCache._CHUNK), (PieceCache._B, 200)):
+        monkeypatch.setattr(PieceCache, "_B", b)
+        monkeypatch.setattr(PieceCache, "_CHUNK", chunk)
+        cache = PieceCache(tk)
+        for _ in range(2):
+            ids, starts, counts = cache.encode(texts)
+            ends = np.cumsum(counts)
+            base = np.cumsum([0] + [len(t) for t in texts[:-1]])
+            bad = [i for i, e in enumerate(ref) if ids[ends[i] - counts[i]: ends[i]].tolist() != e.ids
+                   or (starts[ends[i] - counts[i]: ends[i]] - base[i]).tolist() != [a for a, _ in e.offsets]]
+            assert not bad, f"B={b}: {len(bad)} of {len(texts)} texts differ, first {texts[bad[0]]!r}"
+        if b == 1:
+            assert cache.by_str, "no collision was exercised"
+
+
 def test_piece_cache_refuses_what_it_cannot_prove():
     from tokenizers import Regex, normalizers, pre_tokenizers
 

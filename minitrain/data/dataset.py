@@ -3,7 +3,7 @@ batches. See the package docstring for the whole picture."""
 from __future__ import annotations
 
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,43 +196,66 @@ def _read_all(data, encoder, pool, max_seq_length, format, overflow, skip_bad_li
         fmap = src.get("field_map", field_map) or {}
         stats = ReadStats()
         pending: list[tuple[str, dict, str]] = []
-        cur_file, cur_fmt = None, None
+        # with worker processes, a batch is encoded while the next one is read; results are stored in file order
+        inflight: deque = deque()
+
+        def finish(job):
+            batch, result = job
+            info.formats.update(f for f, _, _ in batch)
+            _store_encoded(batch, result(), store, rej, info, k, src_of, fmt_of, locs, max_seq_length, overflow)
 
         def flush():
-            _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs, max_seq_length, overflow,
-                            pool)
-            pending.clear()
+            if pending:
+                inflight.append((list(pending), _submit(pending, encoder, pool)))
+                pending.clear()
+            while len(inflight) > (0 if pool is None else 1):
+                finish(inflight.popleft())
 
-        for rec, loc, f in read_records(src["path"], skip_bad_lines=skip_bad_lines,
-                                        txt_split=src.get("txt_split", txt_split), stats=stats):
-            if fmap:
-                rec = {fmap.get(key, key): v for key, v in rec.items()}
-            try:
-                if f is not cur_file and f != cur_file:
-                    cur_file, cur_fmt = f, src.get("format", format) or detect_format(rec, loc)
-                try:
-                    ex = normalize(rec, cur_fmt, loc, system_prompt)
-                except DataError:
-                    # a file may mix formats: a record that fits another format is taken as that one;
-                    # otherwise the error names what this record lacks for the file's format
-                    other = None if src.get("format", format) else _try_detect(rec, loc)
-                    if other is None or other == cur_fmt:
-                        raise
-                    cur_fmt = other
-                    ex = normalize(rec, cur_fmt, loc, system_prompt)
-            except DataError as e:
-                if not skip_bad_lines:
-                    raise
-                stats.skip(str(e))
-                continue
-            info.formats[cur_fmt] += 1
-            pending.append((cur_fmt, ex, loc))
-            if len(pending) >= batch_records:
-                flush()
+        records = read_records(src["path"], skip_bad_lines=skip_bad_lines, txt_split=src.get("txt_split", txt_split),
+                               stats=stats)
+        try:
+            _read_source(records, src, format, fmap, system_prompt, skip_bad_lines, stats, pending, flush,
+                         batch_records)
+        except BaseException:
+            while inflight:  # an error in an earlier batch comes first
+                finish(inflight.popleft())
+            raise
         flush()
+        while inflight:
+            finish(inflight.popleft())
         info.read, info.skipped, info.skip_examples = stats.records, stats.skipped, stats.examples
         _warn(info, max_seq_length)
     return store, rej, infos, src_of, fmt_of, locs
+
+
+def _read_source(records, src, format, fmap, system_prompt, skip_bad_lines, stats, pending, flush, batch_records):
+    """Normalize every record of one source into ``pending``, calling ``flush`` every ``batch_records``."""
+    cur_file, cur_fmt = None, None
+    fixed = src.get("format", format)
+    for rec, loc, f in records:
+        if fmap:
+            rec = {fmap.get(key, key): v for key, v in rec.items()}
+        try:
+            if f is not cur_file and f != cur_file:
+                cur_file, cur_fmt = f, fixed or detect_format(rec, loc)
+            try:
+                ex = normalize(rec, cur_fmt, loc, system_prompt)
+            except DataError:
+                # a file may mix formats: a record that fits another format is taken as that one;
+                # otherwise the error names what this record lacks for the file's format
+                other = None if fixed else _try_detect(rec, loc)
+                if other is None or other == cur_fmt:
+                    raise
+                cur_fmt = other
+                ex = normalize(rec, cur_fmt, loc, system_prompt)
+        except DataError as e:
+            if not skip_bad_lines:
+                raise
+            stats.skip(str(e))
+            continue
+        pending.append((cur_fmt, ex, loc))
+        if len(pending) >= batch_records:
+            flush()
 
 
 def _try_detect(rec: dict, loc: str) -> str | None:
@@ -302,23 +325,29 @@ class _WorkerEncoder:
         return list(zip(split_by(ids, lens), split_by(mask, lens), rej if rej is not None else [None] * len(lens)))
 
 
-def _encode_pending(pending, encoder, store, rej, info, k, src_of, fmt_of, locs, max_len, overflow, pool=None):
-    if not pending:
-        return
-    flat = encoded = None
+def _submit(pending, encoder, pool):
+    """Start encoding a batch; returns a function giving ``(flat, encoded)``: the batch's concatenated
+    ``(ids, mask, lengths)`` or, for batches with rejected sequences or mixed formats, per-example triples."""
     if pool is None:
         flat = _encode_flat(encoder, pending)
-        if flat is None:
-            encoded = _encode_examples(encoder, pending)
-    else:
-        # imap, not map: results come back in order, so an error names the first bad record, whichever worker
-        pool, n = pool
-        step = -(-len(pending) // n)
-        parts = list(pool.imap(_WorkerEncoder.run, [pending[s: s + step] for s in range(0, len(pending), step)]))
+        out = (flat, None if flat is not None else _encode_examples(encoder, pending))
+        return lambda: out
+    # imap, not map: results come back in order, so an error names the first bad record, whichever worker
+    pool, n = pool
+    step = -(-len(pending) // n)
+    it = pool.imap(_WorkerEncoder.run, [pending[s: s + step] for s in range(0, len(pending), step)])
+
+    def result():
+        parts = list(it)
         if all(p[3] is None for p in parts):
-            flat = tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
-        else:
-            encoded = [e for part in parts for e in _WorkerEncoder.unpack(part)]
+            return tuple(np.concatenate([p[j] for p in parts]) for j in range(3)), None
+        return None, [e for part in parts for e in _WorkerEncoder.unpack(part)]
+
+    return result
+
+
+def _store_encoded(pending, result, store, rej, info, k, src_of, fmt_of, locs, max_len, overflow):
+    flat, encoded = result
     if flat is not None:
         if _keep_all_fitting(pending, *flat, store, rej, info, k, src_of, fmt_of, locs, max_len):
             return

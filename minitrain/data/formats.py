@@ -113,8 +113,18 @@ def normalize(record: dict, fmt: str, loc: str, system_prompt: str | None = None
         DataError: a missing field or a field of the wrong type, naming the location.
     """
     if fmt == "raw":
-        return {"text": _string(record, "text", loc, fmt)}
+        text = record.get("text")
+        return {"text": text if type(text) is str else _string(record, "text", loc, fmt)}
     if fmt == "instruct":
+        get = record.get  # the common record (all fields strings) without the checks' calls; else checked below
+        instruction, inp, output, system = get("instruction"), get("input"), get("output"), get("system")
+        if type(instruction) is str and type(output) is str and (inp is None or type(inp) is str) and \
+                (system is None or type(system) is str):
+            user = instruction if not inp or not inp.strip() else f"{instruction}\n\n{inp}"
+            msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+            if system:
+                msgs.insert(0, {"role": "system", "content": system})
+            return {"messages": _with_system(msgs, system_prompt)}
         instruction = _string(record, "instruction", loc, fmt)
         inp = _string(record, "input", loc, fmt, optional=True)
         output = _string(record, "output", loc, fmt)

@@ -66,8 +66,24 @@ def _decode(path: Path, lineno: int, offset: int, raw: bytes) -> str:
     return text.lstrip("\ufeff") if lineno == 1 else text  # a UTF-8 byte order mark is not data
 
 
+_scan = json.JSONDecoder().scan_once  # what json.loads runs on a line that starts with its value
+
+
 def _read_jsonl(path: Path, skip_bad_lines: bool, stats: ReadStats) -> Iterator[tuple[dict, str]]:
+    name = str(path)
     for lineno, offset, raw in _raw_lines(path):
+        # the common line, '{...}' + newline, parsed by json's scanner directly (json.loads' own steps around
+        # it cost as much again); anything else, or any failure, takes the checked path below
+        if raw[:1] == b"{" and lineno > 1:
+            try:
+                text = raw.decode("utf-8")
+                rec, end = _scan(text, 0)
+            except (UnicodeDecodeError, StopIteration, ValueError):
+                pass
+            else:
+                if end == len(text) or not text[end:].strip(" \t\n\r"):  # json's whitespace only
+                    yield rec, f"{name}:{lineno}"
+                    continue
         try:
             text = _decode(path, lineno, offset, raw)
             if not text.strip():
