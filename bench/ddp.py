@@ -70,7 +70,7 @@ def build_model(layers: int, device: torch.device, shape: dict = SHAPE_8B):
     return model, params
 
 
-def measure(mode: str, layers: int, seq: int, batch: int, steps: int, smoke: bool = False) -> dict:
+def measure(mode: str, layers: int, seq: int, batch: int, steps: int, smoke: bool = False, ckpt: str = "on") -> dict:
     """One run in this process (of a torchrun group for ddp/fsdp); returns the row fields (on every rank).
     ``smoke``: a tiny model on CPU (gloo), to check the script without a GPU."""
     from minitrain import distributed
@@ -95,8 +95,9 @@ def measure(mode: str, layers: int, seq: int, batch: int, steps: int, smoke: boo
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(output_dir=out, max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant",
                           per_device_train_batch_size=batch, gradient_accumulation_steps=1, save_steps=0,
-                          gradient_checkpointing="on", bf16=not smoke, progress=False, seed=0,
-                          cuda_graphs="off" if smoke or mode == "fsdp" else "on")  # FSDP2 runs eagerly
+                          gradient_checkpointing=ckpt, bf16=not smoke, progress=False, seed=0,
+                          # FSDP2 and activation offload run eagerly
+                          cuda_graphs="off" if smoke or mode == "fsdp" or ckpt == "offload" else "on")
         tr = Trainer(model, None, data, cfg, callbacks=[lambda t, s, m: rows.append(m)])
         tr.train()
     timed = rows[3:] if len(rows) > 4 else rows[1:]  # the first steps compile, fill caches, capture the graph
@@ -105,21 +106,25 @@ def measure(mode: str, layers: int, seq: int, batch: int, steps: int, smoke: boo
     return {"mode": mode, "world": world, "step_s": dt, "tokens_per_s": tokens / dt,
             "peak_mib": max(r["peak_mem_mib"] for r in rows), "tflops_per_gpu": 4 * n_params * batch * seq / dt / 1e12,
             "losses_finite": all(torch.isfinite(torch.tensor([r["loss"] for r in rows])).tolist()),
-            "layers": layers, "seq": seq, "batch": batch, "env": env}
+            "layers": layers, "seq": seq, "batch": batch, "ckpt": ckpt, "env": env}
 
 
 def table_rows(results: list[dict], ceiling: float) -> list[dict]:
-    single = next((r for r in results if r["mode"] == "single"), None)
+    singles = {r.get("ckpt", "on"): r for r in results if r["mode"] == "single"}
     out = []
     for r in results:
+        ckpt = r.get("ckpt", "on")
         name = {"single": "minitrain 1 GPU", "ddp": f"minitrain DDP x{r['world']}",
-                "fsdp": f"minitrain FSDP2 x{r['world']}"}[r["mode"]]
+                "fsdp": f"minitrain FSDP2 x{r['world']}"}[r["mode"]] + (" + activation offload" if ckpt == "offload" else "")
+        single = singles.get(ckpt)
         if single is None or r["mode"] == "single":
-            vs = "-" if single is not None else "1-GPU row missing (python -m bench.ddp --mode single)"
+            vs = "-" if single is not None else f"1-GPU row missing (python -m bench.ddp --mode single --checkpointing {ckpt})"
         elif r["mode"] == "ddp":
             vs = f"{r['tokens_per_s'] / single['tokens_per_s']:.2f}x 1-GPU tokens/s (target >= 1.85 at x2)"
         else:
-            vs = f"{r['peak_mib'] / single['peak_mib']:.2f}x 1-GPU peak memory (target <= 0.6)"
+            vs = f"{r['peak_mib'] / single['peak_mib']:.2f}x 1-GPU peak memory, same settings (target <= 0.6)"
+            if ckpt != "on" and "on" in singles:
+                vs += f"; {r['peak_mib'] / singles['on']['peak_mib']:.2f}x the 1-GPU default (checkpointing on)"
         out.append({"op": "QLoRA train step", "shape": f"8B-shaped {r['layers']}/32 layers, B={r['batch']}/GPU T={r['seq']}",
                     "dtype": "nf4 + bf16", "provider": name, "µs": f"{r['step_s'] * 1e6:,.0f}",
                     "TFLOP/s": f"{r['tflops_per_gpu']:.1f}/GPU", "% of ceiling": f"{100 * r['tflops_per_gpu'] / ceiling:.0f}%",
@@ -151,8 +156,9 @@ def _store(result: dict, only: bool = False) -> list[dict]:
     from bench.hw import load_rows, save_rows
 
     keep = {k: v for k, v in result.items() if k != "env"}
-    rows = [r for r in ([] if only else load_rows(WHAT)) if r.get("mode") != keep["mode"]] + [keep]
-    rows.sort(key=lambda r: ["single", "ddp", "fsdp"].index(r["mode"]))
+    same = lambda r: (r.get("mode"), r.get("ckpt", "on")) == (keep["mode"], keep["ckpt"])  # noqa: E731
+    rows = [r for r in ([] if only else load_rows(WHAT)) if not same(r)] + [keep]
+    rows.sort(key=lambda r: (r.get("ckpt", "on") != "on", ["single", "ddp", "fsdp"].index(r["mode"])))
     save_rows(WHAT, rows)
     return rows
 
@@ -164,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--checkpointing", choices=("on", "offload"), default="on",
+                   help="gradient checkpointing mode of every run (offload: layer inputs kept on the host)")
     p.add_argument("--nproc", type=int, default=None, help="GPUs for --mode all (default: all visible)")
     p.add_argument("--smoke", action="store_true", help="a tiny model on CPU: checks the script, measures nothing")
     a = p.parse_args(argv)
@@ -174,7 +182,7 @@ def main(argv=None) -> int:
     if distributed.launched_by_torchrun():
         if a.mode not in ("ddp", "fsdp"):
             raise SystemExit("under torchrun use --mode ddp or --mode fsdp")
-        res = measure(a.mode, a.layers, a.seq, a.batch, a.steps, a.smoke)
+        res = measure(a.mode, a.layers, a.seq, a.batch, a.steps, a.smoke, a.checkpointing)
         main_rank = res["env"] is None or res["env"].is_main
         distributed.shutdown()
         if main_rank:
@@ -183,7 +191,7 @@ def main(argv=None) -> int:
     if a.smoke and a.mode != "single":
         raise SystemExit("--smoke: use --mode single, or torchrun ... --mode ddp|fsdp --smoke")
     if a.mode in ("all", "single"):
-        res = measure("single", a.layers, a.seq, a.batch, a.steps, a.smoke)
+        res = measure("single", a.layers, a.seq, a.batch, a.steps, a.smoke, a.checkpointing)
         if a.smoke:
             report([res], smoke=True)
             return 0
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
     for mode in ("ddp", "fsdp"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
                str(29400 + os.getpid() % 500), "-m", "bench.ddp", "--mode", mode, "--layers", str(a.layers),
-               "--seq", str(a.seq), "--batch", str(a.batch), "--steps", str(a.steps)]
+               "--seq", str(a.seq), "--batch", str(a.batch), "--steps", str(a.steps), "--checkpointing", a.checkpointing]
         t0 = time.time()
         try:
             rc = subprocess.run(cmd, timeout=420).returncode

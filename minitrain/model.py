@@ -444,7 +444,8 @@ class LlamaModel(KernelSwitch, nn.Module):
         elif position_ids.shape != (B, T):
             raise ValueError(f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}")
         mask = self._mask(position_ids, past, T, plain)
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+        lookup = getattr(self.embed_tokens, "minitrain_lookup", None)  # FSDP2: vocabulary-parallel (distributed.py)
+        x = lookup(input_ids) if lookup is not None else self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)  # (B, T, D)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)

@@ -318,7 +318,14 @@ loss = distributed.vocab_parallel_loss(head, h, ys[r])
 ref_h = [x.clone().requires_grad_(True) for x in hs]
 ref = [F.cross_entropy(x @ W.t(), y, reduction="sum", ignore_index=-100) for x, y in zip(ref_h, ys)]
 sum(l * (i + 2) for i, l in enumerate(ref)).backward()
-out = {"loss": abs(loss.item() - ref[r].item()), "grad": (h.grad - ref_h[r].grad).abs().max().item() if sizes[r] else 0.0,
+emb = torch.nn.Embedding(V, C)
+emb.weight.data.copy_(W)
+emb.weight.requires_grad_(False)
+fully_shard(emb, mesh=init_device_mesh("cpu", (2,)))
+ids = [torch.randint(0, V, (2, 7), generator=g), torch.randint(0, V, (3,), generator=g)][r]  # any shape per rank
+looked = distributed.vocab_parallel_embedding(emb, ids)
+out = {"embedding_exact": bool(torch.equal(looked, W[ids])),
+       "loss": abs(loss.item() - ref[r].item()), "grad": (h.grad - ref_h[r].grad).abs().max().item() if sizes[r] else 0.0,
        "value": loss.item()}
 with open(sys.argv[1] + f"/vp{r}.txt", "w") as f:
     f.write(repr(out))
@@ -326,14 +333,14 @@ distributed.shutdown()
 '''
 
 
-def test_vocab_parallel_loss_equals_cross_entropy_of_the_full_head(tmp_path):
-    """FSDP2 never gathers the lm_head for the loss: the vocabulary-parallel loss and its hidden-state gradient must
-    equal F.cross_entropy of the full head per rank (uneven shards, an ignored row, a rank without rows, different
-    upstream grads per rank)."""
+def test_vocab_parallel_loss_and_embedding_equal_the_full_weights(tmp_path):
+    """FSDP2 never gathers a frozen lm_head or embedding: the vocabulary-parallel loss and its hidden-state gradient
+    must equal F.cross_entropy of the full head per rank (uneven shards, an ignored row, a rank without rows,
+    different upstream grads per rank), and the lookup must equal indexing the full table exactly."""
     script = tmp_path / "vp_worker.py"
     script.write_text(VOCAB_WORKER)
     torchrun([str(script), str(tmp_path)], timeout=120)
     for r in (0, 1):
         got = eval((tmp_path / f"vp{r}.txt").read_text())
-        assert got["loss"] <= 1e-4 and got["grad"] <= 1e-5, (r, got)
+        assert got["loss"] <= 1e-4 and got["grad"] <= 1e-5 and got["embedding_exact"], (r, got)
     assert eval((tmp_path / "vp0.txt").read_text())["value"] > 0
