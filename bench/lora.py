@@ -294,9 +294,12 @@ def _targets(block, T, by):
                      f"fresh dx buffer (rank-R terms < 2 MiB)")
     if block == "mlp":
         mib = 2 / 2**20
-        held, gu, dh, w = 2 * T * C * mib, 2 * T * F * mib, T * F * mib, C * F * mib
-        lines.append(f"- mlp T={T} peak model: output + dy {held:.0f} + saved g, u {gu:.0f} + dh {dh:.0f} + the "
-                     f"dequantized down weight {w:.0f} = {held + gu + dh + w:.0f} MiB (rank-R terms < 2 MiB)")
+        held, gu, w = 2 * T * C * mib, 2 * T * F * mib, C * F * mib
+        dh, dx = min(T, C // 2) * F * mib, T * C * mib
+        lines.append(f"- mlp T={T} peak model: output + dy {held:.0f} + saved g, u {gu:.0f} + max(a C/2-row chunk "
+                     f"of dh {dh:.0f}, dx {dx:.0f}) + one dequantized weight {w:.0f} = "
+                     f"{held + gu + max(dh, dx) + w:.0f} MiB (rank-R terms < 2 MiB; a whole dh would add "
+                     f"{T * F * mib - max(dh, dx):.0f})")
     if floor and peft:
         b = []
         for label, key in (("graph", "graph_us"), ("eager", "us")):

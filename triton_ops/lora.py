@@ -334,7 +334,8 @@ class _LoRAGroupFn(torch.autograd.Function):
 class _LoRAMLPFn(torch.autograd.Function):
     """down(silu(gate(x)) · up(x)) with adapters on any of the three projections.
 
-    Forward keeps x, g = gate(x), u = up(x) (not h) and the (M, R) adapter products. Backward:
+    Forward keeps x, g = gate(x), u = up(x) (not h) and the (M, R) adapter products. Backward, in row chunks
+    of C/2 tokens for the (tokens x F) terms (so only a chunk of dh exists at a time):
         dh = dy·Wd + (s_d/(1-p_d))·(dy·B_d)·A_d ⊙ keep_d
         one in-place kernel: dh <- h = silu(g)·u, g <- dg, u <- du   (g, u are this Function's own buffers)
         dA_d = (s_d/(1-p_d))·(dy·B_d)ᵀ·(h ⊙ keep_d),  dB_d = s_d·dyᵀ·(drop(h)·A_dᵀ) (that product saved)
@@ -365,27 +366,39 @@ class _LoRAMLPFn(torch.autograd.Function):
         dy2 = _contig(_flat(dy, dy.shape[-1]))
         dtype = dy2.dtype
 
-        # dh = dy·Wd (+ adapter); the base part is the dx of down's projection. The rank-R term is written
-        # first and the base GEMM accumulates onto it (see _group_forward).
-        dyB = None
+        # dh = dy·Wd (+ adapter), the dx of down's projection, is made in row chunks of at most C/2 tokens,
+        # each turned at once by the in-place SwiGLU kernel into (h, dg, du) and folded into dA_d: a chunk of dh
+        # (rows x F) is the only (tokens x F) buffer besides the saved g, u, so the backward's peak is the
+        # saved activations + half a dequantized weight's worth of dh + Wd instead of a whole (M, F) dh.
+        # Per chunk the rank-R term is written first and the base GEMM accumulates onto it (_group_forward).
+        M, C_ = dy2.shape
+        step = max(16, C_ // 2)
+        Wd = _dense(down.base, dtype)                                                # (C, F), for all chunks
+        dyB = Ad_ = None
         if down.has_adapter:
-            dyB = _mm_s(dy2, _as(Bd, dtype), down.scale / (1.0 - down.p))             # (M, R)
-            dh = torch.mm(dyB, _as(Ad, dtype))                                       # (M, F)
-            if kd is not None:
-                dh.mul_(kd)
-            Wd = _dense(down.base, dtype)
-            dh.addmm_(dy2, Wd)
-        else:
-            Wd = _dense(down.base, dtype)
-            dh = torch.mm(dy2, Wd)                                                   # (M, F)
+            Ad_ = _as(Ad, dtype)
+            dyB = _mm_s(dy2, _as(Bd, dtype), down.scale / (1.0 - down.p))           # (M, R)
+        dAd = None
+        for r0 in range(0, M, step):
+            r1 = min(M, r0 + step)
+            if down.has_adapter:
+                dh = torch.mm(dyB[r0:r1], Ad_)                                       # (rows, F)
+                if kd is not None:
+                    dh.mul_(kd[r0:r1])
+                dh.addmm_(dy2[r0:r1], Wd)
+            else:
+                dh = torch.mm(dy2[r0:r1], Wd)
+            # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du (these rows).
+            _swiglu_bwd_(dh, g[r0:r1], u[r0:r1], down.has_adapter, ctx.backend)
+            if down.has_adapter:
+                h = dh if kd is None else dh.mul_(kd[r0:r1])                         # h ⊙ keep
+                dAd = torch.mm(dyB[r0:r1].t(), h) if dAd is None else dAd.addmm_(dyB[r0:r1].t(), h)
+            del dh
         del Wd
-        # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du.
-        _swiglu_bwd_(dh, g, u, down.has_adapter, ctx.backend)
-        dAd = dBd = None
+        dBd = None
         if down.has_adapter:
-            dAd = _as(torch.mm(dyB.t(), dh if kd is None else torch.where(kd, dh, 0)), Ad.dtype)
+            dAd = _as(dAd, Ad.dtype)
             dBd = _as(_mm_s(dy2.t(), xa_d, down.scale), Bd.dtype)
-        del dh
         dx, grads = _group_backward(x2, (g, u), (gate, up), tensors[:6], [xa_g, xa_u], A_cat,
                                     ctx.needs_input_grad[0])
         return (None if dx is None else dx.view(x.shape), None, None, *grads[:2], None, *grads[3:5], None,
