@@ -375,6 +375,30 @@ def test_lora_qkv_unused_output(device):
             torch.testing.assert_close(u, w, rtol=1e-4, atol=tol, msg=lambda m: f"grad {i}: {m}")
 
 
+@pytest.mark.parametrize("block", ["qkv", "mlp"])
+def test_fp32_adapters_bf16_input(block, device):
+    """Adapters kept in fp32 (a trainer's master weights) with a bf16 input: the op computes in bf16 with the
+    adapters cast once, and returns fp32 grads equal to those of the same op on bf16 copies of the adapters."""
+    lead, C = (37,), 70
+    shapes = [(64, C), (16, C), (16, C)] if block == "qkv" else [(130, C), (130, C), (C, 130)]
+    ps = [_make_proj(n, k, 4, torch.float32, device, True, 0.0, False, lead) for n, k in shapes]
+    x = torch.randn(lead + (C,), device=device).to(torch.bfloat16)
+    res = {}
+    for dt in (torch.float32, torch.bfloat16):
+        leaves = [t.to(dt).requires_grad_() for dd in ps for t in (dd["A"], dd["B"])]
+        specs = [_spec(dict(dd, A=leaves[2 * i], B=leaves[2 * i + 1])) for i, dd in enumerate(ps)]
+        xk = x.clone().requires_grad_()
+        outs = lora_qkv(xk, *specs, backend="triton") if block == "qkv" else (lora_mlp(xk, *specs, backend="triton"),)
+        assert all(o.dtype == torch.bfloat16 for o in outs)
+        grads = torch.autograd.grad(outs, [xk] + leaves, [torch.ones_like(o) for o in outs])
+        assert all(g.dtype == t.dtype for g, t in zip(grads, [xk] + leaves)), "each grad in its leaf's dtype"
+        res[dt] = [o.float() for o in outs] + [g.float() for g in grads]
+    for i, (a, b) in enumerate(zip(res[torch.float32], res[torch.bfloat16])):
+        err = (a - b).abs().max().item()
+        ok = torch.equal(a, b) if device == "cpu" else err <= 1e-2 * b.abs().max().item()
+        assert ok, f"{block} output/grad {i}: fp32 adapters differ from their bf16 copies by {err:.3g}"
+
+
 class _OpLog(TorchDispatchMode):
     """Records the aten ops a region dispatches (the host work of an eager call, one entry per op)."""
 
