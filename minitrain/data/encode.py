@@ -12,11 +12,14 @@ tokens with the token start offsets; the first record of each kind is checked ag
 methods and the per-record path is used if they disagree.
 
 Speed (100k chat records of ~94 tokens on a 2-core machine, bench/results/*-cpu2-data.md): jinja2's sandbox
-renders ~22k records/s and ``tokenizers`` encodes ~3-5k records/s (its pre-tokenizer alone is most of that). Two
+renders ~30k records/s and ``tokenizers`` encodes ~3-6k records/s (its pre-tokenizer alone is most of that). Two
 exact fast paths replace them when they apply: ``Tokenizer.fast_chat_renderer`` (plain Python for the ChatML and
-Llama-3 families, ~20x jinja2) and ``PieceCache`` (tokenization through a dict of space-delimited pieces,
-``tokenizers`` only for pieces not seen before). Both are compared with the slow path on a sample of records
-(``Encoder.verify_first``, ``Encoder.verify_every``) and switched off with a warning on any difference.
+Llama-3 families, ~20x jinja2, with a ``spans`` method that gives the assistant spans in the same pass) and
+``PieceCache`` (tokenization of a whole batch as one array: space-delimited pieces hashed and gathered from a
+table in numpy, every character checked against the entry, ``tokenizers`` only for pieces not seen before). Both
+are compared with the slow path on a sample of records (``Encoder.verify_first``, ``Encoder.verify_every``) and
+switched off with a warning on any difference. Batches stay flat arrays (ids, mask, tokens per record) from
+here to the token store (``encode_chat_flat``, ``encode_raw_flat``).
 """
 from __future__ import annotations
 
@@ -414,6 +417,9 @@ class PieceCache:
             self._added = re.compile("(" + "|".join(map(re.escape, alts)) + ")")
         self._pow = np.ones(1, np.uint64)
         self._ipow = np.ones(1, np.uint64)
+        self._buf = np.zeros(0, np.uint64)  # prefix sums of the batch being hashed
+        self._arange = np.zeros(0, np.int64)
+        self._ar32 = np.zeros(0, np.int32)
         self._reset()
 
     def _reset(self) -> None:
@@ -463,7 +469,7 @@ class PieceCache:
         if composite:
             new = list(dict.fromkeys(p for i in composite for p in segs[i] if p not in self._parts))
             if new:  # parts are never composite
-                encs = self.backend.encode_batch(new, add_special_tokens=False)
+                encs = self._tokenize(new)
                 self._parts.update((p, (e.ids, [s for s, _ in e.offsets])) for p, e in zip(new, encs))
             for i in composite:
                 ids, starts, at = [], [], 0
@@ -474,9 +480,17 @@ class PieceCache:
                     at += len(p)
                 out[i] = (ids, starts)
         if plain:
-            for i, e in zip(plain, self.backend.encode_batch([texts[i] for i in plain], add_special_tokens=False)):
+            for i, e in zip(plain, self._tokenize([texts[i] for i in plain])):
                 out[i] = (e.ids, [s for s, _ in e.offsets])
         return out
+
+    def _tokenize(self, texts: list[str]) -> list:
+        """``tokenizers`` Encodings. A few short texts go one by one: encode_batch's thread pool costs
+        milliseconds per call, more than tokenizing them (a warm cache asks for a handful per batch)."""
+        if len(texts) < 64:
+            enc = self.backend.encode
+            return [enc(t, add_special_tokens=False) for t in texts]
+        return self.backend.encode_batch(texts, add_special_tokens=False)
 
     def _add(self, keys: list[str]) -> int:
         """Encode ``keys`` (distinct pieces) into new entries; returns the first new entry's number."""
@@ -502,6 +516,11 @@ class PieceCache:
         self.n_entries = n
         self.strings += keys
         return n0
+
+    def _arange32(self, n: int) -> np.ndarray:
+        if len(self._ar32) < n:
+            self._ar32 = np.arange(max(n, 2 * len(self._ar32)), dtype=np.int32)
+        return self._ar32[:n]
 
     def _lookup(self, h: np.ndarray) -> np.ndarray:
         """The entry of each hash in the table (linear probing), -1 where absent."""
@@ -570,9 +589,13 @@ class PieceCache:
         pend[-1] = n
         plen = pend - pstart
         pw, ipw = self._powers(n + 1)
+        if len(self._buf) < n + 1:  # reused: a fresh array of this size costs its page faults every batch
+            self._buf = np.zeros(max(n + 1, 2 * len(self._buf)), np.uint64)
+            self._arange = np.arange(len(self._buf), dtype=np.int64)
+        pre = self._buf[: n + 1]
         with np.errstate(over="ignore"):
-            pre = np.zeros(n + 1, np.uint64)
-            np.cumsum(a.astype(np.uint64) * pw[:n], out=pre[1:])
+            np.multiply(a, pw[:n], out=pre[1:], dtype=np.uint64)
+            np.cumsum(pre[1:], out=pre[1:])
             h = ((pre[pend] - pre[pstart]) * ipw[pstart] + plen.astype(np.uint64)) | np.uint64(1)  # 0: empty slot
         # proposed entries: by hash, new pieces added
         idx = self._lookup(h)
@@ -587,9 +610,12 @@ class PieceCache:
         bad = self.e_len[idx] != plen
         ok = np.flatnonzero(~bad)
         if len(ok) == len(idx):
-            same = self.c_chars[np.repeat(self.e_coff[idx] - pstart, plen) + np.arange(n)] == a
-            if not same.all():
-                bad[np.searchsorted(pstart, np.flatnonzero(~same), "right") - 1] = True
+            small = np.int32 if self.n_chars + n < 2**31 else np.int64  # half the index traffic when it fits
+            at = np.repeat((self.e_coff[idx] - pstart).astype(small), plen)
+            at += self._arange[:n].astype(small, copy=False) if small is np.int64 else self._arange32(n)
+            expect = self.c_chars.take(at)
+            if not np.array_equal(expect, a):
+                bad[np.searchsorted(pstart, np.flatnonzero(expect != a), "right") - 1] = True
         else:  # lengths differ somewhere: compare the pieces of the right length only
             for i in ok.tolist():
                 if self.strings[idx[i]] != s[pstart[i]: pend[i]]:
