@@ -34,17 +34,18 @@ def _mt(m: int) -> int:
 
 def gemv_config(m: int, n: int, k: int, sms: int) -> tuple[int, int]:
     """(R, W): R weight rows per block (R * MT <= 32 accumulators per lane), halved while there would be fewer
-    than two blocks per SM; W warps per block share the 1024-element chunks of K evenly (at most 8)."""
+    than two blocks per SM; W warps per block share the 1024-element chunks of K."""
     mt = _mt(m)
     if CONFIG_OVERRIDE is not None:
         r, w = int(CONFIG_OVERRIDE["R"]), int(CONFIG_OVERRIDE["W"])
         return min(r, 32 // mt), max(1, min(w, 8))
-    r = min(4, 32 // mt)
+    # From the H100 sweep (python -m bench.nf4 --sweep, 2026-11-27): M=1 fastest at R=8, W=4 on 4096x4096,
+    # 14336x4096 and 4096x14336 (10.3, 23.5, 24.4 us); M=2..8 at R=4 (or 8), W=2. The old "W balanced over
+    # the K chunks" rule picked W=7 for K=14336 (not measured faster).
+    r = min(8 if m == 1 else 4, 32 // mt)
     while r > 1 and -(-n // r) < 2 * sms:
         r //= 2
-    chunks = -(-k // 1024)
-    w = min(8, chunks)
-    w = -(-chunks // -(-chunks // w))  # balance: every warp gets the same number of chunks (or one fewer)
+    w = min(4 if m == 1 else 2, -(-k // 1024))
     return r, w
 
 

@@ -201,9 +201,13 @@ def test_rms_norm_torch_compile_gpu():
 
 def _configs_agree(device, shapes, fwd_configs, bwd_configs):
     """Every launch configuration computes the same thing: y, rstd and dx bit-identical to the default launch
-    when the row is split into the same blocks (each row's arithmetic is then the same), within an ulp of rstd
-    when the sum of squares adds its blocks in another order; dw up to the order of its partials."""
+    when the row is reduced in the same order (same blocks, warps and rows per tile), within an ulp when the sum
+    of squares adds its terms in another order (other warp counts: 48 of 4M outputs differed by one bf16 ulp on
+    an H100); dw up to the order of its partials."""
     from triton_ops.rms_norm import rms_norm_backward, rms_norm_forward
+
+    def _same_order(cfg):  # the row's reduction tree is the default's: same split, warps and rows per tile
+        return not {"chunking", "num_warps", "block_m"} & set(cfg)
 
     def same(a, b, exact, what):
         if exact:
@@ -221,16 +225,16 @@ def _configs_agree(device, shapes, fwd_configs, bwd_configs):
         dx0, dw0 = rms_norm_backward(dy, x, w, r0, True)
         for cfg in fwd_configs:
             y, r = rms_norm_forward(x, w, 1e-6, config=cfg)
-            same(y, y0, "chunking" not in cfg, ("y", N, C, cfg))
-            same(r, r0, "chunking" not in cfg, ("rstd", N, C, cfg))
+            same(y, y0, _same_order(cfg), ("y", N, C, cfg))
+            same(r, r0, _same_order(cfg), ("rstd", N, C, cfg))
         for cfg in bwd_configs:
             dx, dw = rms_norm_backward(dy, x, w, r0, True, config=cfg)
-            same(dx, dx0, "chunking" not in cfg, ("dx", N, C, cfg))
+            same(dx, dx0, _same_order(cfg), ("dx", N, C, cfg))
             torch.testing.assert_close(dw.float(), dw0.float(), atol=0.05, rtol=2**-7, msg=str(("dw", N, C, cfg)))
-            if cfg.get("stages", 1) == 1 and "chunking" not in cfg:
+            if cfg.get("stages", 1) == 1 and _same_order(cfg):
                 cfg = dict(cfg, per_sm=0)
             dx, dw = rms_norm_backward(dy, x, w, r0, False, config=cfg)
-            same(dx, dx0, "chunking" not in cfg, ("dx without dw", N, C, cfg))
+            same(dx, dx0, _same_order(cfg), ("dx without dw", N, C, cfg))
             assert dw.numel() == 0
 
 

@@ -379,20 +379,23 @@ class _LoRAMLPFn(torch.autograd.Function):
             Ad_ = _as(Ad, dtype)
             dyB = _mm_s(dy2, _as(Bd, dtype), down.scale / (1.0 - down.p))           # (M, R)
         dAd = None
-        for r0 in range(0, M, step):
-            r1 = min(M, r0 + step)
+        # Under torch.compile one chunk of all rows, unsliced: torch 2.11's Dynamo fails on the sliced loop over
+        # symbolic rows ("Argument ... does not belong to this Graph", test_compile_gpu on an H100).
+        whole = torch.compiler.is_compiling()
+        for r0 in ((0,) if whole else range(0, M, step)):
+            rows = slice(None) if whole else slice(r0, min(M, r0 + step))
             if down.has_adapter:
-                dh = torch.mm(dyB[r0:r1], Ad_)                                       # (rows, F)
+                dh = torch.mm(dyB[rows], Ad_)                                       # (rows, F)
                 if kd is not None:
-                    dh.mul_(kd[r0:r1])
-                dh.addmm_(dy2[r0:r1], Wd)
+                    dh.mul_(kd[rows])
+                dh.addmm_(dy2[rows], Wd)
             else:
-                dh = torch.mm(dy2[r0:r1], Wd)
+                dh = torch.mm(dy2[rows], Wd)
             # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du (these rows).
-            _swiglu_bwd_(dh, g[r0:r1], u[r0:r1], down.has_adapter, ctx.backend)
+            _swiglu_bwd_(dh, g if whole else g[rows], u if whole else u[rows], down.has_adapter, ctx.backend)
             if down.has_adapter:
-                h = dh if kd is None else dh.mul_(kd[r0:r1])                         # h ⊙ keep
-                dAd = torch.mm(dyB[r0:r1].t(), h) if dAd is None else dAd.addmm_(dyB[r0:r1].t(), h)
+                h = dh if kd is None else dh.mul_(kd[rows])                         # h ⊙ keep
+                dAd = torch.mm(dyB[rows].t(), h) if dAd is None else dAd.addmm_(dyB[rows].t(), h)
             del dh
         del Wd
         dBd = None
