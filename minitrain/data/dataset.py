@@ -2,6 +2,7 @@
 batches. See the package docstring for the whole picture."""
 from __future__ import annotations
 
+import gc
 import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -142,8 +143,10 @@ def load_dataset(data, tokenizer, *, max_seq_length: int = 2048, format: str | N
         system_prompt: added as the system message of chat examples that have none.
         field_map: renames record fields before detection, e.g. ``{"question": "instruction"}``.
         batch_records: records tokenized per batch (memory holds only one batch of raw text at a time).
-        num_proc: worker processes that render and tokenize (each batch is split among them; results keep the
-            file order). Chat templates render in Python, so this is what scales past one core.
+        num_proc: worker processes that render and tokenize (each batch is split among them and encoded while
+            the parent reads the next; results keep the file order). Records travel to the workers pickled and
+            each worker fills its own piece cache, so this pays only with cores to spare: on a 2-core machine
+            it is no faster than 1 (bench/results/*-cpu2-data.md).
     Returns:
         a Dataset. Examples with no trained token are left out with a warning that counts them; so are
         truncated or dropped ones.
@@ -164,12 +167,18 @@ def load_dataset(data, tokenizer, *, max_seq_length: int = 2048, format: str | N
         # fork: the workers inherit the tokenizer as it is, nothing is pickled but records and token ids
         pool = mp.get_context("fork").Pool(num_proc, initializer=_WorkerEncoder.init, initargs=(encoder,))
         batch_records *= num_proc
+    # the cyclic garbage collector would walk every record, message and result object held here again and again
+    # as they are allocated (a third of the time of 100k chat records); nothing here makes reference cycles
+    gc_was_on = gc.isenabled()
+    gc.disable()
     try:
         workers = None if pool is None else (pool, num_proc)
         store, rej, infos, src_of, fmt_of, locs = _read_all(data, encoder, workers, max_seq_length, format, overflow,
                                                             skip_bad_lines, txt_split, system_prompt, field_map,
                                                             batch_records)
     finally:
+        if gc_was_on:
+            gc.enable()
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -415,6 +415,8 @@ class PieceCache:
         if added and len({t.normalized for t in added}) == 1:
             alts = sorted({t.content for t in added}, key=len, reverse=True)
             self._added = re.compile("(" + "|".join(map(re.escape, alts)) + ")")
+        # the separator of texts tokenized in one call: an added token (the shortest)
+        self._sep = None if self._added is None else (alts[-1], backend.token_to_id(alts[-1]))
         self._pow = np.ones(1, np.uint64)
         self._ipow = np.ones(1, np.uint64)
         self._buf = np.zeros(0, np.uint64)  # prefix sums of the batch being hashed
@@ -469,8 +471,7 @@ class PieceCache:
         if composite:
             new = list(dict.fromkeys(p for i in composite for p in segs[i] if p not in self._parts))
             if new:  # parts are never composite
-                encs = self._tokenize(new)
-                self._parts.update((p, (e.ids, [s for s, _ in e.offsets])) for p, e in zip(new, encs))
+                self._parts.update(zip(new, self._tokenize(new)))
             for i in composite:
                 ids, starts, at = [], [], 0
                 for p in segs[i]:
@@ -481,16 +482,39 @@ class PieceCache:
                 out[i] = (ids, starts)
         if plain:
             for i, e in zip(plain, self._tokenize([texts[i] for i in plain])):
-                out[i] = (e.ids, [s for s, _ in e.offsets])
+                out[i] = e
         return out
 
-    def _tokenize(self, texts: list[str]) -> list:
-        """``tokenizers`` Encodings. A few short texts go one by one: encode_batch's thread pool costs
-        milliseconds per call, more than tokenizing them (a warm cache asks for a handful per batch)."""
-        if len(texts) < 64:
-            enc = self.backend.encode
-            return [enc(t, add_special_tokens=False) for t in texts]
-        return self.backend.encode_batch(texts, add_special_tokens=False)
+    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(ids, token starts) of each text from ``tokenizers``. Texts without added tokens are joined with an
+        added token between them and encoded in one call (added tokens are hard boundaries, so each part is
+        tokenized as if alone; every separator is checked to be one token at its place): a call costs tens of
+        microseconds whatever its length, and a cold cache asks for thousands of short pieces."""
+        out: list = [None] * len(texts)
+        rest = list(range(len(texts)))
+        if self._sep is not None and len(texts) > 1:
+            sep, sep_id = self._sep
+            alone = [i for i, t in enumerate(texts) if t and self._added.search(t) is None]
+            if len(alone) > 1:
+                e = self.backend.encode(sep.join(texts[i] for i in alone), add_special_tokens=False)
+                ids, offs = e.ids, e.offsets
+                cuts = [j for j, t in enumerate(ids) if t == sep_id]
+                at, want = 0, []
+                for i in alone[:-1]:
+                    at += len(texts[i])
+                    want.append((at, at + len(sep)))
+                    at += len(sep)
+                if len(cuts) == len(want) and all(offs[j] == w for j, w in zip(cuts, want)):
+                    lo, base = 0, 0
+                    for i, hi in zip(alone, cuts + [len(ids)]):
+                        out[i] = (ids[lo:hi], [s - base for s, _ in offs[lo:hi]])
+                        lo, base = hi + 1, base + len(texts[i]) + len(sep)
+                    rest = [i for i in rest if out[i] is None]
+        enc = self.backend.encode
+        for i in rest:
+            e = enc(texts[i], add_special_tokens=False)
+            out[i] = (e.ids, [s for s, _ in e.offsets])
+        return out
 
     def _add(self, keys: list[str]) -> int:
         """Encode ``keys`` (distinct pieces) into new entries; returns the first new entry's number."""
