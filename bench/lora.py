@@ -16,26 +16,19 @@ Providers:
 Each mode stores its rows next to the results and writes the merged table, so running the two modes one
 after the other (either order) gives the full table.
 
-Two times per provider: µs = one forward+backward replayed from a CUDA graph (torch.cuda.CUDAGraph
-capture of the whole step, as the trainer runs it: GPU time only), and eager µs = the same step called from
-Python (GPU time or host time, whichever is longer). eager/graph well above 1 means the eager call is
-host-bound (launch and Python work). A provider that cannot be captured says why in its row and is compared
-on eager time.
-  * minitrain (NF4, dx into x): lora_qkv(..., overwrite_x=True), backward writes dx into x's storage as
-    unsloth's apply_lora_qkv does by default (inplace=True); the plain row keeps x intact.
-
 Peak MiB = max allocated during one forward+backward minus what was allocated before it (weights and the
-input are held by every provider already), measured on an eager call.
+input are held by every provider already).
 
-Targets: the issue asks for ≥ 2x faster than peft + bnb. The floor bounds that: no LoRA implementation can
-beat the floor, so peft+bnb time / floor time is the largest speed-up over peft+bnb any implementation can
-reach; the Targets section prints it next to ours.
-
-Run: ``python -m bench.lora`` (about two minutes of GPU time; unsloth adds ~1 min with its import).
+Run: ``python -m bench.lora`` (about a minute of GPU time; unsloth adds ~1 min with its import).
 """
 from __future__ import annotations
 
+import argparse
 import gc
+import json
+import os
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as Fn
@@ -47,11 +40,7 @@ TOKENS = (4096, 16384)
 DT = torch.bfloat16
 BLOCKS = ("mlp", "qkv")
 PEERS = ("peft + bnb", "unsloth")
-OURS = "minitrain (NF4)"
-OURS_OW = "minitrain (NF4, dx into x)"
-SKIP = {("mlp", OURS_OW)}  # overwrite_x is a QKV option (the MLP backward already reuses its own buffers)
-COLUMNS = ["op", "shape", "dtype", "provider", "µs", "TFLOP/s", "% of ceiling", "peak MiB", "vs best peer",
-           "eager µs", "eager/graph", "graph capture"]
+COLUMNS = ["op", "shape", "dtype", "provider", "µs", "TFLOP/s", "% of ceiling", "peak MiB", "vs best peer"]
 
 
 def shapes(block):
@@ -69,36 +58,15 @@ def _w(N, K):
     return torch.randn(N, K, device="cuda", dtype=DT) * 0.02
 
 
-def _graph_us(step):
-    """(µs of one CUDA-graph replay of ``step``, None) or (None, why it could not be captured)."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        torch.cuda.synchronize()
-        us = hw.bench_us(graph.replay, warmup=5, rep=60)
-        del graph
-        return us, None
-    except Exception as e:  # noqa: BLE001 - a provider that cannot be captured is compared on eager time
-        try:
-            torch.cuda.synchronize()
-        except Exception:  # noqa: BLE001
-            pass
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-
-
 def _time_and_peak(step):
-    """(eager µs, peak MiB of one eager call, graph µs or None, why not captured or None)."""
-    peak = hw.peak_mib(step)
-    eager = hw.bench_us(step, warmup=5, rep=60)
-    graph, why = _graph_us(step)
-    return eager, peak, graph, why
+    step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return hw.bench_us(step, warmup=5, rep=60), peak
 
 
 def _x(T, batched=False):
@@ -128,7 +96,7 @@ def _step(fwd, params):
     return step
 
 
-def minitrain_step(block, T, nf4=True, overwrite_x=False):
+def minitrain_step(block, T, nf4=True):
     import quant
     from triton_ops.lora import LoRAWeights, lora_mlp, lora_qkv
 
@@ -143,14 +111,7 @@ def minitrain_step(block, T, nf4=True, overwrite_x=False):
         specs.append(LoRAWeights(base, A, B, ALPHA / R))
         params += [A, B]
     torch.cuda.empty_cache()
-    if block == "mlp":
-        if overwrite_x:
-            raise ValueError("overwrite_x is a lora_qkv option")
-        def fwd():
-            return lora_mlp(x, *specs)
-    else:
-        def fwd():
-            return lora_qkv(x, *specs, overwrite_x=overwrite_x)
+    fwd = (lambda: lora_mlp(x, *specs)) if block == "mlp" else (lambda: lora_qkv(x, *specs))
     return _step(fwd, params)
 
 
@@ -198,19 +159,31 @@ def unsloth_step(block, T):
 
 # ---- driver ---------------------------------------------------------------------------------------------
 
+def _cache_path():
+    return hw.RESULTS_DIR / f".lora-rows-{hw.card_slug()}.json"
+
+
+def _load_cache():
+    try:
+        return json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _save_cache(rows):
+    hw.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    _cache_path().write_text(json.dumps(rows))
+
+
 def measure(providers):
-    """Rows of every (provider, block, T). Providers run one after another (peers last), so a capture that
-    breaks a peer's CUDA context cannot lose our rows."""
     rows = []
-    for name, make in providers:
-        for block in BLOCKS:
-            for T in TOKENS:
-                if (block, name) in SKIP:
-                    continue
+    for block in BLOCKS:
+        for T in TOKENS:
+            for name, make in providers:
                 row = {"block": block, "T": T, "provider": name}
                 try:
                     step = make(block, T)
-                    row["us"], row["peak"], row["graph_us"], row["graph_why"] = _time_and_peak(step)
+                    row["us"], row["peak"] = _time_and_peak(step)
                     del step
                 except ImportError as e:
                     row["error"] = f"not installed ({e.name or e})"
@@ -218,19 +191,10 @@ def measure(providers):
                     row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
                 gc.collect()
                 torch.cuda.empty_cache()
-                if "us" in row:
-                    msg = f"eager {row['us']:.0f} us, graph {row['graph_us'] or 0:.0f} us, peak {row['peak']:.0f} MiB"
-                    msg += f" (not captured: {row['graph_why']})" if row["graph_why"] else ""
-                else:
-                    msg = row["error"]
-                print(f"{block} T={T} {name}: {msg}", flush=True)
+                print(f"{block} T={T} {name}: " + (f"{row['us']:.0f} us, peak {row['peak']:.0f} MiB"
+                                                   if "us" in row else row["error"]), flush=True)
                 rows.append(row)
     return rows
-
-
-def _gpu_us(r):
-    """The time a row is compared on: graph replay when it could be captured, else eager."""
-    return r["graph_us"] if r.get("graph_us") else r["us"]
 
 
 def table(rows, tflops_ceiling):
@@ -238,7 +202,7 @@ def table(rows, tflops_ceiling):
     for block in BLOCKS:
         for T in TOKENS:
             group = [r for r in rows if r["block"] == block and r["T"] == T]
-            peers = [_gpu_us(r) for r in group if r["provider"] in PEERS and "us" in r]
+            peers = [r["us"] for r in group if r["provider"] in PEERS and "us" in r]
             best = min(peers) if peers else None
             shape = (f"T={T} C={C} F={F} R={R}" if block == "mlp" else f"T={T} C={C} H={H} KV={KV} D={D} R={R}")
             for r in group:
@@ -246,83 +210,59 @@ def table(rows, tflops_ceiling):
                 if "us" not in r:
                     row["µs"] = r["error"]
                 else:
-                    us = _gpu_us(r)
-                    tf = base_flops(block, T) / us / 1e6
-                    row.update({"µs": f"{us:.0f}" + ("" if r.get("graph_us") else " (eager)"), "TFLOP/s": f"{tf:.0f}",
+                    tf = base_flops(block, T) / r["us"] / 1e6
+                    row.update({"µs": f"{r['us']:.0f}", "TFLOP/s": f"{tf:.0f}",
                                 "% of ceiling": f"{100 * tf / tflops_ceiling:.0f}%", "peak MiB": f"{r['peak']:.0f}",
-                                "vs best peer": f"{best / us:.2f}x" if best else "no peer",
-                                "eager µs": f"{r['us']:.0f}",
-                                "eager/graph": f"{r['us'] / r['graph_us']:.2f}" if r.get("graph_us") else "",
-                                "graph capture": "ok" if r.get("graph_us") else
-                                (f"failed: {r['graph_why']}" if r.get("graph_why") else "not measured")})
+                                "vs best peer": f"{best / r['us']:.2f}x" if best else "no peer"})
                 out.append(row)
-            summary += _targets(block, T, {r["provider"]: r for r in group if "us" in r})
+            by = {r["provider"]: r for r in group if "us" in r}
+            ours = by.get("minitrain (NF4)")
+            if ours:
+                parts = []
+                if "floor" in by:
+                    parts.append(f"minitrain/floor = {ours['us'] / by['floor']['us']:.3f} (target ≤ 1.15)")
+                if "peft + bnb" in by:
+                    parts.append(f"peft+bnb/minitrain = {by['peft + bnb']['us'] / ours['us']:.2f}x (target ≥ 2)")
+                if "unsloth" in by:
+                    parts.append(f"unsloth/minitrain time = {by['unsloth']['us'] / ours['us']:.2f}x, peak "
+                                 f"{ours['peak']:.0f} vs unsloth {by['unsloth']['peak']:.0f} MiB (target ≤)")
+                summary.append(f"- {block} T={T}: " + "; ".join(parts))
     return hw.markdown_table(out, COLUMNS), "\n".join(summary) + "\n"
 
 
-def _targets(block, T, by):
-    """Target lines of one (block, T): ratios on graph time (GPU) and on eager time, and the bound that the
-    floor puts on any speed-up over peft + bnb."""
-    lines = []
-    floor, peft, uns = by.get("floor"), by.get("peft + bnb"), by.get("unsloth")
-    for name in (OURS, OURS_OW):
-        ours = by.get(name)
-        if not ours:
-            continue
-        parts = []
-        for label, key in (("graph", "graph_us"), ("eager", "us")):
-            if not ours.get(key):
-                continue
-            p = [f"{label}: {ours[key]:.0f} µs"]
-            if floor and floor.get(key):
-                p.append(f"/floor = {ours[key] / floor[key]:.3f} (target ≤ 1.15)")
-            if peft and peft.get(key):
-                p.append(f"peft+bnb/ours = {peft[key] / ours[key]:.2f}x (target ≥ 2)")
-            if uns and uns.get(key):
-                p.append(f"unsloth/ours = {uns[key] / ours[key]:.2f}x")
-            parts.append(", ".join(p))
-        if uns:
-            parts.append(f"peak {ours['peak']:.0f} vs unsloth {uns['peak']:.0f} MiB (target ≤: "
-                         f"{'met' if ours['peak'] <= uns['peak'] else 'NOT met'})")
-        lines.append(f"- {block} T={T} {name}: " + "; ".join(parts))
-    if block == "qkv":  # what is alive at the backward's peak (bf16, MiB)
-        mib = 2 / 2**20
-        held = 2 * T * (H * D + 2 * KV * D) * mib   # outputs + dys, held by the step around the backward
-        w, dx = H * D * C * mib, T * C * mib
-        lines.append(f"- qkv T={T} peak model: outputs + dys {held:.0f} + the dequantized q weight {w:.0f} = "
-                     f"{held + w:.0f} MiB with dx written into x, + dx {dx:.0f} = {held + w + dx:.0f} MiB with a "
-                     f"fresh dx buffer (rank-R terms < 2 MiB)")
-    if block == "mlp":
-        mib = 2 / 2**20
-        held, gu, w = 2 * T * C * mib, 2 * T * F * mib, C * F * mib
-        dh, dx = min(T, C // 2) * F * mib, T * C * mib
-        lines.append(f"- mlp T={T} peak model: output + dy {held:.0f} + saved g, u {gu:.0f} + max(a C/2-row chunk "
-                     f"of dh {dh:.0f}, dx {dx:.0f}) + one dequantized weight {w:.0f} = "
-                     f"{held + gu + max(dh, dx) + w:.0f} MiB (rank-R terms < 2 MiB; a whole dh would add "
-                     f"{T * F * mib - max(dh, dx):.0f})")
-    if floor and peft:
-        b = []
-        for label, key in (("graph", "graph_us"), ("eager", "us")):
-            if floor.get(key) and peft.get(key):
-                bound = peft[key] / floor[key]
-                b.append(f"{label}: peft+bnb {peft[key]:.0f} µs / floor {floor[key]:.0f} µs = {bound:.2f}x "
-                         f"({'2x not ruled out' if bound >= 2 else '2x ruled out'})")
-        lines.append(f"- {block} T={T} largest speed-up over peft+bnb any LoRA can have (one that costs nothing "
-                     f"over the bf16 base GEMMs, not even the dequantization): " + "; ".join(b))
-    return lines
-
-
 def main():
-    args = hw.peer_bench_args("lora")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rows = hw.rows_with_unsloth(
-        "lora", args.only_unsloth,
-        lambda: measure([("floor", floor_step), (OURS, minitrain_step),
-                         (OURS_OW, lambda b, t: minitrain_step(b, t, overwrite_x=True)),
-                         ("minitrain (bf16)", lambda b, t: minitrain_step(b, t, nf4=False)),
-                         ("peft + bnb", peft_step)]),
-        lambda: measure([("unsloth", unsloth_step)]),
-        lambda why: [{"block": b, "T": t, "provider": "unsloth", "error": why} for b in BLOCKS for t in TOKENS])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only-unsloth", action="store_true", help="measure unsloth only (run under PEERS_UNSLOTH=1)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/lora.py measures a CUDA device; none is available here")
+    cached = _load_cache()
+    if args.only_unsloth:
+        try:
+            import unsloth  # noqa: F401  (must come before peft/transformers: it patches them)
+        except Exception as e:  # noqa: BLE001 - a missing peer is a table entry, never a crash
+            print(f"unsloth not importable: {type(e).__name__}: {e}")
+        rows = measure([("unsloth", unsloth_step)])
+        rows += [r for r in cached if r["provider"] != "unsloth"]
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        rows = measure([("floor", floor_step), ("minitrain (NF4)", minitrain_step),
+                        ("minitrain (bf16)", lambda b, t: minitrain_step(b, t, nf4=False)),
+                        ("peft + bnb", peft_step)])
+        uns = [r for r in cached if r["provider"] == "unsloth"]
+        if os.environ.get("PEERS_UNSLOTH") == "1":
+            _save_cache(rows)
+            try:
+                subprocess.run([sys.executable, "-m", "bench.lora", "--only-unsloth"], timeout=400, check=False)
+                uns = [r for r in _load_cache() if r["provider"] == "unsloth"]
+            except subprocess.TimeoutExpired:
+                print("unsloth subprocess timed out")
+        if not uns:
+            uns = [{"block": b, "T": t, "provider": "unsloth",
+                    "error": "not run (python -m bench.lora --only-unsloth under PEERS_UNSLOTH=1)"}
+                   for b in BLOCKS for t in TOKENS]
+        rows += uns
+    _save_cache(rows)
     try:
         from quant.dispatch import resolve_backend
         dq = resolve_backend("auto", torch.device("cuda"))
@@ -330,15 +270,14 @@ def main():
         dq = f"unknown ({type(e).__name__})"
     c = hw.ceilings()
     body, summary = table(rows, c["bf16_tflops"])
-    notes = (f"\nµs: one forward+backward replayed from a CUDA graph (GPU time), or the eager time where the "
-             f"provider could not be captured (marked); eager µs: the same step called from Python; eager/graph "
-             f"> 1: host-bound eager call. TFLOP/s counts the base GEMM FLOPs only (same work for every provider) "
-             f"at µs; % of the measured bf16 matmul ceiling. Peak MiB: extra memory of one eager forward+backward "
-             f"above the held weights and input. vs best peer: best peer µs / this µs (>1 = faster). NF4 "
-             f"dequantization backend: {dq}. Adapters: bf16 for minitrain, peft's own default dtype for peft + bnb "
-             f"and unsloth. minitrain (NF4, dx into x): lora_qkv(overwrite_x=True), dx written into x's storage "
-             f"like unsloth's apply_lora_qkv (inplace=True by default).\n\n")
-    hw.publish("lora", "Fused LoRA blocks (MLP, QKV), forward + backward, Llama-3.1-8B shapes", body, notes, summary)
+    notes = (f"\nTFLOP/s counts the base GEMM FLOPs only (same work for every provider); % of the measured bf16 "
+             f"matmul ceiling. Peak MiB: extra memory of one forward+backward above the held weights and input. "
+             f"vs best peer: best peer time / this time (>1 = faster). NF4 dequantization backend: {dq}. "
+             f"Adapters: bf16 for minitrain, peft's own default dtype for peft + bnb and unsloth.\n\n")
+    print(body + notes + summary)
+    path = hw.write_results("lora", "Fused LoRA blocks (MLP, QKV), forward + backward, Llama-3.1-8B shapes",
+                            [("Results", body + notes), ("Targets", summary)])
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,11 @@ plain-torch composition in the same precision, peft's LoRA layer on the same wei
 import pytest
 import torch
 import torch.nn.functional as Fn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import quant
 from triton_ops.lora import (LoRAWeights, dropout_keep_mask, lora_linear, lora_mlp, lora_o, lora_qkv, lora_scale)
 
 peft_lora = pytest.importorskip("peft.tuners.lora")
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny CPU shapes: one thread is faster on shared cores
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # x max |fp32 reference|: ~2 ulp
@@ -294,150 +292,6 @@ def test_lora_qkv_compile(device):
     _qkv_case((2, 5), 64, 64, 16, 4, torch.float32, device, True, compile_=True)
 
 
-def _overwrite_case(lead, C, NQ, NKV, R, dtype, device, nf4, q_dropout):
-    """overwrite_x=True gives the same outputs and grads as the default, and its dx lives in x's storage."""
-    ps = [_make_proj(NQ, C, R, dtype, device, nf4, q_dropout, False, lead),
-          _make_proj(NKV, C, R, dtype, device, nf4, 0.0, True, lead),
-          _make_proj(NKV, C, R, dtype, device, nf4, 0.0, False, lead)]
-    x = torch.randn(lead + (C,), device=device).to(dtype)
-    dys = [torch.randn(lead + (dd["W"].shape[0],), device=device).to(dtype) for dd in ps]
-    leaves = [t for dd in ps for t in (dd["A"], dd["B"])]
-    for t in leaves:
-        t.requires_grad_()
-    res = {}
-    for ow in (False, True):
-        xk = x.clone().requires_grad_()
-        outs = lora_qkv(xk, *[_spec(dd) for dd in ps], overwrite_x=ow, backend="triton")
-        res[ow] = tuple(o.detach().clone() for o in outs) + torch.autograd.grad(outs, [xk] + leaves, dys)
-        if ow:
-            dx = res[ow][3]
-            assert dx.data_ptr() == xk.data_ptr(), "overwrite_x=True: dx must live in x's storage"
-    for i, (a, b) in enumerate(zip(res[False], res[True])):
-        # the same GEMMs in the same order; on the GPU cuBLAS may still pick another algorithm for another
-        # output address, so there only rounding-level differences are allowed (garbage would be O(1))
-        err = (a.float() - b.float()).abs().max().item()
-        ok = torch.equal(a, b) if device == "cpu" else err <= 1e-2 * b.float().abs().max().item()
-        assert ok, f"overwrite_x changed output/grad {i}: max diff {err:.3g}"
-
-
-@pytest.mark.parametrize("q_dropout", [0.1, 0.0], ids=["separate", "batched"])
-@pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
-def test_lora_qkv_overwrite_x(nf4, q_dropout, device):
-    _overwrite_case(*CPU_QKV[0], torch.bfloat16, device, nf4, q_dropout)
-
-
-def test_lora_qkv_overwrite_x_guards(device):
-    """Where overwriting x would be wrong, it is refused (non-contiguous x) or autograd raises (another op saved
-    x; a second backward through the op)."""
-    d = _make_proj(32, 64, 4, torch.float32, device, False, 0.0, False, (9,))
-    x_nc = torch.randn(64, 9, device=device).t().requires_grad_()   # (9, 64) with strides (1, 9)
-    assert not x_nc.is_contiguous()
-    kept = x_nc.detach().clone()
-    y = lora_linear(x_nc, d["base"], d["A"], d["B"], d["scale"], overwrite_x=True, backend="triton")
-    (dx,) = torch.autograd.grad(y, [x_nc], torch.ones_like(y))
-    assert torch.equal(x_nc.detach(), kept) and dx.data_ptr() != x_nc.data_ptr()  # non-contiguous: x kept
-    # another op saved x for a backward that runs after this op's: autograd refuses to read overwritten values
-    x = torch.randn(9, 64, device=device, requires_grad=True)
-    h = x * 2.0
-    sq = (h * h).sum()   # saves h; created before lora_linear, so its backward runs after
-    y = lora_linear(h, d["base"], d["A"], d["B"], d["scale"], overwrite_x=True, backend="triton")
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        (sq + y.sum()).backward()
-    # a second backward through the op refuses as well
-    x = torch.randn(9, 64, device=device, requires_grad=True)
-    h = x * 2.0
-    y = lora_linear(h, d["base"], d["A"], d["B"], d["scale"], overwrite_x=True, backend="triton")
-    y.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.sum().backward()
-
-
-def test_lora_qkv_unused_output(device):
-    """An output that takes no part in the loss (its dy is None): the others' grads are exact, its adapter gets
-    no gradient (as with the plain composition), including inside the batched adapter GEMMs."""
-    lead, C = (7,), 48
-    ps = [_make_proj(n, C, 4, torch.float32, device, False, 0.0, False, lead) for n in (32, 16, 16)]
-    x = torch.randn(lead + (C,), device=device)
-    leaves = lambda: [x.clone().requires_grad_()] + [t.clone().requires_grad_() for dd in ps for t in (dd["A"], dd["B"])]  # noqa: E731
-    g1 = leaves()
-    q, k, v = lora_qkv(g1[0], *[_spec(dict(dd, A=g1[1 + 2 * i], B=g1[2 + 2 * i])) for i, dd in enumerate(ps)],
-                       backend="triton")
-    a = torch.autograd.grad((q * q).sum() + v.sum(), g1, allow_unused=True)
-    g2 = leaves()
-    outs = [_plain(g2[0], dict(dd, A=g2[1 + 2 * i], B=g2[2 + 2 * i]), dd["W"], lambda t: t) for i, dd in enumerate(ps)]
-    b = torch.autograd.grad((outs[0] * outs[0]).sum() + outs[2].sum(), g2, allow_unused=True)
-    for i, (u, w) in enumerate(zip(a, b)):
-        if w is None:
-            assert u is None or not u.any(), f"grad {i}: expected none, got nonzero"
-        else:
-            # fp32, two summation orders: error relative to the tensor's scale, not to each (maybe tiny) element
-            tol = 1e-5 * w.abs().max().item()
-            torch.testing.assert_close(u, w, rtol=1e-4, atol=tol, msg=lambda m: f"grad {i}: {m}")
-
-
-@pytest.mark.parametrize("block", ["qkv", "mlp"])
-def test_fp32_adapters_bf16_input(block, device):
-    """Adapters kept in fp32 (a trainer's master weights) with a bf16 input: the op computes in bf16 with the
-    adapters cast once, and returns fp32 grads equal to those of the same op on bf16 copies of the adapters."""
-    lead, C = (37,), 70
-    shapes = [(64, C), (16, C), (16, C)] if block == "qkv" else [(130, C), (130, C), (C, 130)]
-    ps = [_make_proj(n, k, 4, torch.float32, device, True, 0.0, False, lead) for n, k in shapes]
-    x = torch.randn(lead + (C,), device=device).to(torch.bfloat16)
-    res = {}
-    for dt in (torch.float32, torch.bfloat16):
-        leaves = [t.to(dt).requires_grad_() for dd in ps for t in (dd["A"], dd["B"])]
-        specs = [_spec(dict(dd, A=leaves[2 * i], B=leaves[2 * i + 1])) for i, dd in enumerate(ps)]
-        xk = x.clone().requires_grad_()
-        outs = lora_qkv(xk, *specs, backend="triton") if block == "qkv" else (lora_mlp(xk, *specs, backend="triton"),)
-        assert all(o.dtype == torch.bfloat16 for o in outs)
-        grads = torch.autograd.grad(outs, [xk] + leaves, [torch.ones_like(o) for o in outs])
-        assert all(g.dtype == t.dtype for g, t in zip(grads, [xk] + leaves)), "each grad in its leaf's dtype"
-        res[dt] = [o.float() for o in outs] + [g.float() for g in grads]
-    for i, (a, b) in enumerate(zip(res[torch.float32], res[torch.bfloat16])):
-        err = (a - b).abs().max().item()
-        ok = torch.equal(a, b) if device == "cpu" else err <= 1e-2 * b.abs().max().item()
-        assert ok, f"{block} output/grad {i}: fp32 adapters differ from their bf16 copies by {err:.3g}"
-
-
-class _OpLog(TorchDispatchMode):
-    """Records the aten ops a region dispatches (the host work of an eager call, one entry per op)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-# Kernel-launching ops (GEMMs, concatenations, elementwise) per forward and per backward of one call, 16-bit
-# bases, three adapters without dropout: x·[A]ᵀ (1) + its cat (1) + 3 base GEMMs + 3 adapter addmm_;
-# backward: cat not needed (saved), 3 G columns, dA (1), 3 dB, G·A_cat (1), 3 base dx GEMMs.
-_LAUNCHING = {"mm", "addmm", "addmm_", "cat", "mul", "mul_", "add", "add_", "where", "copy_", "clone",
-              "contiguous", "_to_copy", "zero_", "sum"}
-
-
-def test_lora_qkv_launch_count(device):
-    """A regression guard on host work: the hand-written QKV issues at most 8 launching ops forward and 11
-    backward (before the rework: 8 and 20, with separate scale multiplies, re-concatenations, x·Aᵀ recomputed)."""
-    ps = [_make_proj(n, 64, 4, torch.bfloat16, device, False, 0.0, False, (9,)) for n in (64, 16, 16)]
-    for dd in ps:
-        dd["A"].requires_grad_()
-        dd["B"].requires_grad_()
-    x = torch.randn(9, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-    specs = [_spec(dd) for dd in ps]
-    dys = [torch.randn(9, n, device=device, dtype=torch.bfloat16) for n in (64, 16, 16)]
-    with _OpLog() as fwd:
-        outs = lora_qkv(x, *specs, backend="triton")
-    with _OpLog() as bwd:
-        torch.autograd.grad(outs, [x] + [t for dd in ps for t in (dd["A"], dd["B"])], dys)
-    f = [o for o in fwd.ops if o in _LAUNCHING]
-    b = [o for o in bwd.ops if o in _LAUNCHING]
-    assert len(f) <= 8, f"forward launches {len(f)}: {f}"
-    assert len(b) <= 11, f"backward launches {len(b)}: {b}"
-
-
 # ---- lora_mlp --------------------------------------------------------------------------------------------
 
 MLP_VARIANTS = {  # adapters on (gate, up, down), dropout on gate and down, bias on up
@@ -507,8 +361,7 @@ def test_lora_mlp_reference_path(device):
 
 
 def test_lora_mlp_compile(device):
-    # 37 tokens with C=70: the backward's dh is made in two row chunks (35 + 2), traced as well
-    _mlp_case((37,), 70, 130, 4, torch.float32, device, True, "all+dropout+bias", compile_=True)
+    _mlp_case((2, 3), 64, 96, 4, torch.float32, device, True, "all+dropout+bias", compile_=True)
 
 
 def test_lora_mlp_backward_runs_once(device):
@@ -577,10 +430,6 @@ def test_lora_mlp_saves_only_x_and_preactivations():
         dd["W"] = dd["W32"] = None
     torch.cuda.empty_cache()
     x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    lora_mlp(x, *specs).sum().backward()  # warm-up: cuBLAS workspace and kernels exist before measuring
-    x.grad = None
-    for dd in ds:
-        dd["A"].grad = dd["B"].grad = None
     before = torch.cuda.memory_allocated()
     y = lora_mlp(x, *specs)
     grown = torch.cuda.memory_allocated() - before
@@ -588,114 +437,3 @@ def test_lora_mlp_saves_only_x_and_preactivations():
     assert grown <= expected + 2**20, f"forward kept {grown / 2**20:.1f} MiB, expected {expected / 2**20:.1f} MiB"
     y.sum().backward()
     assert ds[0]["A"].grad is not None and x.grad is not None
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("q_dropout", [0.1, 0.0], ids=["separate", "batched"])
-def test_lora_qkv_overwrite_x_gpu(q_dropout):
-    _overwrite_case(*GPU_QKV[0], torch.bfloat16, "cuda", True, q_dropout)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("overwrite_x", [False, True])
-def test_lora_qkv_backward_peak_memory(overwrite_x):
-    """Llama-3-8B QKV, T=4096, NF4: what one backward allocates above the held outputs and dys is the dequantized
-    q weight (the largest, 32 MiB), plus dx (32 MiB) unless dx overwrites x, plus < 2 MiB of rank-R terms."""
-    T, C, NQ, NKV, R = 4096, 4096, 4096, 1024, 16
-    ds = [_make_proj(n, C, R, torch.bfloat16, "cuda", True, 0.0, False, (T,)) for n in (NQ, NKV, NKV)]
-    for dd in ds:
-        dd["A"].requires_grad_()
-        dd["B"].requires_grad_()
-        dd["W"] = dd["W32"] = None
-    specs = [_spec(dd) for dd in ds]
-    leaves = [t for dd in ds for t in (dd["A"], dd["B"])]
-
-    def step():
-        x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        outs = lora_qkv(x, *specs, overwrite_x=overwrite_x)
-        dys = [torch.randn_like(o) for o in outs]
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        torch.autograd.grad(outs, [x] + leaves, dys)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-    step()  # warm-up: cuBLAS workspace, kernels, the dequant backend choice
-    torch.cuda.empty_cache()
-    peak = step()
-    expected = NQ * C * 2 / 2**20 + (0 if overwrite_x else T * C * 2 / 2**20)
-    assert peak <= expected + 2, f"backward peak {peak:.1f} MiB above outputs+dys, expected <= {expected + 2:.1f}"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("block", ["qkv", "mlp"])
-def test_cuda_graph_replay(block):
-    """One forward+backward captured in a CUDA graph (as the trainer runs its step) and replayed on new
-    inputs gives the eager results: nothing on the path syncs the host, allocates outside the graph's pool or
-    leaves a launch on another stream."""
-    T, C, F, R = 523, 1024, 2816, 8
-    shapes = [(C, C), (256, C), (256, C)] if block == "qkv" else [(F, C), (F, C), (C, F)]
-    ds = [_make_proj(n, k, R, torch.bfloat16, "cuda", True, 0.0, False, (T,)) for n, k in shapes]
-    specs = [_spec(dd) for dd in ds]
-    leaves = [t.requires_grad_() for dd in ds for t in (dd["A"], dd["B"])]
-    x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    fn = (lambda: lora_qkv(x, *specs)) if block == "qkv" else (lambda: (lora_mlp(x, *specs),))
-    dys = [torch.randn(T, n, device="cuda", dtype=torch.bfloat16) for n, _ in (shapes if block == "qkv" else [(C, F)])]
-
-    def step():
-        outs = fn()
-        return tuple(o.detach() for o in outs) + torch.autograd.grad(outs, [x] + leaves, dys)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    with torch.no_grad():  # new values in the captured inputs
-        x.copy_(torch.randn_like(x))
-        for t in dys:
-            t.copy_(torch.randn_like(t))
-    graph.replay()
-    torch.cuda.synchronize()
-    eager = step()
-    for i, (a, b) in enumerate(zip(static, eager)):  # same GEMMs; a stale or skipped launch would differ by O(1)
-        err = (a.float() - b.float()).abs().max().item()
-        assert err <= 1e-2 * b.float().abs().max().item(), f"{block} output/grad {i}: replay differs by {err:.3g}"
-
-
-@pytest.mark.gpu
-def test_lora_mlp_backward_peak_memory():
-    """Llama-3-8B MLP, T=4096, NF4: one backward allocates above the held output, dy and saved g, u no more than a
-    C/2-row chunk of dh plus the dequantized down weight (or, later, dx plus one dequantized gate/up weight),
-    plus < 2 MiB of rank-R terms; a whole (T, F) dh is never made."""
-    T, C, F, R = 4096, 4096, 14336, 16
-    ds = [_make_proj(n, k, R, torch.bfloat16, "cuda", True, 0.0, False, (T,)) for n, k in ((F, C), (F, C), (C, F))]
-    for dd in ds:
-        dd["A"].requires_grad_()
-        dd["B"].requires_grad_()
-        dd["W"] = dd["W32"] = None
-    specs = [_spec(dd) for dd in ds]
-    leaves = [t for dd in ds for t in (dd["A"], dd["B"])]
-
-    def step():
-        x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        y = lora_mlp(x, *specs)
-        dy = torch.randn_like(y)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        torch.autograd.grad(y, [x] + leaves, dy)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-    step()
-    torch.cuda.empty_cache()
-    peak = step()
-    mib = 2 / 2**20
-    expected = max((C // 2) * F * mib + C * F * mib, T * C * mib + F * C * mib)
-    assert peak <= expected + 2, f"MLP backward peak {peak:.1f} MiB above held tensors, expected <= {expected + 2:.1f}"

@@ -16,19 +16,10 @@ Layouts: x (..., K) with any leading shape (flattened to M = tokens rows); base 
 float dtype or any object with ``dequantize(dtype=None, out=None)`` (e.g. an NF4 weight); bias (N,) frozen.
 
 What is kept for backward: x (and for the MLP the two pre-activations g = gate(x), u = up(x)), the adapters,
-the dropout keep-masks as bool (1 byte per element of the dropped input), and the rank-R products
-drop(x)·Aᵀ (M, R) with the concatenated [A_i] (ΣR, K) (tiny; they spare backward a GEMM that re-reads x).
-The dequantized base weight exists only while one matmul uses it and is dequantized again in backward:
-never saved. With ``overwrite_x=True`` (QKV / linear) backward computes every adapter gradient first, then
-writes dx into x's storage, so its peak is the held outputs and dys plus one dequantized weight.
-
-Host work per call (eager; a CUDA-graph replay has none): QKV with three adapters issues 8 launching ops
-forward (one x·[A_i]ᵀ GEMM, three base GEMMs, three adapter addmm_, one cat) and 11 backward (three
-s_i·dy_i·B_i into one (M, ΣR) buffer, one Gᵀ·x for all dA, three dB, one G·[A_i], three base dx GEMMs
-accumulating into one buffer), plus one dequantization per NF4 base per pass; scales ride on GEMM alphas.
-
-A bool keep-mask was chosen over regenerating from a seed because it costs one byte per element only when
-dropout is on, needs no custom RNG kernel, and gives the caller the mask (tests apply it to the references).
+and the dropout keep-masks as bool (1 byte per element of the dropped input). The dequantized base weight
+exists only while one matmul uses it and is dequantized again in backward: never saved. A bool mask was chosen
+over regenerating from a seed because it costs one byte per element only when dropout is on, needs no custom
+RNG kernel, and gives the caller the mask (tests apply it to the references).
 
 Bytes and FLOPs per projection (M tokens, bf16): forward 2·M·N·K (+ 2·M·R·(N+K) adapter) FLOPs; backward
 2·M·N·K (dx) + 6·M·R·(N+K) (adapter); the base GEMMs dominate for R ≪ K, N.
@@ -42,10 +33,8 @@ import math
 from typing import Any, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as Fn
 
-from .swiglu import (_swiglu_bwd_inplace_op, _swiglu_fwd_op, swiglu_backward_triton, swiglu_forward_triton,
-                     swiglu_ref)
+from .swiglu import _swiglu_bwd_inplace_op, _swiglu_fwd_op, swiglu_ref
 
 __all__ = ["LoRAWeights", "lora_scale", "dropout_keep_mask", "lora_linear", "lora_o", "lora_qkv", "lora_mlp",
            "lora_linear_ref", "lora_mlp_ref"]
@@ -118,9 +107,7 @@ def lora_mlp_ref(x, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights):
 
 # ---- the hand-written path ------------------------------------------------------------------------------
 # Per projection the autograd Functions receive a _Proj (frozen, non-tensor parts) and the tensors A, B, keep
-# as direct arguments, so autograd sees the adapters as inputs. Work per call is kept to the GEMMs themselves:
-# one x·[A_i]ᵀ GEMM for all adapters without dropout (their (M, ΣR) product is saved, so backward never
-# re-reads x for it), scales folded into the GEMMs (alpha / beta=0), dx accumulated in one buffer.
+# as direct arguments, so autograd sees the adapters as inputs.
 
 class _Proj(NamedTuple):
     base: Any          # tensor or object with dequantize()
@@ -134,212 +121,140 @@ def _drop(x2: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor
     return x2 if keep is None else torch.where(keep, x2 * (1.0 / (1.0 - p)), 0).to(x2.dtype)
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype; the attribute test is cheaper than a no-op .to() call (host time counts at small T)."""
-    return t if t.dtype == dtype else t.to(dtype)
+def _proj_forward(x2, pr: _Proj, A, B, keep):
+    """(M, K) -> (M, N): base GEMM (+ bias) then the adapter added in place by one addmm_."""
+    W = _dense(pr.base, x2.dtype)  # freed on return: the dequantized weight lives for one GEMM
+    if pr.bias is not None:
+        y = torch.addmm(pr.bias.to(x2.dtype), x2, W.t())
+    else:
+        y = x2 @ W.t()
+    del W
+    if pr.has_adapter:
+        xa = _drop(x2, keep, pr.p) @ A.to(x2.dtype).t()              # (M, R)
+        y.addmm_(xa, B.to(x2.dtype).t(), alpha=pr.scale)
+    return y
 
 
-def _mm_s(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """s·(a @ b) in one GEMM: the scale rides on cuBLAS's alpha (beta=0 ignores the uninitialized buffer)."""
-    if s == 1.0:
-        return torch.mm(a, b)
-    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=s)
+def _proj_backward(dy2, x2, pr: _Proj, A, B, keep, dx, need_dx=True):
+    """Adds this projection's dx into ``dx`` (or starts it when None); returns (dx, dA, dB).
+    With need_dx False (x needs no gradient) the base GEMM and the dx terms are skipped."""
+    dtype = dy2.dtype
+    if need_dx:
+        W = _dense(pr.base, dtype)  # re-dequantized: the forward did not keep it
+        if dx is None:
+            dx = dy2 @ W
+        else:
+            dx.addmm_(dy2, W)
+        del W
+    if not pr.has_adapter:
+        return dx, None, None
+    A_, B_ = A.to(dtype), B.to(dtype)
+    dyB = dy2 @ B_                                                   # (M, R)
+    if not need_dx:
+        pass
+    elif keep is None:
+        dx.addmm_(dyB, A_, alpha=pr.scale)
+    else:
+        dx.add_(torch.where(keep, dyB @ A_, 0), alpha=pr.scale / (1.0 - pr.p))
+    xd = _drop(x2, keep, pr.p)
+    dA = torch.mm(dyB.t(), xd).mul_(pr.scale)                        # (R, K)
+    dB = torch.mm(dy2.t(), xd @ A_.t()).mul_(pr.scale)               # (N, R)
+    return dx, dA.to(A.dtype), dB.to(B.dtype)
 
 
 def _flat(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(-1, n)
 
 
-def _batched(projs, tensors) -> list[int]:
-    """Projections whose adapters share x: adapter present and no dropout (one GEMM against [A_i])."""
-    return [i for i, pr in enumerate(projs) if pr.has_adapter and tensors[3 * i + 2] is None]
-
-
-def _a_cat(projs, tensors, batched, dtype):
-    if not batched:
-        return None
-    if len(batched) == 1:
-        return _as(tensors[3 * batched[0]], dtype)
-    return torch.cat([_as(tensors[3 * i], dtype) for i in batched])                    # (ΣR, K)
-
-
-def _adapter_inputs(x2, projs, tensors, batched, A_cat):
-    """Per projection the (M, R) product drop(x)·Aᵀ (None without adapter): column views of one
-    x·A_catᵀ GEMM for the batched adapters, a GEMM of the dropped input for each adapter with dropout."""
-    xas = [None] * len(projs)
-    if A_cat is not None:
-        xa = torch.mm(x2, A_cat.t())                                                 # (M, ΣR)
-        off = 0
-        for i in batched:
-            r = A_cat.shape[0] if len(batched) == 1 else tensors[3 * i].shape[0]
-            xas[i] = xa if len(batched) == 1 else xa[:, off:off + r]
-            off += r
-    for i, pr in enumerate(projs):
-        keep = tensors[3 * i + 2]
-        if keep is not None:
-            xas[i] = torch.mm(_drop(x2, keep, pr.p), _as(tensors[3 * i], x2.dtype).t())
-    return xas
-
-
-def _group_forward(x2, projs, tensors):
-    """y_i = x·W_iᵀ (+ b_i) + s_i·xa_i·B_iᵀ for every projection of one input; returns (ys, xas, A_cat).
-    Each dequantized W_i lives for its one GEMM (the allocator hands the freed block to the next)."""
-    dtype = x2.dtype
-    batched = _batched(projs, tensors)
-    A_cat = _a_cat(projs, tensors, batched, dtype)
-    xas = _adapter_inputs(x2, projs, tensors, batched, A_cat)
-    ys = []
-    for i, pr in enumerate(projs):
-        bias = None if pr.bias is None else _as(pr.bias, dtype)
-        W = _dense(pr.base, dtype)
-        if pr.has_adapter:
-            # The rank-R term first (b + s·xa·Bᵀ, one skinny GEMM writing y), then the base GEMM accumulates
-            # onto it (beta=1): that GEMM is compute-bound, so reading y in its epilogue is almost free, where
-            # an addmm_ after it would be a memory-bound pass reading and writing y again.
-            Bt = _as(tensors[3 * i + 1], dtype).t()
-            y = _mm_s(xas[i], Bt, pr.scale) if bias is None else torch.addmm(bias, xas[i], Bt, alpha=pr.scale)
-            y.addmm_(x2, W.t())
-        else:
-            y = Fn.linear(x2, W, bias)
-        del W
-        ys.append(y)
-    return ys, xas, A_cat
-
-
-def _group_backward(x2, dys, projs, tensors, xas, A_cat, need_dx, out=None):
-    """dx and the adapter grads of several projections of one input x2 (M, K); dys[i] (M, N_i) or None.
-
-    Phase 1 reads x (adapter grads), phase 2 writes dx, optionally into ``out`` (which may be x's own
-    storage: nothing reads x after phase 1). With G = [s_i·dy_i·B_i] (M, ΣR) over the batched adapters:
-        dx = G·A_cat + Σ dy_i·W_i + Σ_dropout (s_i/(1-p_i))·((dy_i·B_i)·A_i ⊙ keep_i)
-        [dA_i] = Gᵀ·x (one GEMM),  dB_i = s_i·dy_iᵀ·xa_i (xa saved from forward, or recomputed when None)
-    """
-    dtype = x2.dtype
-    batched = _batched(projs, tensors)
-    if xas is None:
-        xas = _adapter_inputs(x2, projs, tensors, batched, A_cat)
-    grads = [None] * (3 * len(projs))
-    G = None
-    if any(dys[i] is not None for i in batched):
-        if len(batched) == 1:
-            i = batched[0]
-            G = _mm_s(dys[i], _as(tensors[3 * i + 1], dtype), projs[i].scale)         # (M, R)
-        else:
-            G = x2.new_empty(x2.shape[0], A_cat.shape[0])                             # (M, ΣR)
-            off = 0
-            for i in batched:
-                r = tensors[3 * i].shape[0]
-                if dys[i] is None:
-                    G[:, off:off + r].zero_()
-                else:
-                    G[:, off:off + r].addmm_(dys[i], _as(tensors[3 * i + 1], dtype), beta=0, alpha=projs[i].scale)
-                off += r
-        dA_cat = torch.mm(G.t(), x2)                                                  # (ΣR, K)
-        off = 0
-        for i in batched:
-            A, B = tensors[3 * i], tensors[3 * i + 1]
-            r = A.shape[0]
-            if dys[i] is not None:
-                grads[3 * i] = _as(dA_cat if len(batched) == 1 else dA_cat[off:off + r], A.dtype)
-                grads[3 * i + 1] = _as(_mm_s(dys[i].t(), xas[i], projs[i].scale), B.dtype)
-            off += r
-    dropped = []
-    for i, pr in enumerate(projs):
-        A, B, keep = tensors[3 * i: 3 * i + 3]
-        if keep is None or dys[i] is None:
-            continue
-        dyB = _mm_s(dys[i], _as(B, dtype), pr.scale / (1.0 - pr.p))                 # (M, R), s/(1-p) folded
-        grads[3 * i] = _as(torch.mm(dyB.t(), torch.where(keep, x2, 0)), A.dtype)   # dyBᵀ·(x ⊙ keep)
-        grads[3 * i + 1] = _as(_mm_s(dys[i].t(), xas[i], pr.scale), B.dtype)
-        dropped.append((i, dyB))
-    xas = None  # when recomputed here (overwrite_x), freed before any dequantized weight is allocated
-    if not need_dx:
-        return None, grads
-    dx = None
-    if G is not None:
-        dx = torch.mm(G, A_cat, out=out)
-        del G
-    for i, pr in enumerate(projs):
-        if dys[i] is None:
-            continue
-        W = _dense(pr.base, dtype)  # re-dequantized: the forward did not keep it
-        dx = torch.mm(dys[i], W, out=out) if dx is None else dx.addmm_(dys[i], W)
-        del W
-    for i, dyB in dropped:
-        dx.add_(torch.mm(dyB, _as(tensors[3 * i], dtype)).mul_(tensors[3 * i + 2]))
-    return dx, grads
-
-
-def _swiglu_fwd(g, u, backend):
-    """h = silu(g)·u. Eager calls launch the kernel directly: the torch.library op (what torch.compile traces)
-    costs a Python dispatcher round trip per call and nothing else here (autograd is off inside Functions)."""
-    if backend == "triton" and not torch.compiler.is_compiling():
-        return swiglu_forward_triton(g, u)
-    return _swiglu_fwd_op(g, u, backend)
-
-
-def _swiglu_bwd_(dh, g, u, store_h, backend):
-    """In place: dh <- h (when store_h), g <- dg, u <- du (see ``_swiglu_fwd`` for the eager shortcut)."""
-    if backend == "triton" and not torch.compiler.is_compiling():
-        swiglu_backward_triton(dh, g, u, g, u, dh, store_h)
-        # the kernel writes through pointers: tell autograd, so a second backward refuses the overwritten g, u
-        for t in (dh, g, u):
-            torch.autograd.graph.increment_version(t)
-    else:
-        _swiglu_bwd_inplace_op(dh, g, u, store_h, backend)
-
-
-def _contig(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _flat_keeps(tensors) -> tuple:
-    """(A, B, keep) triples with each keep-mask viewed as rows (M, K) like its input."""
-    return tuple(t if (j % 3 != 2 or t is None) else _flat(t, t.shape[-1]) for j, t in enumerate(tensors))
-
-
 class _LoRAGroupFn(torch.autograd.Function):
     """Several adapted projections of one input x (one for lora_linear, three for QKV).
 
-    Saves x, the adapters, the keep-masks and the (M, R) products drop(x)·A_iᵀ (not when dx overwrites x:
-    then they are recomputed before x is overwritten). Backward: see ``_group_backward``; each base weight
-    is dequantized again for its one dx GEMM, and every dx term lands in one (M, K) buffer.
+    Saves x, the adapters and the keep-masks; backward recomputes drop(x)·Aᵀ, re-dequantizes each base
+    weight and accumulates every dx term into a single (M, K) buffer (see the module docstring for the math).
+    Adapters without dropout see the same x, so they are batched: one GEMM x·[A_q; A_k; A_v]ᵀ (M, ΣR) in
+    forward, and in backward one GEMM each for dx += [s·dy_i·B_i]·[A_i] and [dA_i] = [s·dy_i·B_i]ᵀ·x, so x
+    and dx are read once for all adapters rather than once per adapter.
     """
 
     @staticmethod
-    def forward(ctx, x, projs, overwrite_x, *tensors):
+    def forward(ctx, x, projs, *tensors):
         K = x.shape[-1]
         x2 = _flat(x, K)
-        tensors = _flat_keeps(tensors)
-        ys, xas, A_cat = _group_forward(x2, projs, tensors)
-        ctx.projs, ctx.overwrite = projs, overwrite_x
-        ctx.save_for_backward(x, A_cat, *tensors, *([None] * len(projs) if overwrite_x else xas))
+        batched = _batched(projs, tensors)
+        ys = []
+        for i, pr in enumerate(projs):
+            A, B, keep = tensors[3 * i: 3 * i + 3]
+            solo = pr if i not in batched else pr._replace(has_adapter=False)
+            ys.append(_proj_forward(x2, solo, A, B, None if keep is None else _flat(keep, K)))
+        if batched:
+            A_cat = torch.cat([tensors[3 * i].to(x2.dtype) for i in batched])       # (ΣR, K)
+            xa = x2 @ A_cat.t()                                                       # (M, ΣR)
+            off = 0
+            for i in batched:
+                B = tensors[3 * i + 1]
+                r = B.shape[1]
+                ys[i].addmm_(xa[:, off:off + r], B.to(x2.dtype).t(), alpha=projs[i].scale)
+                off += r
+        ctx.projs = projs
+        ctx.save_for_backward(x, *tensors)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod
     def backward(ctx, *dys):
+        x, *tensors = ctx.saved_tensors
         projs = ctx.projs
-        n = 3 * len(projs)
-        x, A_cat, *rest = ctx.saved_tensors
-        tensors, xas = rest[:n], rest[n:]
+        need_dx = ctx.needs_input_grad[0]
         K = x.shape[-1]
         x2 = _flat(x, K)
-        dy2s = [None if dy is None else _contig(_flat(dy, dy.shape[-1])) for dy in dys]
-        need_dx = ctx.needs_input_grad[0]
-        out = x2 if (need_dx and ctx.overwrite) else None
-        dx, grads = _group_backward(x2, dy2s, projs, tensors, None if ctx.overwrite else xas, A_cat, need_dx, out)
-        return (None if dx is None else dx.view(x.shape), None, None, *grads)
+        dtype = x2.dtype
+        dy2s = [None if dy is None else _flat(dy, dy.shape[-1]) for dy in dys]
+        dy2s = [None if d is None else (d if d.stride(-1) == 1 else d.contiguous()) for d in dy2s]
+        batched = [i for i in _batched(projs, tensors) if dy2s[i] is not None]
+        if len(batched) < 2:
+            batched = []
+        dx, grads = None, [None] * (3 * len(projs))
+        for i, pr in enumerate(projs):
+            if dy2s[i] is None:
+                continue
+            A, B, keep = tensors[3 * i: 3 * i + 3]
+            solo = pr if i not in batched else pr._replace(has_adapter=False)
+            if solo.has_adapter or need_dx:
+                dx, dA, dB = _proj_backward(dy2s[i], x2, solo, A, B, None if keep is None else _flat(keep, K),
+                                            dx, need_dx)
+                grads[3 * i: 3 * i + 2] = [dA, dB]
+        if batched:
+            # s_i·dy_i·B_i side by side: (M, ΣR), small.
+            dyB = torch.cat([dy2s[i] @ tensors[3 * i + 1].to(dtype) * projs[i].scale for i in batched], dim=1)
+            A_cat = torch.cat([tensors[3 * i].to(dtype) for i in batched])            # (ΣR, K)
+            if need_dx:
+                dx = dyB @ A_cat if dx is None else dx.addmm_(dyB, A_cat)
+            dA_cat = dyB.t() @ x2                                                     # (ΣR, K), scales included
+            xa = x2 @ A_cat.t()                                                       # (M, ΣR) recomputed
+            off = 0
+            for i in batched:
+                A, B = tensors[3 * i], tensors[3 * i + 1]
+                r = B.shape[1]
+                dB = torch.mm(dy2s[i].t(), xa[:, off:off + r]).mul_(projs[i].scale)
+                grads[3 * i: 3 * i + 2] = [dA_cat[off:off + r].to(A.dtype), dB.to(B.dtype)]
+                off += r
+        dx = None if dx is None else dx.view(x.shape)
+        return (dx, None, *grads)
+
+
+def _batched(projs, tensors) -> list[int]:
+    """Projections whose adapters can share one GEMM with x: adapter present, no dropout; only if 2 or more."""
+    idx = [i for i, pr in enumerate(projs) if pr.has_adapter and tensors[3 * i + 2] is None]
+    return idx if len(idx) >= 2 else []
 
 
 class _LoRAMLPFn(torch.autograd.Function):
     """down(silu(gate(x)) · up(x)) with adapters on any of the three projections.
 
-    Forward keeps x, g = gate(x), u = up(x) (not h) and the (M, R) adapter products. Backward, in row chunks
-    of C/2 tokens for the (tokens x F) terms (so only a chunk of dh exists at a time):
-        dh = dy·Wd + (s_d/(1-p_d))·(dy·B_d)·A_d ⊙ keep_d
+    Forward keeps x, g = gate(x), u = up(x) (not h). Backward:
+        dh = dy·Wd + s_d·(dy·B_d)·A_d ⊙ keep_d/(1-p_d)
         one in-place kernel: dh <- h = silu(g)·u, g <- dg, u <- du   (g, u are this Function's own buffers)
-        dA_d = (s_d/(1-p_d))·(dy·B_d)ᵀ·(h ⊙ keep_d),  dB_d = s_d·dyᵀ·(drop(h)·A_dᵀ) (that product saved)
-        dx, dA/dB of gate and up: ``_group_backward`` of the two projections of x with dys (dg, du).
+        dA_d = s_d·(dy·B_d)ᵀ·drop(h),  dB_d = s_d·dyᵀ·(drop(h)·A_dᵀ)
+        dx = dg·Wg + du·Wu + adapter terms (one buffer); dA/dB of gate and up as in lora_linear with dg, du.
     The in-place kernel makes backward single-use (autograd's version counter refuses a second run).
     """
 
@@ -348,64 +263,51 @@ class _LoRAMLPFn(torch.autograd.Function):
         gate, up, down = projs
         K = x.shape[-1]
         x2 = _flat(x, K)
-        tensors = _flat_keeps(tensors)
-        (g, u), xas, A_cat = _group_forward(x2, (gate, up), tensors[:6])            # (M, F) each
-        h = _swiglu_fwd(g, u, backend)                                               # (M, F), freed after down
-        (y,), (xa_d,), _ = _group_forward(h, (down,), tensors[6:])                    # (M, C)
+        kg, ku, kd = (None if t is None else _flat(t, t.shape[-1]) for t in (tensors[2], tensors[5], tensors[8]))
+        g = _proj_forward(x2, gate, tensors[0], tensors[1], kg)      # (M, F)
+        u = _proj_forward(x2, up, tensors[3], tensors[4], ku)        # (M, F)
+        h = _swiglu_fwd_op(g, u, backend)                            # (M, F), freed after down
+        y = _proj_forward(h, down, tensors[6], tensors[7], kd)       # (M, C)
         del h
         ctx.projs, ctx.backend = projs, backend
-        ctx.save_for_backward(x, g, u, A_cat, *tensors, *xas, xa_d)
+        ctx.save_for_backward(x, g, u, *tensors)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, g, u, A_cat, *tensors, xa_g, xa_u, xa_d = ctx.saved_tensors
-        Ad, Bd, kd = tensors[6:]
+        x, g, u, Ag, Bg, kg, Au, Bu, ku, Ad, Bd, kd = ctx.saved_tensors
         gate, up, down = ctx.projs
-        x2 = _flat(x, x.shape[-1])
-        dy2 = _contig(_flat(dy, dy.shape[-1]))
+        K = x.shape[-1]
+        x2 = _flat(x, K)
+        dy2 = _flat(dy, dy.shape[-1])
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        kg, ku, kd = (None if t is None else _flat(t, t.shape[-1]) for t in (kg, ku, kd))
         dtype = dy2.dtype
 
-        # dh = dy·Wd (+ adapter), the dx of down's projection, is made in row chunks of at most C/2 tokens,
-        # each turned at once by the in-place SwiGLU kernel into (h, dg, du) and folded into dA_d: a chunk of dh
-        # (rows x F) is the only (tokens x F) buffer besides the saved g, u, so the backward's peak is the
-        # saved activations + half a dequantized weight's worth of dh + Wd instead of a whole (M, F) dh.
-        # Per chunk the rank-R term is written first and the base GEMM accumulates onto it (_group_forward).
-        M, C_ = dy2.shape
-        step = max(16, C_ // 2)
-        Wd = _dense(down.base, dtype)                                                # (C, F), for all chunks
-        dyB = Ad_ = None
-        if down.has_adapter:
-            Ad_ = _as(Ad, dtype)
-            dyB = _mm_s(dy2, _as(Bd, dtype), down.scale / (1.0 - down.p))           # (M, R)
-        dAd = None
-        # Under torch.compile one chunk of all rows, unsliced: torch 2.11's Dynamo fails on the sliced loop over
-        # symbolic rows ("Argument ... does not belong to this Graph", test_compile_gpu on an H100).
-        whole = torch.compiler.is_compiling()
-        for r0 in ((0,) if whole else range(0, M, step)):
-            rows = slice(None) if whole else slice(r0, min(M, r0 + step))
-            if down.has_adapter:
-                dh = torch.mm(dyB[rows], Ad_)                                       # (rows, F)
-                if kd is not None:
-                    dh.mul_(kd[rows])
-                dh.addmm_(dy2[rows], Wd)
-            else:
-                dh = torch.mm(dy2[rows], Wd)
-            # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du (these rows).
-            _swiglu_bwd_(dh, g if whole else g[rows], u if whole else u[rows], down.has_adapter, ctx.backend)
-            if down.has_adapter:
-                h = dh if kd is None else dh.mul_(kd[rows])                         # h ⊙ keep
-                dAd = torch.mm(dyB[rows].t(), h) if dAd is None else dAd.addmm_(dyB[rows].t(), h)
-            del dh
+        # dh = dy·Wd (+ adapter); the base part is the dx of down's projection.
+        Wd = _dense(down.base, dtype)
+        dh = dy2 @ Wd                                                # (M, F)
         del Wd
-        dBd = None
+        dyB = None
         if down.has_adapter:
-            dAd = _as(dAd, Ad.dtype)
-            dBd = _as(_mm_s(dy2.t(), xa_d, down.scale), Bd.dtype)
-        dx, grads = _group_backward(x2, (g, u), (gate, up), tensors[:6], [xa_g, xa_u], A_cat,
-                                    ctx.needs_input_grad[0])
-        return (None if dx is None else dx.view(x.shape), None, None, *grads[:2], None, *grads[3:5], None,
-                dAd, dBd, None)
+            dyB = dy2 @ Bd.to(dtype)                                 # (M, R)
+            if kd is None:
+                dh.addmm_(dyB, Ad.to(dtype), alpha=down.scale)
+            else:
+                dh.add_(torch.where(kd, dyB @ Ad.to(dtype), 0), alpha=down.scale / (1.0 - down.p))
+        # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du.
+        _swiglu_bwd_inplace_op(dh, g, u, down.has_adapter, ctx.backend)
+        dAd = dBd = None
+        if down.has_adapter:
+            hd = _drop(dh, kd, down.p)
+            dAd = torch.mm(dyB.t(), hd).mul_(down.scale).to(Ad.dtype)
+            dBd = torch.mm(dy2.t(), hd @ Ad.to(dtype).t()).mul_(down.scale).to(Bd.dtype)
+            del hd
+        del dh
+        dx, dAg, dBg = _proj_backward(g, x2, gate, Ag, Bg, kg, None)
+        dx, dAu, dBu = _proj_backward(u, x2, up, Au, Bu, ku, dx)
+        return (dx.view(x.shape), None, None, dAg, dBg, None, dAu, dBu, None, dAd, dBd, None)
 
 
 # ---- validation and public functions --------------------------------------------------------------------
@@ -475,7 +377,7 @@ def _spec(w: LoRAWeights, x_shape, device, training: bool, where: str):
 
 
 def lora_linear(x, base, A=None, B=None, scale=1.0, bias=None, dropout=0.0, training=True, dropout_mask=None,
-                backend="auto", overwrite_x=False):
+                backend="auto"):
     """y = x·Wᵀ + bias + scale·(drop(x)·Aᵀ)·Bᵀ with a hand-written backward (dx, dA, dB; W and bias frozen).
 
     Args:
@@ -489,41 +391,31 @@ def lora_linear(x, base, A=None, B=None, scale=1.0, bias=None, dropout=0.0, trai
         dropout: LoRA dropout probability on the adapter's input (active when ``training``).
         dropout_mask: optional bool keep-mask of x's shape (drawn when None).
         backend: "auto" | "triton" (hand-written path) | "torch" (fp32 reference through torch autograd).
-        overwrite_x: see ``lora_qkv``.
     Returns:
         y (..., N) in x's dtype.
     """
     return lora_qkv(x, LoRAWeights(base, A, B, scale, bias, dropout, dropout_mask),
-                    training=training, backend=backend, overwrite_x=overwrite_x, _where="lora_linear")[0]
+                    training=training, backend=backend, _where="lora_linear")[0]
 
 
 lora_o = lora_linear  # the attention output projection is one LoRA linear
 
 
 def lora_qkv(x, q: LoRAWeights, k: LoRAWeights | None = None, v: LoRAWeights | None = None, training=True,
-             backend="auto", overwrite_x=False, _where="lora_qkv"):
+             backend="auto", _where="lora_qkv"):
     """The projections of one input: returns (Q, K, V) (as many outputs as specs given).
 
     Each of q, k, v is a ``LoRAWeights`` (base (N_i, K), optional adapter, bias, dropout). Backward sums the
     three dx terms into one (..., K) buffer. Shapes: x (..., K) -> Q (..., H·D), K and V (..., KV·D).
-
-    overwrite_x=True: backward writes dx into x's own storage instead of a new (..., K) buffer (what
-    unsloth's fused QKV does by default), saving one activation-sized buffer at the backward's peak. x's
-    values are garbage after this op's backward: use it only when nothing reads x afterwards (e.g. the output
-    of the pre-attention RMSNorm when that norm saves its input, not its output). Autograd raises
-    ("modified by an inplace operation") if another op saved x for a later backward, and a second backward
-    through this op. Applies to a contiguous x in eager mode on the hand-written path; otherwise ignored.
     """
     x = _check_x(x, _where)
     ws = [w for w in (q, k, v) if w is not None]
     backend = _resolve(backend, x, _where)
-    shape, device = tuple(x.shape), x.device
-    specs = [_spec(w, shape, device, training, f"{_where} (projection {i})") for i, w in enumerate(ws)]
+    specs = [_spec(w, tuple(x.shape), x.device, training, f"{_where} (projection {i})") for i, w in enumerate(ws)]
     if backend == "torch":
         return tuple(lora_linear_ref(x, pr.base, A, B, pr.scale, pr.bias, pr.p, keep) for pr, A, B, keep in specs)
-    overwrite_x = bool(overwrite_x) and x.is_contiguous() and not torch.compiler.is_compiling()
     tensors = [t for _, A, B, keep in specs for t in (A, B, keep)]
-    return _LoRAGroupFn.apply(x, tuple(s[0] for s in specs), overwrite_x, *tensors)
+    return _LoRAGroupFn.apply(x, tuple(s[0] for s in specs), *tensors)
 
 
 def lora_mlp(x, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, training=True, backend="auto"):
