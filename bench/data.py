@@ -231,7 +231,11 @@ def main(argv=None) -> int:
         fm.write_text("".join(json.dumps(r) + "\n" for r in recs[:m]))
         fr = Path(d) / "raw.jsonl"
         fr.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        # the parts of load_dataset, one by one (its own row below is all of them together)
+        # the parts of load_dataset, one by one (its own row below is all of them together), with the garbage
+        # collector off as load_dataset has it
+        import gc
+
+        gc.disable()
         s, got = timed(lambda: list(read_records(f)))
         row("load_dataset part: read + parse JSONL", len(got), "minitrain.data.sources", s)
         s, exs = timed(lambda: [normalize(r, "instruct", loc) for r, loc, _ in got])
@@ -241,6 +245,7 @@ def main(argv=None) -> int:
             s, _ = timed(lambda: [spans(e["messages"]) for e in exs])
             row("load_dataset part: render + assistant spans", len(exs), "minitrain fast renderer, one pass", s)
         del got, exs
+        gc.enable()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             s, ds = timed(lambda: load_dataset(f, tok, max_seq_length=2048))
