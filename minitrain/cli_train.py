@@ -137,8 +137,16 @@ def _train(args: argparse.Namespace, env) -> int:
     if fsdp and (env is None or env.world_size < 2):
         raise ConfigError("--fsdp shards the model over several processes: launch with "
                           "torchrun --nproc-per-node N (N >= 2) -m minitrain train ...")
+    load_on = None if env is None else env.device
+    if fsdp:
+        load_on = distributed.load_device_for_fsdp(mcfg.model, mcfg.load_in_4bit, env)
+        if load_on != env.device and dtype is None:  # the GPU's default, not the host's fp32
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if load_on != env.device and env.is_main:
+            print(f"FSDP2: the model does not fit one GPU's free memory: loading it on the host, then moving one "
+                  f"layer at a time to {env.device.type} while sharding", flush=True)
     model, tok = load_model(mcfg.model, max_seq_length=mcfg.max_seq_length, dtype=dtype, load_in_4bit=mcfg.load_in_4bit,
-                            device=None if env is None else env.device)
+                            device=load_on)
     model.name_or_path = str(mcfg.model)  # recorded as base_model_name_or_path in adapter_config.json
     ds = load_dataset(sources, tok, max_seq_length=mcfg.max_seq_length,
                       train_on_responses_only=tcfg.train_on_responses_only, eval_split=int(tcfg.eval_split) if tcfg.eval_split >= 1 else tcfg.eval_split,

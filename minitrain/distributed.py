@@ -299,22 +299,24 @@ def shard_model(model: nn.Module, env: DistEnv | None = None) -> nn.Module:
                            "--nproc-per-node N and call init_distributed() first")
     broadcast_([p for _, p in lora_parameters(model)])
     _replace_nf4(model)
-    model.to(env.device)
     mesh = init_device_mesh(env.device.type, (env.world_size,))
+    # A model loaded on the host (one that does not fit a GPU) moves one unit at a time: a whole layer is on the
+    # device only until its shard is cut; for a model already on the device these moves do nothing.
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer.to(env.device), mesh=mesh)
     body = getattr(model, "model", model)
     emb, head = getattr(body, "embed_tokens", None), getattr(model, "lm_head", None)
     tied = emb is not None and head is not None and head.weight is emb.weight
     if emb is not None and not tied:
-        fully_shard(emb, mesh=mesh)  # its own unit, sharded by vocabulary rows
+        fully_shard(emb.to(env.device), mesh=mesh)  # its own unit, sharded by vocabulary rows
         if not emb.weight.requires_grad:  # and never gathered: the lookup is vocabulary-parallel
             emb.minitrain_lookup = functools.partial(vocab_parallel_embedding, emb)
     if head is not None and not tied and not head.weight.requires_grad and head.bias is None:
         # Its own unit, sharded by vocabulary rows and never gathered for training: the trainer's loss goes through
         # minitrain_head_loss (vocab_parallel_loss), which gathers the hidden rows instead (see there).
-        fully_shard(head, mesh=mesh)
+        fully_shard(head.to(env.device), mesh=mesh)
         head.minitrain_head_loss = functools.partial(vocab_parallel_loss, head)
+    _move_unsharded_(model, env.device)  # what the root unit holds: final norm, rotary tables, a tied embedding
     # The root (final norm; a tied embedding/lm_head) stays gathered from its forward to the end of backward: a tied
     # weight is read by the loss after ``hidden_states`` returns, and backward needs it again at once.
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
@@ -334,6 +336,39 @@ def shard_model(model: nn.Module, env: DistEnv | None = None) -> nn.Module:
             m.set_force_sum_reduction_for_comms(True)
     model._minitrain_fsdp = True
     return model
+
+
+def load_device_for_fsdp(path, load_in_4bit: bool, env: DistEnv) -> torch.device:
+    """Where a rank loads a checkpoint it will shard: its GPU when the loaded model fits in 70% of the GPU's free
+    memory (fastest), else the host (each unit then moves to the GPU only while its shard is cut, so a model larger
+    than one GPU trains as long as 1/N of it fits). The size is estimated from the safetensors files: 16-bit
+    weights, about 0.3x of that for the NF4 projections."""
+    from pathlib import Path
+
+    if env.device.type != "cuda":
+        return env.device
+    files = list(Path(path).glob("*.safetensors"))
+    need = sum(f.stat().st_size for f in files) * (0.3 if load_in_4bit else 1.0)
+    free = torch.cuda.mem_get_info(env.device)[0]
+    return env.device if need < 0.7 * free else torch.device("cpu")
+
+
+def _move_unsharded_(model: nn.Module, device: torch.device) -> None:
+    """Move the parameters and buffers that are not FSDP2 shards yet (DTensors) to ``device``, in place."""
+    from torch.distributed.tensor import DTensor
+
+    moved: dict[int, torch.Tensor] = {}  # one moved copy per tensor: a tied weight stays tied
+    for m in model.modules():
+        for k, b in m._buffers.items():
+            if b is not None and b.device != device:
+                if id(b) not in moved:
+                    moved[id(b)] = b.to(device)
+                m._buffers[k] = moved[id(b)]
+        for k, p in m._parameters.items():
+            if p is not None and not isinstance(p, DTensor) and p.device != device:
+                if id(p) not in moved:
+                    moved[id(p)] = nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+                m._parameters[k] = moved[id(p)]
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

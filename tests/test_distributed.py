@@ -344,3 +344,19 @@ def test_vocab_parallel_loss_and_embedding_equal_the_full_weights(tmp_path):
         got = eval((tmp_path / f"vp{r}.txt").read_text())
         assert got["loss"] <= 1e-4 and got["grad"] <= 1e-5 and got["embedding_exact"], (r, got)
     assert eval((tmp_path / "vp0.txt").read_text())["value"] > 0
+
+
+def test_unsharded_tensors_move_once_and_ties_survive():
+    """shard_model moves what the root unit keeps (norm, rotary tables, a tied embedding) parameter by parameter:
+    a tied lm_head must stay the very same parameter as the embedding after the move (meta device: no GPU needed)."""
+    from minitrain.distributed import _move_unsharded_
+    from minitrain.model import LlamaForCausalLM, ModelArgs
+
+    model = LlamaForCausalLM(ModelArgs(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    frozen = model.model.norm.weight.requires_grad_(False)
+    _move_unsharded_(model, torch.device("meta"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    assert not model.model.norm.weight.requires_grad and frozen.device.type == "cpu"
