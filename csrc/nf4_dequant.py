@@ -32,11 +32,10 @@ def _config(n: int) -> tuple[int, int]:
     return (2, 0) if n <= 16 * 2**20 else (1, 0)
 
 
-def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype, out):
-    where = "nf4_dequantize_cuda"
+def check_state(where, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize):
+    """The NF4 quantization state as the CUDA kernels read it (nf4_dequant.cu, nf4_gemv.cu): CUDA tensors on one
+    device, contiguous, with the byte format's dtypes and element counts. Messages start with ``where``."""
     n = int(shape[0]) * int(shape[1])
-    if dtype not in _KERNELS:
-        raise ValueError(f"{where}: dtype must be float32, float16 or bfloat16, got {dtype}")
     for name, v in (("blocksize", blocksize), ("nested_blocksize", nested_blocksize)):
         if v < (32 if name == "blocksize" else 1) or v & (v - 1):
             raise ValueError(f"{where}: {name} must be a power of two (blocksize >= 32), got {v}")
@@ -63,6 +62,13 @@ def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocks
                              f"{t.dtype} with {t.numel()} on {t.device}")
     if absmax.device != data.device:
         raise ValueError(f"{where}: absmax is on {absmax.device} but data is on {data.device}")
+
+
+def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype, out):
+    where = "nf4_dequantize_cuda"
+    if dtype not in _KERNELS:
+        raise ValueError(f"{where}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_state(where, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
     if out is not None and (out.shape != (shape[0], shape[1]) or out.dtype != dtype or out.device != data.device
                             or not out.is_contiguous()):
         raise ValueError(f"{where}: out must be a contiguous {dtype} tensor of shape {tuple(shape)} on "

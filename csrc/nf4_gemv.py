@@ -16,7 +16,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from triton_ops.nf4_matmul import register_linear_autograd
+
 from . import get_kernel
+from .nf4_dequant import check_state, nf4_dequantize_cuda_tensors
 
 __all__ = ["nf4_gemv_cuda", "GemvPlan", "GEMV_MAX_M", "gemv_config"]
 
@@ -95,38 +98,15 @@ def _stream(index: int):
 def _check(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
     where = "nf4_gemv_cuda"
     n_out, k = int(shape[0]), int(shape[1])
-    n = n_out * k
     if x.dtype not in _XT:
         raise ValueError(f"{where}: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.shape[-1] != k:
         raise ValueError(f"{where}: x has {x.shape[-1]} features but the weight is {tuple(shape)} (N, K)")
     if x.device.type != "cuda":
         raise ValueError(f"{where}: tensors must be on a CUDA device, got x on {x.device}")
-    for name, v, lo in (("blocksize", blocksize, 32), ("nested_blocksize", nested_blocksize, 1)):
-        if v < lo or v & (v - 1):
-            raise ValueError(f"{where}: {name} must be a power of two >= {lo}, got {v}")
-    if data.dtype != torch.uint8 or data.numel() != (n + 1) // 2 or not data.is_contiguous():
-        raise ValueError(f"{where}: data must be contiguous uint8 with (N*K+1)//2 = {(n + 1) // 2} bytes, got "
-                         f"{data.dtype} with {data.numel()}")
-    nb = -(-n // blocksize)
-    double = nested_absmax is not None
-    want = torch.uint8 if double else torch.float32
-    if absmax.dtype != want or absmax.numel() != nb or not absmax.is_contiguous():
-        raise ValueError(f"{where}: absmax must be contiguous {want} with {nb} values, got {absmax.dtype} with "
-                         f"{absmax.numel()}")
-    checks = [("code", code, 16)]
-    if double:
-        if nested_code is None or offset is None:
-            raise ValueError(f"{where}: double quantization needs nested_code and offset")
-        checks += [("nested_absmax", nested_absmax, -(-nb // nested_blocksize)), ("nested_code", nested_code, 256),
-                   ("offset", offset, 1)]
-    for name, t, cnt in checks:
-        if t.dtype != torch.float32 or t.numel() != cnt or not t.is_contiguous():
-            raise ValueError(f"{where}: {name} must be contiguous float32 with {cnt} values, got {t.dtype} with "
-                             f"{t.numel()}")
-    for name, t in [("data", data), ("absmax", absmax)] + [(c[0], c[1]) for c in checks]:
-        if t.device != x.device:
-            raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}")
+    check_state(where, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
+    if data.device != x.device:
+        raise ValueError(f"{where}: the weight is on {data.device} but x is on {x.device}")
     if bias is not None and (bias.shape != (n_out,) or bias.dtype != x.dtype or bias.device != x.device
                              or not bias.is_contiguous()):
         raise ValueError(f"{where}: bias must be a contiguous ({n_out},) {x.dtype} tensor on {x.device}, got "
@@ -222,27 +202,7 @@ def _(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksiz
     return x.new_empty(*x.shape[:-1], shape[0])
 
 
-def _setup_context(ctx, inputs, output):
-    x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias = inputs
-    ctx.q = (data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_y):
-    """y = x W^T + b  =>  dx = dy W (W dequantized again by the CUDA C++ kernel, to dy's dtype), db = sum dy."""
-    from .nf4_dequant import nf4_dequantize_cuda_tensors
-
-    data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize = ctx.q
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        w = nf4_dequantize_cuda_tensors(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize,
-                                        nested_blocksize, grad_y.dtype)
-        grad_x = grad_y @ w
-    grad_b = grad_y.reshape(-1, shape[0]).sum(0) if ctx.has_bias and ctx.needs_input_grad[10] else None
-    return grad_x, None, None, None, None, None, None, None, None, None, grad_b
-
-
-_nf4_gemv_cuda_op.register_autograd(_backward, setup_context=_setup_context)
+register_linear_autograd(_nf4_gemv_cuda_op, nf4_dequantize_cuda_tensors)  # dx = dy W, W dequantized again
 
 
 def nf4_gemv_cuda(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize=64,

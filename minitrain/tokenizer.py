@@ -133,27 +133,23 @@ def _renderer_candidates(tok: "Tokenizer", chat_template: str | None):
     """Plain-Python renderers of known template families, parameterized from the tokenizer (bos token) and
     from one render of the template (a default system prompt)."""
 
-    def chatml(default_system: str | None):
-        head = None if default_system is None else f"<|im_start|>system\n{default_system}<|im_end|>\n"
-        gen = "<|im_start|>assistant\n"
+    def family(prefix_of, turn, gen: str):
+        """A renderer: prefix_of(messages) (depending on messages[0] only) + turn(m) for every message + gen when
+        asked; ``render.spans(messages)`` gives the text and each assistant turn's content span in one pass (the
+        prefix render of messages[:i] with the generation prompt ends after gen, that of messages[:i+1] after the
+        turn), None where messages[:0] renders another prefix than the whole (not prefix-stable)."""
+        empty = prefix_of([])
 
         def render(messages, add_generation_prompt=False):
-            out = [head] if head and messages and messages[0]["role"] != "system" else []
-            for m in messages:
-                out += ("<|im_start|>", m["role"], "\n", m["content"], "<|im_end|>\n")
-            if add_generation_prompt:
-                out.append(gen)
-            return "".join(out)
+            return prefix_of(messages) + "".join(map(turn, messages)) + (gen if add_generation_prompt else "")
 
         def spans(messages):
-            # turn i of role assistant renders as gen + content + "<|im_end|>\n": the prefix render of
-            # messages[:i] with the generation prompt ends after gen, that of messages[:i+1] after the turn
-            out = [head] if head and messages and messages[0]["role"] != "system" else []
-            if out and messages[0]["role"] == "assistant":
-                return None  # messages[:0] renders without the head: not prefix-stable
-            at, sp = len(head) if out else 0, []
+            head = prefix_of(messages)
+            if messages and messages[0]["role"] == "assistant" and head != empty:
+                return None
+            out, at, sp = [head], len(head), []
             for m in messages:
-                t = f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                t = turn(m)
                 if m["role"] == "assistant":
                     sp.append((at + len(gen), at + len(t)))
                 out.append(t)
@@ -162,30 +158,16 @@ def _renderer_candidates(tok: "Tokenizer", chat_template: str | None):
 
         render.spans = spans
         return render
+
+    def chatml(default_system: str | None):
+        head = "" if default_system is None else f"<|im_start|>system\n{default_system}<|im_end|>\n"
+        return family(lambda ms: head if ms and ms[0]["role"] != "system" else "",
+                      lambda m: f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", "<|im_start|>assistant\n")
 
     def llama3(bos: str):
-        gen = "<|start_header_id|>assistant<|end_header_id|>\n\n"
-
-        def render(messages, add_generation_prompt=False):
-            out = [bos]
-            for m in messages:
-                out += ("<|start_header_id|>", m["role"], "<|end_header_id|>\n\n", m["content"].strip(), "<|eot_id|>")
-            if add_generation_prompt:
-                out.append(gen)
-            return "".join(out)
-
-        def spans(messages):
-            out, at, sp = [bos], len(bos), []
-            for m in messages:
-                t = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-                if m["role"] == "assistant":
-                    sp.append((at + len(gen), at + len(t)))
-                out.append(t)
-                at += len(t)
-            return "".join(out), sp
-
-        render.spans = spans
-        return render
+        return family(lambda ms: bos,
+                      lambda m: f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>",
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
     yield chatml(None)
     try:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .nf4_dequant import cast_rtne
+from .nf4_dequant import cast_rtne, nf4_dequantize_tensors
 
 __all__ = ["nf4_matmul_ref", "nf4_matmul", "nf4_gemv", "fused_supported", "GEMV_MAX_M"]
 
@@ -297,25 +297,26 @@ def _(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksiz
     return x.new_empty(*x.shape[:-1], shape[0])
 
 
-def _setup_context(ctx, inputs, output):
-    x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias = inputs
-    ctx.q = (data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
-    ctx.has_bias = bias is not None
+def register_linear_autograd(op, dequantize) -> None:
+    """Autograd of y = x @ dequant(W)^T (+ bias) for a custom op with ``nf4_matmul``'s argument list:
+    dx = dy @ W with W dequantized again by ``dequantize`` (same arguments as ``nf4_dequantize_tensors``) to dy's
+    dtype, so nothing of size N*K is saved; dbias = sum of dy. Shared by the Triton and CUDA C++ small-M paths."""
+
+    def setup_context(ctx, inputs, output):
+        x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias = inputs
+        ctx.q = (data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_y):
+        shape = ctx.q[6]
+        grad_x = grad_y @ dequantize(*ctx.q, grad_y.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = grad_y.reshape(-1, shape[0]).sum(0) if ctx.has_bias and ctx.needs_input_grad[10] else None
+        return grad_x, None, None, None, None, None, None, None, None, None, grad_b
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad_y):
-    """dx = dy @ W (W dequantized again, to dy's dtype: nothing of size N*K is saved); dbias = sum dy."""
-    from .nf4_dequant import nf4_dequantize_tensors
-
-    data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize = ctx.q
-    w = nf4_dequantize_tensors(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize,
-                               nested_blocksize, grad_y.dtype)
-    grad_x = grad_y @ w
-    grad_b = grad_y.reshape(-1, shape[0]).sum(0) if ctx.has_bias else None
-    return grad_x, None, None, None, None, None, None, None, None, None, grad_b
-
-
-_nf4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+register_linear_autograd(_nf4_matmul_op, nf4_dequantize_tensors)
 
 
 def nf4_matmul(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize=64, nested_blocksize=256,
@@ -349,7 +350,7 @@ def _(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksiz
     return x.new_empty(*x.shape[:-1], shape[0])
 
 
-_nf4_gemv_op.register_autograd(_backward, setup_context=_setup_context)
+register_linear_autograd(_nf4_gemv_op, nf4_dequantize_tensors)
 
 
 def gemv_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
