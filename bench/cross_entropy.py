@@ -7,6 +7,10 @@
    unsloth_zoo's ``unsloth_fused_ce_loss``), ours ``fused_linear_cross_entropy`` (default and a smaller
    chunk), and "3 matmuls alone" (h W^T, G W, G^T h with a ready G: the floor of any method that keeps the
    three GEMMs). TFLOP/s counts 6*N*V*C; % of ceiling: of the bf16 matmul rate measured in this run.
+   These rows are timed in ROUNDS interleaved rounds (every provider once per round, order rotated; µs is the
+   median of the round medians, the last column their spread): the card's clock drifts with power and
+   temperature over a run by more than the differences between the fast providers. cut-cross-entropy and
+   unsloth are interleaved likewise among themselves, in their own process (see below).
    Peak MiB: allocated above the inputs during one forward+backward, the returned grads included
    (grad_h + grad_W = 1.13 GiB at 16k); the last column subtracts those grads.
 2. Cross-entropy on given logits (N=16384, V=128256, bf16), forward + backward: torch (fp32 upcast),
@@ -36,9 +40,10 @@ from bench import hw
 C, V = 4096, 128256
 TOKENS = [4096, 16384]
 CE_N = 16384
+ROUNDS = 3  # interleaved timing rounds of the hidden -> loss providers (_rows_in_rounds)
 DEVICE = "cuda"  # a module constant so a CPU smoke run can swap it
 COLUMNS = ["op", "shape", "dtype", "provider", "µs", "TFLOP/s or GB/s", "% of ceiling", "peak MiB",
-           "vs best peer", "MiB beyond grads"]
+           "vs best peer", "MiB beyond grads", "rounds ms (min-max)"]
 OURS = ("minitrain", "minitrain chunk=1024", "minitrain inplace_backward")
 NOT_PEERS = OURS + ("3 matmuls alone (floor)",)
 
@@ -47,8 +52,8 @@ def _cache_path():
     return hw.RESULTS_DIR / f".cross_entropy-unsloth-{hw.card_slug()}.json"
 
 
-def _measure(fn, grads_bytes=0):
-    """(median µs, peak MiB above what was allocated before, MiB beyond the returned grads) for fn()."""
+def _peak(fn, grads_bytes=0):
+    """(peak MiB above what was allocated before, MiB beyond the returned grads) for one fn(), after a warm-up."""
     fn()  # warm-up (compiles, autotunes, allocator)
     torch.cuda.synchronize()
     gc.collect()
@@ -58,8 +63,14 @@ def _measure(fn, grads_bytes=0):
     fn()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peak, peak - grads_bytes / 2**20
+
+
+def _measure(fn, grads_bytes=0):
+    """(median µs, peak MiB above what was allocated before, MiB beyond the returned grads) for fn()."""
+    peak, beyond = _peak(fn, grads_bytes)
     us = hw.bench_us(fn, warmup=50, rep=600)  # ms budgets: ~8-30 timed runs
-    return us, peak, peak - grads_bytes / 2**20
+    return us, peak, beyond
 
 
 def _row(op, shape, provider, fn=None, grads_bytes=0, error=None):
@@ -75,6 +86,49 @@ def _row(op, shape, provider, fn=None, grads_bytes=0, error=None):
     torch.cuda.empty_cache()
     print(r, flush=True)
     return r
+
+
+def _error(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def _rows_in_rounds(op, shape, cands, rounds=ROUNDS):
+    """Rows for candidates [(provider, fn or None, grads_bytes, error)], timed in interleaved rounds.
+
+    A 16k-token step is ~80 ms of matmuls: over a run of seconds the card's clock moves with its power and
+    temperature by several percent, so providers timed one after the other would be compared in different
+    states. Each round times every provider once (do_bench median, order rotated per round); a row's µs is the
+    median of its round medians, and the spread of those is printed with it."""
+    rows, live = [], []
+    for provider, fn, gb, error in cands:
+        r = {"op": op, "shape": shape, "dtype": "bf16", "provider": provider, "rounds": []}
+        if error is None:
+            try:
+                r["peak"], r["beyond"] = _peak(fn, gb)
+                live.append((r, fn))
+            except Exception as e:  # noqa: BLE001 - a failing provider is a table entry, never a crash
+                error = _error(e)
+        if error is not None:
+            r["error"] = error
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append(r)
+    for k in range(rounds):
+        order = live[k % max(1, len(live)):] + live[:k % max(1, len(live))]
+        for r, fn in order:
+            if "error" in r:
+                continue
+            try:
+                r["rounds"].append(hw.bench_us(fn, warmup=50, rep=600))
+            except Exception as e:  # noqa: BLE001
+                r["error"] = _error(e)
+    for r in rows:
+        if r["rounds"] and "error" not in r:
+            t = sorted(r["rounds"])
+            r["us"] = t[len(t) // 2]
+            r["spread"] = f"{t[0] / 1e3:.1f}-{t[-1] / 1e3:.1f}"
+        print({k: v for k, v in r.items() if k != "rounds"}, flush=True)
+    return rows
 
 
 def _inputs(n):
@@ -106,22 +160,23 @@ def linear_rows(n, only_unsloth=False):
     gb = (h.numel() + w.numel()) * 2
     rows = []
     if only_unsloth:
+        cands = []
         try:
             from cut_cross_entropy import linear_cross_entropy
 
-            rows.append(_row(op, shape, "cut-cross-entropy", _grad_step(
-                lambda a, b, t: linear_cross_entropy(a, b, t), h, w, y), gb))
+            cands.append(("cut-cross-entropy", _grad_step(lambda a, b, t: linear_cross_entropy(a, b, t), h, w, y),
+                          gb, None))
         except ImportError as e:
-            rows.append(_row(op, shape, "cut-cross-entropy", error=f"not installed ({e})"))
+            cands.append(("cut-cross-entropy", None, gb, f"not installed ({e})"))
         try:
             import unsloth  # noqa: F401  (before anything imports peft/transformers)
             from unsloth.kernels.cross_entropy_loss import fast_cross_entropy_loss
 
             def uns(a, b, t):
                 return fast_cross_entropy_loss((a @ b.t()).view(1, n, V), t.view(1, n))
-            rows.append(_row(op, shape, "unsloth fast_cross_entropy_loss", _grad_step(uns, h, w, y), gb))
+            cands.append(("unsloth fast_cross_entropy_loss", _grad_step(uns, h, w, y), gb, None))
         except Exception as e:  # noqa: BLE001
-            rows.append(_row(op, shape, "unsloth fast_cross_entropy_loss", error=f"not installed ({e})"))
+            cands.append(("unsloth fast_cross_entropy_loss", None, gb, f"not installed ({e})"))
         try:
             from unsloth_zoo.fused_losses import unsloth_fused_ce_loss
 
@@ -130,10 +185,10 @@ def linear_rows(n, only_unsloth=False):
                     return unsloth_fused_ce_loss(None, a.view(1, n, C), b, None, t.view(1, n), shift_labels=False)
                 except TypeError:  # older: shifts internally (N-1 tokens)
                     return unsloth_fused_ce_loss(None, a.view(1, n, C), b, None, t.view(1, n))
-            rows.append(_row(op, shape, "unsloth_fused_ce_loss", _grad_step(uns_fused, h, w, y), gb))
+            cands.append(("unsloth_fused_ce_loss", _grad_step(uns_fused, h, w, y), gb, None))
         except Exception as e:  # noqa: BLE001
-            rows.append(_row(op, shape, "unsloth_fused_ce_loss", error=f"not installed ({e})"))
-        return rows
+            cands.append(("unsloth_fused_ce_loss", None, gb, f"not installed ({e})"))
+        return _rows_in_rounds(op, shape, cands)
 
     # floor: the three GEMMs of any method that computes logits once, with a ready G = dloss/dlogits
     big = torch.empty(n, V, device=DEVICE, dtype=torch.bfloat16).normal_()
@@ -144,26 +199,27 @@ def linear_rows(n, only_unsloth=False):
         torch.mm(hd, wd.t(), out=big)
         torch.mm(big, wd, out=out_h)
         torch.mm(big.t(), hd, out=out_w)
-    rows.append(_row(op, shape, "3 matmuls alone (floor)", floor))
-    del big, out_h, out_w
+    cands = [("3 matmuls alone (floor)", floor, 0, None)]
 
     def torch_loss(a, b, t):
         return F.cross_entropy((a @ b.t()).float(), t)
-    rows.append(_row(op, shape, "torch", _grad_step(torch_loss, h, w, y), gb))
-    rows.append(_row(op, shape, "torch.compile", _grad_step(torch.compile(torch_loss, dynamic=False), h, w, y), gb))
+    cands.append(("torch", _grad_step(torch_loss, h, w, y), gb, None))
+    cands.append(("torch.compile", _grad_step(torch.compile(torch_loss, dynamic=False), h, w, y), gb, None))
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         liger = LigerFusedLinearCrossEntropyLoss()
-        rows.append(_row(op, shape, "liger-kernel", _grad_step(lambda a, b, t: liger(b, a, t), h, w, y), gb))
+        cands.append(("liger-kernel", _grad_step(lambda a, b, t: liger(b, a, t), h, w, y), gb, None))
     except ImportError as e:
-        rows.append(_row(op, shape, "liger-kernel", error=f"not installed ({e})"))
+        cands.append(("liger-kernel", None, gb, f"not installed ({e})"))
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 
-    rows.append(_row(op, shape, "minitrain", _grad_step(fused_linear_cross_entropy, h, w, y), gb))
+    cands.append(("minitrain", _grad_step(fused_linear_cross_entropy, h, w, y), gb, None))
     if n > 1024:  # the default chunk is 2048 tokens at this V; half of it shows what the chunk size buys
-        rows.append(_row(op, shape, "minitrain chunk=1024", _grad_step(
-            lambda a, b, t: fused_linear_cross_entropy(a, b, t, chunk_size=1024), h, w, y), gb))
+        cands.append(("minitrain chunk=1024", _grad_step(
+            lambda a, b, t: fused_linear_cross_entropy(a, b, t, chunk_size=1024), h, w, y), gb, None))
+    rows += _rows_in_rounds(op, shape, cands)
+    del big, out_h, out_w
     return rows
 
 
@@ -233,7 +289,8 @@ def _fmt(rows, tflops, copy_gbs):
                      "TFLOP/s or GB/s": r.get("rate", ""), "% of ceiling": r.get("pct", ""),
                      "peak MiB": "—" if is_floor else (f"{r['peak']:.0f}" if "peak" in r else ""),
                      "vs best peer": vs,
-                     "MiB beyond grads": "—" if is_floor else (f"{r['beyond']:.0f}" if "beyond" in r else "")})
+                     "MiB beyond grads": "—" if is_floor else (f"{r['beyond']:.0f}" if "beyond" in r else ""),
+                     "rounds ms (min-max)": r.get("spread", "")})
     return hw.markdown_table(out, COLUMNS)
 
 

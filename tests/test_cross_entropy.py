@@ -4,6 +4,8 @@ Inputs are built once and cloned for the kernel, a same-precision reference (the
 fp32 reference; its gradient is rounded to the logits' dtype) and an fp32 reference; one upstream gradient is
 fed to all. Rule: kernel error vs fp32 <= 2 * (same-precision reference error) + atol.
 """
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,17 @@ def _check(logits, labels, dtype, reduction="mean", n_items=None, softcap=None, 
 def test_matches_f_cross_entropy(shape, dtype, device):
     n, v = shape
     _check(torch.randn(n, v, device=device) * 4, _labels(n, v, device), dtype)
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+def test_persistent_programs_walk_all_rows(programs, device, monkeypatch):
+    # on CUDA the row kernel runs a few programs per SM, each walking rows pid, pid + nprog, ...: fewer programs
+    # than rows (1 and 3 for 7 rows, a remainder for some) must still cover every row, forward and backward
+    ce = importlib.import_module("triton_ops.cross_entropy")  # the package exports a function of that name
+    monkeypatch.setattr(ce, "_programs", lambda n, logits: min(n, programs))
+    n, v = 7, 2100
+    _check(torch.randn(n, v, device=device) * 4, _labels(n, v, device), torch.float32, "none")
+    _check(torch.randn(n, v, device=device) * 4, _labels(n, v, device), torch.bfloat16, softcap=5.0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
