@@ -202,7 +202,7 @@ SWEEP_FWD = [
 ]
 SWEEP_BWD_DW = [
     {},                                         # default: 1 row x 16 warps, 2 programs per SM, stages=2
-                                                # (C = 4100: 32 warps, 1 program per SM)
+                                                # (C = 4100: 8 warps, 4 programs per SM)
     {"stages": 1},
     {"stages": 3},
     {"stages": 2, "evict": "evict_first"},

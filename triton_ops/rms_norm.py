@@ -228,9 +228,9 @@ def _align(*strides: int) -> int:
 #     ~32 elements per thread: C = 4096 takes 4 rows, 16 warps, ~61 registers, two programs and 64 KB of loads
 #     in flight per SM. A tail costs registers (4 rows of 4096 + 4: ~76, one program per SM), so a row with a
 #     tail gets half the tile (2 rows of 4100: ~40 registers);
-#   backward: ~8 elements per thread, as x, dy, x^ and g are all live until the row's dot is reduced (C = 4096:
-#     1 row, 16 warps, ~63 registers with w and the dw partial in fp32; 4100: 1 row, 32 warps, ~53 registers,
-#     as Triton 3.6 gives the 16-warp launch ~86). With dw: persistent programs, as many
+#   backward: x, dy, x^ and g are all live until the row's dot is reduced; with dw ~8 elements per thread (C =
+#     4096: 1 row, 16 warps, ~63 registers with w and the dw partial in fp32), otherwise ~16 (8 warps: fewer,
+#     wider programs measured faster, see _bwd_config). With dw: persistent programs, as many
 #     per SM as the registers allow (2 of 16 warps), each looping over rows with the loop software-pipelined
 #     (stages=2: the next row's x and dy load into shared memory while this one reduces; no loop-carried
 #     latency between rows). Without dw: one program per row block, like the forward.
@@ -261,9 +261,12 @@ def _bwd_config(C: int, config: dict | None = None, need_dw: bool = True) -> dic
     _check_keys(cfg, BWD_KEYS, "backward")
     block_c, tail_c = _blocks(C, cfg.get("chunking", "tail"))
     block_m = cfg.get("block_m") or _rows_per_tile(2048, block_c + tail_c)
-    # a tail is replicated across threads (4 columns: x, dy, x^, g, w and dw of 4 each, ~20 registers more),
-    # so a row with a tail spreads its block over twice the warps to stay within 64 registers
-    num_warps = cfg.get("num_warps") or _warps((block_c + tail_c) * block_m, 128 if tail_c else 256, 32)
+    # ~8 elements per thread with dw and no tail (16 warps for 4096, two programs per SM); ~16 per thread
+    # without dw, or with a tail (8 warps): H100 sweep (bench/results/2026-11-27-h100-80gb-hbm3-rms_norm-sweep.md)
+    # without dw 138.4 us (8 warps) vs 153.1 (16) at 4096 and 142.4 vs 274.6 (32) at 4100; with dw at 4100,
+    # 8 warps x 4 programs per SM 179.7 us vs 288.5 (32 warps x 1)
+    per_warp = 256 if need_dw and not tail_c else 512
+    num_warps = cfg.get("num_warps") or _warps((block_c + tail_c) * block_m, per_warp, 32)
     per_sm = cfg.get("per_sm")
     if per_sm is None:
         per_sm = max(1, 32 // num_warps) if need_dw else 0
