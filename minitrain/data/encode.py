@@ -417,8 +417,13 @@ class PieceCache:
             self._added = re.compile("(" + "|".join(map(re.escape, alts)) + ")")
         # the separator of texts tokenized in one call: an added token (the shortest)
         self._sep = None if self._added is None else (alts[-1], backend.token_to_id(alts[-1]))
-        self._pow = np.ones(1, np.uint64)
-        self._ipow = np.ones(1, np.uint64)
+        # added tokens: the first characters, the longest length (for the cuts at added tokens in encode)
+        self._alt_w = 0
+        if self._added is not None:
+            self._first_cp = sorted({ord(t[0]) for t in alts})
+            self._first = np.zeros(self._first_cp[-1] + 2, bool)  # last slot: every larger code point
+            self._first[self._first_cp] = True
+            self._alt_w = len(alts[0])
         self._buf = np.zeros(0, np.uint64)  # prefix sums of the batch being hashed
         self._arange = np.zeros(0, np.int64)
         self._ar32 = np.zeros(0, np.int32)
@@ -449,15 +454,13 @@ class PieceCache:
         return out
 
     def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if len(self._pow) < n:
-            m = max(n, 2 * len(self._pow))
-            with np.errstate(over="ignore"):
-                self._pow = np.ones(m, np.uint64)  # B^0 .. B^(m-1), and the inverses
-                self._pow[1:] = np.cumprod(np.full(m - 1, self._B, np.uint64))
-                inv = pow(self._B, -1, 1 << 64)
-                self._ipow = np.ones(m, np.uint64)
-                self._ipow[1:] = np.cumprod(np.full(m - 1, inv, np.uint64))
-        return self._pow[:n], self._ipow[:n]
+        """B^0 .. B^(n-1) and the inverses mod 2^64, shared by all caches (they only depend on B)."""
+        pw, ipw = _POWERS.get(self._B, (None, None))
+        if pw is None or len(pw) < n:
+            m = max(n, 2 * len(pw) if pw is not None else 1 << 20)
+            pw, ipw = _power_table(self._B, m), _power_table(pow(self._B, -1, 1 << 64), m)
+            _POWERS[self._B] = pw, ipw
+        return pw[:n], ipw[:n]
 
     def _encode_new(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """(ids, token starts) of each text. A text holding added tokens is cut at them (they are hard
@@ -584,6 +587,53 @@ class PieceCache:
                 slot = (slot + 1) & mask
             tk[slot], tv[slot] = key, e
 
+    def _cut_added(self, a: np.ndarray, cut: np.ndarray, pre: np.ndarray, ipw: np.ndarray) -> None:
+        """Marks the start of every added token in ``a`` as a cut point. ``tokenizers`` splits a text at its
+        added tokens (leftmost-longest matches) before anything else and encodes each part alone, so both ends
+        of one are hard boundaries. Without this cut the piece that joins one chat turn to the next
+        (" word<|im_end|>\\n<|im_start|>assistant\\nWord") is new in almost every record; with it, " word" and
+        "<|im_end|>\\n<|im_start|>assistant\\nWord" are both common pieces (a cut at the end of the token too
+        would only add pieces). Candidates are the positions of a first character of some added token; the
+        window of the longest token's length there is hashed, and as a chat template writes the same few windows
+        over and over, each distinct window is matched once (in Python, with the longest-first alternation of
+        the added tokens), after every window is compared character by character with its group's first (a
+        hash collision makes no cut in this batch). When two occurrences overlap, which one tokenizers takes
+        depends on its scan: no cut is made in this batch either (cutting less is always exact)."""
+        n = len(a)
+        if len(self._first_cp) <= 3:  # a comparison per character beats a table lookup
+            hit = a == self._first_cp[0]
+            for c in self._first_cp[1:]:
+                hit |= a == c
+        else:
+            hit = self._first[np.minimum(a, len(self._first) - 1)]
+        cand = np.flatnonzero(hit)
+        if not len(cand):
+            return
+        w = self._alt_w
+        length = np.zeros(len(cand), np.int64)  # of the longest added token at each candidate, 0: none
+        tail = int(np.searchsorted(cand, n - w, "right"))  # windows from here on run past the end of the batch
+        c = cand[:tail]
+        if len(c):
+            with np.errstate(over="ignore"):
+                key = (pre[c + w] - pre[c]) * ipw[c]  # the window's hash
+            _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+            win = np.lib.stride_tricks.sliding_window_view(a, w)[c]  # row copies: faster than a 2-D gather
+            if not np.array_equal(win, win[first[inv.reshape(-1)]]):
+                return  # a hash collision between different windows
+            length[:tail] = np.fromiter(map(self._match, _text_of(win[first])), np.int64, len(first))[inv.reshape(-1)]
+        for i in range(tail, len(cand)):
+            length[i] = self._match(_text_of(a[cand[i]:][None])[0])
+        found = np.flatnonzero(length)
+        s = cand[found]
+        if np.any(s[1:] < (s + length[found])[:-1]):
+            return
+        cut[s] = True
+
+    def _match(self, t: str) -> int:
+        """The length of the longest added token that ``t`` starts with, 0 if none."""
+        m = self._added.match(t)
+        return 0 if m is None else m.end()
+
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Token ids of every text, concatenated (int32); each token's start in characters within the
         concatenation of the texts (int64); tokens per text (int64)."""
@@ -602,24 +652,27 @@ class PieceCache:
         tstart = np.cumsum(lens) - lens
         if n == 0:
             return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(len(texts), np.int64)
-        # cut points: text starts, and spaces that follow a non-whitespace character
+        pw, ipw = self._powers(n + 1)
+        if len(self._buf) < n + 1:  # reused: a fresh array of this size costs its page faults every batch
+            self._buf = np.zeros(max(n + 1, 2 * len(self._buf)), np.uint64)
+            self._arange = np.arange(len(self._buf), dtype=np.int64)
+        pre = self._buf[: n + 1]  # pre[i]: sum of a[j] * B^j for j < i (mod 2^64)
+        with np.errstate(over="ignore"):
+            np.multiply(a, pw[:n], out=pre[1:], dtype=np.uint64)
+            np.cumsum(pre[1:], out=pre[1:])
+        # cut points: text starts, spaces that follow a non-whitespace character, both ends of added tokens
         sp = np.flatnonzero(a[1:] == 32)  # spaces after the first character, less one
         cut = np.zeros(n, bool)
         cut[sp[~_is_space(a[sp])] + 1] = True
         cut[tstart[lens > 0]] = True
+        if self._alt_w:
+            self._cut_added(a, cut, pre, ipw)
         pstart = np.flatnonzero(cut)
         pend = np.empty_like(pstart)
         pend[:-1] = pstart[1:]
         pend[-1] = n
         plen = pend - pstart
-        pw, ipw = self._powers(n + 1)
-        if len(self._buf) < n + 1:  # reused: a fresh array of this size costs its page faults every batch
-            self._buf = np.zeros(max(n + 1, 2 * len(self._buf)), np.uint64)
-            self._arange = np.arange(len(self._buf), dtype=np.int64)
-        pre = self._buf[: n + 1]
         with np.errstate(over="ignore"):
-            np.multiply(a, pw[:n], out=pre[1:], dtype=np.uint64)
-            np.cumsum(pre[1:], out=pre[1:])
             h = ((pre[pend] - pre[pstart]) * ipw[pstart] + plen.astype(np.uint64)) | np.uint64(1)  # 0: empty slot
         # proposed entries: by hash, new pieces added
         idx = self._lookup(h)
@@ -659,12 +712,38 @@ class PieceCache:
         return self.t_ids[pos], self.t_start[pos] + np.repeat(pstart, ntok), counts
 
 
+_POWERS: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # hash base -> its powers and their inverses
+
+
+def _power_table(b: int, m: int) -> np.ndarray:
+    """b^0 .. b^(m-1) mod 2^64, by doubling (each step one vector multiply; cumprod is a serial chain)."""
+    out = np.empty(m, np.uint64)
+    out[0] = 1
+    k = 1
+    with np.errstate(over="ignore"):
+        while k < m:
+            t = min(k, m - k)
+            np.multiply(out[:t], np.uint64(pow(b, k, 1 << 64)), out=out[k: k + t])
+            k += t
+    return out
+
+
 _SPACE = np.zeros(0x3002, bool)
 _SPACE[[c for c in range(0x3001) if chr(c).isspace()]] = True  # no code point above U+3000 is whitespace
 
 
 def _is_space(a: np.ndarray) -> np.ndarray:
     return _SPACE[a] if a.dtype == np.uint8 else _SPACE[np.minimum(a, 0x3001)]
+
+
+def _text_of(rows: np.ndarray) -> list[str]:
+    """The strings whose code points are the rows of ``rows`` (what _code_points gives, row by row)."""
+    w = rows.shape[1]
+    if rows.dtype == np.uint8:
+        b = rows.tobytes().decode("ascii")
+    else:
+        b = rows.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
+    return [b[i: i + w] for i in range(0, len(b), w)] if w else [""] * len(rows)
 
 
 def _code_points(s: str) -> np.ndarray:
