@@ -811,3 +811,61 @@ def test_fast_path_checks_can_fail(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="piece-cache tokenization disagreed"):
         ds = load_dataset(f, tok)
     same_store(ds, ref)
+
+
+# Added tokens that overlap one another ("<x><y>" holds "<x>", "x><y" and "><"), and one with a non-ASCII character.
+OVERLAPPING = ["<x>", "x><y", "<x><y>", "><", "<é>", "<|im_end|>"]
+OVERLAP_FRAGMENTS = ["<", ">", "x", "y", "é", "a", " ", "  ", "\n", "b "] + OVERLAPPING
+
+
+@pytest.mark.parametrize("base", ["default", "one"])
+def test_piece_cache_cuts_at_added_tokens_exactly(monkeypatch, base):
+    """Pieces are also cut where an added token starts (tokenizers splits there first). With overlapping added
+    tokens, tokens cut short by the end of a batch, non-ASCII batches, and (hash base 1) colliding window hashes,
+    the ids and token starts must still be encode_batch's, cold and warm, for whole batches and for texts one
+    by one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from minitrain.data.encode import PieceCache, piece_cache_unsupported
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=OVERLAPPING, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert piece_cache_unsupported(tk) is None
+    if base == "one":
+        monkeypatch.setattr(PieceCache, "_B", 1)
+    rng = np.random.default_rng(np.random.SeedSequence().entropy % 2**32)
+    texts = ["".join(rng.choice(OVERLAP_FRAGMENTS, size=rng.integers(0, 30))) for _ in range(300)]
+    texts += ["a <x", "b <x><", "<x><y", "x>< y", "<é", "é <é>", "a<|im_end|>", "<|im_end|"]  # ends of batches
+    ascii_only = [t for t in texts if t.isascii()]
+    cache = PieceCache(tk)
+    for batch in [texts, texts, ascii_only] + [[t] for t in texts[:60] + texts[-8:]]:
+        ids, starts, counts = cache.encode(batch)
+        ref = tk.encode_batch(batch, add_special_tokens=False)
+        ends = np.cumsum(counts)
+        base_at = np.cumsum([0] + [len(t) for t in batch[:-1]])
+        bad = [i for i, e in enumerate(ref) if ids[ends[i] - counts[i]: ends[i]].tolist() != e.ids
+               or (starts[ends[i] - counts[i]: ends[i]] - base_at[i]).tolist() != [a for a, _ in e.offsets]]
+        assert not bad, f"{len(bad)} of {len(batch)} texts differ, first {batch[bad[0]]!r}"
+
+
+def test_piece_cache_turn_joins_are_not_pieces():
+    """The text that joins one chat turn to the next (" word<|im_end|>\\n<|im_start|>assistant\\nWord") is cut
+    where the added token starts: every cache entry that holds an added token starts with one, so the cache
+    stays small on chat data (one entry per word, not per pair of words around a turn)."""
+    from minitrain.data.encode import PieceCache
+
+    tk = backend_with(None, "digits")
+    words = ["alpha", "beta", "gamma", "delta", "pi", "rho", "tau", "phi"]
+    texts = [f"<|im_start|>user\n{a.capitalize()} and {b}?<|im_end|>\n<|im_start|>assistant\n{c.capitalize()} "
+             f"{d}.<|im_end|>\n" for a in words for b in words for c in words for d in words[:2]]
+    cache = PieceCache(tk)
+    ids, _, counts = cache.encode(texts)
+    ref = tk.encode_batch(texts, add_special_tokens=False)
+    assert ids.tolist() == [t for e in ref for t in e.ids] and counts.tolist() == [len(e.ids) for e in ref]
+    specials = ("<|im_start|>", "<|im_end|>")
+    joined = [s for s in cache.strings if any(t in s for t in specials) and not s.startswith(specials)]
+    assert not joined, f"{len(joined)} entries join text to an added token, e.g. {joined[:3]}"
+    assert cache.n_entries < 3 * len(words) + 10, f"{cache.n_entries} entries for {len(texts)} chats"
