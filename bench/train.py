@@ -10,6 +10,7 @@ Rows (each in a fresh subprocess, so peak memory is per row and unsloth's patche
   * ours / ours-16bit / ours-offload: minitrain.load_model(load_in_4bit=True / False), add_lora, checkpointing
     "on" ("offload" keeps the layer inputs in pinned host memory), a tight loop of the Trainer's math
     (token_loss_sum / n through the fused linear cross-entropy, clip, fused AdamW) rather than Trainer itself;
+    the -graph rows replay forward + backward from one CUDA graph (minitrain.cuda_graphs), as the Trainer does;
   * peft-bnb / peft-16bit: transformers LlamaForCausalLM.from_pretrained (BitsAndBytesConfig nf4, double quant,
     bf16 compute / plain bf16), gradient_checkpointing_enable(use_reentrant=False), peft LoRA; loss =
     model(input_ids, labels=input_ids).loss;  peft-bnb-liger / peft-16bit-liger: the same after
@@ -63,6 +64,7 @@ ROWS = {
     "ours-offload": dict(impl="ours", quant=True, gc="offload", cuda=False),
     "ours-graph": dict(impl="ours", quant=True, gc="on", graph=True, cuda=True),
     "ours-16bit-graph": dict(impl="ours", quant=False, gc="on", graph=True, cuda=True),
+    "ours-offload-graph": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True),
     "peft-bnb": dict(impl="hf", quant=True, liger=False, cuda=False),  # bitsandbytes 0.50 runs NF4 on CPU too
     "peft-bnb-liger": dict(impl="hf", quant=True, liger=True, cuda=True),
     "peft-16bit": dict(impl="hf", quant=False, liger=False, cuda=False),

@@ -160,49 +160,120 @@ def make_batches(dataset, split: str, batch_size: int, packing: bool, seed: int,
 # ---------------------------------------------------------------------------------------------------------
 # Gradient checkpointing (optionally with the layer inputs held in pinned host memory)
 # ---------------------------------------------------------------------------------------------------------
-class _ToHost(torch.autograd.Function):
-    """Copy to pinned host memory (asynchronously); the gradient goes back to the device."""
+class _Stash:
+    """One checkpointed layer's input, between the layer's forward and its recomputation in the backward."""
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.device = x.device
+    __slots__ = ("index", "x", "host", "d2h", "dev", "h2d", "prev", "requires_grad", "used", "device")
+
+    def __init__(self, index: int, x: torch.Tensor, host: torch.Tensor, d2h, prev):
+        self.index, self.x, self.host, self.d2h, self.prev = index, x, host, d2h, prev
+        self.dev = self.h2d = None
+        self.device = x.device
+        self.requires_grad, self.used = x.requires_grad, False
+
+
+class HostOffload:
+    """Keeps checkpointed layer inputs in pinned host memory, the copies overlapped with compute.
+
+    Forward of layer i: its input is copied to a pinned host buffer of that layer on a copy stream (which first
+    waits for the compute stream), while the layer computes; when layer i+1 stashes its input, the compute
+    stream waits for layer i's copy (long done by then) and the device tensor is released, so at most one
+    layer input stays on the device. Backward: when layer i is recomputed, the copy stream brings layer i-1's
+    input back into a fresh device tensor (overlapping layer i's backward) and layer i waits for its own
+    copy; the last layer, still on the device, needs none. The buffers persist (one per layer and shape), and
+    every copy is an event-ordered stream operation, so a CUDA graph captures the whole scheme (forked copy
+    stream, joined before the layer that needs the data). On CPU tensors the "host copy" is a clone.
+    Unlike torch's ``save_on_cpu``, only the layer inputs move: what checkpointing saves, 2 * B * T * C bytes
+    per layer in bf16 (32 MiB at 2 x 2048 x 4096)."""
+
+    def __init__(self):
+        self.stream = None
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.pending: list[_Stash] = []
+        self.last: _Stash | None = None
+
+    def _release_pending(self, main) -> None:
+        for s in self.pending:
+            main.wait_event(s.d2h)  # the host copy is complete before the device tensor's memory is reused
+            s.x = None
+        self.pending.clear()
+
+    def stash(self, index: int, x: torch.Tensor) -> _Stash:
+        prev = self.last if self.last is not None and self.last.index < index else None
         if x.device.type != "cuda":
-            return x.detach().clone()
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        return host.copy_(x, non_blocking=True)
+            s = _Stash(index, x, x.detach().clone(), None, prev)  # x is dropped once the forward used it
+        else:
+            main = torch.cuda.current_stream(x.device)
+            self._release_pending(main)
+            key = (index, tuple(x.shape), x.dtype)
+            host = self.buffers.get(key)
+            if host is None:
+                host = self.buffers[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(x.device)
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                host.copy_(x.detach(), non_blocking=True)
+                d2h = torch.cuda.Event()
+                d2h.record(self.stream)
+            s = _Stash(index, x, host, d2h, prev)
+            self.pending.append(s)
+        self.last = s
+        return s
 
-    @staticmethod
-    def backward(ctx, g):
-        return g.to(ctx.device, non_blocking=True)
+    def _bring_back(self, s: _Stash, main) -> None:
+        s.dev = torch.empty(s.host.shape, dtype=s.host.dtype, device=main.device)  # allocated on the main stream
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            s.dev.copy_(s.host, non_blocking=True)
+            s.h2d = torch.cuda.Event()
+            s.h2d.record(self.stream)
 
-
-class _ToDevice(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, device):
-        return x.to(device, non_blocking=True) if x.device != device else x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.to("cpu") if g.device.type != "cpu" else g, None
+    def fetch(self, s: _Stash) -> torch.Tensor:
+        """The layer input again, on its device, for the recomputation."""
+        if s.d2h is None:  # CPU
+            return s.host.clone().requires_grad_(s.requires_grad)
+        main = torch.cuda.current_stream(s.device)
+        if s.x is not None:  # still on the device (the last layer): use it, no copy back
+            out = s.x.detach()
+            self._release_pending(main)
+        else:
+            self._release_pending(main)
+            if s.dev is None:
+                self._bring_back(s, main)
+            main.wait_event(s.h2d)
+            out, s.dev = s.dev, None
+        p = s.prev
+        if p is not None and p.x is None and p.dev is None and p.d2h is not None:
+            self._bring_back(p, main)  # prefetch the input of the layer recomputed next
+        return out.requires_grad_(s.requires_grad)
 
 
 class CheckpointedLayer:
     """Replaces one decoder layer's ``forward``: recompute the layer in backward instead of keeping its
-    activations; with ``offload`` only a host copy of the layer input is kept (brought back when recomputing)."""
+    activations; with ``offload`` (a :class:`HostOffload`) only a host copy of the layer input is kept."""
 
-    def __init__(self, layer: nn.Module, offload: bool):
-        self.layer, self.forward, self.offload = layer, layer.forward, offload
+    def __init__(self, layer: nn.Module, offload: HostOffload | None = None, index: int = 0):
+        self.layer, self.forward, self.offload, self.index = layer, layer.forward, offload, index
+
+    def _run(self, stash: _Stash, *args, **kwargs):
+        if stash.used:  # recomputation in the backward
+            x = self.offload.fetch(stash)
+        else:  # the forward: the input itself, so autograd links this layer to the one before
+            stash.used, x = True, stash.x
+            if stash.d2h is None:  # CPU: only the clone stays
+                stash.x = None
+        return self.forward(x, *args, **kwargs)
 
     def __call__(self, x, *args, **kwargs):
         from torch.utils.checkpoint import checkpoint
 
         if not torch.is_grad_enabled():
             return self.forward(x, *args, **kwargs)
-        if not self.offload:
+        if self.offload is None:
             return checkpoint(self.forward, x, *args, use_reentrant=False, **kwargs)
-        device = x.device
-        return checkpoint(lambda h, *a, **k: self.forward(_ToDevice.apply(h, device), *a, **k),
-                          _ToHost.apply(x), *args, use_reentrant=False, **kwargs)
+        # the checkpoint keeps its arguments for the recomputation: pass the stash, not the device tensor
+        return checkpoint(self._run, self.offload.stash(self.index, x), *args, use_reentrant=False, **kwargs)
 
 
 def decoder_layers(model: nn.Module):
@@ -215,11 +286,12 @@ def decoder_layers(model: nn.Module):
 
 def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
     """mode "off" | "on" | "offload" (see :class:`CheckpointedLayer`)."""
-    for layer in decoder_layers(model):
+    offload = HostOffload() if mode == "offload" else None
+    for i, layer in enumerate(decoder_layers(model)):
         if isinstance(layer.__dict__.get("forward"), CheckpointedLayer):
             del layer.forward  # back to the class's forward
         if mode != "off":
-            layer.forward = CheckpointedLayer(layer, offload=mode == "offload")
+            layer.forward = CheckpointedLayer(layer, offload, i)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -385,8 +457,6 @@ class Trainer:
             why.append("fp16 loss scaling runs eagerly")
         if self.fsdp:
             why.append("FSDP2 runs eagerly")
-        if cfg.gradient_checkpointing == "offload":
-            why.append("gradient_checkpointing='offload' runs eagerly")
         if not cfg.fused_cross_entropy:
             why.append("fused_cross_entropy is off")
         if why and cfg.cuda_graphs == "on":
