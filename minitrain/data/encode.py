@@ -23,6 +23,7 @@ here to the token store (``encode_chat_flat``, ``encode_raw_flat``).
 """
 from __future__ import annotations
 
+import gc
 import re
 from bisect import bisect_left
 from itertools import chain
@@ -444,6 +445,8 @@ class PieceCache:
         self.t_ids = np.zeros(4096, np.int32)
         self.t_start = np.zeros(4096, np.int64)  # token start, in characters from the piece's start
         self.c_chars = np.zeros(4096, np.uint32)  # code points of every entry's piece
+        self.c_ascii = np.zeros(4096, np.uint8)  # the same capped at 255: ASCII batches are compared with these
+        # (a quarter of the bytes; a code point above 127 stays above 127, so it equals no ASCII character)
 
     @staticmethod
     def _grow(a: np.ndarray, n: int) -> np.ndarray:
@@ -520,8 +523,17 @@ class PieceCache:
         return out
 
     def _add(self, keys: list[str]) -> int:
-        """Encode ``keys`` (distinct pieces) into new entries; returns the first new entry's number."""
-        encs = self._encode_new(keys)
+        """Encode ``keys`` (distinct pieces) into new entries; returns the first new entry's number. The
+        collector is paused meanwhile (as load_dataset does): the lists and tuples made here hold no cycles, and
+        a full collection they trigger walks every object of the caller's process (~0.2 s with 100k records
+        held as dicts, more than encoding a few thousand new pieces)."""
+        was_on = gc.isenabled()
+        gc.disable()
+        try:
+            encs = self._encode_new(keys)
+        finally:
+            if was_on:
+                gc.enable()
         n0, n = self.n_entries, self.n_entries + len(keys)
         ntok = np.fromiter(map(len, (e[0] for e in encs)), np.int64, len(keys))
         lens = np.fromiter(map(len, keys), np.int64, len(keys))
@@ -531,13 +543,16 @@ class PieceCache:
         self.t_ids = self._grow(self.t_ids, self.n_tok + total)
         self.t_start = self._grow(self.t_start, self.n_tok + total)
         self.c_chars = self._grow(self.c_chars, self.n_chars + nch)
+        self.c_ascii = self._grow(self.c_ascii, self.n_chars + nch)
         self.e_len[n0:n] = lens
         self.e_ntok[n0:n] = ntok
         self.e_off[n0:n] = self.n_tok + np.cumsum(ntok) - ntok
         self.e_coff[n0:n] = self.n_chars + np.cumsum(lens) - lens
         self.t_ids[self.n_tok: self.n_tok + total] = list(chain.from_iterable(e[0] for e in encs))
         self.t_start[self.n_tok: self.n_tok + total] = list(chain.from_iterable(e[1] for e in encs))
-        self.c_chars[self.n_chars: self.n_chars + nch] = _code_points("".join(keys))
+        cp = _code_points("".join(keys))
+        self.c_chars[self.n_chars: self.n_chars + nch] = cp
+        self.c_ascii[self.n_chars: self.n_chars + nch] = cp if cp.dtype == np.uint8 else np.minimum(cp, 255)
         self.n_tok += total
         self.n_chars += nch
         self.n_entries = n
@@ -690,7 +705,7 @@ class PieceCache:
             small = np.int32 if self.n_chars + n < 2**31 else np.int64  # half the index traffic when it fits
             at = np.repeat((self.e_coff[idx] - pstart).astype(small), plen)
             at += self._arange[:n].astype(small, copy=False) if small is np.int64 else self._arange32(n)
-            expect = self.c_chars.take(at)
+            expect = (self.c_ascii if a.dtype == np.uint8 else self.c_chars).take(at)
             if not np.array_equal(expect, a):
                 bad[np.searchsorted(pstart, np.flatnonzero(expect != a), "right") - 1] = True
         else:  # lengths differ somewhere: compare the pieces of the right length only
