@@ -869,3 +869,36 @@ def test_piece_cache_turn_joins_are_not_pieces():
     joined = [s for s in cache.strings if any(t in s for t in specials) and not s.startswith(specials)]
     assert not joined, f"{len(joined)} entries join text to an added token, e.g. {joined[:3]}"
     assert cache.n_entries < 3 * len(words) + 10, f"{cache.n_entries} entries for {len(texts)} chats"
+
+
+FORK_SCRIPT = """
+import json, sys
+from tokenizers import Tokenizer
+sys.path.insert(0, sys.argv[1])
+from minitrain.data import load_dataset
+from tests.test_data import TinyTok
+tk = Tokenizer.from_file(sys.argv[2] + "/tok.json")
+tk.encode_batch(["warm the thread pool up"] * 256)  # tokenizers' threads exist in this process before the fork
+tok = TinyTok(tk)
+one = load_dataset(sys.argv[2] + "/d.jsonl", tok, batch_records=16)
+two = load_dataset(sys.argv[2] + "/d.jsonl", tok, batch_records=16, num_proc=2)
+print(json.dumps([len(one), len(two), one.store.ids.tolist() == two.store.ids.tolist()]))
+"""
+
+
+def test_worker_processes_do_not_hang_with_tokenizers_parallelism_on(tmp_path, backend):
+    """TOKENIZERS_PARALLELISM=true and tokenizers' thread pool started before load_dataset forks its workers:
+    tokenizers then keeps its pool on in the children, whose first encode_batch waited forever for threads that
+    a fork does not copy. Run in a subprocess with a time limit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    backend.save(str(tmp_path / "tok.json"))
+    write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"Say {i} words", "output": f"{i} words here"} for i in range(64)])
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", FORK_SCRIPT, root, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=root, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [64, 64, True]

@@ -15,8 +15,9 @@ Speed (100k chat records of ~94 tokens on a 2-core machine, bench/results/*-cpu2
 renders ~30k records/s and ``tokenizers`` encodes ~3-6k records/s (its pre-tokenizer alone is most of that). Two
 exact fast paths replace them when they apply: ``Tokenizer.fast_chat_renderer`` (plain Python for the ChatML and
 Llama-3 families, ~20x jinja2, with a ``spans`` method that gives the assistant spans in the same pass) and
-``PieceCache`` (tokenization of a whole batch as one array: space-delimited pieces hashed and gathered from a
-table in numpy, every character checked against the entry, ``tokenizers`` only for pieces not seen before). Both
+``PieceCache`` (tokenization of a whole batch as one array: pieces cut at spaces and where added tokens start,
+hashed and gathered from a table in numpy, every character checked against the entry, ``tokenizers`` only for
+pieces not seen before). Both
 are compared with the slow path on a sample of records (``Encoder.verify_first``, ``Encoder.verify_every``) and
 switched off with a warning on any difference. Batches stay flat arrays (ids, mask, tokens per record) from
 here to the token store (``encode_chat_flat``, ``encode_raw_flat``).
@@ -24,6 +25,7 @@ here to the token store (``encode_chat_flat``, ``encode_raw_flat``).
 from __future__ import annotations
 
 import gc
+import os
 import re
 from bisect import bisect_left
 from itertools import chain
@@ -31,6 +33,19 @@ from itertools import chain
 import numpy as np
 
 from .sources import DataError
+
+_PID = os.getpid()  # the process that imported this module
+
+
+def fork_guard() -> None:
+    """In a process forked from the one that imported this module (``load_dataset(num_proc=...)`` workers),
+    turn off the thread pool of ``tokenizers`` before its first batch call. Its threads do not survive a fork;
+    tokenizers turns its pool off in a forked child itself, except when TOKENIZERS_PARALLELISM was set to
+    true: then the child's first ``encode_batch`` waits forever for them. (The variable is read on every call.)"""
+    global _PID
+    if os.getpid() != _PID:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        _PID = os.getpid()
 
 
 def find_backend(tok):
@@ -102,6 +117,7 @@ class Encoder:
 
     def encode_raw_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ids of all texts concatenated (int32), their trained mask (all True), tokens per text (int64)."""
+        fork_guard()
         if self._raw_fast and not self._raw_checked:
             self._raw_checked = True
             if self.backend.encode(texts[0], add_special_tokens=True).ids != list(self.tok.encode(texts[0])):
@@ -218,6 +234,7 @@ class Encoder:
     def encode_chat_flat(self, convs: list[list[dict]], locs: list[str]) -> tuple[np.ndarray, np.ndarray,
                                                                                    np.ndarray]:
         """Ids of all conversations concatenated (int32), their trained mask (bool), tokens per conversation."""
+        fork_guard()
         if self._chat_fast and not self._chat_checked:
             self._chat_checked = True
             text, _ = self._char_spans(convs[0], locs[0], fast=False)
@@ -394,7 +411,9 @@ class PieceCache:
     pieces, each encoded alone, a piece running from one such space (or the text's start) to the next. A space
     that follows whitespace is no cut point (whitespace here is ``str.isspace``, a superset of the regexes'
     ``\\s``: a wider set only means fewer cuts). Digit splitting and added-token matching are local and are
-    done by the real tokenizer on each piece.
+    done by the real tokenizer on each piece. The start of an added token is a cut point too (``_cut_added``):
+    tokenizers splits there before anything else, and without it the text joining two chat turns (" word<|im_end|>
+    \\n<|im_start|>assistant\\nWord") is a new piece in almost every record.
 
     The whole batch is one array of code points; cut points, piece hashes (a polynomial hash mod 2^64 through
     prefix sums) and the gather of the cached tokens are numpy operations, with no Python work per piece. A hash
@@ -652,6 +671,7 @@ class PieceCache:
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Token ids of every text, concatenated (int32); each token's start in characters within the
         concatenation of the texts (int64); tokens per text (int64)."""
+        fork_guard()
         if self.n_entries > self.max_entries:
             self._reset()
         lens = np.fromiter(map(len, texts), np.int64, len(texts))
