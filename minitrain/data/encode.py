@@ -707,8 +707,9 @@ class PieceCache:
         pend[:-1] = pstart[1:]
         pend[-1] = n
         plen = pend - pstart
+        at_cuts = pre[np.append(pstart, n)]  # one gather serves both ends: a piece ends where the next starts
         with np.errstate(over="ignore"):
-            h = ((pre[pend] - pre[pstart]) * ipw[pstart] + plen.astype(np.uint64)) | np.uint64(1)  # 0: empty slot
+            h = ((at_cuts[1:] - at_cuts[:-1]) * ipw[pstart] + plen.astype(np.uint64)) | np.uint64(1)  # 0: empty slot
         # proposed entries: by hash, new pieces added
         idx = self._lookup(h)
         miss = np.flatnonzero(idx < 0)
