@@ -813,9 +813,10 @@ def test_fast_path_checks_can_fail(tmp_path, monkeypatch):
     same_store(ds, ref)
 
 
-# Added tokens that overlap one another ("<x><y>" holds "<x>", "x><y" and "><"), and one with a non-ASCII character.
-OVERLAPPING = ["<x>", "x><y", "<x><y>", "><", "<é>", "<|im_end|>"]
-OVERLAP_FRAGMENTS = ["<", ">", "x", "y", "é", "a", " ", "  ", "\n", "b "] + OVERLAPPING
+# Added tokens that overlap one another ("<x><y>" holds "<x>", "x><y" and "><"), with non-ASCII characters (one
+# first character above U+00FF), and more than three distinct first characters.
+OVERLAPPING = ["<x>", "x><y", "<x><y>", "><", "<é>", "<|im_end|>", "é]", "日>", "#"]
+OVERLAP_FRAGMENTS = ["<", ">", "x", "y", "é", "日", "a", " ", "  ", "\n", "b "] + OVERLAPPING
 
 
 @pytest.mark.parametrize("base", ["default", "one"])

@@ -441,7 +441,7 @@ class PieceCache:
         self._alt_w = 0
         if self._added is not None:
             self._first_cp = sorted({ord(t[0]) for t in alts})
-            self._first = np.zeros(self._first_cp[-1] + 2, bool)  # last slot: every larger code point
+            self._first = np.zeros(max(self._first_cp[-1] + 2, 256), bool)  # last slot: every larger code point
             self._first[self._first_cp] = True
             self._alt_w = len(alts[0])
         self._buf = np.zeros(0, np.uint64)  # prefix sums of the batch being hashed
@@ -638,6 +638,8 @@ class PieceCache:
             hit = a == self._first_cp[0]
             for c in self._first_cp[1:]:
                 hit |= a == c
+        elif a.dtype == np.uint8:
+            hit = self._first[a]  # the table has at least 256 slots
         else:
             hit = self._first[np.minimum(a, len(self._first) - 1)]
         cand = np.flatnonzero(hit)
@@ -695,7 +697,7 @@ class PieceCache:
         with np.errstate(over="ignore"):
             np.multiply(a, pw[:n], out=pre[1:], dtype=np.uint64)
             np.cumsum(pre[1:], out=pre[1:])
-        # cut points: text starts, spaces that follow a non-whitespace character, both ends of added tokens
+        # cut points: text starts, spaces that follow a non-whitespace character, starts of added tokens
         sp = np.flatnonzero(a[1:] == 32)  # spaces after the first character, less one
         cut = np.zeros(n, bool)
         cut[sp[~_is_space(a[sp])] + 1] = True
