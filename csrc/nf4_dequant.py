@@ -11,25 +11,30 @@ import torch
 
 from . import get_kernel
 
-__all__ = ["nf4_dequantize_cuda", "nf4_dequantize_cuda_tensors"]
+__all__ = ["nf4_dequantize_cuda", "nf4_dequantize_cuda_tensors", "DequantPlan"]
 
 THREADS = 256
 WARP_ELEMS = 1024  # elements per warp range (16 packed bytes per lane: one 16-byte load each)
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _KERNELS = _DT  # the dtypes the kernels write
 
-# Launch configuration: U (16-byte loads in flight per lane) and the grid cap in blocks per SM (0: one chunk per
-# warp, no grid-stride loop). Overridable for experiments (bench/nf4.py --explore).
+# Launch configuration: U (16-byte loads in flight per lane), threads per block (32..256, a multiple of 32) and the
+# grid cap in blocks per SM (0: one chunk per warp, no grid-stride loop). Overridable for experiments
+# (bench/nf4.py --deq-sweep): {"U": 1|2|4, "blocks_per_sm": int, "threads": int (optional, default THREADS)}.
 CONFIG_OVERRIDE: dict | None = None
 
 
-def _config(n: int) -> tuple[int, int]:
+def _config(n: int) -> tuple[int, int, int]:
+    """(U, blocks_per_sm, threads) for n output elements."""
     if CONFIG_OVERRIDE is not None:
-        return CONFIG_OVERRIDE["U"], CONFIG_OVERRIDE["blocks_per_sm"]
+        threads = int(CONFIG_OVERRIDE.get("threads", THREADS))
+        if threads < 32 or threads > 256 or threads % 32:
+            raise ValueError(f"nf4_dequantize_cuda: threads must be a multiple of 32 in [32, 256], got {threads}")
+        return CONFIG_OVERRIDE["U"], CONFIG_OVERRIDE["blocks_per_sm"], threads
     # Measured on an H200 (bench/nf4.py --explore, kernel time): capping the grid (grid-stride loop) is 3-9%
     # slower than one chunk per warp at every size; U = 2 is marginally best up to 4096 x 4096, U = 1 above
     # (14336 x 4096: 38.7 us; 128256 x 4096: 325 us, 95% of copy).
-    return (2, 0) if n <= 16 * 2**20 else (1, 0)
+    return (2, 0, THREADS) if n <= 16 * 2**20 else (1, 0, THREADS)
 
 
 def check_state(where, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize):
@@ -77,7 +82,7 @@ def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocks
 
 # Host-side caches: the compiled kernel per (device, dtype, U), CuPy's stream object per torch stream, the SM
 # count per device. A small weight's whole dequantization takes a few microseconds on the GPU, so the Python
-# work per call (module lookup, stream wrapping, device context) has to stay below that.
+# work per call (module lookup, stream wrapping, argument conversion) has to stay below that.
 _FUNCS: dict = {}
 _STREAMS: dict = {}
 _SMS: dict = {}
@@ -93,8 +98,15 @@ def _kernel(device_index: int, dtype: torch.dtype, u: int):
     return fn
 
 
+try:  # the raw stream handle without building a torch.cuda.Stream object (what torch's Triton launchers use)
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+except AttributeError:  # pragma: no cover - CPU-only or future torch
+    def _raw_stream(index):
+        return torch.cuda.current_stream(index).cuda_stream
+
+
 def _stream(device_index: int):
-    handle = torch.cuda.current_stream(device_index).cuda_stream
+    handle = _raw_stream(device_index)
     st = _STREAMS.get(handle)
     if st is None:
         import cupy
@@ -106,27 +118,57 @@ def _stream(device_index: int):
     return st
 
 
+class DequantPlan:
+    """One NF4 weight's kernel arguments, flattened once (device pointers and flags as numpy scalars of the
+    kernel's parameter types), so a call converts only the output pointer. The tensors must already be validated
+    (``check_state``); the plan keeps them alive. ``quant.dispatch`` keeps one per weight object."""
+
+    __slots__ = ("index", "tensors", "wargs", "flags", "data_aligned", "launches")
+
+    def __init__(self, data, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize):
+        double = nested_absmax is not None
+        self.index = data.device.index if data.device.index is not None else torch.cuda.current_device()
+        dummy = absmax  # never read when there is no double quantization
+        self.tensors = (data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
+                        offset if double else dummy, code)
+        self.wargs = tuple(np.uint64(t.data_ptr()) for t in self.tensors)
+        self.flags = (np.int32(blocksize.bit_length() - 1), np.int32(nested_blocksize.bit_length() - 1),
+                      np.int32(double))
+        self.data_aligned = data.data_ptr() % 16 == 0  # 16-byte loads need it (and an aligned output)
+        self.launches: dict = {}  # (out dtype, n) -> (kernel, grid, block, tail for vec=0, tail for vec=1)
+
+    def _launch_config(self, dtype: torch.dtype, n: int):
+        key = (dtype, n)
+        cfg = self.launches.get(key)
+        if cfg is None or CONFIG_OVERRIDE is not None:
+            u, blocks_per_sm, threads = _config(n)
+            kernel = _kernel(self.index, dtype, u)
+            blocks = -(-n // (u * WARP_ELEMS * (threads // 32)))
+            if blocks_per_sm:
+                blocks = min(blocks, blocks_per_sm * _SMS[self.index])
+            head = (np.int64(n),) + self.flags
+            cfg = (kernel, (blocks,), (threads,), head + (np.int32(0),), head + (np.int32(1),))
+            if CONFIG_OVERRIDE is None:
+                if len(self.launches) > 16:
+                    self.launches.clear()
+                self.launches[key] = cfg
+        return cfg
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        """Dequantize into ``out`` (contiguous, the weight's element count; not checked here)."""
+        kernel, grid, block, tail0, tail1 = self._launch_config(out.dtype, out.numel())
+        optr = out.data_ptr()
+        args = self.wargs + (np.uint64(optr),) + (tail1 if self.data_aligned and optr % 16 == 0 else tail0)
+        if self.index == torch.cuda.current_device():
+            kernel(grid, block, args, stream=_stream(self.index))
+        else:
+            with torch.cuda.device(self.index):
+                kernel(grid, block, args, stream=_stream(self.index))
+        return out
+
+
 def _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksize, nested_blocksize):
-    n = out.numel()
-    index = out.device.index
-    u, blocks_per_sm = _config(n)
-    kernel = _kernel(index, out.dtype, u)
-    double = nested_absmax is not None
-    vec = data.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0  # 16-byte loads/stores need alignment
-    blocks = -(-n // (u * WARP_ELEMS * (THREADS // 32)))
-    if blocks_per_sm:
-        blocks = min(blocks, blocks_per_sm * _SMS[index])
-    dummy = absmax  # never read when there is no double quantization
-    args = (np.uint64(data.data_ptr()), np.uint64(absmax.data_ptr()),
-            np.uint64((nested_absmax if double else dummy).data_ptr()),
-            np.uint64((nested_code if double else dummy).data_ptr()), np.uint64((offset if double else dummy).data_ptr()),
-            np.uint64(code.data_ptr()), np.uint64(out.data_ptr()), np.int64(n), np.int32(blocksize.bit_length() - 1),
-            np.int32(nested_blocksize.bit_length() - 1), np.int32(double), np.int32(vec))
-    if index == torch.cuda.current_device():
-        kernel((blocks,), (THREADS,), args, stream=_stream(index))
-    else:
-        with torch.cuda.device(index):
-            kernel((blocks,), (THREADS,), args, stream=_stream(index))
+    DequantPlan(data, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize)(out)
 
 
 def eager_ok(t: torch.Tensor) -> bool:

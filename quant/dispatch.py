@@ -111,12 +111,18 @@ def _measure(device: torch.device, dtype: torch.dtype, shape: tuple[int, int]) -
 
 
 # -- the eager fast path ----------------------------------------------------------------------------------------
-# A 1024 x 4096 weight dequantizes in ~3 us on an H100/H200, so per-call Python work is what an eager caller sees.
-# Each NF4Weight is validated once (contiguity, devices, sizes: the kernels' own checks) and its flattened kernel
-# arguments are kept while the weight lives (a weakref callback drops them); later calls compare the tensor
-# objects by identity and launch the kernel directly, without the torch.library op (which is what
-# torch.compile traces; in eager it only adds a dispatcher round trip).
-_PREPARED: dict[int, tuple] = {}
+# A 1024 x 4096 weight dequantizes in ~3-5 us on an H100/H200, so per-call Python work is what an eager caller sees.
+# Each NF4Weight is validated once (contiguity, devices, sizes: the kernels' own checks); its flattened kernel
+# arguments and one launch plan per kernel backend (device pointers converted once, launch configuration cached)
+# are kept while the weight lives (a weakref callback drops them). Later calls compare the tensor objects by
+# identity and launch the kernel directly, without the torch.library op (which is what torch.compile traces; in
+# eager it only adds a dispatcher round trip). Nothing on this path synchronizes with the device.
+class _Entry:
+    __slots__ = ("ref", "fields", "args", "plans", "device", "shape", "rows", "cols", "numel")
+
+
+_PREPARED: dict[int, _Entry] = {}
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _fields(q) -> tuple:
@@ -124,12 +130,12 @@ def _fields(q) -> tuple:
             q.shape, q.blocksize, q.nested_blocksize)
 
 
-def prepared_args(q) -> tuple:
-    """(data, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize) of a validated weight,
-    flattened as the kernels take them (validation cached per weight object)."""
-    entry = _PREPARED.get(id(q))
-    if entry is not None and entry[0]() is q and entry[1] == _fields(q):
-        return entry[2]
+def _entry(q) -> _Entry:
+    """The cached, validated entry of weight object ``q`` (made and validated on first use or when one of its
+    tensors was replaced)."""
+    e = _PREPARED.get(id(q))
+    if e is not None and e.ref() is q and e.fields == _fields(q):
+        return e
     from triton_ops.nf4_dequant import _check
 
     double = q.nested_absmax is not None
@@ -137,32 +143,51 @@ def prepared_args(q) -> tuple:
             q.offset.reshape(1) if double else None, q.code)
     _check(*args, [int(q.shape[0]), int(q.shape[1])], q.blocksize, q.nested_blocksize, q.dtype,
            where="dequantize_nf4")
-    args += (q.blocksize, q.nested_blocksize)
+    e = _Entry()
+    e.fields, e.args, e.plans = _fields(q), args + (q.blocksize, q.nested_blocksize), {}
+    e.device, e.shape, e.rows, e.cols = q.data.device, q.shape, int(q.shape[0]), int(q.shape[1])
+    e.numel = e.rows * e.cols
     import weakref
 
     key = id(q)
     try:
-        ref = weakref.ref(q, lambda _, key=key: _PREPARED.pop(key, None))
-    except TypeError:  # not weak-referenceable: no caching
-        return args
+        e.ref = weakref.ref(q, lambda _, key=key: _PREPARED.pop(key, None))
+    except TypeError:  # not weak-referenceable: validated again on every call
+        e.ref = lambda: None
+        return e
     if len(_PREPARED) > 4096:
         _PREPARED.clear()
-    _PREPARED[key] = (ref, _fields(q), args)
-    return args
+    _PREPARED[key] = e
+    return e
+
+
+def prepared_args(q) -> tuple:
+    """(data, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize) of a validated weight,
+    flattened as the kernels take them (validation cached per weight object)."""
+    return _entry(q).args
+
+
+def _plan(backend: str, args: tuple, plans: dict | None = None):
+    """The launch plan of kernel ``backend`` ("triton" | "cuda") for prepared ``args``, kept in ``plans``."""
+    plan = None if plans is None else plans.get(backend)
+    if plan is None:
+        if backend == "triton":
+            from triton_ops.nf4_dequant import DequantPlan
+        else:
+            from csrc.nf4_dequant import DequantPlan
+        plan = DequantPlan(*args)
+        if plans is not None:
+            plans[backend] = plan
+    return plan
 
 
 def _eager(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
-def _launch_into(backend: str, args: tuple, out: torch.Tensor) -> torch.Tensor:
+def _launch_into(backend: str, args: tuple, out: torch.Tensor, plans: dict | None = None) -> torch.Tensor:
     """Run a kernel backend on prepared arguments into ``out`` (eager, plain CUDA tensors)."""
-    if backend == "triton":
-        from triton_ops.nf4_dequant import _launch
-    else:
-        from csrc.nf4_dequant import _launch
-    _launch(*args[:6], out, *args[6:])
-    return out
+    return _plan(backend, args, plans)(out)
 
 
 def _run(backend: str, q: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
@@ -192,16 +217,18 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
     if not isinstance(q, NF4Weight):
         raise TypeError(f"dequantize_nf4: expected an NF4Weight, got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype not in _FLOATS:
         raise ValueError(f"dequantize_nf4: dtype must be float32, float16 or bfloat16, got {dtype}")
     data = q.data
-    if out is not None and not (out.dtype == dtype and out.is_contiguous() and out.shape == q.shape
-                                and out.device == data.device):
-        _check_out(q, dtype, out)
-    backend = resolve_backend(backend, data.device, dtype, q.numel)
-    if backend != "torch" and data.is_cuda and _eager(data):
-        args = prepared_args(q)
+    if backend != "torch" and data.is_cuda and _eager(data):  # the eager fast path (see above)
+        e = _entry(q)
         if out is None:
-            out = torch.empty(q.shape, dtype=dtype, device=data.device)
-        return _launch_into(backend, args, out)
-    return _run(backend, q, dtype, out)
+            out = torch.empty(e.rows, e.cols, dtype=dtype, device=e.device)
+        elif not (out.dtype == dtype and out.is_contiguous() and out.shape == e.shape and out.device == e.device):
+            _check_out(q, dtype, out)
+        backend = resolve_backend(backend, e.device, dtype, e.numel)
+        if backend != "torch":
+            return _plan(backend, e.args, e.plans)(out)
+        return dequantize_nf4_ref(q, dtype, out)
+    _check_out(q, dtype, out)
+    return _run(resolve_backend(backend, data.device, dtype, q.numel), q, dtype, out)

@@ -29,13 +29,14 @@ callers running NF4 layers concurrently on several streams should use a GEMV pat
 """
 from __future__ import annotations
 
+import functools
 import os
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from .dispatch import _time_us
+from .dispatch import _launch_into, _run, _time_us, resolve_backend
 from .nf4 import NF4Weight, dequantize_nf4_ref
 
 __all__ = ["matmul_nf4", "FUSED_MAX_M", "GEMV_MAX_M", "measured_choices", "candidates"]
@@ -80,15 +81,30 @@ def _weight(data, absmax, nested_absmax, nested_code, offset, code, shape, block
                            nested_blocksize=nested_blocksize, dtype=torch.bfloat16)
 
 
-def _dequant_into_scratch(qt, dtype: torch.dtype, fast: bool = False) -> torch.Tensor:
-    from .dispatch import _launch_into, _run, resolve_backend
-
+def _scratch_view(qt, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) view of the scratch buffer for weight ``qt``; on the eager path the view is kept on the prepared
+    weight while the buffer stays the same (no slicing and reshaping per call)."""
     n, k = qt.shape
-    out = _scratch(qt.data.device, dtype, n * k).view(n, k)
+    device = qt.data.device
+    cache = getattr(qt, "views", None)
+    if cache is None or _capturing(device):
+        return _scratch(device, dtype, n * k).view(n, k)
+    buf = _SCRATCH.get((device.index, dtype))
+    hit = cache.get(dtype)
+    if hit is not None and hit[0] is buf:
+        return hit[1]
+    view = _scratch(device, dtype, n * k).view(n, k)
+    cache[dtype] = (_SCRATCH.get((device.index, dtype)), view)
+    return view
+
+
+def _dequant_into_scratch(qt, dtype: torch.dtype, fast: bool = False) -> torch.Tensor:
+    n, k = qt.shape
+    out = _scratch_view(qt, dtype) if fast else _scratch(qt.data.device, dtype, n * k).view(n, k)
     backend = resolve_backend("auto", qt.data.device, dtype, n * k)
-    if fast and backend != "torch":  # validated arguments, eager: launch the kernel directly
+    if fast and backend != "torch":  # validated arguments, eager: launch the kernel directly (plans kept on qt)
         return _launch_into(backend, (qt.data, qt.absmax, qt.nested_absmax, qt.nested_code, qt.offset, qt.code,
-                                      qt.blocksize, qt.nested_blocksize), out)
+                                      qt.blocksize, qt.nested_blocksize), out, getattr(qt, "plans", None))
     if backend == "torch":  # no kernel could run: the reference needs a full NF4Weight
         qt = NF4Weight(qt.data.view(-1, 1), qt.absmax, qt.shape, dtype, qt.blocksize, qt.code, qt.nested_absmax,
                        qt.nested_code, None if qt.offset is None else qt.offset.reshape(()), qt.nested_blocksize)
@@ -150,6 +166,7 @@ def _dequant_mm(x, qt, bias, fast: bool = False):
 _PATHS = {"gemv_cuda": _gemv_cuda, "gemv": _gemv, "fused": _fused, "dequant": _dequant_mm}
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_gemv_available() -> bool:
     try:
         import cupy  # noqa: F401
@@ -177,7 +194,8 @@ def _choose_path(x, qt, m: int, index: int | None = None) -> str:
     if choice is not None:
         return choice
     cands = candidates(m, qt.shape, qt.blocksize)
-    if len(cands) == 1:
+    if len(cands) == 1:  # nothing to measure (M > 16): remembered like a measurement, so later calls skip this
+        _MEASURED[key] = cands[0]
         return cands[0]
     if _capturing(x.device) or torch.compiler.is_compiling():
         return cands[0] if m <= GEMV_MAX_M else "dequant"  # no timing inside a capture: the bandwidth-bound guess
@@ -268,6 +286,7 @@ def _prepare(q) -> "_Prepared":
     p = _Prepared()
     p.data, p.absmax = q.data, q.absmax
     p.qt = _weight(*a[:6], list(q.shape), a[6], a[7])
+    p.qt.plans, p.qt.views = {}, {}  # dequant launch plans and scratch views, kept with the prepared weight
     p.index = q.data.device.index if q.data.device.index is not None else torch.cuda.current_device()
     p.n, p.k = int(q.shape[0]), int(q.shape[1])
     key = id(q)

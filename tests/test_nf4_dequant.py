@@ -232,3 +232,94 @@ def test_auto_and_compile_gpu():
         f = torch.compile(lambda: quant.dequantize_nf4(q, torch.bfloat16, backend=backend), fullgraph=True)
         got = f()
         assert torch.equal(got, want), f"{backend}: {_report(got, want)}"
+
+
+# -- CPU: the eager CUDA path's host work (kernels stubbed; no GPU needed) -----------------------------------------
+def _stub_launches(monkeypatch):
+    """Route dequantize_nf4's CUDA path through CPU tensors with both kernels recording their launches."""
+    import csrc.nf4_dequant as cd
+    import triton_ops.nf4_dequant as td
+
+    seen = []
+
+    class _Jit:  # stands in for the @triton.jit kernel: kernel[grid](*args, **kw)
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(("triton", grid, args, kw))
+
+    monkeypatch.setattr(cd, "_kernel", lambda *key: lambda grid, block, args, stream=None: seen.append(
+        ("cuda", grid, block, args)))
+    monkeypatch.setattr(cd, "_stream", lambda index: None)
+    monkeypatch.setattr(td, "_nf4_dequant_kernel", _Jit())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # == a CPU tensor's device.index
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    return seen
+
+
+def test_eager_path_validates_once_and_never_syncs_cpu(monkeypatch):
+    """After the first call on a weight, dequantize_nf4's eager CUDA path neither re-validates the weight nor calls
+    anything that waits for the device (.item(), .tolist(), .cpu(), bool(tensor), synchronize), and launches one
+    kernel per call with the output's pointer (both backends)."""
+    import quant.dispatch as qd
+    import triton_ops.nf4_dequant as td
+
+    q = _quantized((64, 256), "cpu")
+    seen = _stub_launches(monkeypatch)
+    checks = []
+    real_check = td._check
+    monkeypatch.setattr(td, "_check", lambda *a, **k: (checks.append(1), real_check(*a, **k))[1])
+    out = torch.empty(64, 256, dtype=torch.bfloat16)
+    quant.dequantize_nf4(q, torch.bfloat16, out=out, backend="cuda")  # validates and plans
+    assert len(checks) == 1 and len(seen) == 1
+
+    def sync(*a, **k):
+        raise AssertionError("device synchronization on the eager dequantize path")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    for backend in ("cuda", "triton", "cuda", "triton"):
+        y = quant.dequantize_nf4(q, torch.bfloat16, out=out, backend=backend)
+        assert y is out
+    fresh = quant.dequantize_nf4(q, torch.float16, backend="cuda")  # allocates its output
+    assert fresh.shape == (64, 256) and fresh.dtype == torch.float16
+    assert len(checks) == 1, "the weight was validated again"
+    assert [s[0] for s in seen[1:]] == ["cuda", "triton", "cuda", "triton", "cuda"]
+    assert int(seen[-1][3][6]) == fresh.data_ptr() and int(seen[1][3][6]) == out.data_ptr()
+    assert seen[2][2][6] is out and seen[2][2][7] == 64 * 256
+    # a replaced tensor on the weight is noticed: validated and planned again
+    q.absmax = q.absmax.clone()
+    quant.dequantize_nf4(q, torch.bfloat16, out=out, backend="cuda")
+    assert len(checks) == 2 and int(seen[-1][3][1]) == q.absmax.data_ptr()
+    assert len(qd._PREPARED) >= 1
+
+
+def test_cuda_launch_arguments_match_kernel_cpu(monkeypatch):
+    """The CUDA launcher's argument tuple matches nf4_dequant.cu's parameter list in count and C type, with the
+    pointers, element count, block-size shifts and flags in place; the threads knob sets the block size."""
+    import re
+
+    import numpy as np
+
+    import csrc.nf4_dequant as cd
+
+    params = re.search(r"void __launch_bounds__\(256\) NAME\((.*?)\)\s*\{", csrc.source("nf4_dequant.cu"), re.S).group(1)
+    params = [re.sub(r"\s+", " ", p.replace("\\", "")).strip() for p in params.split(",")]
+    want = [np.uint64 if "*" in p else np.int64 if p.startswith("long long") else np.int32 for p in params]
+    seen = _stub_launches(monkeypatch)
+    q = _quantized((33, 130), "cpu")  # odd element count: a partial last block
+    out = torch.empty(33, 130, dtype=torch.float16)
+    quant.dequantize_nf4(q, torch.float16, out=out, backend="cuda")
+    (_, grid, block, args), = seen
+    assert [type(a) for a in args] == want, (params, [type(a).__name__ for a in args])
+    named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
+    assert [int(named[k]) for k in ("data", "absmax", "nested_absmax", "nested_code", "offset", "code", "out")] == \
+        [t.data_ptr() for t in (q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, out)]
+    assert (named["n"], named["log2_blocksize"], named["log2_nested"], named["double_quant"]) == (33 * 130, 6, 8, 1)
+    assert named["vec"] == (q.data.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0)
+    assert block == (cd.THREADS,) and grid[0] >= 1
+    monkeypatch.setattr(cd, "CONFIG_OVERRIDE", {"U": 4, "blocks_per_sm": 0, "threads": 64})
+    quant.dequantize_nf4(q, torch.float16, out=out, backend="cuda")
+    assert seen[-1][2] == (64,)
+    monkeypatch.setattr(cd, "CONFIG_OVERRIDE", {"U": 1, "blocks_per_sm": 0, "threads": 48})
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.dequantize_nf4(q, torch.float16, out=out, backend="cuda")

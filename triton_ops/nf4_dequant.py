@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["nf4_dequantize_ref", "nf4_dequantize", "nf4_dequantize_tensors", "BYTES_PER_ELEMENT"]
+__all__ = ["nf4_dequantize_ref", "nf4_dequantize", "nf4_dequantize_tensors", "BYTES_PER_ELEMENT", "DequantPlan"]
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -176,20 +176,48 @@ def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocks
     return n
 
 
+class DequantPlan:
+    """One NF4 weight's kernel arguments with the launch configuration cached per (output dtype, n), so an eager
+    call does little more than the kernel launch itself. The tensors must already be validated (``_check``)."""
+
+    __slots__ = ("tensors", "blocksize", "nested_blocksize", "double", "nbytes", "launches")
+
+    def __init__(self, data, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize):
+        self.double = nested_absmax is not None
+        dummy = absmax  # unused pointer arguments when there is no double quantization
+        self.tensors = (data, absmax, nested_absmax if self.double else dummy, nested_code if self.double else dummy,
+                        offset if self.double else dummy, code)
+        self.blocksize, self.nested_blocksize = blocksize, nested_blocksize
+        self.nbytes = data.numel()
+        self.launches: dict = {}  # (out dtype, n) -> (grid, keyword arguments)
+
+    def _launch_config(self, dtype: torch.dtype, n: int):
+        key = (dtype, n)
+        cfg = self.launches.get(key)
+        if cfg is None or CONFIG_OVERRIDE is not None:
+            tile, byte_gather, warps = _config(n)
+            tile = max(tile, self.blocksize)
+            kw = dict(BLOCKSIZE=self.blocksize, NESTED_BLOCKSIZE=self.nested_blocksize, DOUBLE_QUANT=self.double,
+                      INTERPRET_BF16=_INTERPRET and dtype == torch.bfloat16, TILE=tile, BYTE_GATHER=byte_gather,
+                      num_warps=warps,
+                      enable_fp_fusion=False)  # absmax = code2*absmax2 + offset must round twice, like the reference
+            cfg = ((triton.cdiv(triton.cdiv(n, self.blocksize), tile // self.blocksize),), kw)
+            if CONFIG_OVERRIDE is None:
+                if len(self.launches) > 16:
+                    self.launches.clear()
+                self.launches[key] = cfg
+        return cfg
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        """Dequantize into ``out`` (contiguous, the weight's element count; not checked here)."""
+        n = out.numel()
+        grid, kw = self._launch_config(out.dtype, n)
+        _nf4_dequant_kernel[grid](*self.tensors, out, n, self.nbytes, **kw)
+        return out
+
+
 def _launch(data, absmax, nested_absmax, nested_code, offset, code, out, blocksize, nested_blocksize):
-    n = out.numel()
-    double = nested_absmax is not None
-    tile, byte_gather, warps = _config(n)
-    tile = max(tile, blocksize)
-    dummy = absmax  # unused pointer arguments when there is no double quantization
-    _nf4_dequant_kernel[(triton.cdiv(triton.cdiv(n, blocksize), tile // blocksize),)](
-        data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
-        offset if double else dummy, code, out, n, data.numel(),
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double,
-        INTERPRET_BF16=_INTERPRET and out.dtype == torch.bfloat16, TILE=tile, BYTE_GATHER=byte_gather,
-        num_warps=warps,
-        enable_fp_fusion=False,  # absmax = code2*absmax2 + offset must round twice, like the reference
-    )
+    DequantPlan(data, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize)(out)
 
 
 def eager_ok(t: torch.Tensor) -> bool:
