@@ -7,8 +7,11 @@ run (bench.hw). Targets: >= 95% of copy on the three large shapes, <= 5 us on (1
 
 Every row has two times: µs = the eager call as a user makes it (public API: quant.dequantize_nf4 /
 quant.matmul_nf4 or the path's function; do_bench median, L2 flushed) and GPU-only µs = the device time of the
-kernels that call launches (torch.profiler, L2 flushed), so the difference is host overhead. ``--explore`` runs
-the launch-configuration sweeps and the host-overhead breakdown that chose the defaults (printed, not tabled).
+kernels that call launches (torch.profiler, L2 flushed), so the difference is host overhead. Each dequant shape also
+has a "copy (same bytes)" row: a torch copy_ whose read + write bytes equal the dequantization's, i.e. what the card
+achieves at that size (small copies do not reach the big-copy ceiling). ``--deq-sweep`` times the dequant kernels'
+launch configurations (CUDA: U x threads x grid cap; Triton: TILE x num_warps) on the five shapes and prints the
+best per shape; ``--explore`` runs the older sweeps and the host-overhead breakdown (printed, not tabled).
 
 Small-M matmul y = x @ dequant(W)^T, x (M, K) bf16, M in {1, 8, 32, 128}: ours gemv cuda (CUDA C++, M <= 8), ours
 gemv triton (M <= 8), ours dequant into the reused buffer + cuBLAS, ours "auto" (quant.matmul_nf4 as a user calls
@@ -46,6 +49,7 @@ MM_M = [1, 8, 32, 128]
 COLUMNS = ["op", "shape", "dtype", "provider", "µs", "GB/s", "% of ceiling", "peak MiB", "vs best peer",
            "GPU-only µs", "GPU-only % of ceiling"]
 PEERS = ("bitsandbytes", "unsloth", "dequant + F.linear", "bitsandbytes matmul_4bit")
+COPY = "copy (same bytes)"  # a reference row, neither ours nor a peer
 DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -169,9 +173,17 @@ def dequant_rows(unsloth_only=False):
                 s.dtype = dtype
                 return lambda: fast_dequantize(packed, s)
 
+            def same_bytes_copy():
+                # read + write bytes equal to the dequantization's: what a copy achieves at this size
+                half = deq_bytes(shape, dtype) // 2
+                src = torch.empty(half, device="cuda", dtype=torch.uint8).random_(0, 256)
+                dst = torch.empty_like(src)
+                return lambda: dst.copy_(src)
+
             if unsloth_only:
                 _run_provider(rows, key, "unsloth", unsloth)
                 continue
+            _run_provider(rows, key, COPY, same_bytes_copy)
             _run_provider(rows, key, "ours triton", ours("triton"))
             _run_provider(rows, key, "ours cuda", ours("cuda"))
             _run_provider(rows, key, "ours auto", ours("auto"))
@@ -269,6 +281,77 @@ def gemv_sweep():
             f.write("\n".join(lines) + "\n")
 
 
+def deq_sweep():
+    """GPU time of every dequantization launch configuration on the five shapes (bf16 out): the CUDA kernel's U
+    (16-byte loads in flight per lane) x threads per block x grid cap (blocks per SM, 0 = one chunk per warp) and
+    the Triton kernel's TILE (elements per program) x num_warps. Each configuration is timed with CUDA events
+    around the bare launch with L2 flushed before each call (do_bench: the host enqueues far ahead of a 256 MB
+    flush, so this is device time); the best and the default of each kernel are then re-timed with the profiler
+    (kernel time only). Prints the best per shape; writes nf4-deq-sweep.txt to $OUT and bench/results/."""
+    import time
+
+    import csrc.nf4_dequant as cd
+    import triton_ops.nf4_dequant as td
+
+    t0 = time.time()
+    cuda_cfgs = [{"U": u, "threads": th, "blocks_per_sm": b} for u in (1, 2, 4) for th in (128, 256)
+                 for b in (0, 4, 8, 16)]
+    triton_cfgs = [{"TILE": t, "BYTE_GATHER": False, "num_warps": w} for t in (2048, 4096, 8192, 16384)
+                   for w in (2, 4, 8)]
+    lines = [f"{hw.card_name()}: NF4 dequant launch sweep, bf16 out, GPU time (us); copy ceiling "
+             f"{hw.copy_bandwidth_gbs():.0f} GB/s"]
+    copy_gbs = hw.copy_bandwidth_gbs()
+
+    def label(cfg):
+        return " ".join(f"{k}={v}" for k, v in cfg.items() if k != "BYTE_GATHER")
+
+    for shape in DEQ_SHAPES:
+        q, _, _ = _quantized_cache(shape)
+        out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+        args = (q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code, out, 64, 256)
+        nb = deq_bytes(shape, torch.bfloat16)
+        defaults = {"cuda": dict(zip(("U", "blocks_per_sm", "threads"), cd._config(out.numel()))),
+                    "triton": dict(zip(("TILE", "BYTE_GATHER", "num_warps"), td._config(out.numel())))}
+        for name, mod, cfgs in (("cuda", cd, cuda_cfgs), ("triton", td, triton_cfgs)):
+            results = {}
+            for cfg in cfgs:
+                mod.CONFIG_OVERRIDE = cfg
+                try:
+                    results[label(cfg)] = (hw.bench_us(lambda: mod._launch(*args), warmup=5, rep=20), cfg)
+                except Exception as ex:  # noqa: BLE001 - one failing configuration must not end the sweep
+                    print(f"deq sweep {shape} {name} {label(cfg)}: failed {type(ex).__name__}: {ex}"[:300], flush=True)
+                finally:
+                    mod.CONFIG_OVERRIDE = None
+            if not results:
+                continue
+            best = min(results, key=lambda k: results[k][0])
+            prof = {}
+            for tag, cfg in (("best", results[best][1]), ("default", defaults[name])):
+                mod.CONFIG_OVERRIDE = None if tag == "default" else cfg
+                try:
+                    prof[tag] = kernel_us(lambda: mod._launch(*args))
+                finally:
+                    mod.CONFIG_OVERRIDE = None
+            line = (f"dequant {shape[0]}x{shape[1]} {name}: best {best} {results[best][0]:.1f} us events / "
+                    f"{prof['best']:.1f} us profiler ({100 * nb / prof['best'] / 1e3 / copy_gbs:.0f}% of copy); "
+                    f"default {label(defaults[name])} {prof['default']:.1f} us profiler "
+                    f"({100 * nb / prof['default'] / 1e3 / copy_gbs:.0f}%); all: "
+                    + " | ".join(f"{k}: {v[0]:.1f}" for k, v in sorted(results.items(), key=lambda kv: kv[1][0])))
+            print(line, flush=True)
+            lines.append(line)
+        del out
+    lines.append(f"sweep wall time {time.time() - t0:.0f} s")
+    print(lines[-1])
+    text = "\n".join(lines) + "\n"
+    for d in filter(None, (os.environ.get("OUT"), str(hw.RESULTS_DIR))):
+        import datetime
+
+        path = os.path.join(d, f"{datetime.date.today().isoformat()}-{hw.card_slug()}-nf4-deq-sweep.txt")
+        with open(path, "w") as f:
+            f.write(text)
+        print(f"wrote {path}")
+
+
 # ---- tables -------------------------------------------------------------------------------------------------
 
 def _table(rows, copy_gbs):
@@ -294,7 +377,7 @@ def _table(rows, copy_gbs):
                             "GPU-only % of ceiling": f"{100 * nbytes / r['kus'] / 1e3 / copy_gbs:.0f}%"
                             if r.get("kus") else "",
                             "vs best peer": (f"{best / r['us']:.2f}x" if best else "no peer")
-                            if r["provider"] not in PEERS else ""})
+                            if r["provider"] not in PEERS + (COPY,) else ""})
             out.append(row)
     return hw.markdown_table(out, COLUMNS)
 
@@ -317,6 +400,12 @@ def _summary(rows, copy_gbs, picks):
                 met = pct >= 95 if shape in LARGE else best[field] <= 5 if shape == (1024, 4096) else None
                 parts.append(f"{label} best = {best['provider']} {best[field]:.1f} µs, {pct:.0f}% of copy"
                              + ("" if met is None else f" ({'met' if met else 'NOT met'})"))
+            cp = by.get(("nf4_dequant", shape, dt, COPY))
+            if cp and cp.get("kus"):
+                best_k = min((r["kus"] for r in ours if r.get("kus")), default=None)
+                parts.append(f"copy of the same bytes: eager {cp['us']:.1f} µs, GPU-only {cp['kus']:.1f} µs "
+                             f"({100 * nbytes / cp['kus'] / 1e3 / copy_gbs:.0f}% of the big copy)"
+                             + (f", ours GPU-only at {100 * cp['kus'] / best_k:.0f}% of its speed" if best_k else ""))
             target = "≥ 95% of copy" if shape in LARGE else "≤ 5 µs" if shape == (1024, 4096) else "none"
             lines.append(f"- dequant {shape[0]}x{shape[1]} {dt} (target {target}): " + "; ".join(parts))
     for shape in MM_SHAPES:
@@ -462,6 +551,9 @@ def main():
     ap.add_argument("--only-unsloth", action="store_true", help="measure unsloth only (run under PEERS_UNSLOTH=1)")
     ap.add_argument("--explore", action="store_true", help="host-overhead and launch-configuration sweeps only")
     ap.add_argument("--sweep", action="store_true", help="the CUDA GEMV's launch-configuration sweep only")
+    ap.add_argument("--deq-sweep", action="store_true",
+                    help="the dequant kernels' launch-configuration sweep only (CUDA: U x threads x grid cap; "
+                         "Triton: TILE x num_warps; five shapes, bf16)")
     ap.add_argument("--matmul-only", action="store_true", help="the small-M matmul table only (nf4-matmul results)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -471,6 +563,9 @@ def main():
         return
     if args.sweep:
         gemv_sweep()
+        return
+    if args.deq_sweep:
+        deq_sweep()
         return
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.only_unsloth:
