@@ -52,6 +52,8 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MEASURED: dict[tuple, str] = {}
 # Reused dequantization buffers: (device index, dtype) -> flat tensor.
 _SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+# (device index, dtype) -> {(N, K): (N, K) view of that buffer}, for the eager path.
+_SCRATCH_VIEWS: dict[tuple[int, torch.dtype], dict] = {}
 
 
 def measured_choices() -> dict[tuple, str]:
@@ -69,7 +71,8 @@ def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tens
     key = (device.index, dtype)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
-        _SCRATCH.pop(key, None)  # free the old one before allocating the larger one
+        _SCRATCH.pop(key, None)  # free the old one (and views of it) before allocating the larger one
+        _SCRATCH_VIEWS.pop(key, None)
         buf = torch.empty(numel, device=device, dtype=dtype)
         _SCRATCH[key] = buf
     return buf[:numel]
@@ -82,19 +85,18 @@ def _weight(data, absmax, nested_absmax, nested_code, offset, code, shape, block
 
 
 def _scratch_view(qt, dtype: torch.dtype) -> torch.Tensor:
-    """The (N, K) view of the scratch buffer for weight ``qt``; on the eager path the view is kept on the prepared
-    weight while the buffer stays the same (no slicing and reshaping per call)."""
+    """The (N, K) view of the scratch buffer for weight ``qt``. Views are kept per buffer and shape (dropped when the
+    buffer grows), so an eager call neither slices nor reshapes."""
     n, k = qt.shape
     device = qt.data.device
-    cache = getattr(qt, "views", None)
-    if cache is None or _capturing(device):
+    if _capturing(device):
         return _scratch(device, dtype, n * k).view(n, k)
-    buf = _SCRATCH.get((device.index, dtype))
-    hit = cache.get(dtype)
-    if hit is not None and hit[0] is buf:
-        return hit[1]
-    view = _scratch(device, dtype, n * k).view(n, k)
-    cache[dtype] = (_SCRATCH.get((device.index, dtype)), view)
+    key = (device.index, dtype)
+    views = _SCRATCH_VIEWS.get(key)
+    view = None if views is None else views.get((n, k))
+    if view is None:
+        view = _scratch(device, dtype, n * k).view(n, k)  # may replace the buffer, which drops its views
+        _SCRATCH_VIEWS.setdefault(key, {})[(n, k)] = view
     return view
 
 
@@ -286,7 +288,7 @@ def _prepare(q) -> "_Prepared":
     p = _Prepared()
     p.data, p.absmax = q.data, q.absmax
     p.qt = _weight(*a[:6], list(q.shape), a[6], a[7])
-    p.qt.plans, p.qt.views = {}, {}  # dequant launch plans and scratch views, kept with the prepared weight
+    p.qt.plans = {}  # dequant launch plans, kept with the prepared weight
     p.index = q.data.device.index if q.data.device.index is not None else torch.cuda.current_device()
     p.n, p.k = int(q.shape[0]), int(q.shape[1])
     key = id(q)

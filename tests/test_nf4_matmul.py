@@ -333,3 +333,42 @@ def test_auto_drops_a_wrong_kernel_gpu(monkeypatch):
     with pytest.warns(UserWarning, match="disagrees"):
         quant.matmul_nf4(x, q)
     assert qm.measured_choices() and "gemv_cuda" not in qm.measured_choices().values()
+
+
+def test_eager_path_decides_once_and_never_syncs_cpu(monkeypatch):
+    """Eager matmul_nf4 on a prepared weight (CUDA checks routed to CPU tensors): the path for M > 16 is decided on
+    the first call only (no candidate search per call), the scratch view is reused, nothing waits for the device
+    (.item(), .tolist(), .cpu(), bool(tensor), synchronize), and the result equals dequant + F.linear."""
+    import torch.nn.functional as F
+
+    import quant.matmul as qm
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)  # == a CPU tensor's device.index
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: None)
+    monkeypatch.setattr(qm, "_MEASURED", {})
+    monkeypatch.setattr(qm, "_SCRATCH", {})
+    monkeypatch.setattr(qm, "_SCRATCH_VIEWS", {})
+    q = quant.quantize_nf4(torch.randn(48, 128))
+    x = torch.randn(32, 128)
+    want = F.linear(x, quant.dequantize_nf4_ref(q, torch.float32))
+    searched = []
+    real = qm.candidates
+    monkeypatch.setattr(qm, "candidates", lambda *a: (searched.append(a), real(*a))[1])
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    qm._prepare(q)
+    first = quant.matmul_nf4(x, q)
+    view = qm._SCRATCH_VIEWS[(None, torch.float32)][(48, 128)]
+
+    def sync(*a, **k):
+        raise AssertionError("device synchronization on the eager matmul path")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    ys = [quant.matmul_nf4(x, q) for _ in range(3)]
+    same_view = qm._SCRATCH_VIEWS[(None, torch.float32)][(48, 128)] is view
+    monkeypatch.undo()
+    assert len(searched) == 1, f"candidates searched {len(searched)} times"
+    assert same_view
+    for y in [first] + ys:
+        assert torch.equal(y, want), (y - want).abs().max()
