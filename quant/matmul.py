@@ -16,9 +16,10 @@ Paths (``backend=``):
   few runs), drops a GEMV whose output disagrees with dequant + cuBLAS, and keeps the fastest for the rest of the
   process. ``MINITRAIN_NF4_MATMUL`` (one of the path names) overrides "auto".
 
-Eager calls with nothing to differentiate (decode, evaluation) take a short path: the weight's validated kernel
-arguments are prepared once per NF4Weight object (dropped with it) and each call only checks x, looks the path up
-and launches; no torch.library dispatch. Everything else goes through one ``torch.library`` op
+Eager calls take a short path: the weight's validated kernel arguments are prepared once per NF4Weight object
+(dropped with it) and each call only checks x, looks the path up and launches; no torch.library dispatch (with
+something to differentiate, a torch.autograd.Function with the op's backward formula). Everything else (tracing,
+odd inputs, errors) goes through one ``torch.library`` op
 (``minitrain::nf4_linear``) with a registered autograd formula: dx = dy @ W, with W dequantized again in the
 backward rather than saved (the scratch buffer is reused, so nothing of size N*K outlives the call), and
 dbias = sum of dy. ``torch.compile(fullgraph=True)`` traces that op without graph breaks.
@@ -303,8 +304,9 @@ def _prepare(q) -> "_Prepared":
     return p
 
 
-def _eager_call(x, q, bias, backend):
-    """The short path (see above), or None when the call needs the checked path (errors, odd devices/dtypes)."""
+def _eager_call(x, q, bias, backend, needs_grad=False):
+    """The short path (see above), or None when the call needs the checked path (errors, odd devices/dtypes).
+    With ``needs_grad`` the launch goes through ``_EagerLinear`` (autograd without the op's dispatch)."""
     p = _PREPARED.get(id(q))
     if p is None or p.ref() is not q or p.data is not q.data or p.absmax is not q.absmax:
         if not isinstance(q, NF4Weight) or q.data.device.type != "cuda":
@@ -325,7 +327,32 @@ def _eager_call(x, q, bias, backend):
     if backend == "auto":
         backend = _choose_path(x, p.qt, x.numel() // k, p.index)
     fn = _PATHS.get(backend)
-    return None if fn is None else fn(x, p.qt, bias, True)
+    if fn is None:
+        return None
+    if needs_grad:
+        return _EagerLinear.apply(x, bias, p, fn)
+    return fn(x, p.qt, bias, True)
+
+
+class _EagerLinear(torch.autograd.Function):
+    """The eager path with autograd (training: x or bias requires grad), without the torch.library op's dispatch:
+    the same formula as the op's registered backward, dx = dy @ W with W dequantized again into the scratch buffer
+    (nothing of size N*K saved), dbias = sum of dy over rows. torch.compile never sees this (it traces the op)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, p, fn):
+        ctx.p, ctx.has_bias = p, bias is not None
+        return fn(x, p.qt, bias, True)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        p = ctx.p
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ _dequant_into_scratch(p.qt, grad_y.dtype, True)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_b = grad_y.reshape(-1, p.n).sum(0)
+        return grad_x, grad_b, None, None
 
 
 def matmul_nf4(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
@@ -339,9 +366,9 @@ def matmul_nf4(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None, 
     Returns:
         (..., N) in x's dtype; differentiable in x and bias.
     """
-    if (type(x) is torch.Tensor and x.is_cuda and backend != "torch" and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
-        y = _eager_call(x, q, bias, backend)
+    if type(x) is torch.Tensor and x.is_cuda and backend != "torch" and not torch.compiler.is_compiling():
+        y = _eager_call(x, q, bias, backend, torch.is_grad_enabled() and (
+            x.requires_grad or (bias is not None and bias.requires_grad)))
         if y is not None:
             return y
     if x.shape[-1] != q.shape[1]:

@@ -372,3 +372,36 @@ def test_eager_path_decides_once_and_never_syncs_cpu(monkeypatch):
     assert same_view
     for y in [first] + ys:
         assert torch.equal(y, want), (y - want).abs().max()
+
+
+@pytest.mark.parametrize("m", [3, 32])
+def test_eager_path_with_grads_cpu(monkeypatch, m):
+    """Eager training calls (x and bias require grad) on a prepared weight take the short path's autograd Function
+    (not the torch.library op), and give the reference's output and grads (dx = dy W, dbias = sum dy), with the
+    same dy fed to both. CUDA checks are routed to CPU tensors; the dequant runs the reference."""
+    import quant.matmul as qm
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: None)
+    monkeypatch.setattr(qm, "_MEASURED", {})
+    q = quant.quantize_nf4(torch.randn(48, 128))
+    w = dequantize_nf4_ref(q, torch.float32)
+    x = torch.randn(2, m, 128, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    dy = torch.randn(2, m, 48)
+    x_ref, b_ref = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    y_ref = F.linear(x_ref, w, b_ref)
+    gx_ref, gb_ref = torch.autograd.grad(y_ref, (x_ref, b_ref), dy)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    qm._prepare(q)
+    path = "dequant" if m > 16 else "gemv"
+    monkeypatch.setitem(qm._MEASURED, (None, torch.float32, 48, 128, 1 << (m - 1).bit_length()), path)
+    if path == "gemv":  # the Triton GEMV under the interpreter stands in for the chosen small-M kernel
+        monkeypatch.setitem(qm._PATHS, "gemv", lambda x, qt, bias, fast=False: F.linear(x, w, bias))
+    y = quant.matmul_nf4(x, q, b)
+    assert type(y.grad_fn).__name__ == "_EagerLinearBackward", y.grad_fn
+    gx, gb = torch.autograd.grad(y, (x, b), dy)
+    monkeypatch.undo()
+    for got, want, name in ((y, y_ref, "y"), (gx, gx_ref, "dx"), (gb, gb_ref, "dbias")):
+        err = (got - want).abs().max().item()
+        assert err <= 1e-4 * (1 + want.abs().max().item()), f"{name}: max error {err}"
