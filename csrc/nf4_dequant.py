@@ -123,7 +123,7 @@ class DequantPlan:
     kernel's parameter types), so a call converts only the output pointer. The tensors must already be validated
     (``check_state``); the plan keeps them alive. ``quant.dispatch`` keeps one per weight object."""
 
-    __slots__ = ("index", "tensors", "wargs", "flags", "data_aligned", "launches")
+    __slots__ = ("index", "tensors", "raw", "wargs", "flags", "data_aligned", "launches")
 
     def __init__(self, data, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize):
         double = nested_absmax is not None
@@ -131,11 +131,15 @@ class DequantPlan:
         dummy = absmax  # never read when there is no double quantization
         self.tensors = (data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
                         offset if double else dummy, code)
-        self.wargs = tuple(np.uint64(t.data_ptr()) for t in self.tensors)
+        self._pointers()
         self.flags = (np.int32(blocksize.bit_length() - 1), np.int32(nested_blocksize.bit_length() - 1),
                       np.int32(double))
-        self.data_aligned = data.data_ptr() % 16 == 0  # 16-byte loads need it (and an aligned output)
         self.launches: dict = {}  # (out dtype, n) -> (kernel, grid, block, tail for vec=0, tail for vec=1)
+
+    def _pointers(self) -> None:
+        self.raw = [t.data_ptr() for t in self.tensors]
+        self.wargs = tuple(np.uint64(p) for p in self.raw)
+        self.data_aligned = self.raw[0] % 16 == 0  # 16-byte loads need it (and an aligned output)
 
     def _launch_config(self, dtype: torch.dtype, n: int):
         key = (dtype, n)
@@ -157,6 +161,8 @@ class DequantPlan:
     def __call__(self, out: torch.Tensor) -> torch.Tensor:
         """Dequantize into ``out`` (contiguous, the weight's element count; not checked here)."""
         kernel, grid, block, tail0, tail1 = self._launch_config(out.dtype, out.numel())
+        if [t.data_ptr() for t in self.tensors] != self.raw:  # storage moved in place (resize_, set_, FSDP regather)
+            self._pointers()
         optr = out.data_ptr()
         args = self.wargs + (np.uint64(optr),) + (tail1 if self.data_aligned and optr % 16 == 0 else tail0)
         if self.index == torch.cuda.current_device():

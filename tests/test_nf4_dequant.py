@@ -317,6 +317,12 @@ def test_cuda_launch_arguments_match_kernel_cpu(monkeypatch):
     assert (named["n"], named["log2_blocksize"], named["log2_nested"], named["double_quant"]) == (33 * 130, 6, 8, 1)
     assert named["vec"] == (q.data.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0)
     assert block == (cd.THREADS,) and grid[0] >= 1
+    # storage reallocated in place (as FSDP2 frees and regathers parameters): the plan reads the new pointer
+    old = q.data.data_ptr()
+    q.data.untyped_storage().resize_(q.data.numel() * 64)  # > 128 KiB: a fresh mapping, not grown in place
+    assert q.data.data_ptr() != old
+    quant.dequantize_nf4(q, torch.float16, out=out, backend="cuda")
+    assert int(seen[-1][3][0]) == q.data.data_ptr()
     monkeypatch.setattr(cd, "CONFIG_OVERRIDE", {"U": 4, "blocks_per_sm": 0, "threads": 64})
     quant.dequantize_nf4(q, torch.float16, out=out, backend="cuda")
     assert seen[-1][2] == (64,)
