@@ -4,6 +4,7 @@ Also: 4-bit loading (on the fly and pre-quantized bitsandbytes format) against t
 dequantized weights, both config.json forms, sharded checkpoints, and the error messages for bad inputs.
 The GPU tests load a Llama-3-8B-shaped checkpoint (real C/F/H/KV/V, fewer layers) and report peak memory.
 """
+import gc
 import json
 import os
 import subprocess
@@ -399,6 +400,10 @@ def gpu_checkpoint(request, tmp_path_factory):
 def test_gpu_llama3_shaped_load_memory_and_logits(gpu_checkpoint, load_in_4bit):
     name, path = gpu_checkpoint
     disk = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+    # the load runs in a child process: give it the memory this process's allocator still caches from earlier
+    # tests (a whole GPU run left ~75 GiB reserved here and the child ran out of memory)
+    gc.collect()
+    torch.cuda.empty_cache()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", _LOAD_AND_CHECK, str(path), "1" if load_in_4bit else "0"],
                           capture_output=True, text=True, cwd=root)

@@ -141,6 +141,12 @@ def _ce_kernel(logits_ptr, stride_l, grad_ptr, stride_g, labels_ptr, loss_ptr, l
             lse = tl.load(lse_ptr + row)
 
         if WRITE_GRAD:
+            if COMPUTE_LOSS:
+                # every thread has read the label's logit (z_y) before any thread overwrites the row with the
+                # gradient (grad may be the logits themselves): without this barrier a warp that ran ahead
+                # stored g[label] first and a slower one took it for z_y, giving a wrong loss for that row
+                # (seen on an H100 in fp32, a few rows in 1024)
+                tl.debug_barrier()
             scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
             scale = tl.where(valid, scale, 0.0)  # ignored rows get an exact zero gradient
             g_row = grad_ptr + row * stride_g
