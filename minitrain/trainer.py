@@ -26,6 +26,7 @@ import random
 import shutil
 import sys
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -163,13 +164,14 @@ def make_batches(dataset, split: str, batch_size: int, packing: bool, seed: int,
 class _Stash:
     """One checkpointed layer's input, between the layer's forward and its recomputation in the backward."""
 
-    __slots__ = ("index", "x", "host", "d2h", "dev", "h2d", "prev", "requires_grad", "used", "device")
+    __slots__ = ("index", "x", "host", "d2h", "dev", "h2d", "prev", "requires_grad", "used", "device", "key",
+                 "fetched", "__weakref__")
 
-    def __init__(self, index: int, x: torch.Tensor, host: torch.Tensor, d2h, prev):
-        self.index, self.x, self.host, self.d2h, self.prev = index, x, host, d2h, prev
+    def __init__(self, index: int, x: torch.Tensor, host: torch.Tensor, d2h, prev, key):
+        self.index, self.x, self.host, self.d2h, self.prev, self.key = index, x, host, d2h, prev, key
         self.dev = self.h2d = None
         self.device = x.device
-        self.requires_grad, self.used = x.requires_grad, False
+        self.requires_grad, self.used, self.fetched = x.requires_grad, False, False
 
 
 class HostOffload:
@@ -180,15 +182,22 @@ class HostOffload:
     stream waits for layer i's copy (long done by then) and the device tensor is released, so at most one
     layer input stays on the device. Backward: when layer i is recomputed, the copy stream brings layer i-1's
     input back into a fresh device tensor (overlapping layer i's backward) and layer i waits for its own
-    copy; the last layer, still on the device, needs none. The buffers persist (one per layer and shape), and
-    every copy is an event-ordered stream operation, so a CUDA graph captures the whole scheme (forked copy
-    stream, joined before the layer that needs the data). On CPU tensors the "host copy" is a clone.
+    copy; the last layer, still on the device, needs none. Every copy is an event-ordered stream operation,
+    so a CUDA graph captures the whole scheme (forked copy stream, joined before the layer that needs the data).
     Unlike torch's ``save_on_cpu``, only the layer inputs move: what checkpointing saves, 2 * B * T * C bytes
-    per layer in bf16 (32 MiB at 2 x 2048 x 4096)."""
+    per layer in bf16 (32 MiB at 2 x 2048 x 4096).
+
+    Host buffers: one per layer (and dtype), grown to the largest input seen (batches of varying length reuse
+    it), so pinned memory stays at one step's layer inputs. A buffer whose input has not been recomputed yet
+    is not reused: a second forward before the backward (two losses summed, say) gets fresh buffers. A buffer
+    a CUDA graph captured is kept for the graph's lifetime even when a larger batch replaces it. On CPU tensors
+    the same buffers are plain host memory and the copies synchronous (the logic the tests check)."""
 
     def __init__(self):
         self.stream = None
         self.buffers: dict[tuple, torch.Tensor] = {}
+        self.holders: dict[tuple, weakref.ref] = {}  # the stash using each buffer
+        self.captured: list[torch.Tensor] = []  # buffers whose addresses a CUDA graph holds
         self.pending: list[_Stash] = []
         self.last: _Stash | None = None
 
@@ -198,17 +207,32 @@ class HostOffload:
             s.x = None
         self.pending.clear()
 
+    def _host_buffer(self, key: tuple, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(host tensor of x's shape, whether it is the layer's reused buffer)."""
+        pin = x.device.type == "cuda"
+        ref = self.holders.get(key)
+        holder = None if ref is None else ref()
+        if holder is not None and not holder.fetched:  # still needed by a pending recomputation
+            return torch.empty(x.shape, dtype=x.dtype, pin_memory=pin), False
+        n = x.numel()
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            cap = n if buf is None else max(n, buf.numel() + buf.numel() // 4)
+            buf = self.buffers[key] = torch.empty(cap, dtype=x.dtype, pin_memory=pin)
+        if pin and torch.cuda.is_current_stream_capturing() and not any(b is buf for b in self.captured):
+            self.captured.append(buf)
+        return buf[:n].view(x.shape), True
+
     def stash(self, index: int, x: torch.Tensor) -> _Stash:
         prev = self.last if self.last is not None and self.last.index < index else None
+        key = (index, x.dtype)
+        host, reused = self._host_buffer(key, x)
         if x.device.type != "cuda":
-            s = _Stash(index, x, x.detach().clone(), None, prev)  # x is dropped once the forward used it
+            host.copy_(x.detach())
+            s = _Stash(index, x, host, None, prev, key)  # x is dropped once the forward used it
         else:
             main = torch.cuda.current_stream(x.device)
             self._release_pending(main)
-            key = (index, tuple(x.shape), x.dtype)
-            host = self.buffers.get(key)
-            if host is None:
-                host = self.buffers[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
             if self.stream is None:
                 self.stream = torch.cuda.Stream(x.device)
             self.stream.wait_stream(main)
@@ -216,8 +240,10 @@ class HostOffload:
                 host.copy_(x.detach(), non_blocking=True)
                 d2h = torch.cuda.Event()
                 d2h.record(self.stream)
-            s = _Stash(index, x, host, d2h, prev)
+            s = _Stash(index, x, host, d2h, prev, key)
             self.pending.append(s)
+        if reused:
+            self.holders[key] = weakref.ref(s)
         self.last = s
         return s
 
@@ -231,6 +257,13 @@ class HostOffload:
 
     def fetch(self, s: _Stash) -> torch.Tensor:
         """The layer input again, on its device, for the recomputation."""
+        if s.fetched:  # a second backward through the same graph (retain_graph=True)
+            ref = self.holders.get(s.key)
+            if s.x is None and (ref is None or ref() is not s) and any(s.host.data_ptr() == b.data_ptr()
+                                                                     for b in self.buffers.values()):
+                raise RuntimeError("gradient_checkpointing='offload': this layer's host buffer was reused by a "
+                                   "later forward before this second backward; recompute the loss instead")
+        s.fetched = True
         if s.d2h is None:  # CPU
             return s.host.clone().requires_grad_(s.requires_grad)
         main = torch.cuda.current_stream(s.device)

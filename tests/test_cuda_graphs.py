@@ -134,6 +134,46 @@ def test_graph_accumulates_like_eager_and_trains_the_same(mode):
         assert abs(a - b) <= 5e-3 * abs(a), curves
 
 
+def _offload_vs_on(batches_per_backward, lengths):
+    """Adapter grads of checkpointing "offload" and "on" on CPU, for backwards over several summed forwards."""
+    from minitrain.trainer import HostOffload
+
+    out = {}
+    for mode in ("on", "offload"):
+        model = model_with_lora("cpu", torch.float32)
+        set_gradient_checkpointing(model, mode)
+        for group in range(len(lengths) // batches_per_backward):
+            model.zero_grad(set_to_none=True)
+            loss = 0
+            for j in range(batches_per_backward):
+                T = lengths[group * batches_per_backward + j]
+                batch = random_batch(2, T, "cpu", seed=T)
+                loss = loss + token_loss_sum(model, batch)
+            loss.backward()
+        out[mode] = grads(model)
+        pools = {layer.forward.offload for layer in model.model.layers} - {None}
+    return out, pools
+
+
+def test_offload_two_forwards_before_one_backward():
+    # a second forward while the first's layer inputs still wait for their recomputation (two losses summed)
+    # must not overwrite them: fresh host buffers for the second, the same gradients as plain recomputation
+    out, _ = _offload_vs_on(2, [24, 24, 17, 24])
+    for name, g in out["on"].items():
+        assert torch.allclose(out["offload"][name], g, rtol=1e-5, atol=1e-6), name
+
+
+def test_offload_host_buffers_grow_to_the_longest_batch():
+    # batches of varying length reuse one host buffer per layer, grown to the largest input
+    lengths = [16, 40, 24, 8, 40]
+    out, pools = _offload_vs_on(1, lengths)
+    for name, g in out["on"].items():
+        assert torch.allclose(out["offload"][name], g, rtol=1e-5, atol=1e-6), name
+    (pool,) = pools
+    assert len(pool.buffers) == ARGS["num_hidden_layers"], pool.buffers.keys()
+    assert all(b.numel() >= 2 * max(lengths) * ARGS["hidden_size"] for b in pool.buffers.values())
+
+
 @pytest.mark.gpu
 def test_offload_keeps_layer_inputs_off_the_gpu():
     """Eager, 8 layers: "offload" gives the gradients of "on", and its peak holds at most three layer inputs where
