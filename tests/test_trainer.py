@@ -415,3 +415,16 @@ def test_qlora_llama3_8b_shaped_throughput_and_memory(tmp_path):
                       [("tokens/s and peak memory", "| model | throughput | memory |\n|---|---|---|\n" + line + "\n")])
     except Exception as e:  # the measurement stands even if the results file cannot be written
         print(f"(results file not written: {e})")
+
+
+def test_cli_allocator_defaults_respect_the_user():
+    from minitrain.cli_train import allocator_defaults
+
+    env = {}
+    allocator_defaults(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for user in ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, {"PYTORCH_ALLOC_CONF": "backend:native"},
+                 {"WORLD_SIZE": "2"}):
+        env = dict(user)
+        allocator_defaults(env)
+        assert env == user, env
