@@ -18,29 +18,7 @@
 // threads; the transpose buffer holds 8 warps).
 // Kernels: nf4_dequant_{fp32,fp16,bf16}_u{1,2,4} (extern "C"; same parameters; U = loads in flight per lane).
 
-// No headers: NVRTC compiles this without the CUDA include tree, so vector types and conversions are spelled
-// out here (a 16-byte-aligned word quad, explicit PTX).
-struct alignas(16) U32x4 {
-    unsigned x, y, z, w;
-};
-
-__device__ __forceinline__ unsigned f32_bits(float x) {
-    unsigned d;
-    asm("mov.b32 %0, %1;" : "=r"(d) : "f"(x));
-    return d;
-}
-
-__device__ __forceinline__ float mul_rn(float a, float b) {
-    float d;
-    asm("mul.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-    return d;
-}
-
-__device__ __forceinline__ float add_rn(float a, float b) {
-    float d;
-    asm("add.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-    return d;
-}
+#include "nf4_common.cuh"
 
 // Two fp32 values -> one 32-bit word of two 16-bit values, `first` at the lower address (little endian).
 template <int OUT>
@@ -63,13 +41,6 @@ __device__ __forceinline__ unsigned short cvt16(float x) {
         asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(d) : "f"(x));
     }
     return d;
-}
-
-__device__ __forceinline__ U32x4 load_stream_16(const unsigned char* p) {
-    U32x4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
 }
 
 __device__ __forceinline__ void store_16(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {

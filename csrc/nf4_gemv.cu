@@ -27,40 +27,13 @@
 // Kernels: nf4_gemv_x{XT}_m{MT}_r{R} (extern "C"). The loader compiles one instantiation per module with
 // -DGEMV_XT=.. -DGEMV_MT=.. -DGEMV_R=..; without those defines a representative set is compiled (nvcc check).
 
-struct alignas(16) U32x4 {
-    unsigned x, y, z, w;
-};
-
-__device__ __forceinline__ U32x4 ld_stream_16(const unsigned char* p) {
-    U32x4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+#include "nf4_common.cuh"
 
 __device__ __forceinline__ U32x4 ld_cached_16(const void* p) {
     U32x4 v;
     asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
-}
-
-__device__ __forceinline__ float bits_f32(unsigned u) {
-    float f;
-    asm("mov.b32 %0, %1;" : "=f"(f) : "r"(u));
-    return f;
-}
-
-__device__ __forceinline__ float mul_rn(float a, float b) {
-    float d;
-    asm("mul.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-    return d;
-}
-
-__device__ __forceinline__ float add_rn(float a, float b) {
-    float d;
-    asm("add.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-    return d;
 }
 
 // One 32-bit word of two 16-bit values (lower address = low half) -> two floats.
@@ -170,7 +143,7 @@ __device__ __forceinline__ void load_stage(Stage<R>& st, const unsigned char* __
         if (n0 + r < N && k < K) {
             const long long e = (n0 + r) * (long long)K + k;
             const long long blk = e >> log2_bs;
-            st.w[r] = ld_stream_16(data + (e >> 1));
+            st.w[r] = load_stream_16(data + (e >> 1));
             if (double_quant) {
                 st.a8[r] = ((const unsigned char*)absmax)[blk];
                 st.s2[r] = nested_absmax[blk >> log2_nested];
