@@ -63,15 +63,41 @@ def get_kernel(name: str, kernel: str, device: torch.device | None = None, extra
         return _module(name, arch, tuple(extra_options)).get_function(kernel)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (cached: launch configurations ask on every call)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+try:  # the raw stream handle without building a torch.cuda.Stream object (what torch's Triton launchers use)
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+except AttributeError:  # pragma: no cover - CPU-only or future torch
+    def _raw_stream(index):
+        return torch.cuda.current_stream(index).cuda_stream
+
+_STREAMS: dict = {}
+
+
+def current_stream(index: int):
+    """CuPy's wrapper of torch's current stream on device ``index``, cached per stream handle: a small kernel
+    takes a few microseconds on the GPU, so the host work per launch (wrapping the stream included) must not."""
+    handle = _raw_stream(index)
+    st = _STREAMS.get(handle)
+    if st is None:
+        st = _cupy().cuda.ExternalStream(handle, index)
+        if len(_STREAMS) > 64:  # streams come and go (CUDA graph capture, side streams); keep the cache small
+            _STREAMS.clear()
+        _STREAMS[handle] = st
+    return st
+
+
 def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
     """Launch on torch's current stream. Tensors in ``args`` are passed as device pointers; other args
     must already be numpy scalars of the kernel's parameter types (np.int32, np.int64, np.float32)."""
-    cupy = _cupy()
     import numpy as np
 
     conv = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-    kernel(grid, block, conv, shared_mem=shared_mem, stream=stream)
+    kernel(grid, block, conv, shared_mem=shared_mem, stream=current_stream(torch.cuda.current_device()))
 
 
 def nvcc_compile_check(name: str, arch: str = "sm_90", nvcc: str = "nvcc") -> None:

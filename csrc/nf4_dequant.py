@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import get_kernel
+from . import current_stream as _stream
+from . import get_kernel, sm_count
 
 __all__ = ["nf4_dequantize_cuda", "nf4_dequantize_cuda_tensors", "DequantPlan"]
 
@@ -80,12 +81,9 @@ def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocks
                          f"{data.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
 
 
-# Host-side caches: the compiled kernel per (device, dtype, U), CuPy's stream object per torch stream, the SM
-# count per device. A small weight's whole dequantization takes a few microseconds on the GPU, so the Python
-# work per call (module lookup, stream wrapping, argument conversion) has to stay below that.
+# The compiled kernel per (device, dtype, U). A small weight's whole dequantization takes a few microseconds on the
+# GPU, so the Python work per call (module lookup, stream wrapping, argument conversion) has to stay below that.
 _FUNCS: dict = {}
-_STREAMS: dict = {}
-_SMS: dict = {}
 
 
 def _kernel(device_index: int, dtype: torch.dtype, u: int):
@@ -94,28 +92,7 @@ def _kernel(device_index: int, dtype: torch.dtype, u: int):
     if fn is None:
         fn = get_kernel("nf4_dequant.cu", f"nf4_dequant_{_DT[dtype]}_u{u}", torch.device("cuda", device_index))
         _FUNCS[key] = fn
-        _SMS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
     return fn
-
-
-try:  # the raw stream handle without building a torch.cuda.Stream object (what torch's Triton launchers use)
-    _raw_stream = torch._C._cuda_getCurrentRawStream
-except AttributeError:  # pragma: no cover - CPU-only or future torch
-    def _raw_stream(index):
-        return torch.cuda.current_stream(index).cuda_stream
-
-
-def _stream(device_index: int):
-    handle = _raw_stream(device_index)
-    st = _STREAMS.get(handle)
-    if st is None:
-        import cupy
-
-        st = cupy.cuda.ExternalStream(handle, device_index)
-        if len(_STREAMS) > 64:  # streams come and go (e.g. CUDA graph capture); keep the cache small
-            _STREAMS.clear()
-        _STREAMS[handle] = st
-    return st
 
 
 class DequantPlan:
@@ -149,7 +126,7 @@ class DequantPlan:
             kernel = _kernel(self.index, dtype, u)
             blocks = -(-n // (u * WARP_ELEMS * (threads // 32)))
             if blocks_per_sm:
-                blocks = min(blocks, blocks_per_sm * _SMS[self.index])
+                blocks = min(blocks, blocks_per_sm * sm_count(self.index))
             head = (np.int64(n),) + self.flags
             cfg = (kernel, (blocks,), (threads,), head + (np.int32(0),), head + (np.int32(1),))
             if CONFIG_OVERRIDE is None:

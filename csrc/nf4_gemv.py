@@ -18,7 +18,9 @@ import torch
 
 from triton_ops.nf4_matmul import register_linear_autograd
 
+from . import current_stream as _stream
 from . import get_kernel
+from . import sm_count as _sms
 from .nf4_dequant import check_state, nf4_dequantize_cuda_tensors
 
 __all__ = ["nf4_gemv_cuda", "GemvPlan", "GEMV_MAX_M", "gemv_config"]
@@ -52,10 +54,8 @@ def gemv_config(m: int, n: int, k: int, sms: int) -> tuple[int, int]:
     return r, w
 
 
-# Host-side caches (per process): compiled kernels, CuPy stream wrappers, SM counts.
+# Compiled kernels per (device, x dtype, M tile, rows per block), per process.
 _FUNCS: dict = {}
-_STREAMS: dict = {}
-_SMS: dict = {}
 
 
 def _kernel(index: int, xt: int, mt: int, r: int):
@@ -66,33 +66,6 @@ def _kernel(index: int, xt: int, mt: int, r: int):
                         extra_options=(f"-DGEMV_XT={xt}", f"-DGEMV_MT={mt}", f"-DGEMV_R={r}"))
         _FUNCS[key] = fn
     return fn
-
-
-def _sms(index: int) -> int:
-    s = _SMS.get(index)
-    if s is None:
-        s = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return s
-
-
-try:  # the raw handle without building a torch.cuda.Stream object (what torch's own Triton launchers use)
-    _raw_stream = torch._C._cuda_getCurrentRawStream
-except AttributeError:  # pragma: no cover - older or future torch
-    def _raw_stream(index):
-        return torch.cuda.current_stream(index).cuda_stream
-
-
-def _stream(index: int):
-    handle = _raw_stream(index)
-    st = _STREAMS.get(handle)
-    if st is None:
-        import cupy
-
-        st = cupy.cuda.ExternalStream(handle, index)
-        if len(_STREAMS) > 64:  # streams come and go (CUDA graph capture, side streams); keep the cache small
-            _STREAMS.clear()
-        _STREAMS[handle] = st
-    return st
 
 
 def _check(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):

@@ -21,7 +21,6 @@ logits); after backward the caller's logits tensor holds the gradient.
 """
 from __future__ import annotations
 
-import functools
 
 import os
 
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from csrc import sm_count as _sm_count
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -167,10 +168,6 @@ def _ce_kernel(logits_ptr, stride_l, grad_ptr, stride_g, labels_ptr, loss_ptr, l
 
 PROGRAMS_PER_SM = 2  # persistent grid of the row kernel (H100 sweep in _ce_kernel's comment: 2 beat 1 and N)
 
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _programs(N: int, logits: torch.Tensor) -> int:

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from csrc import sm_count
+
 from .nf4_dequant import cast_rtne, nf4_dequantize_tensors
 
 __all__ = ["nf4_matmul_ref", "nf4_matmul", "nf4_gemv", "fused_supported", "GEMV_MAX_M"]
@@ -211,7 +213,6 @@ def _nf4_gemv_kernel(x_ptr, data_ptr, absmax_ptr, nested_absmax_ptr, nested_code
     tl.store(y_ptr + m * stride_ym + offs_n, cast_rtne(y, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=n_ok)
 
 
-_SM_COUNT: dict = {}
 
 
 def _gemv_config(m: int, n_out: int, k: int, blocksize: int, device) -> tuple[int, int, int]:
@@ -223,9 +224,7 @@ def _gemv_config(m: int, n_out: int, k: int, blocksize: int, device) -> tuple[in
     elif _INTERPRET:  # few, wide programs: the interpreter's cost is per program and per op, not per element
         block_n, row_bytes, warps = 16, 64, 4
     else:
-        sms = _SM_COUNT.get(device.index)
-        if sms is None:
-            sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
         block_n = 8
         while block_n > 1 and triton.cdiv(n_out, block_n) < 4 * sms:
             block_n //= 2

@@ -23,12 +23,13 @@ C per persistent program, written once and read once (2 programs per SM at C = 4
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from csrc import sm_count as _sm_count
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "MINITRAIN_RMS_NORM_BACKEND"
@@ -170,10 +171,6 @@ def _rms_norm_dw_kernel(part_ptr, dw_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C: 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
