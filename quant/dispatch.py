@@ -11,6 +11,7 @@ a choice measured earlier is used, else "triton". The environment variable ``MIN
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -147,18 +148,23 @@ def _entry(q) -> _Entry:
     e.fields, e.args, e.plans = _fields(q), args + (q.blocksize, q.nested_blocksize), {}
     e.device, e.shape, e.rows, e.cols = q.data.device, q.shape, int(q.shape[0]), int(q.shape[1])
     e.numel = e.rows * e.cols
-    import weakref
+    return keep_per_weight(_PREPARED, q, e)
 
+
+def keep_per_weight(cache: dict, q, value):
+    """Keep ``value`` in ``cache`` under id(q) until weight object q is garbage collected (``value.ref()`` is q
+    while valid, so a recycled id never matches); a weight that cannot be weakly referenced is not kept
+    (``value.ref()`` is None: prepared again on the next call). Returns value."""
     key = id(q)
     try:
-        e.ref = weakref.ref(q, lambda _, key=key: _PREPARED.pop(key, None))
-    except TypeError:  # not weak-referenceable: validated again on every call
-        e.ref = lambda: None
-        return e
-    if len(_PREPARED) > 4096:
-        _PREPARED.clear()
-    _PREPARED[key] = e
-    return e
+        value.ref = weakref.ref(q, lambda _, key=key: cache.pop(key, None))
+    except TypeError:
+        value.ref = lambda: None
+        return value
+    if len(cache) > 4096:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def prepared_args(q) -> tuple:

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .dispatch import _launch_into, _run, _time_us, resolve_backend
+from .dispatch import _launch_into, _run, _time_us, keep_per_weight, prepared_args, resolve_backend
 from .nf4 import NF4Weight, dequantize_nf4_ref
 
 __all__ = ["matmul_nf4", "FUSED_MAX_M", "GEMV_MAX_M", "measured_choices", "candidates"]
@@ -281,10 +281,6 @@ class _Prepared:
 
 
 def _prepare(q) -> "_Prepared":
-    import weakref
-
-    from .dispatch import prepared_args
-
     a = prepared_args(q)  # validates the weight (contiguity, sizes, devices) once
     p = _Prepared()
     p.data, p.absmax = q.data, q.absmax
@@ -292,16 +288,7 @@ def _prepare(q) -> "_Prepared":
     p.qt.plans = {}  # dequant launch plans, kept with the prepared weight
     p.index = q.data.device.index if q.data.device.index is not None else torch.cuda.current_device()
     p.n, p.k = int(q.shape[0]), int(q.shape[1])
-    key = id(q)
-    try:
-        p.ref = weakref.ref(q, lambda _, key=key: _PREPARED.pop(key, None))
-    except TypeError:  # not weak-referenceable: prepared again on every call
-        p.ref = lambda: None
-        return p
-    if len(_PREPARED) > 4096:
-        _PREPARED.clear()
-    _PREPARED[key] = p
-    return p
+    return keep_per_weight(_PREPARED, q, p)
 
 
 def _eager_call(x, q, bias, backend, needs_grad=False):
