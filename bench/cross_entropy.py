@@ -79,7 +79,7 @@ def _row(op, shape, provider, fn=None, grads_bytes=0, error=None):
         try:
             r["us"], r["peak"], r["beyond"] = _measure(fn, grads_bytes)
         except Exception as e:  # noqa: BLE001 - a failing provider is a table entry, never a crash
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            error = _error(e)
     if error is not None:
         r["error"] = error
     gc.collect()

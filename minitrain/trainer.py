@@ -165,13 +165,13 @@ class _Stash:
     """One checkpointed layer's input, between the layer's forward and its recomputation in the backward."""
 
     __slots__ = ("index", "x", "host", "d2h", "dev", "h2d", "prev", "requires_grad", "used", "device", "key",
-                 "fetched", "__weakref__")
+                 "fetched", "reused", "__weakref__")
 
     def __init__(self, index: int, x: torch.Tensor, host: torch.Tensor, d2h, prev, key):
         self.index, self.x, self.host, self.d2h, self.prev, self.key = index, x, host, d2h, prev, key
         self.dev = self.h2d = None
         self.device = x.device
-        self.requires_grad, self.used, self.fetched = x.requires_grad, False, False
+        self.requires_grad, self.used, self.fetched, self.reused = x.requires_grad, False, False, False
 
 
 class HostOffload:
@@ -243,6 +243,7 @@ class HostOffload:
             s = _Stash(index, x, host, d2h, prev, key)
             self.pending.append(s)
         if reused:
+            s.reused = True
             self.holders[key] = weakref.ref(s)
         self.last = s
         return s
@@ -257,10 +258,9 @@ class HostOffload:
 
     def fetch(self, s: _Stash) -> torch.Tensor:
         """The layer input again, on its device, for the recomputation."""
-        if s.fetched:  # a second backward through the same graph (retain_graph=True)
+        if s.fetched and s.reused:  # a second backward through the same graph (retain_graph=True)
             ref = self.holders.get(s.key)
-            if s.x is None and (ref is None or ref() is not s) and any(s.host.data_ptr() == b.data_ptr()
-                                                                     for b in self.buffers.values()):
+            if ref is None or ref() is not s:
                 raise RuntimeError("gradient_checkpointing='offload': this layer's host buffer was reused by a "
                                    "later forward before this second backward; recompute the loss instead")
         s.fetched = True
