@@ -16,7 +16,8 @@
 2. Cross-entropy on given logits (N=16384, V=128256, bf16), forward + backward: torch (fp32 upcast),
    torch.compile, liger-kernel's LigerCrossEntropyLoss, unsloth's fast_cross_entropy_loss, ours (new
    gradient tensor, and inplace_backward). GB/s counts the ideal 3*N*V*2 bytes (read in the forward, read
-   and write in the backward); % of ceiling: of the copy bandwidth measured in this run.
+   and write in the backward); % of ceiling: of the copy bandwidth measured in this run. Timed in the same
+   interleaved rounds as section 1.
 
 cut-cross-entropy and unsloth travel in the unsloth wheel set: ``python -m bench.cross_entropy --only-unsloth``
 under PEERS_UNSLOTH=1 measures them in their own process (cut-cross-entropy first, then unsloth, whose import
@@ -64,28 +65,6 @@ def _peak(fn, grads_bytes=0):
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     return peak, peak - grads_bytes / 2**20
-
-
-def _measure(fn, grads_bytes=0):
-    """(median µs, peak MiB above what was allocated before, MiB beyond the returned grads) for fn()."""
-    peak, beyond = _peak(fn, grads_bytes)
-    us = hw.bench_us(fn, warmup=50, rep=600)  # ms budgets: ~8-30 timed runs
-    return us, peak, beyond
-
-
-def _row(op, shape, provider, fn=None, grads_bytes=0, error=None):
-    r = {"op": op, "shape": shape, "dtype": "bf16", "provider": provider}
-    if error is None:
-        try:
-            r["us"], r["peak"], r["beyond"] = _measure(fn, grads_bytes)
-        except Exception as e:  # noqa: BLE001 - a failing provider is a table entry, never a crash
-            error = _error(e)
-    if error is not None:
-        r["error"] = error
-    gc.collect()
-    torch.cuda.empty_cache()
-    print(r, flush=True)
-    return r
 
 
 def _error(e):
@@ -241,30 +220,30 @@ def logits_rows(only_unsloth=False):
             import unsloth  # noqa: F401
             from unsloth.kernels.cross_entropy_loss import fast_cross_entropy_loss
 
-            return [_row(op, shape, "unsloth fast_cross_entropy_loss", step(
-                lambda x, t: fast_cross_entropy_loss(x.view(1, n, V), t.view(1, n))), gb)]
+            cand = ("unsloth fast_cross_entropy_loss", step(
+                lambda x, t: fast_cross_entropy_loss(x.view(1, n, V), t.view(1, n))), gb, None)
         except Exception as e:  # noqa: BLE001
-            return [_row(op, shape, "unsloth fast_cross_entropy_loss", error=f"not installed ({e})")]
-    rows = []
+            cand = ("unsloth fast_cross_entropy_loss", None, gb, f"not installed ({e})")
+        return _rows_in_rounds(op, shape, [cand])
 
     def torch_loss(x, t):
         return F.cross_entropy(x.float(), t)
-    rows.append(_row(op, shape, "torch", step(torch_loss), gb))
-    rows.append(_row(op, shape, "torch.compile", step(torch.compile(torch_loss, dynamic=False)), gb))
+    cands = [("torch", step(torch_loss), gb, None),
+             ("torch.compile", step(torch.compile(torch_loss, dynamic=False)), gb, None)]
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
 
         liger = LigerCrossEntropyLoss()
-        rows.append(_row(op, shape, "liger-kernel", step(liger), gb))  # writes its grad into the logits
+        cands.append(("liger-kernel", step(liger), gb, None))  # writes its grad into the logits
     except ImportError as e:
-        rows.append(_row(op, shape, "liger-kernel", error=f"not installed ({e})"))
+        cands.append(("liger-kernel", None, gb, f"not installed ({e})"))
     from triton_ops.cross_entropy import cross_entropy
 
-    rows.append(_row(op, shape, "minitrain", step(cross_entropy), gb))
+    cands.append(("minitrain", step(cross_entropy), gb, None))
     # in place: the logits must be a non-leaf (like an lm_head output); a view of the leaf costs nothing
-    rows.append(_row(op, shape, "minitrain inplace_backward",
-                     step(lambda x, t: cross_entropy(x, t, inplace_backward=True), x=lambda: leaf.view(n, V)), gb))
-    return rows
+    cands.append(("minitrain inplace_backward",
+                  step(lambda x, t: cross_entropy(x, t, inplace_backward=True), x=lambda: leaf.view(n, V)), gb, None))
+    return _rows_in_rounds(op, shape, cands)
 
 
 def _fmt(rows, tflops, copy_gbs):
