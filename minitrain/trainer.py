@@ -38,12 +38,17 @@ from torch import nn
 
 from . import distributed as dist_
 from .config import TrainConfig
-from .lora import atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
+from .lora import LoRALinear, atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
+from .model import LlamaDecoderLayer, LlamaMLP
 
 try:
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 except ImportError:
     fused_linear_cross_entropy = None
+try:  # without triton_ops, LoRALinear takes its plain path and there is nothing to skip
+    from triton_ops.lora import output_unused
+except ImportError:
+    output_unused = None
 
 
 MAX_GRAPHS = 4  # CUDA graphs (batch shapes) captured per run; further shapes run eagerly
@@ -282,20 +287,87 @@ class HostOffload:
         return out.requires_grad_(s.requires_grad)
 
 
+# The recomputation of a minitrain LlamaDecoderLayer skips its LoRA down projection's forward output (see
+# CheckpointedLayer). Off with MINITRAIN_RECOMPUTE_SKIP=0 (read at import) or by setting this to False; read at
+# each recomputation (a CUDA graph keeps what its capture did).
+RECOMPUTE_SKIPS_UNUSED_OUTPUT = os.environ.get("MINITRAIN_RECOMPUTE_SKIP", "1").strip().lower() not in (
+    "0", "false", "off", "no")
+
+
+class _Call:
+    """One checkpointed call (the "on" path): tells the layer's forward from its recomputation, as a stash
+    does on the offload path. The checkpoint keeps it with its arguments."""
+
+    __slots__ = ("used",)
+
+    def __init__(self):
+        self.used = False
+
+
+def unused_output_base(forward):
+    """The base weight whose LoRA projection output the recomputation of ``forward`` provably discards, or None.
+
+    That is ``layer.mlp.down_proj.base_layer.weight`` when ``forward`` is minitrain's
+    ``LlamaDecoderLayer.forward`` bound to ``layer``: its MLP output only feeds the final residual add, whose
+    result torch's checkpoint drops in the recomputation (with the default early stop the recomputation even
+    ends at the down projection's save). It also requires that ``layer.mlp`` runs ``LlamaMLP.forward`` (which
+    returns the down projection's output as it is), that ``down_proj`` is a ``LoRALinear`` running its own
+    forward, that no forward hook (on either, or global) could read an output, and that no other module of the
+    layer holds that weight object. Anything else (another layer class, a patched or hooked module): None."""
+    if output_unused is None or getattr(forward, "__func__", None) is not LlamaDecoderLayer.forward:
+        return None
+    mlp = getattr(forward.__self__, "mlp", None)
+    down = getattr(mlp, "down_proj", None)
+    if (type(mlp).forward is not LlamaMLP.forward or "forward" in vars(mlp) or not isinstance(down, LoRALinear)
+            or type(down).forward is not LoRALinear.forward or "forward" in vars(down)):
+        return None
+    if mlp._forward_hooks or down._forward_hooks or getattr(nn.modules.module, "_global_forward_hooks", None):
+        return None
+    w = down.base_layer.weight
+    holders, todo = 0, [forward.__self__]  # modules holding w as weight (a parameter, or NF4Linear's attribute),
+    while todo:                            # a module reached twice counted twice
+        m = todo.pop()
+        holders += m._parameters.get("weight") is w or m.__dict__.get("weight") is w
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return w if holders == 1 else None
+
+
 class CheckpointedLayer:
     """Replaces one decoder layer's ``forward``: recompute the layer in backward instead of keeping its
-    activations; with ``offload`` (a :class:`HostOffload`) only a host copy of the layer input is kept."""
+    activations; with ``offload`` (a :class:`HostOffload`) only a host copy of the layer input is kept.
+
+    The recomputation only has to reproduce what the layer's autograd nodes save; its output is discarded.
+    For minitrain's ``LlamaDecoderLayer`` with a LoRA ``down_proj`` (see :func:`unused_output_base`) it runs
+    under ``triton_ops.lora.output_unused(down's base weight)``: the down projection returns an uninitialized
+    tensor instead of dequantizing its weight and running its GEMM and adapter (on the 8B shape one
+    M x 14336 x 4096 GEMM per layer and step). Exact: the saved tensors are computed by the same ops, so the
+    gradients are bit-identical (``RECOMPUTE_SKIPS_UNUSED_OUTPUT = False`` turns it off). The first call of
+    the checkpointed function is the forward, every later one a recomputation (a stash's or ``_Call``'s
+    ``used``); the flag is per thread and reset on every exit, including checkpoint's early-stop exception."""
 
     def __init__(self, layer: nn.Module, offload: HostOffload | None = None, index: int = 0):
         self.layer, self.forward, self.offload, self.index = layer, layer.forward, offload, index
 
+    def _recompute(self, x, *args, **kwargs):
+        base = unused_output_base(self.forward) if RECOMPUTE_SKIPS_UNUSED_OUTPUT else None
+        if base is None:
+            return self.forward(x, *args, **kwargs)
+        with output_unused(base):
+            return self.forward(x, *args, **kwargs)
+
+    def _run_on(self, call: _Call, x, *args, **kwargs):
+        if call.used:  # recomputation in the backward
+            return self._recompute(x, *args, **kwargs)
+        call.used = True
+        return self.forward(x, *args, **kwargs)
+
     def _run(self, stash: _Stash, *args, **kwargs):
         if stash.used:  # recomputation in the backward
-            x = self.offload.fetch(stash)
-        else:  # the forward: the input itself, so autograd links this layer to the one before
-            stash.used, x = True, stash.x
-            if stash.d2h is None:  # CPU: only the clone stays
-                stash.x = None
+            return self._recompute(self.offload.fetch(stash), *args, **kwargs)
+        # the forward: the input itself, so autograd links this layer to the one before
+        stash.used, x = True, stash.x
+        if stash.d2h is None:  # CPU: only the clone stays
+            stash.x = None
         return self.forward(x, *args, **kwargs)
 
     def __call__(self, x, *args, **kwargs):
@@ -304,7 +376,7 @@ class CheckpointedLayer:
         if not torch.is_grad_enabled():
             return self.forward(x, *args, **kwargs)
         if self.offload is None:
-            return checkpoint(self.forward, x, *args, use_reentrant=False, **kwargs)
+            return checkpoint(self._run_on, _Call(), x, *args, use_reentrant=False, **kwargs)
         # the checkpoint keeps its arguments for the recomputation: pass the stash, not the device tensor
         return checkpoint(self._run, self.offload.stash(self.index, x), *args, use_reentrant=False, **kwargs)
 

@@ -374,6 +374,111 @@ def test_lora_mlp_backward_runs_once(device):
         y.sum().backward()
 
 
+# ---- output_unused: a recomputation that discards the output ---------------------------------------------
+
+def _count_calls(monkeypatch, name):
+    import triton_ops.lora as tlora
+
+    calls, fn = [], getattr(tlora, name)
+
+    def counting(*a, **k):
+        calls.append(a[0])
+        return fn(*a, **k)
+    monkeypatch.setattr(tlora, name, counting)
+    return calls
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
+def test_lora_mlp_output_unused_saves_the_same_and_skips_swiglu_and_down(nf4, device, monkeypatch):
+    """Under output_unused(down's base): the same saved tensors (bit for bit) and gradients, an uninitialized
+    output of the right shape, and neither the swiglu forward nor down's dequantize run."""
+    from triton_ops.lora import output_unused
+
+    lead, C, F, R = CPU_MLP[1]
+    adapters, p, bias = MLP_VARIANTS["all+dropout+bias"]
+    ds = [_make_proj(F, C, R, torch.bfloat16, device, nf4, p, False, lead), _make_proj(F, C, R, torch.bfloat16, device,
+          nf4, 0.0, bias, lead), _make_proj(C, F, R, torch.bfloat16, device, nf4, p, False, lead)]
+    x = torch.randn(lead + (C,), device=device, dtype=torch.bfloat16)
+    dy = torch.randn(lead + (C,), device=device, dtype=torch.bfloat16)
+    swiglu_calls = _count_calls(monkeypatch, "_swiglu_fwd_op")
+    dense_calls = _count_calls(monkeypatch, "_dense")
+
+    def run(skip):
+        leaves = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for dd in ds for t in (dd["A"], dd["B"])]
+        specs = [LoRAWeights(dd["base"], leaves[1 + 2 * i], leaves[2 + 2 * i], dd["scale"], dd["bias"], dd["p"],
+                             dd["keep"]) for i, dd in enumerate(ds)]
+        swiglu_calls.clear(), dense_calls.clear()
+        if skip:
+            with output_unused(ds[2]["base"]):
+                y = lora_mlp(leaves[0], *specs, backend="triton")
+        else:
+            y = lora_mlp(leaves[0], *specs, backend="triton")
+        ran = (len(swiglu_calls), sum(b is ds[2]["base"] for b in dense_calls))
+        saved = [t.clone() if t is not None else None for t in y.grad_fn.saved_tensors]
+        return y, saved, ran, torch.autograd.grad(y, leaves, dy)
+
+    y0, saved0, ran0, g0 = run(False)
+    y1, saved1, ran1, g1 = run(True)
+    assert ran0 == (1, 1) and ran1 == (0, 0), (ran0, ran1)
+    assert (y1.shape, y1.dtype, y1.device, y1.stride()) == (y0.shape, y0.dtype, y0.device, y0.stride())
+    assert len(saved0) == len(saved1)
+    for i, (a, b) in enumerate(zip(saved0, saved1)):
+        assert (a is None and b is None) or torch.equal(a, b), f"saved tensor {i} differs"
+    for i, (a, b) in enumerate(zip(g0, g1)):
+        assert torch.equal(a, b), f"grad {i}: max diff {(a.float() - b.float()).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("q_dropout", [0.1, 0.0], ids=["separate", "batched"])
+def test_lora_qkv_output_unused_skips_only_that_projection(q_dropout, device, monkeypatch):
+    """Only the projection whose base is flagged loses its output; the others (sharing the batched adapter GEMM
+    or not) and every gradient are bit-identical."""
+    from triton_ops.lora import output_unused
+
+    lead, C, R = (9,), 64, 4
+    ds = [_make_proj(n, C, R, torch.float32, device, False, pq, False, lead) for n, pq in ((32, q_dropout), (16, 0.0),
+                                                                                        (16, 0.0))]
+    x = torch.randn(lead + (C,), device=device)
+    dys = [torch.randn(lead + (dd["W"].shape[0],), device=device) for dd in ds]
+    dense_calls = _count_calls(monkeypatch, "_dense")
+
+    def run(flag):
+        leaves = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for dd in ds for t in (dd["A"], dd["B"])]
+        specs = [LoRAWeights(dd["base"], leaves[1 + 2 * i], leaves[2 + 2 * i], dd["scale"], None, dd["p"], dd["keep"])
+                 for i, dd in enumerate(ds)]
+        dense_calls.clear()
+        if flag is None:
+            outs = lora_qkv(leaves[0], *specs, backend="triton")
+        else:
+            with output_unused(flag):
+                outs = lora_qkv(leaves[0], *specs, backend="triton")
+        ran = [sum(b is dd["base"] for b in dense_calls) for dd in ds]
+        saved = [t.clone() if t is not None else None for t in outs[0].grad_fn.saved_tensors]
+        return outs, saved, ran, torch.autograd.grad(outs, leaves, dys)
+
+    o0, s0, r0, g0 = run(None)
+    o1, s1, r1, g1 = run(ds[1]["base"])
+    assert r0 == [1, 1, 1] and r1 == [1, 0, 1], (r0, r1)
+    assert torch.equal(o0[0], o1[0]) and torch.equal(o0[2], o1[2])
+    assert o1[1].shape == o0[1].shape and o1[1].dtype == o0[1].dtype
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(s0, s1))
+    for i, (a, b) in enumerate(zip(g0, g1)):
+        assert torch.equal(a, b), f"grad {i}: max diff {(a - b).abs().max().item():.3g}"
+
+
+def test_output_unused_nests_and_resets_after_an_error():
+    import triton_ops.lora as tlora
+
+    a, b = object(), object()
+    with pytest.raises(ValueError):
+        with tlora.output_unused(a):
+            assert tlora._output_unused(a) and not tlora._output_unused(b)
+            with tlora.output_unused(b):
+                assert tlora._output_unused(b) and not tlora._output_unused(a)
+            assert tlora._output_unused(a)
+            raise ValueError
+    assert not tlora._output_unused(a) and getattr(tlora._unused, "base", None) is None
+
+
 # ---- GPU: real shapes ------------------------------------------------------------------------------------
 
 @pytest.mark.gpu

@@ -293,6 +293,208 @@ def test_gradient_checkpointing_modes_give_the_same_training(tmp_path):
             assert torch.allclose(p, results[0][1][n], atol=1e-6), n
 
 
+# ---- the checkpoint recomputation skips the MLP down projection's unused output ----------------------------
+# (tiny Llama built in memory; the LoRA projections forced onto the hand-written autograd Functions, which "auto"
+# keeps for CUDA tensors, so the CPU runs the code the GPU runs)
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture
+def fused_lora_on_cpu(monkeypatch):
+    """LoRALinear through triton_ops.lora's hand-written path on CPU, and a count of base-weight dequantizes
+    (``_dense``) per weight object: the down projection's forward dequantizes its weight once per run."""
+    import functools
+
+    import minitrain.lora as mlora
+    import triton_ops.lora as tlora
+
+    monkeypatch.setattr(mlora, "_fused_lora_linear", functools.partial(tlora.lora_linear, backend="triton"))
+    calls = {}
+    dense = tlora._dense
+
+    def counting(base, dtype):
+        calls[id(base)] = calls.get(id(base), 0) + 1
+        return dense(base, dtype)
+
+    monkeypatch.setattr(tlora, "_dense", counting)
+    return calls
+
+
+def tiny_lora_model(nf4=False, dropout=0.0):
+    from minitrain.model import LlamaForCausalLM, ModelArgs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelArgs(**TINY))
+    if nf4:
+        import quant
+
+        for layer in model.model.layers:
+            for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                for n in names:
+                    setattr(parent, n, quant.NF4Linear.from_linear(getattr(parent, n)))
+    add_lora(model, r=4, alpha=8, dropout=dropout)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(std=0.05)  # B != 0: every adapter gradient is exercised
+    return model.train()
+
+
+def loss_and_grads(model, mode, calls, early_stop=True):
+    """One forward + backward; returns the loss, the adapter gradients and the down weights' dequantize counts."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    from minitrain.trainer import set_gradient_checkpointing
+
+    set_gradient_checkpointing(model, mode)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(7))
+    calls.clear()
+    torch.manual_seed(3)  # the same dropout masks in every run
+    with set_checkpoint_early_stop(early_stop):
+        loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+    set_gradient_checkpointing(model, "off")
+    g = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    downs = [calls.get(id(layer.mlp.down_proj.base_layer.weight), 0) for layer in model.model.layers]
+    return loss.detach(), g, downs
+
+
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early-stop", "full-recompute"])
+@pytest.mark.parametrize("mode", ["on", "offload"])
+@pytest.mark.parametrize("nf4,dropout", [(False, 0.0), (True, 0.1)], ids=["fp32", "nf4+dropout"])
+def test_recompute_skips_the_unused_down_output_exactly(fused_lora_on_cpu, monkeypatch, nf4, dropout, mode,
+                                                        early_stop):
+    import minitrain.trainer as mt
+
+    model = tiny_lora_model(nf4, dropout)
+    skip = loss_and_grads(model, mode, fused_lora_on_cpu, early_stop)
+    monkeypatch.setattr(mt, "RECOMPUTE_SKIPS_UNUSED_OUTPUT", False)
+    full = loss_and_grads(model, mode, fused_lora_on_cpu, early_stop)
+    off = loss_and_grads(model, "off", fused_lora_on_cpu)
+    n = len(model.model.layers)
+    # forward + backward (dx) dequantize the down weight; the recomputation does only without the skip
+    assert skip[2] == [2] * n and full[2] == [3] * n and off[2] == [2] * n, (skip[2], full[2], off[2])
+    assert torch.equal(skip[0], full[0]), (skip[0], full[0])
+    for name, g in skip[1].items():
+        d = (g - full[1][name]).abs()
+        assert torch.equal(g, full[1][name]), f"{name}: max diff {d.max().item():.3g}, {int((d > 0).sum())} differ"
+    assert skip[0].item() == pytest.approx(off[0].item(), abs=1e-6)
+    for name, g in skip[1].items():
+        assert torch.allclose(g, off[1][name], atol=1e-6), name
+
+
+def test_recompute_skip_flag_is_set_only_in_the_recomputation_and_reset_on_errors(fused_lora_on_cpu):
+    """The flag is on while the layer is recomputed, off in the forward, and off again after the recomputation
+    ends: normally (checkpoint's early stop raises inside the layer) or by an error in the layer."""
+    import triton_ops.lora as tlora
+    from minitrain.trainer import set_gradient_checkpointing
+
+    model = tiny_lora_model()
+    seen, fail = [], []
+
+    def probe(mod, args):  # a pre-hook: it cannot read the MLP's output, so the skip stays allowed
+        seen.append(getattr(tlora._unused, "base", None))
+        if fail:
+            raise RuntimeError("boom in the recomputation")
+
+    down = [layer.mlp.down_proj.base_layer.weight for layer in model.model.layers]
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(probe)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    for mode in ("on", "offload"):
+        set_gradient_checkpointing(model, mode)
+        seen.clear()
+        model(ids).square().mean().backward()
+        assert seen[:2] == [None, None], "flag set during the forward"
+        assert seen[2] is down[1] and seen[3] is down[0], "the recomputation (last layer first) is not flagged"
+        assert getattr(tlora._unused, "base", None) is None
+        loss = model(ids).square().mean()
+        fail.append(1)
+        with pytest.raises(RuntimeError, match="boom in the recomputation"):
+            loss.backward()
+        fail.clear()
+        assert getattr(tlora._unused, "base", None) is None, "flag left set after an error"
+        model.zero_grad(set_to_none=True)
+    set_gradient_checkpointing(model, "off")
+
+
+def test_recompute_skip_only_where_the_output_is_provably_unused(fused_lora_on_cpu):
+    from minitrain.trainer import CheckpointedLayer, unused_output_base
+
+    model = tiny_lora_model()
+    layer = model.model.layers[0]
+    assert unused_output_base(layer.forward) is layer.mlp.down_proj.base_layer.weight
+    h = layer.mlp.register_forward_hook(lambda mod, args, out: None)  # a hook could read the output
+    assert unused_output_base(layer.forward) is None
+    h.remove()
+    h = layer.mlp.down_proj.register_forward_hook(lambda mod, args, out: None)
+    assert unused_output_base(layer.forward) is None
+    h.remove()
+    assert unused_output_base(layer.self_attn.forward) is None  # not a decoder layer
+    assert unused_output_base(CheckpointedLayer(layer).forward) is layer.mlp.down_proj.base_layer.weight
+    layer.self_attn.o_proj.base_layer.weight = layer.mlp.down_proj.base_layer.weight  # another user of the weight
+    assert unused_output_base(layer.forward) is None
+    plain = tiny_lora_model()
+    plain.model.layers[0].mlp.down_proj = plain.model.layers[0].mlp.down_proj.base_layer  # no LoRA on down
+    assert unused_output_base(plain.model.layers[0].forward) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_recompute_skip_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
+    """bf16 QLoRA on CUDA: the skip drops one down-weight dequantize per layer from the eager step, and with and
+    without it the loss and adapter gradients agree, eager and replayed from a CUDA graph: bit for bit where two
+    runs without the skip do (the attention backward need not be deterministic), else within their spread."""
+    import minitrain.trainer as mt
+    import triton_ops.lora as tlora
+    from minitrain.cuda_graphs import GraphedLoss, zero_grads
+    from minitrain.trainer import n_items, set_gradient_checkpointing, token_loss_sum
+    from test_cuda_graphs import grads, model_with_lora, random_batch
+
+    B, T = 2, 200
+    batch = random_batch(B, T, "cuda", seed=5)
+    n = n_items(batch)
+    calls = []
+    dense = tlora._dense
+    monkeypatch.setattr(tlora, "_dense", lambda base, dtype: (calls.append(base), dense(base, dtype))[1])
+
+    def eager(skip):
+        monkeypatch.setattr(mt, "RECOMPUTE_SKIPS_UNUSED_OUTPUT", skip)
+        model = model_with_lora("cuda", torch.bfloat16, nf4=True)
+        set_gradient_checkpointing(model, mode)
+        calls.clear()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = token_loss_sum(model, batch) / n
+        loss.backward()
+        torch.cuda.synchronize()
+        downs = [sum(c is layer.mlp.down_proj.base_layer.weight for c in calls) for layer in model.model.layers]
+        return loss.detach().float(), grads(model), downs
+
+    def graphed(skip):
+        monkeypatch.setattr(mt, "RECOMPUTE_SKIPS_UNUSED_OUTPUT", skip)
+        model = model_with_lora("cuda", torch.bfloat16, nf4=True)
+        set_gradient_checkpointing(model, mode)
+        gl = GraphedLoss(model, B, T, warmup=1)
+        for _ in range(3):  # warm-up, capture + replay, replay
+            zero_grads(gl.params)
+            loss = gl(batch, n)
+        torch.cuda.synchronize()
+        assert gl.graph is not None
+        return loss.detach().float(), grads(model), None
+
+    def spread(a, b):
+        return max([(a[0] - b[0]).abs().item()] + [(a[1][k] - b[1][k]).abs().max().item() for k in a[1]])
+
+    for run in (eager, graphed):
+        full, full2, skip = run(False), run(False), run(True)
+        noise, diff = spread(full, full2), spread(skip, full)
+        assert diff <= 2 * noise, f"{run.__name__}: skip vs no skip differ by {diff:.3g} (run-to-run {noise:.3g})"
+        if run is eager:
+            layers = len(skip[2])
+            assert skip[2] == [2] * layers and full[2] == [3] * layers, (skip[2], full[2])
+
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
 def test_lr_schedule_matches_transformers(kind):
     from transformers import get_scheduler

@@ -21,6 +21,13 @@ exists only while one matmul uses it and is dequantized again in backward: never
 over regenerating from a seed because it costs one byte per element only when dropout is on, needs no custom
 RNG kernel, and gives the caller the mask (tests apply it to the references).
 
+Recomputation whose output nobody reads (``output_unused(base)``): inside that context the hand-written
+Functions do not compute the forward output of a projection whose base weight is ``base`` (an MLP whose down
+projection it is: neither h nor y) and return an uninitialized tensor of the output's shape instead; what
+they save for backward is computed exactly as always, so the gradients are bit-identical. The trainer uses it
+while gradient checkpointing recomputes a decoder layer, where the down projection's output only feeds the
+residual add whose result the recomputation discards (see minitrain.trainer.CheckpointedLayer).
+
 Bytes and FLOPs per projection (M tokens, bf16): forward 2·M·N·K (+ 2·M·R·(N+K) adapter) FLOPs; backward
 2·M·N·K (dx) + 6·M·R·(N+K) (adapter); the base GEMMs dominate for R ≪ K, N.
 
@@ -30,6 +37,8 @@ reference composition with torch's autograd (fp32 math); "auto" = triton on CUDA
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -37,7 +46,7 @@ import torch
 from .swiglu import _swiglu_bwd_inplace_op, _swiglu_fwd_op, swiglu_ref
 
 __all__ = ["LoRAWeights", "lora_scale", "dropout_keep_mask", "lora_linear", "lora_o", "lora_qkv", "lora_mlp",
-           "lora_linear_ref", "lora_mlp_ref"]
+           "lora_linear_ref", "lora_mlp_ref", "output_unused"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -69,6 +78,34 @@ def dropout_keep_mask(shape, p: float, device=None, generator: torch.Generator |
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_keep_mask: p must be in [0, 1), got {p}")
     return torch.rand(shape, device=device, generator=generator) >= p
+
+
+# ---- outputs nobody reads (checkpoint recomputation) -----------------------------------------------------
+# Per thread: the autograd engine recomputes checkpointed layers on its own (device) thread, and the flag must
+# be seen only by the code that the recomputation runs there.
+_unused = threading.local()
+
+
+@contextmanager
+def output_unused(base):
+    """Within the block, ``lora_linear`` / ``lora_qkv`` / ``lora_mlp`` (the hand-written backend) skip computing
+    the forward output of any projection whose base weight *is* ``base`` (identity, not equality) and of any
+    MLP whose down projection's base it is, returning ``torch.empty`` of the output's shape, dtype and device;
+    the tensors they save for backward are computed exactly as without the block. Only for callers that can
+    prove nothing reads that output (a checkpoint recomputation). Nestable; restored on every exit."""
+    prev = getattr(_unused, "base", None)
+    _unused.base = base
+    try:
+        yield
+    finally:
+        _unused.base = prev
+
+
+def _output_unused(base) -> bool:
+    if torch.compiler.is_compiling():  # never inside a traced graph: the flag is host state of one eager call
+        return False
+    marked = getattr(_unused, "base", None)
+    return marked is not None and marked is base
 
 
 # ---- references (the specification; the CPU path) ------------------------------------------------------
@@ -174,6 +211,10 @@ class _LoRAGroupFn(torch.autograd.Function):
     Adapters without dropout see the same x, so they are batched: one GEMM x·[A_q; A_k; A_v]ᵀ (M, ΣR) in
     forward, and in backward one GEMM each for dx += [s·dy_i·B_i]·[A_i] and [dA_i] = [s·dy_i·B_i]ᵀ·x, so x
     and dx are read once for all adapters rather than once per adapter.
+
+    Under ``output_unused(base)`` the projection with that base computes no output (no dequantize, base GEMM or
+    adapter term; torch.empty is returned for it). Exact: backward reads only x, the adapters and the masks,
+    all saved as without the flag, and the other projections' outputs are computed as without it.
     """
 
     @staticmethod
@@ -181,23 +222,28 @@ class _LoRAGroupFn(torch.autograd.Function):
         K = x.shape[-1]
         x2 = _flat(x, K)
         batched = _batched(projs, tensors)
+        # Under output_unused(base): that projection's output is not computed (None here, torch.empty below);
+        # the batching of the others is unchanged, so their outputs are the same bits.
+        skip = [_output_unused(pr.base) for pr in projs]
         ys = []
         for i, pr in enumerate(projs):
             A, B, keep = tensors[3 * i: 3 * i + 3]
             solo = pr if i not in batched else pr._replace(has_adapter=False)
-            ys.append(_proj_forward(x2, solo, A, B, None if keep is None else _flat(keep, K)))
-        if batched:
+            ys.append(None if skip[i] else _proj_forward(x2, solo, A, B, None if keep is None else _flat(keep, K)))
+        if batched and not all(skip[i] for i in batched):
             A_cat = torch.cat([tensors[3 * i].to(x2.dtype) for i in batched])       # (ΣR, K)
             xa = x2 @ A_cat.t()                                                       # (M, ΣR)
             off = 0
             for i in batched:
                 B = tensors[3 * i + 1]
                 r = B.shape[1]
-                ys[i].addmm_(xa[:, off:off + r], B.to(x2.dtype).t(), alpha=projs[i].scale)
+                if ys[i] is not None:
+                    ys[i].addmm_(xa[:, off:off + r], B.to(x2.dtype).t(), alpha=projs[i].scale)
                 off += r
         ctx.projs = projs
         ctx.save_for_backward(x, *tensors)
-        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
+        return tuple(torch.empty(*x.shape[:-1], pr.base.shape[0], dtype=x2.dtype, device=x.device) if y is None
+                     else y.view(*x.shape[:-1], y.shape[-1]) for pr, y in zip(projs, ys))
 
     @staticmethod
     def backward(ctx, *dys):
@@ -256,6 +302,10 @@ class _LoRAMLPFn(torch.autograd.Function):
         dA_d = s_d·(dy·B_d)ᵀ·drop(h),  dB_d = s_d·dyᵀ·(drop(h)·A_dᵀ)
         dx = dg·Wg + du·Wu + adapter terms (one buffer); dA/dB of gate and up as in lora_linear with dg, du.
     The in-place kernel makes backward single-use (autograd's version counter refuses a second run).
+
+    Under ``output_unused(down's base)`` (a checkpoint recomputation that discards the output) forward stops
+    after g and u: no swiglu, no down dequantize/GEMM/adapter; it returns torch.empty of y's shape. Exact:
+    backward reads only x, g, u and the adapters/masks, which are computed by the same ops either way.
     """
 
     @staticmethod
@@ -266,9 +316,12 @@ class _LoRAMLPFn(torch.autograd.Function):
         kg, ku, kd = (None if t is None else _flat(t, t.shape[-1]) for t in (tensors[2], tensors[5], tensors[8]))
         g = _proj_forward(x2, gate, tensors[0], tensors[1], kg)      # (M, F)
         u = _proj_forward(x2, up, tensors[3], tensors[4], ku)        # (M, F)
-        h = _swiglu_fwd_op(g, u, backend)                            # (M, F), freed after down
-        y = _proj_forward(h, down, tensors[6], tensors[7], kd)       # (M, C)
-        del h
+        if _output_unused(down.base):
+            y = torch.empty(x2.shape[0], down.base.shape[0], dtype=x2.dtype, device=x.device)
+        else:
+            h = _swiglu_fwd_op(g, u, backend)                        # (M, F), freed after down
+            y = _proj_forward(h, down, tensors[6], tensors[7], kd)   # (M, C)
+            del h
         ctx.projs, ctx.backend = projs, backend
         ctx.save_for_backward(x, g, u, *tensors)
         return y.view(*x.shape[:-1], y.shape[-1])
