@@ -14,12 +14,13 @@ launch configurations (CUDA: U x threads x grid cap; Triton: TILE x num_warps) o
 best per shape; ``--explore`` runs the older sweeps and the host-overhead breakdown (printed, not tabled).
 
 Small-M matmul y = x @ dequant(W)^T, x (M, K) bf16, M in {1, 8, 32, 128}: ours gemv cuda (CUDA C++, M <= 8), ours
-gemv triton (M <= 8), ours dequant into the reused buffer + cuBLAS, ours "auto" (quant.matmul_nf4 as a user calls
+gemv triton (M <= 8), ours mma cuda (CUDA C++ tensor cores, M <= 64), ours dequant into the reused buffer + cuBLAS, ours "auto" (quant.matmul_nf4 as a user calls
 it, after its one-time measurement), dequant + F.linear (fresh weight each call), bitsandbytes ``matmul_4bit``. GB/s
 counts the NF4 weight bytes + x + y. (The fused Triton GEMM is left out: 5-17x slower than dequant + cuBLAS at
 M = 8..128 in the 2026-11-27 H200 run, and "auto" no longer considers it.) ``--matmul-only`` runs this section
 alone; ``--sweep`` times the CUDA GEMV's launch configurations (weight rows per block R x warps per block W) at
-M = 1, 2, 4, 8 on the three Llama shapes and prints the best per shape, which is how its defaults are chosen.
+M = 1, 2, 4, 8 on the three Llama shapes and prints the best per shape, which is how its defaults are chosen;
+``--mma-sweep`` does the same for the tensor-core kernel's K splits.
 
 unsloth must run in its own process (importing it patches transformers/peft): ``python -m bench.nf4
 --only-unsloth`` under PEERS_UNSLOTH=1 measures it and leaves its rows in bench/results/.nf4-unsloth-<card>.json,
@@ -208,7 +209,7 @@ def _quantized_cache(shape):
 
 def matmul_rows():
     import quant
-    from quant.matmul import _dequant_mm, _gemv, _gemv_cuda, _weight, measured_choices
+    from quant.matmul import _dequant_mm, _gemv, _gemv_cuda, _mma_cuda, _weight, measured_choices
 
     rows, picks = [], {}
     for shape in MM_SHAPES:
@@ -229,6 +230,8 @@ def matmul_rows():
             if m <= 8:
                 _run_provider(rows, key, "ours gemv cuda", lambda: (lambda: _gemv_cuda(x, qt, None, True)))
                 _run_provider(rows, key, "ours gemv triton", lambda: (lambda: _gemv(x, qt, None, True)))
+            if m <= 64:
+                _run_provider(rows, key, "ours mma cuda", lambda: (lambda: _mma_cuda(x, qt, None, True)))
             _run_provider(rows, key, "ours dequant+cuBLAS", lambda: (lambda: _dequant_mm(x, qt, None, True)))
             _run_provider(rows, key, "ours auto", lambda: (lambda: quant.matmul_nf4(x, q)))
             _run_provider(rows, key, "dequant + F.linear",
@@ -278,6 +281,46 @@ def gemv_sweep():
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "nf4-gemv-sweep.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def mma_sweep():
+    """Kernel time of the CUDA tensor-core kernel for every K split S at M = 2, 8, 16, 32, 64 on the Llama shapes."""
+    import csrc.nf4_mma as cm
+    from quant.matmul import _mma_cuda, _weight
+
+    lines = [hw.card_name()]
+    for shape in [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]:
+        q, _, _ = _quantized_cache(shape)
+        qt = _weight(q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code,
+                     list(shape), 64, 256)
+        for m in (2, 8, 16, 32, 64):
+            x = torch.randn(m, shape[1], device="cuda", dtype=torch.bfloat16)
+            default = cm.mma_config(m, shape[0], shape[1], cm._sms(0))
+            results = {}
+            for s in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, default}):
+                if s > shape[1] // cm.K_STEP:
+                    continue
+                cm.CONFIG_OVERRIDE = {"S": s}
+                try:
+                    results[s] = kernel_us(lambda: _mma_cuda(x, qt, None, True))
+                except Exception as ex:  # noqa: BLE001 - one failing configuration must not end the sweep
+                    print(f"mma sweep {shape} M={m} S={s}: failed {type(ex).__name__}: {ex}"[:300])
+                finally:
+                    cm.CONFIG_OVERRIDE = None
+            if not results:
+                continue
+            best = min(results, key=results.get)
+            nb = mm_bytes(shape, m)
+            line = (f"mma cuda {shape[0]}x{shape[1]} M={m}: best S={best} {results[best]:.1f} us "
+                    f"({nb / results[best] / 1e3:.0f} GB/s); default S={default} "
+                    f"{results.get(default, float('nan')):.1f} us; all: "
+                    + " ".join(f"{s}:{t:.1f}" for s, t in sorted(results.items())))
+            print(line, flush=True)
+            lines.append(line)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "nf4-mma-sweep.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
 
 
@@ -416,7 +459,8 @@ def _summary(rows, copy_gbs, picks):
             if not (auto and deq):
                 continue
             pick = picks.get((m,) + shape, "?")
-            names = {"gemv_cuda": "ours gemv cuda", "gemv": "ours gemv triton", "dequant": "ours dequant+cuBLAS"}
+            names = {"gemv_cuda": "ours gemv cuda", "gemv": "ours gemv triton", "dequant": "ours dequant+cuBLAS",
+                     "mma_cuda": "ours mma cuda"}
             others = [by[k + (v,)] for p, v in names.items() if p != pick and k + (v,) in by]
             used = by.get(k + (names.get(pick, ""),))
             verdict = ""
@@ -551,6 +595,7 @@ def main():
     ap.add_argument("--only-unsloth", action="store_true", help="measure unsloth only (run under PEERS_UNSLOTH=1)")
     ap.add_argument("--explore", action="store_true", help="host-overhead and launch-configuration sweeps only")
     ap.add_argument("--sweep", action="store_true", help="the CUDA GEMV's launch-configuration sweep only")
+    ap.add_argument("--mma-sweep", action="store_true", help="the CUDA tensor-core kernel's K-split sweep only")
     ap.add_argument("--deq-sweep", action="store_true",
                     help="the dequant kernels' launch-configuration sweep only (CUDA: U x threads x grid cap; "
                          "Triton: TILE x num_warps; five shapes, bf16)")
@@ -563,6 +608,9 @@ def main():
         return
     if args.sweep:
         gemv_sweep()
+        return
+    if args.mma_sweep:
+        mma_sweep()
         return
     if args.deq_sweep:
         deq_sweep()

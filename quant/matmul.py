@@ -4,16 +4,20 @@ Paths (``backend=``):
 * "torch": the reference (``dequantize_nf4_ref`` to x's dtype, then ``F.linear``); always used on CPU.
 * "gemv_cuda": ``csrc.nf4_gemv`` (CUDA C++) for M <= 8 (decode): each block streams a few weight rows once with
   16-byte loads, its warps split K, all M rows of x are accumulated in fp32 from one pass over the weight. Any K.
+* "mma_cuda": ``csrc.nf4_mma`` (CUDA C++) for fp16/bf16 x and M <= 64 (short sequences, batched decode): tensor-core
+  MMAs fed by lanes that decode their own 32 weight elements in registers; W read once at 4.1 bits per weight and
+  rounded to x's dtype exactly as the dequantization rounds it. K % 128 == 0 and a power-of-two blocksize >= 32.
 * "gemv": ``triton_ops.nf4_matmul.nf4_gemv`` (Triton) for M <= 8; K % blocksize == 0 only.
 * "fused": ``triton_ops.nf4_matmul`` dequantizes W tile by tile in registers inside a Triton GEMM (M <= 256).
   Measured 5-17x slower than "dequant" at M = 8..128 on an H200 (bench/results/2026-11-27-h200-nf4.md), so
   "auto" never considers it; it stays available by name.
 * "dequant": dequantize W into a reused scratch buffer (the measured-fastest dequant kernel) and call cuBLAS
-  through ``F.linear``: the path for every M > 16.
-* "auto" (default): on CUDA, M > 16 -> "dequant"; otherwise the first call for a (card, x dtype, N, K, M rounded up
-  to a power of two) times "gemv_cuda" (when CuPy is installed; M <= 16, two passes over W above 8), "gemv"
-  (M <= 8, when the Triton kernel can tile the weight) and "dequant" on the real inputs (CUDA events, median of a
-  few runs), drops a GEMV whose output disagrees with dequant + cuBLAS, and keeps the fastest for the rest of the
+  through ``F.linear``: the path for every M > 64.
+* "auto" (default): on CUDA, M > 64 -> "dequant"; otherwise the first call for a (card, x dtype, N, K, M rounded up
+  to a power of two) times "gemv_cuda" (when CuPy is installed; M <= 16, two passes over W above 8), "mma_cuda"
+  (when CuPy is installed; M <= 64), "gemv" (M <= 8, when the Triton kernel can tile the weight) and "dequant" on
+  the real inputs (CUDA events, median of a few runs), drops a kernel whose output disagrees with dequant + cuBLAS
+  or that cannot run for these inputs (an fp32 x on "mma_cuda", say), and keeps the fastest for the rest of the
   process. ``MINITRAIN_NF4_MATMUL`` (one of the path names) overrides "auto".
 
 Eager calls take a short path: the weight's validated kernel arguments are prepared once per NF4Weight object
@@ -42,10 +46,11 @@ from .nf4 import NF4Weight, dequantize_nf4_ref
 
 __all__ = ["matmul_nf4", "FUSED_MAX_M", "GEMV_MAX_M", "measured_choices", "candidates"]
 
-BACKENDS = ("auto", "torch", "gemv_cuda", "gemv", "fused", "dequant")
+BACKENDS = ("auto", "torch", "gemv_cuda", "mma_cuda", "gemv", "fused", "dequant")
 ENV_VAR = "MINITRAIN_NF4_MATMUL"
 FUSED_MAX_M = 256  # the fused Triton GEMM's limit (by name only; "auto" uses dequant + cuBLAS above GEMV_MAX_M)
 GEMV_MAX_M = 8     # both GEMV kernels accumulate at most 8 rows of x per pass over the weight
+MMA_MAX_M = 64     # the tensor-core kernel's rows of x per launch ("auto" measures it up to here)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 # Measurement cache (like functools.lru_cache; results are the same up to rounding, only the speed differs):
@@ -162,11 +167,36 @@ def _gemv_cuda(x, qt, bias, fast: bool = False):
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
+def _mma_cuda(x, qt, bias, fast: bool = False):
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if not fast:
+        from csrc.nf4_mma import nf4_mma_cuda
+
+        return nf4_mma_cuda(x, *_qargs(qt), bias)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"matmul_nf4: path 'mma_cuda' needs a float16 or bfloat16 x, got {x.dtype}")
+    plan = getattr(qt, "mma_plan", None)  # validated flattened arguments, kept on the prepared weight
+    if plan is None:
+        from csrc.nf4_mma import MmaPlan
+
+        plan = qt.mma_plan = MmaPlan(*_qargs(qt))
+    k, n = qt.shape[1], qt.shape[0]
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    plan(x2, bias, y)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+
+
 def _dequant_mm(x, qt, bias, fast: bool = False):
     return F.linear(x, _dequant_into_scratch(qt, x.dtype, fast), bias)
 
 
-_PATHS = {"gemv_cuda": _gemv_cuda, "gemv": _gemv, "fused": _fused, "dequant": _dequant_mm}
+_PATHS = {"gemv_cuda": _gemv_cuda, "mma_cuda": _mma_cuda, "gemv": _gemv, "fused": _fused, "dequant": _dequant_mm}
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,11 +210,18 @@ def _cuda_gemv_available() -> bool:
 
 def candidates(m: int, shape, blocksize: int) -> tuple[str, ...]:
     """The paths "auto" chooses among for m rows of x: the CUDA C++ GEMV (with CuPy) for m <= 2 * GEMV_MAX_M (two
-    passes over the weight above GEMV_MAX_M), the Triton GEMV for m <= GEMV_MAX_M when the weight's blocks do not
-    straddle rows, and always dequant + cuBLAS (the only one for larger m)."""
+    passes over the weight above GEMV_MAX_M), the CUDA C++ tensor-core kernel (with CuPy) for m <= MMA_MAX_M when it
+    supports the weight, the Triton GEMV for m <= GEMV_MAX_M when the weight's blocks do not straddle rows, and
+    always dequant + cuBLAS (the only one for larger m)."""
     from triton_ops.nf4_matmul import fused_supported
 
-    cands = ("gemv_cuda",) if m <= 2 * GEMV_MAX_M and _cuda_gemv_available() else ()
+    cuda = _cuda_gemv_available()
+    cands = ("gemv_cuda",) if m <= 2 * GEMV_MAX_M and cuda else ()
+    if m <= MMA_MAX_M and cuda:
+        from csrc.nf4_mma import supported
+
+        if supported(shape, blocksize) is None:
+            cands += ("mma_cuda",)
     if m <= GEMV_MAX_M and fused_supported(shape, blocksize):
         cands += ("gemv",)
     return cands + ("dequant",)
@@ -197,7 +234,7 @@ def _choose_path(x, qt, m: int, index: int | None = None) -> str:
     if choice is not None:
         return choice
     cands = candidates(m, qt.shape, qt.blocksize)
-    if len(cands) == 1:  # nothing to measure (M > 16): remembered like a measurement, so later calls skip this
+    if len(cands) == 1:  # nothing to measure (M > 64, or no CuPy): remembered like a measurement, so later calls skip this
         _MEASURED[key] = cands[0]
         return cands[0]
     if _capturing(x.device) or torch.compiler.is_compiling():
@@ -349,7 +386,8 @@ def matmul_nf4(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None, 
         x: (..., K) float tensor on q's device.
         q: NF4 weight of shape (N, K).
         bias: optional (N,).
-        backend: "auto" | "torch" | "gemv_cuda" | "gemv" | "fused" | "dequant" (see the module docstring).
+        backend: "auto" | "torch" | "gemv_cuda" | "mma_cuda" | "gemv" | "fused" | "dequant" (see the module
+            docstring).
     Returns:
         (..., N) in x's dtype; differentiable in x and bias.
     """

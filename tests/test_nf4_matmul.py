@@ -127,7 +127,8 @@ def test_errors():
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("m", GPU_M)
 def test_matmul_gpu(shape, m):
-    backends = ["auto", "dequant"] + (["fused"] if m <= 256 else []) + (["gemv", "gemv_cuda"] if m <= 8 else [])
+    backends = ["auto", "dequant"] + (["fused"] if m <= 256 else []) + (["gemv", "gemv_cuda"] if m <= 8 else []) + (
+        ["mma_cuda"] if shape[1] % 128 == 0 else [])
     dtypes = [torch.bfloat16, torch.float16] if shape == (4096, 4096) and m <= 32 else [torch.bfloat16]
     for dtype in dtypes:
         q, x, b = _case(shape, m, dtype, "cuda", bias=(m % 2 == 0))
@@ -241,6 +242,77 @@ def test_gemv_cuda_launch_arguments_match_kernel(monkeypatch):
     assert int(seen[1][3][0]) == x.data_ptr() + 8 * 2048 * 2 and int(seen[0][3][7]) == b.data_ptr()
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_mma_cuda_source_compiles_with_nvcc():
+    """The tensor-core kernel compiles for sm_90 (both dtypes, 1/2/4 row tiles) with nvcc; nothing runs here."""
+    from csrc import nvcc_compile_check
+
+    nvcc_compile_check("nf4_mma.cu", arch="sm_90")
+
+
+def test_mma_cuda_config_and_support():
+    """K splits stay within [1, K/256] steps, aim at about three blocks per SM; unsupported weights say why."""
+    from csrc.nf4_mma import mma_config, supported
+
+    for m in (1, 8, 32, 64):
+        for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (128256, 4096), (64, 256)):
+            s = mma_config(m, n, k, sms=132)
+            assert 1 <= s <= max(1, k // 256), (m, n, k, s)
+    assert mma_config(8, 14336, 4096, 132) == 4  # 112 feature tiles x 4 splits = 448 blocks
+    assert mma_config(8, 128256, 4096, 132) == 1
+    assert supported((4096, 4096), 64) is None and supported((4096, 14336), 32) is None
+    assert "multiple of 128" in supported((4096, 4160), 64)
+    assert "power of two" in supported((4096, 4096), 16) and "power of two" in supported((4096, 4096), 96)
+
+
+def test_mma_cuda_launch_arguments_match_kernel(monkeypatch):
+    """The launcher's argument tuple matches the kernel's parameter list in count and C type, rows of x are taken
+    64 at a time with the right pointers, and a split launch gets a workspace and zeroed counters (no GPU: the
+    kernel object records what it is given)."""
+    import csrc
+    import csrc.nf4_mma as mm
+
+    params = re.search(r"nf4_mma_x##XT##_m##MT\((.*?)\)\s*\{", csrc.source("nf4_mma.cu"), re.S).group(1)
+    params = [re.sub(r"\s+", " ", p.replace("\\", "")).strip() for p in params.split(",")]
+    want = [np.uint64 if "*" in p else np.int64 if p.startswith("long long") else np.int32 for p in params]
+    seen = []
+    monkeypatch.setattr(mm, "_check", lambda *a: None)
+    monkeypatch.setattr(mm, "_sms", lambda index: 132)
+    monkeypatch.setattr(mm, "_stream", lambda index: None)
+    monkeypatch.setattr(mm, "_raw_stream", lambda index: 0)
+    monkeypatch.setattr(mm, "_COUNTERS", {})
+    monkeypatch.setattr(mm, "_kernel", lambda *key: lambda grid, block, args, stream: seen.append((key, grid, block, args)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    real_empty, real_zeros = torch.empty, torch.zeros
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: real_empty(*a, **k))
+    monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: real_zeros(*a, **k))
+    q = quant.quantize_nf4(torch.randn(300, 2048))
+    plan = mm.MmaPlan(q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, q.shape, 64, 256)
+    plan.index = 0
+    x = torch.randn(70, 2048, dtype=torch.bfloat16)
+    b = torch.randn(300, dtype=torch.bfloat16)
+    plan(x, b, real_empty(70, 300, dtype=torch.bfloat16))
+    assert len(seen) == 2  # 70 rows: 64 + 6
+    names = [p.split()[-1].lstrip("*") for p in params]
+    for (key, grid, block, args), m in zip(seen, (64, 6)):
+        assert [type(a) for a in args] == want, (params, [type(a).__name__ for a in args])
+        named = dict(zip(names, args))
+        assert (named["M"], named["N"], named["K"], named["stride_xm"]) == (m, 300, 2048, 2048)
+        assert (named["log2_bs"], named["log2_nested"], named["double_quant"], named["has_bias"]) == (6, 8, 1, 1)
+        assert key[1:] == (2, 4 if m == 64 else 1) and grid[0] == 3 and block == (128,)
+        assert grid[1] == mm.mma_config(m, 300, 2048, 132) > 1 and int(named["ws"]) != 0
+        assert int(named["counters"]) == mm._COUNTERS[(0, 0)].data_ptr() and not mm._COUNTERS[(0, 0)].any()
+    assert int(seen[1][3][0]) == x.data_ptr() + 64 * 2048 * 2 and int(seen[0][3][7]) == b.data_ptr()
+
+
+def test_mma_cuda_rejects_what_it_cannot_do():
+    q, x, b = _case((16, 256), 2, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="CUDA device"):
+        quant.matmul_nf4(x, q, b, backend="mma_cuda")
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        quant.matmul_nf4(x.float(), q, b.float(), backend="mma_cuda")
+
+
 def test_gemv_cuda_needs_cuda_tensors():
     q, x, b = _case((16, 64), 2, torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="CUDA device"):
@@ -250,11 +322,14 @@ def test_gemv_cuda_needs_cuda_tensors():
 def test_auto_candidates():
     from quant.matmul import _cuda_gemv_available, candidates
 
-    cuda = ("gemv_cuda",) if _cuda_gemv_available() else ()
-    assert candidates(1, (4096, 4096), 64) == cuda + ("gemv", "dequant")
-    assert candidates(3, (8, 96), 64) == cuda + ("dequant",)  # blocks straddle rows: the Triton GEMV cannot tile it
-    assert candidates(16, (4096, 4096), 64) == cuda + ("dequant",)  # the CUDA GEMV in two passes
-    assert candidates(17, (4096, 4096), 64) == candidates(128, (4096, 4096), 64) == ("dequant",)
+    cu = _cuda_gemv_available()
+    cuda, mma = (("gemv_cuda",), ("mma_cuda",)) if cu else ((), ())
+    assert candidates(1, (4096, 4096), 64) == cuda + mma + ("gemv", "dequant")
+    assert candidates(3, (8, 96), 64) == cuda + ("dequant",)  # K % 128 != 0; blocks straddle rows (no Triton GEMV)
+    assert candidates(16, (4096, 4096), 64) == cuda + mma + ("dequant",)  # the CUDA GEMV in two passes
+    assert candidates(17, (4096, 4096), 64) == candidates(64, (4096, 4096), 64) == mma + ("dequant",)
+    assert candidates(32, (4096, 4096), 16) == ("dequant",)  # blocksize 16: a lane's 32 elements span two blocks
+    assert candidates(65, (4096, 4096), 64) == candidates(128, (4096, 4096), 64) == ("dequant",)
 
 
 @pytest.mark.gpu
@@ -276,6 +351,65 @@ def test_gemv_cuda_odd_shapes_gpu(m):
     for shape, dtype, dq in cases:
         q, x, b = _case(shape, m, dtype, "cuda", double_quant=dq, bias=m % 2 == 1)
         _compare(q, x, b, "gemv_cuda", check_grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)])
+@pytest.mark.parametrize("m", [2, 8, 17, 32, 33, 64])
+def test_mma_cuda_llama_shapes_gpu(shape, m):
+    """Every row tile (1, 2, 4 x 16 rows, partial ones), K split over several blocks (the workspace and the counters)
+    and not (the vocabulary-sized weight), both dtypes, with and without bias."""
+    dtypes = (torch.bfloat16, torch.float16) if shape[0] != 128256 else (torch.bfloat16,)
+    for dtype in dtypes:
+        q, x, b = _case(shape, m, dtype, "cuda", bias=m % 2 == 0)
+        _compare(q, x, b, "mma_cuda", check_grads=(m == 8 and dtype == torch.bfloat16 and shape[0] == 4096))
+
+
+@pytest.mark.gpu
+def test_mma_cuda_odd_shapes_and_layouts_gpu():
+    """Tiny and odd N (partial 128-feature tiles, rows past N), K = 128 (one step: one split), blocksize 32 and 256,
+    no double quantization, more than 64 rows (two launches), a 3-D x, x rows not 16-byte aligned (copied first),
+    repeated calls (the counters are left zeroed) and the eager path equal to the op path."""
+    cases = [((3, 128), 5, torch.bfloat16, True, 64), ((1027, 4096), 40, torch.float16, True, 64),
+             ((200, 384), 16, torch.bfloat16, False, 64), ((4096, 1024), 100, torch.bfloat16, True, 32),
+             ((1000, 2048), 7, torch.float16, True, 256)]
+    for shape, m, dtype, dq, bs in cases:
+        w = torch.randn(shape, device="cuda") * 0.05
+        q = quant.quantize_nf4(w, blocksize=bs, double_quant=dq)
+        x = torch.randn(m, shape[1], device="cuda").to(dtype)
+        b = torch.randn(shape[0], device="cuda").to(dtype)
+        for _ in range(3):
+            _compare(q, x, b if m % 2 else None, "mma_cuda", check_grads=False)
+    q, x, b = _case((512, 1024), 12, torch.bfloat16, "cuda")
+    wide = torch.randn(12, 1030, device="cuda").to(torch.bfloat16)
+    _compare(q, wide[:, 3:1027], b, "mma_cuda", check_grads=False)  # row stride 1030, offset 3: unaligned rows
+    _compare(q, x.view(3, 4, 1024), None, "mma_cuda", check_grads=True)
+    y_fast = quant.matmul_nf4(x, q, b, backend="mma_cuda")
+    y_op = quant.matmul_nf4(x.clone().requires_grad_(), q, b, backend="mma_cuda")
+    assert torch.equal(y_fast, y_op.detach())
+    f = torch.compile(lambda x: quant.matmul_nf4(x, q, b, backend="mma_cuda"), fullgraph=True)
+    assert torch.equal(f(x), y_fast)
+
+
+@pytest.mark.gpu
+def test_mma_cuda_in_cuda_graph_and_side_stream_gpu():
+    """Captured in a CUDA graph and replayed (counters reset by every launch), and launched on a side stream (its
+    own counters): same numbers as the eager call."""
+    q, x, b = _case((4096, 4096), 24, torch.bfloat16, "cuda")
+    want = quant.matmul_nf4(x, q, b, backend="mma_cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        side = quant.matmul_nf4(x, q, b, backend="mma_cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(side, want)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = quant.matmul_nf4(x, q, b, backend="mma_cuda")
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, want)
 
 
 @pytest.mark.gpu
