@@ -14,13 +14,13 @@
 // [k0 + 32t, k0 + 32t + 32) of every 128-element step k0: one 16-byte streaming load per row per step, one scale
 // (blocksize >= 32: 32 aligned elements never straddle a block). Sub-step s (0..7) uses elements 4s..4s+3 of those
 // 32: fragment positions (2t, 2t+1) <- elements (4s, 4s+1), (2t+8, 2t+9) <- (4s+2, 4s+3); the A fragment takes the
-// same elements of x, which are 8 bytes of the lane's own 64-byte slice of an x row. So no shared memory and no data
-// exchange between lanes: the 16-entry code table (16 distinct banks: conflict-free) and the 256-entry nested map
-// are the only shared memory. The next step's weight bytes and scale inputs are loaded before the current step is
-// multiplied (two register stages).
+// same elements of x, which are 8 bytes of the lane's own 64-byte slice of an x row. So W needs no shared memory and
+// no exchange between lanes; x comes through shared memory (below), the 16-entry code table (16 distinct banks:
+// conflict-free) and the 256-entry nested map too. The next step's weight bytes, scale inputs and x tile are loaded
+// before the current step is multiplied (two stages: registers for W, cp.async into shared memory for x).
 //
-// Work split: a block of WARPS warps covers BLOCK_N = 8 * NT * WARPS output features (warps side by side along N, so
-// they read the same x slices: L1 hits); gridDim.y splits K into contiguous ranges of whole steps. With splits > 1
+// Work split: a block of WARPS warps covers BLOCK_N = 8 * NT * WARPS output features (warps side by side along N share
+// each x tile); gridDim.y splits K into contiguous ranges of whole steps. With splits > 1
 // each block writes its fp32 partial tile to ws[split][m][n]; the last block of a tile to arrive (a counter per
 // tile, atomics after __threadfence, the classic pattern) sums the splits in split order (deterministic), adds the
 // bias, casts once and stores y, then resets the counter to 0 for the next launch on this stream.
@@ -38,13 +38,26 @@ constexpr int MMA_WARPS = 4;                            // warps per block, side
 constexpr int MMA_BLOCK_N = 8 * MMA_NT * MMA_WARPS;     // 128 output features per block
 constexpr int MMA_K_STEP = 128;                         // elements of K per step: 4 lanes x 32
 
-// 16 bytes of x through L1 (every warp of the block reads the same slice).
-__device__ __forceinline__ U32x4 ld_x_16(const unsigned short* p) {
-    U32x4 v;
-    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
+// x goes through shared memory: each step's (16 * MT rows) x 128 elements are copied in with cp.async (16-byte
+// chunks, zero-filled past M), two stages, laid out so that a lane's 16-byte fragment read is conflict-free: chunk
+// (t, v) of a row (elements 32t + 8v .. +8 of the step) sits at unit row * X_ROW + 4v + t (X_ROW = 20 units: the
+// 4-unit pad puts rows g and g + 1 in different bank groups).
+constexpr int X_ROW = 20;  // 16-byte units per x row in shared memory (16 + 4 pad)
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned)a;
 }
+
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, int bytes) {  // bytes 0: zero fill
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 __device__ __forceinline__ float ld_cg_f32(const float* p) {  // L2 only: partial sums written by other blocks
     float v;
@@ -134,6 +147,19 @@ __device__ __forceinline__ void mma_load_stage(MmaStage& st, const unsigned char
     }
 }
 
+// One step's x tile into shared memory: (16 * MT) rows x 16 chunks of 16 bytes, the block's threads side by side.
+template <int MT>
+__device__ __forceinline__ void mma_load_x(U32x4* xs, const unsigned short* __restrict__ x, int M, long long stride_xm,
+                                           int k0, int tid) {
+#pragma unroll
+    for (int u = tid; u < 16 * MT * 16; u += 32 * MMA_WARPS) {
+        const int row = u >> 4, c = u & 15;  // chunk c = 4t + v: elements 8c .. 8c + 8 of the step
+        const bool ok = row < M;
+        const unsigned short* src = x + (long long)(ok ? row : 0) * stride_xm + k0 + 8 * c;
+        cp_async_16(smem_addr(xs + row * X_ROW + 4 * (c & 3) + (c >> 2)), src, ok ? 16 : 0);
+    }
+}
+
 template <int XT, int MT>
 __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, const unsigned char* __restrict__ data,
                                         const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
@@ -145,6 +171,7 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
     __shared__ float s_code[16];
     __shared__ float s_ncode[256];
     __shared__ int s_last;
+    __shared__ U32x4 s_x[2][16 * MT * X_ROW];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     if (tid < 16) s_code[tid] = code[tid];
@@ -168,27 +195,26 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-    // The x rows this lane feeds: 16i + g (fragment rows 0..7) and 16i + g + 8; rows past M read as zero.
-    const unsigned short* xrow[MT][2];
-    bool xok[MT][2];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int m = 16 * i + g + 8 * r;
-            xok[i][r] = m < M;
-            xrow[i][r] = x + (long long)(xok[i][r] ? m : 0) * stride_xm;
-        }
-
     MmaStage cur, nxt;
-    if (s_begin < s_end)
+    if (s_begin < s_end) {
+        mma_load_x<MT>(s_x[0], x, M, stride_xm, s_begin * MMA_K_STEP, tid);
+        cp_async_commit();
         mma_load_stage(cur, data, absmax, nested_absmax, row0, N, K, s_begin * MMA_K_STEP + 32 * t, log2_bs,
                        log2_nested, double_quant);
+    }
     for (int st = s_begin; st < s_end; ++st) {
         const int k = st * MMA_K_STEP + 32 * t;  // this lane's 32 elements: [k, k + 32)
-        if (st + 1 < s_end)
+        const U32x4* xs = s_x[(st - s_begin) & 1];
+        if (st + 1 < s_end) {
+            mma_load_x<MT>(s_x[(st + 1 - s_begin) & 1], x, M, stride_xm, (st + 1) * MMA_K_STEP, tid);
+            cp_async_commit();
             mma_load_stage(nxt, data, absmax, nested_absmax, row0, N, K, k + MMA_K_STEP, log2_bs, log2_nested,
                            double_quant);
+            cp_async_wait<1>();  // this step's x tile has landed (the next one may still be in flight)
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
         float sc[MMA_NT];
 #pragma unroll
         for (int j = 0; j < MMA_NT; ++j)
@@ -199,8 +225,7 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
 #pragma unroll
             for (int i = 0; i < MT; ++i)
 #pragma unroll
-                for (int r = 0; r < 2; ++r)
-                    xa[i][r] = xok[i][r] ? ld_x_16(xrow[i][r] + k + 8 * v) : U32x4{0u, 0u, 0u, 0u};
+                for (int r = 0; r < 2; ++r) xa[i][r] = xs[(16 * i + g + 8 * r) * X_ROW + 4 * v + t];
 #pragma unroll
             for (int h = 0; h < 2; ++h) {  // sub-step s = 2v + h: elements 4s .. 4s + 3 = bytes 2s, 2s + 1
 #pragma unroll
@@ -218,6 +243,7 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
                 }
             }
         }
+        __syncthreads();  // every warp is done with this x tile before the step after next overwrites it
         cur = nxt;
     }
 
