@@ -10,13 +10,15 @@ written out; that is what beats dequantize + cuBLAS (which writes and re-reads N
 Needs K % 128 == 0, a power-of-two blocksize >= 32 and 16-byte aligned packed bytes (``supported``); x rows that
 are not 16-byte aligned are copied first. Rows of x are taken MMA_MAX_M at a time.
 
-Launch: blocks of 128 threads cover 128 output features each; ``mma_config`` splits K over ``splits`` blocks per
-feature tile so the card gets about three blocks per SM. With splits > 1 the partial sums go through an fp32
+Launch: blocks of 128 threads cover 128 output features each; ``mma_config`` splits K over a power-of-two number of
+blocks per feature tile (2 to 4 blocks per SM in all, by M). With splits > 1 the partial sums go through an fp32
 workspace (allocated per call from torch's caching allocator) and a per-tile arrival counter: one int32 array per
 (device, stream), zeroed once and left zeroed by every launch, so launches on one stream (and CUDA graph replays)
 reuse it safely.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -54,14 +56,20 @@ def supported(shape, blocksize: int) -> str | None:
 
 
 def mma_config(m: int, n: int, k: int, sms: int) -> int:
-    """K splits per feature tile: about three blocks per SM (the kernel's registers allow two to three resident),
-    at least two 128-element steps per split."""
+    """K splits per feature tile, a power of two (uneven splits leave blocks idle: S = 6 and 12 measured slower
+    than 4, 8 and 16 everywhere) nearest to a block count of 4 per SM for M <= 8, 3 for M <= 32 and 2 above (more
+    rows of x: more work per block), at least two 128-element steps per split. From the H100 sweep
+    (``python -m bench.nf4 --mma-sweep``, 2026-11-27): within 5% of the best split on 4096x4096, 14336x4096,
+    4096x14336 and 1024x4096 at M = 2, 8, 16, 32 (M = 64: within 8%)."""
     if CONFIG_OVERRIDE is not None:
         return max(1, min(int(CONFIG_OVERRIDE["S"]), k // K_STEP))
     tiles = -(-n // BLOCK_N)
     steps = k // K_STEP
-    s = max(1, round(3 * sms / tiles))
-    return max(1, min(s, steps // 2))
+    per_sm = 4 if m <= 8 else 3 if m <= 32 else 2
+    s = 1 << max(0, round(math.log2(max(per_sm * sms / tiles, 1.0))))
+    while s > 1 and s > steps // 2:
+        s //= 2
+    return s
 
 
 _FUNCS: dict = {}

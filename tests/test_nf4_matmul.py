@@ -251,15 +251,18 @@ def test_mma_cuda_source_compiles_with_nvcc():
 
 
 def test_mma_cuda_config_and_support():
-    """K splits stay within [1, K/256] steps, aim at about three blocks per SM; unsupported weights say why."""
+    """K splits are powers of two within [1, K/256], near 2-4 blocks per SM; unsupported weights say why."""
     from csrc.nf4_mma import mma_config, supported
 
     for m in (1, 8, 32, 64):
         for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (128256, 4096), (64, 256)):
             s = mma_config(m, n, k, sms=132)
-            assert 1 <= s <= max(1, k // 256), (m, n, k, s)
-    assert mma_config(8, 14336, 4096, 132) == 4  # 112 feature tiles x 4 splits = 448 blocks
-    assert mma_config(8, 128256, 4096, 132) == 1
+            assert 1 <= s <= max(1, k // 256) and s & (s - 1) == 0, (m, n, k, s)
+    # the H100 sweep's best (or within 5%) splits
+    assert [mma_config(m, 4096, 4096, 132) for m in (2, 8, 16, 32, 64)] == [16, 16, 16, 16, 8]
+    assert [mma_config(m, 14336, 4096, 132) for m in (2, 8, 16, 32)] == [4, 4, 4, 4]
+    assert [mma_config(m, 4096, 14336, 132) for m in (2, 8, 16, 32, 64)] == [16, 16, 16, 16, 8]
+    assert mma_config(8, 1024, 4096, 132) == 16 and mma_config(8, 128256, 4096, 132) == 1
     assert supported((4096, 4096), 64) is None and supported((4096, 14336), 32) is None
     assert "multiple of 128" in supported((4096, 4160), 64)
     assert "power of two" in supported((4096, 4096), 16) and "power of two" in supported((4096, 4096), 96)
