@@ -327,7 +327,8 @@ def test_auto_candidates():
 
     cu = _cuda_gemv_available()
     cuda, mma = (("gemv_cuda",), ("mma_cuda",)) if cu else ((), ())
-    assert candidates(1, (4096, 4096), 64) == cuda + mma + ("gemv", "dequant")
+    assert candidates(1, (4096, 4096), 64) == cuda + ("gemv", "dequant")  # M = 1: the GEMVs
+    assert candidates(2, (4096, 4096), 64) == cuda + mma + ("gemv", "dequant")
     assert candidates(3, (8, 96), 64) == cuda + ("dequant",)  # K % 128 != 0; blocks straddle rows (no Triton GEMV)
     assert candidates(16, (4096, 4096), 64) == cuda + mma + ("dequant",)  # the CUDA GEMV in two passes
     assert candidates(17, (4096, 4096), 64) == candidates(64, (4096, 4096), 64) == mma + ("dequant",)
