@@ -16,7 +16,7 @@ Paths (``backend=``):
 * "auto" (default): on CUDA, M > 64 -> "dequant"; otherwise the first call for a (card, x dtype, N, K, M rounded up
   to a power of two) times "gemv_cuda" (when CuPy is installed; M <= 16, two passes over W above 8), "mma_cuda"
   (when CuPy is installed; M <= 64), "gemv" (M <= 8, when the Triton kernel can tile the weight) and "dequant" on
-  the real inputs (CUDA events, median of a few runs), drops a kernel whose output disagrees with dequant + cuBLAS
+  the real inputs (CUDA events around back-to-back calls, the best of three interleaved rounds), drops a kernel whose output disagrees with dequant + cuBLAS
   or that cannot run for these inputs (an fp32 x on "mma_cuda", say), and keeps the fastest for the rest of the
   process. ``MINITRAIN_NF4_MATMUL`` (one of the path names) overrides "auto".
 
@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .dispatch import _launch_into, _run, _time_us, keep_per_weight, prepared_args, resolve_backend
+from .dispatch import _launch_into, _run, keep_per_weight, prepared_args, resolve_backend
 from .nf4 import NF4Weight, dequantize_nf4_ref
 
 __all__ = ["matmul_nf4", "FUSED_MAX_M", "GEMV_MAX_M", "measured_choices", "candidates"]
@@ -241,12 +241,12 @@ def _choose_path(x, qt, m: int, index: int | None = None) -> str:
         return cands[0] if m <= GEMV_MAX_M else "dequant"  # no timing inside a capture: the bandwidth-bound guess
     x2 = x.reshape(-1, qt.shape[1]).detach()
     timings, outs, failed = {}, {}, set()
-    for _ in range(2):  # two interleaved rounds, the better median of each: one slow round (a clock step, a first-use
-        for name in cands:  # cost) must not decide (the H100 bench once saw "auto" keep a 2x slower path)
+    for _ in range(3):  # interleaved rounds, the best of each: one slow round (a clock step, a first-use cost) must
+        for name in cands:  # not decide (the H100 bench once saw "auto" keep a 2x slower path)
             if name in failed:
                 continue
             try:
-                t = _time_us(lambda name=name: outs.__setitem__(name, _PATHS[name](x2, qt, None, True)), reps=7)
+                t = _batch_us(lambda name=name: outs.__setitem__(name, _PATHS[name](x2, qt, None, True)))
                 timings[name] = min(t, timings.get(name, t))
             except Exception:  # noqa: BLE001 - a kernel that cannot compile or run here is simply not a candidate
                 failed.add(name)
@@ -262,6 +262,22 @@ def _choose_path(x, qt, m: int, index: int | None = None) -> str:
     choice = min(timings, key=timings.get) if timings else "dequant"
     _MEASURED[key] = choice
     return choice
+
+
+def _batch_us(fn, calls: int = 8) -> float:
+    """Microseconds per call of ``calls`` back-to-back calls between two CUDA events (after two warm-up calls): the
+    larger of the host's and the GPU's time per call, which is what a loop of eager calls sees. Timing single
+    synchronized calls instead charges each path its launch latency from an idle GPU and favoured one launch over two
+    even where the two were twice as fast on the GPU."""
+    fn()
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / calls
 
 
 def _agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:
