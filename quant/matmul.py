@@ -15,10 +15,10 @@ Paths (``backend=``):
   through ``F.linear``: the path for every M > 64.
 * "auto" (default): on CUDA, M > 64 -> "dequant"; otherwise the first call for a (card, x dtype, N, K, M rounded up
   to a power of two) times "gemv_cuda" (when CuPy is installed; M <= 16, two passes over W above 8), "mma_cuda"
-  (when CuPy is installed; M <= 64), "gemv" (M <= 8, when the Triton kernel can tile the weight) and "dequant" on
-  the real inputs (CUDA events around back-to-back calls, the best of three interleaved rounds), drops a kernel whose output disagrees with dequant + cuBLAS
-  or that cannot run for these inputs (an fp32 x on "mma_cuda", say), and keeps the fastest for the rest of the
-  process. ``MINITRAIN_NF4_MATMUL`` (one of the path names) overrides "auto".
+  (when CuPy is installed; 2 <= M <= 64), "gemv" (M <= 8, when the Triton kernel can tile the weight) and "dequant"
+  on the real inputs (CUDA events around back-to-back calls, the best of three interleaved rounds), drops a kernel
+  whose output disagrees with dequant + cuBLAS or that cannot run for these inputs (an fp32 x on "mma_cuda", say),
+  and keeps the fastest for the rest of the process. ``MINITRAIN_NF4_MATMUL`` (one of the path names) overrides "auto".
 
 Eager calls take a short path: the weight's validated kernel arguments are prepared once per NF4Weight object
 (dropped with it) and each call only checks x, looks the path up and launches; no torch.library dispatch (with
