@@ -2,7 +2,7 @@
 //     y[m, n] = sum_k x[m, k] * W[n, k]  (+ bias[n]),   W[n, k] = cast_x(code[q(n, k)] * scale(n, k))
 // W is rounded to x's dtype exactly as dequantize_nf4_ref(q, x.dtype) rounds it (fp32 product, one RNE cast), so the
 // result is F.linear(x, dequant(W, x.dtype)) up to the order of the fp32 accumulation. W is read once, 4.1 bits per
-// weight, and never written out; x (M x K) is re-read from L1/L2 by every block.
+// weight, and never written out; x (M x K) is re-read from L2 by every block (cp.async.cg into shared memory).
 //
 // Layout (quant/nf4.py): element e = n*K + k of the flattened weight is the HIGH nibble of byte e/2 when e is even,
 // the low nibble when odd; its scale is absmax[e >> log2_bs], with double quantization
@@ -20,10 +20,10 @@
 // before the current step is multiplied (two stages: registers for W, cp.async into shared memory for x).
 //
 // Work split: a block of WARPS warps covers BLOCK_N = 8 * NT * WARPS output features (warps side by side along N share
-// each x tile); gridDim.y splits K into contiguous ranges of whole steps. With splits > 1
-// each block writes its fp32 partial tile to ws[split][m][n]; the last block of a tile to arrive (a counter per
-// tile, atomics after __threadfence, the classic pattern) sums the splits in split order (deterministic), adds the
-// bias, casts once and stores y, then resets the counter to 0 for the next launch on this stream.
+// each x tile); gridDim.y splits K into contiguous ranges of whole steps. With splits > 1 each block writes its
+// fp32 partial tile to ws[split][m][n], then (barrier, one acq_rel atomic per block on a per-tile counter) the last
+// block of a tile to arrive sums the splits in split order (deterministic), adds the bias, casts once and stores y,
+// then resets the counter to 0 for the next launch that uses the same counters.
 //
 // Requirements (host-checked): x fp16/bf16 with 16-byte aligned rows; K % 128 == 0; blocksize a power of two >= 32;
 // data 16-byte aligned; M <= 16 * MT. Bytes read: N*K/2 + N*K/blocksize (+ nested) + M*K*2 per block column; written:
@@ -277,10 +277,14 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
             }
     __threadfence();  // this block's partial sums are visible device-wide before the counter says so
     __syncthreads();
-    if (tid == 0) s_last = atomicAdd(&counters[blockIdx.x], 1) == splits - 1;
+    if (tid == 0) {  // release this block's partial sums (the barrier orders the other threads' stores before it),
+        int prev;    // acquire everyone else's when this block arrives last
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;"
+                     : "=r"(prev) : "l"(counters + blockIdx.x) : "memory");
+        s_last = prev == splits - 1;
+    }
     __syncthreads();
     if (!s_last) return;
-    __threadfence();
     const long long n_block = (long long)blockIdx.x * MMA_BLOCK_N;
     for (int idx = tid; idx < M * MMA_BLOCK_N; idx += blockDim.x) {
         const int m = idx / MMA_BLOCK_N;

@@ -12,9 +12,10 @@ are not 16-byte aligned are copied first. Rows of x are taken MMA_MAX_M at a tim
 
 Launch: blocks of 128 threads cover 128 output features each; ``mma_config`` splits K over a power-of-two number of
 blocks per feature tile (2 to 4 blocks per SM in all, by M). With splits > 1 the partial sums go through an fp32
-workspace (allocated per call from torch's caching allocator) and a per-tile arrival counter: one int32 array per
-(device, stream), zeroed once and left zeroed by every launch, so launches on one stream (and CUDA graph replays)
-reuse it safely.
+workspace (allocated per call from torch's caching allocator) and a per-tile arrival counter: in eager mode one int32
+array per (device, stream), zeroed once and left zeroed by every launch, so launches on one stream reuse it safely; inside
+a CUDA graph capture each launch gets its own zeroed array (a memset node in the graph), so graphs never share
+counters with each other or with eager launches, and nothing a graph holds is ever replaced or freed.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def mma_config(m: int, n: int, k: int, sms: int) -> int:
     4096x14336 and 1024x4096 at M = 2, 8, 16, 32 (M = 64: within 8%)."""
     if CONFIG_OVERRIDE is not None:
         return max(1, min(int(CONFIG_OVERRIDE["S"]), k // K_STEP))
-    tiles = -(-n // BLOCK_N)
+    tiles = max(1, -(-n // BLOCK_N))
     steps = k // K_STEP
     per_sm = 4 if m <= 8 else 3 if m <= 32 else 2
     s = 1 << max(0, round(math.log2(max(per_sm * sms / tiles, 1.0))))
@@ -87,6 +88,8 @@ def _kernel(index: int, xt: int, mt: int):
 
 
 def _counters(index: int, tiles: int) -> torch.Tensor:
+    if torch.cuda.is_current_stream_capturing():  # per launch, owned by the graph's pool (see the module docstring)
+        return torch.zeros(tiles, dtype=torch.int32, device=torch.device("cuda", index))
     key = (index, _raw_stream(index))
     c = _COUNTERS.get(key)
     if c is None or c.numel() < tiles:
@@ -146,6 +149,8 @@ class MmaPlan:
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         """y (M, N) = x2 (M, K) @ W^T (+ bias); x2 rows unit-stride, y contiguous; no checks here."""
+        if self.n == 0 or x2.shape[0] == 0:
+            return y
         esize = x2.element_size()
         if x2.data_ptr() % 16 or (x2.stride(0) * esize) % 16:
             x2 = x2.clone(memory_format=torch.contiguous_format)  # fresh storage: 16-byte aligned rows (K % 128 == 0)
@@ -169,9 +174,10 @@ class MmaPlan:
         kernel, grid, splits = cfg
         if splits > 1:
             ws = torch.empty(splits * m * self.n, dtype=torch.float32, device=device)
-            wsp, cp = np.uint64(ws.data_ptr()), np.uint64(_counters(self.index, grid[0]).data_ptr())
+            counters = _counters(self.index, grid[0])
+            wsp, cp = np.uint64(ws.data_ptr()), np.uint64(counters.data_ptr())
         else:
-            ws = None
+            ws = counters = None
             wsp = cp = np.uint64(0)
         xa = np.uint64(xp)
         args = ((xa,) + self.wargs + (xa if bp is None else bp, np.uint64(yp), wsp, cp, np.int32(m), np.int32(self.n),
@@ -181,7 +187,7 @@ class MmaPlan:
         else:
             with torch.cuda.device(self.index):
                 kernel(grid, (128,), args, stream=_stream(self.index))
-        del ws  # the caching allocator reuses it only after this stream's kernel (stream-ordered)
+        del ws, counters  # the caching allocator reuses them only after this stream's kernel (stream-ordered)
 
 
 def _launch(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):

@@ -145,8 +145,8 @@ def _gemv(x, qt, bias, fast: bool = False):
 
 
 def _gemv_cuda(x, qt, bias, fast: bool = False):
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        bias = bias.to(x.dtype).contiguous()  # the kernels' checks ask for both
     if not fast:
         from csrc.nf4_gemv import nf4_gemv_cuda
 
@@ -160,16 +160,14 @@ def _gemv_cuda(x, qt, bias, fast: bool = False):
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
     y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     plan(x2, bias, y)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
 def _mma_cuda(x, qt, bias, fast: bool = False):
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        bias = bias.to(x.dtype).contiguous()  # the kernels' checks ask for both
     if not fast:
         from csrc.nf4_mma import nf4_mma_cuda
 
@@ -185,8 +183,6 @@ def _mma_cuda(x, qt, bias, fast: bool = False):
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
     y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     plan(x2, bias, y)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)

@@ -268,9 +268,11 @@ def test_mma_cuda_config_and_support():
     assert "power of two" in supported((4096, 4096), 16) and "power of two" in supported((4096, 4096), 96)
 
 
-def test_mma_cuda_launch_arguments_match_kernel(monkeypatch):
+@pytest.mark.parametrize("capturing", [False, True])
+def test_mma_cuda_launch_arguments_match_kernel(monkeypatch, capturing):
     """The launcher's argument tuple matches the kernel's parameter list in count and C type, rows of x are taken
-    64 at a time with the right pointers, and a split launch gets a workspace and zeroed counters (no GPU: the
+    64 at a time with the right x and y pointers, and a split launch gets a workspace and zeroed counters: cached
+    per stream in eager mode, a fresh array per launch (never cached) inside a CUDA graph capture (no GPU: the
     kernel object records what it is given)."""
     import csrc
     import csrc.nf4_mma as mm
@@ -278,25 +280,33 @@ def test_mma_cuda_launch_arguments_match_kernel(monkeypatch):
     params = re.search(r"nf4_mma_x##XT##_m##MT\((.*?)\)\s*\{", csrc.source("nf4_mma.cu"), re.S).group(1)
     params = [re.sub(r"\s+", " ", p.replace("\\", "")).strip() for p in params.split(",")]
     want = [np.uint64 if "*" in p else np.int64 if p.startswith("long long") else np.int32 for p in params]
-    seen = []
+    seen, alive = [], []
     monkeypatch.setattr(mm, "_check", lambda *a: None)
     monkeypatch.setattr(mm, "_sms", lambda index: 132)
     monkeypatch.setattr(mm, "_stream", lambda index: None)
     monkeypatch.setattr(mm, "_raw_stream", lambda index: 0)
     monkeypatch.setattr(mm, "_COUNTERS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     monkeypatch.setattr(mm, "_kernel", lambda *key: lambda grid, block, args, stream: seen.append((key, grid, block, args)))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     real_empty, real_zeros = torch.empty, torch.zeros
+
+    def zeros(*a, device=None, **k):  # kept alive so that data pointers of distinct arrays stay distinct
+        alive.append(real_zeros(*a, **k))
+        return alive[-1]
+
     monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: real_empty(*a, **k))
-    monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: real_zeros(*a, **k))
+    monkeypatch.setattr(torch, "zeros", zeros)
     q = quant.quantize_nf4(torch.randn(300, 2048))
     plan = mm.MmaPlan(q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, q.shape, 64, 256)
     plan.index = 0
     x = torch.randn(70, 2048, dtype=torch.bfloat16)
     b = torch.randn(300, dtype=torch.bfloat16)
-    plan(x, b, real_empty(70, 300, dtype=torch.bfloat16))
+    y = real_empty(70, 300, dtype=torch.bfloat16)
+    plan(x, b, y)
     assert len(seen) == 2  # 70 rows: 64 + 6
     names = [p.split()[-1].lstrip("*") for p in params]
+    counters = []
     for (key, grid, block, args), m in zip(seen, (64, 6)):
         assert [type(a) for a in args] == want, (params, [type(a).__name__ for a in args])
         named = dict(zip(names, args))
@@ -304,8 +314,14 @@ def test_mma_cuda_launch_arguments_match_kernel(monkeypatch):
         assert (named["log2_bs"], named["log2_nested"], named["double_quant"], named["has_bias"]) == (6, 8, 1, 1)
         assert key[1:] == (2, 4 if m == 64 else 1) and grid[0] == 3 and block == (128,)
         assert grid[1] == mm.mma_config(m, 300, 2048, 132) > 1 and int(named["ws"]) != 0
-        assert int(named["counters"]) == mm._COUNTERS[(0, 0)].data_ptr() and not mm._COUNTERS[(0, 0)].any()
+        counters.append(int(named["counters"]))
+    assert all(not c.any() for c in alive) and len(alive) == (2 if capturing else 1)
+    if capturing:  # one array per launch, none cached
+        assert counters[0] != counters[1] and not mm._COUNTERS
+    else:
+        assert counters[0] == counters[1] == mm._COUNTERS[(0, 0)].data_ptr()
     assert int(seen[1][3][0]) == x.data_ptr() + 64 * 2048 * 2 and int(seen[0][3][7]) == b.data_ptr()
+    assert int(seen[0][3][8]) == y.data_ptr() and int(seen[1][3][8]) == y.data_ptr() + 64 * 300 * 2
 
 
 def test_mma_cuda_rejects_what_it_cannot_do():
@@ -373,47 +389,66 @@ def test_mma_cuda_llama_shapes_gpu(shape, m):
 def test_mma_cuda_odd_shapes_and_layouts_gpu():
     """Tiny and odd N (partial 128-feature tiles, rows past N), K = 128 (one step: one split), blocksize 32 and 256,
     no double quantization, more than 64 rows (two launches), a 3-D x, x rows not 16-byte aligned (copied first),
-    repeated calls (the counters are left zeroed) and the eager path equal to the op path."""
+    repeated calls with fresh inputs (the eager counters are left zeroed), a non-contiguous bias through the op
+    path, and the eager path equal to the op path (torch.compile traces the op)."""
+    import csrc.nf4_mma as mm
+
     cases = [((3, 128), 5, torch.bfloat16, True, 64), ((1027, 4096), 40, torch.float16, True, 64),
              ((200, 384), 16, torch.bfloat16, False, 64), ((4096, 1024), 100, torch.bfloat16, True, 32),
              ((1000, 2048), 7, torch.float16, True, 256)]
     for shape, m, dtype, dq, bs in cases:
         w = torch.randn(shape, device="cuda") * 0.05
         q = quant.quantize_nf4(w, blocksize=bs, double_quant=dq)
-        x = torch.randn(m, shape[1], device="cuda").to(dtype)
         b = torch.randn(shape[0], device="cuda").to(dtype)
         for _ in range(3):
+            x = torch.randn(m, shape[1], device="cuda").to(dtype)
             _compare(q, x, b if m % 2 else None, "mma_cuda", check_grads=False)
+    torch.cuda.synchronize()
+    assert mm._COUNTERS and all(not c.any() for c in mm._COUNTERS.values())
     q, x, b = _case((512, 1024), 12, torch.bfloat16, "cuda")
     wide = torch.randn(12, 1030, device="cuda").to(torch.bfloat16)
     _compare(q, wide[:, 3:1027], b, "mma_cuda", check_grads=False)  # row stride 1030, offset 3: unaligned rows
     _compare(q, x.view(3, 4, 1024), None, "mma_cuda", check_grads=True)
     y_fast = quant.matmul_nf4(x, q, b, backend="mma_cuda")
-    y_op = quant.matmul_nf4(x.clone().requires_grad_(), q, b, backend="mma_cuda")
-    assert torch.equal(y_fast, y_op.detach())
-    f = torch.compile(lambda x: quant.matmul_nf4(x, q, b, backend="mma_cuda"), fullgraph=True)
-    assert torch.equal(f(x), y_fast)
+    f = torch.compile(lambda x, b: quant.matmul_nf4(x, q, b, backend="mma_cuda"), fullgraph=True)
+    assert torch.equal(f(x, b), y_fast)
+    b_strided = torch.randn(512, 2, device="cuda").to(torch.bfloat16)[:, 0]  # stride 2: not contiguous
+    assert torch.equal(f(x, b_strided), quant.matmul_nf4(x, q, b_strided.contiguous(), backend="mma_cuda"))
 
 
 @pytest.mark.gpu
-def test_mma_cuda_in_cuda_graph_and_side_stream_gpu():
-    """Captured in a CUDA graph and replayed (counters reset by every launch), and launched on a side stream (its
-    own counters): same numbers as the eager call."""
+def test_mma_cuda_in_cuda_graphs_and_on_two_streams_gpu():
+    """Two graphs captured on the default capture stream (split launches: each gets its own counters), replayed
+    in the opposite order with new inputs copied into the static x between replays, equal to eager calls; then
+    launches on two streams at once with nothing ordering them (separate counters per stream)."""
     q, x, b = _case((4096, 4096), 24, torch.bfloat16, "cuda")
-    want = quant.matmul_nf4(x, q, b, backend="mma_cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        side = quant.matmul_nf4(x, q, b, backend="mma_cuda")
-    torch.cuda.current_stream().wait_stream(s)
-    assert torch.equal(side, want)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = quant.matmul_nf4(x, q, b, backend="mma_cuda")
+    q2, x2, _ = _case((14336, 4096), 8, torch.bfloat16, "cuda", bias=False)
+    quant.matmul_nf4(x, q, b, backend="mma_cuda")  # compile and plan outside the capture
+    quant.matmul_nf4(x2, q2, None, backend="mma_cuda")
+    torch.cuda.synchronize()
+    g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g1):
+        y1 = quant.matmul_nf4(x, q, b, backend="mma_cuda")
+    with torch.cuda.graph(g2):
+        y2 = quant.matmul_nf4(x2, q2, None, backend="mma_cuda")
     for _ in range(3):
-        g.replay()
+        x.copy_(torch.randn_like(x))
+        x2.copy_(torch.randn_like(x2))
+        g2.replay()
+        g1.replay()
         torch.cuda.synchronize()
-        assert torch.equal(y, want)
+        assert torch.equal(y1, quant.matmul_nf4(x, q, b, backend="mma_cuda"))
+        assert torch.equal(y2, quant.matmul_nf4(x2, q2, None, backend="mma_cuda"))
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    xs = [torch.randn(24, 4096, device="cuda").to(torch.bfloat16) for _ in range(8)]
+    want = [quant.matmul_nf4(t, q, b, backend="mma_cuda") for t in xs]
+    torch.cuda.synchronize()
+    got = [None] * len(xs)
+    for i, t in enumerate(xs):
+        with torch.cuda.stream(streams[i % 2]):
+            got[i] = quant.matmul_nf4(t, q, b, backend="mma_cuda")
+    torch.cuda.synchronize()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 @pytest.mark.gpu
