@@ -30,6 +30,40 @@ __device__ __forceinline__ float add_rn(float a, float b) {
     return d;
 }
 
+// 16-bit float types by tag, as every NF4 kernel numbers them: 1 = float16, 2 = bfloat16 (0 = float32 where a
+// kernel also takes that). Conversions are explicit PTX: round to nearest even, no flush.
+
+// Two fp32 values -> one 32-bit word of two 16-bit values, `first` at the lower address (little endian).
+template <int T>
+__device__ __forceinline__ unsigned pack2(float first, float second) {
+    unsigned d;
+    if (T == 1) {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(second), "f"(first));
+    } else {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(second), "f"(first));
+    }
+    return d;
+}
+
+template <int T>
+__device__ __forceinline__ unsigned short cvt16(float x) {
+    unsigned short d;
+    if (T == 1) {
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(d) : "f"(x));
+    } else {
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(d) : "f"(x));
+    }
+    return d;
+}
+
+template <int T>
+__device__ __forceinline__ float half_to_f32(unsigned short h) {
+    if (T == 2) return bits_f32((unsigned)h << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
 // 16 bytes of a read-once stream (the packed codes): skips L1.
 __device__ __forceinline__ U32x4 load_stream_16(const unsigned char* p) {
     U32x4 v;

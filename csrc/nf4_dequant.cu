@@ -20,29 +20,6 @@
 
 #include "nf4_common.cuh"
 
-// Two fp32 values -> one 32-bit word of two 16-bit values, `first` at the lower address (little endian).
-template <int OUT>
-__device__ __forceinline__ unsigned pack2(float first, float second) {
-    unsigned d;
-    if (OUT == 1) {
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(second), "f"(first));
-    } else {
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(second), "f"(first));
-    }
-    return d;
-}
-
-template <int OUT>
-__device__ __forceinline__ unsigned short cvt16(float x) {
-    unsigned short d;
-    if (OUT == 1) {
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(d) : "f"(x));
-    } else {
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(d) : "f"(x));
-    }
-    return d;
-}
-
 __device__ __forceinline__ void store_16(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
     asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }

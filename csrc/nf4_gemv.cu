@@ -68,26 +68,16 @@ __device__ __forceinline__ void load_x8(const void* row, long long k, float (&f)
 template <int XT>
 __device__ __forceinline__ float load1(const void* p, long long i) {
     if (XT == 0) return ((const float*)p)[i];
-    const unsigned short h = ((const unsigned short*)p)[i];
-    if (XT == 2) return bits_f32((unsigned)h << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
+    return half_to_f32<XT>(((const unsigned short*)p)[i]);
 }
 
 template <int XT>
 __device__ __forceinline__ void store1(void* p, long long i, float v) {
     if (XT == 0) {
         ((float*)p)[i] = v;
-        return;
-    }
-    unsigned short h;
-    if (XT == 1) {
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     } else {
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        ((unsigned short*)p)[i] = cvt16<XT>(v);
     }
-    ((unsigned short*)p)[i] = h;
 }
 
 __device__ __forceinline__ unsigned word_of(const U32x4& v, int s) {

@@ -69,18 +69,6 @@ __device__ __forceinline__ unsigned word4(const U32x4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Two fp32 values rounded (RNE) to x's 16-bit type, lo in the low half (the lower k index).
-template <int XT>
-__device__ __forceinline__ unsigned cvt_pack(float lo, float hi) {
-    unsigned d;
-    if (XT == 2) {
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-    } else {
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-    }
-    return d;
-}
-
 template <int XT>
 __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                           unsigned b0, unsigned b1) {
@@ -95,25 +83,6 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
     }
-}
-
-template <int XT>
-__device__ __forceinline__ float x_to_f32(unsigned short h) {
-    if (XT == 2) return bits_f32((unsigned)h << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-template <int XT>
-__device__ __forceinline__ unsigned short f32_to_x(float v) {
-    unsigned short h;
-    if (XT == 2) {
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    } else {
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    }
-    return h;
 }
 
 // One step's weight words and raw scale inputs for the lane's NT rows.
@@ -235,7 +204,7 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
                     const float w1 = mul_rn(s_code[hw & 0xFu], sc[j]);          // element 4s+1 (byte 2s, low)
                     const float w2 = mul_rn(s_code[(hw >> 12) & 0xFu], sc[j]);  // element 4s+2 (byte 2s+1, high)
                     const float w3 = mul_rn(s_code[(hw >> 8) & 0xFu], sc[j]);   // element 4s+3 (byte 2s+1, low)
-                    const unsigned b0 = cvt_pack<XT>(w0, w1), b1 = cvt_pack<XT>(w2, w3);
+                    const unsigned b0 = pack2<XT>(w0, w1), b1 = pack2<XT>(w2, w3);
 #pragma unroll
                     for (int i = 0; i < MT; ++i)
                         mma_16816<XT>(acc[i][j], word4(xa[i][0], 2 * h), word4(xa[i][1], 2 * h),
@@ -259,8 +228,8 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
                     const long long n = n_warp + 8 * j + 2 * t + (e & 1);
                     if (m < M && n < N) {
                         float v = acc[i][j][e];
-                        if (has_bias) v += x_to_f32<XT>(bias[n]);
-                        y[(long long)m * N + n] = f32_to_x<XT>(v);
+                        if (has_bias) v += half_to_f32<XT>(bias[n]);
+                        y[(long long)m * N + n] = cvt16<XT>(v);
                     }
                 }
         return;
@@ -292,8 +261,8 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
         if (n >= N) continue;
         float v = 0.f;
         for (int s = 0; s < splits; ++s) v += ld_cg_f32(ws + ((long long)s * M + m) * N + n);
-        if (has_bias) v += x_to_f32<XT>(bias[n]);
-        y[(long long)m * N + n] = f32_to_x<XT>(v);
+        if (has_bias) v += half_to_f32<XT>(bias[n]);
+        y[(long long)m * N + n] = cvt16<XT>(v);
     }
     if (tid == 0) counters[blockIdx.x] = 0;  // ready for the next launch on this stream
 }
