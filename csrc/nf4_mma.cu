@@ -85,6 +85,14 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
     }
 }
 
+// y[i] = v (+ bias[n]) rounded once to x's type.
+template <int XT>
+__device__ __forceinline__ void mma_store_y(unsigned short* __restrict__ y, const unsigned short* __restrict__ bias,
+                                            int has_bias, long long i, long long n, float v) {
+    if (has_bias) v += half_to_f32<XT>(bias[n]);
+    y[i] = cvt16<XT>(v);
+}
+
 // One step's weight words and raw scale inputs for the lane's NT rows.
 struct MmaStage {
     U32x4 w[MMA_NT];
@@ -216,24 +224,8 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
         cur = nxt;
     }
 
-    // acc[i][j][e]: row m = 16i + g + 8 * (e >> 1), feature n = n_warp + 8j + 2t + (e & 1).
-    if (splits == 1) {
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int j = 0; j < MMA_NT; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int m = 16 * i + g + 8 * (e >> 1);
-                    const long long n = n_warp + 8 * j + 2 * t + (e & 1);
-                    if (m < M && n < N) {
-                        float v = acc[i][j][e];
-                        if (has_bias) v += half_to_f32<XT>(bias[n]);
-                        y[(long long)m * N + n] = cvt16<XT>(v);
-                    }
-                }
-        return;
-    }
+    // acc[i][j][e]: row m = 16i + g + 8 * (e >> 1), feature n = n_warp + 8j + 2t + (e & 1). One split: the result;
+    // several: this split's partial sums, reduced below by the tile's last block.
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -242,8 +234,14 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
             for (int e = 0; e < 4; ++e) {
                 const int m = 16 * i + g + 8 * (e >> 1);
                 const long long n = n_warp + 8 * j + 2 * t + (e & 1);
-                if (m < M && n < N) ws[((long long)z * M + m) * N + n] = acc[i][j][e];
+                if (m >= M || n >= N) continue;
+                if (splits == 1) {
+                    mma_store_y<XT>(y, bias, has_bias, (long long)m * N + n, n, acc[i][j][e]);
+                } else {
+                    ws[((long long)z * M + m) * N + n] = acc[i][j][e];
+                }
             }
+    if (splits == 1) return;
     __threadfence();  // this block's partial sums are visible device-wide before the counter says so
     __syncthreads();
     if (tid == 0) {  // release this block's partial sums (the barrier orders the other threads' stores before it),
@@ -261,8 +259,7 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
         if (n >= N) continue;
         float v = 0.f;
         for (int s = 0; s < splits; ++s) v += ld_cg_f32(ws + ((long long)s * M + m) * N + n);
-        if (has_bias) v += half_to_f32<XT>(bias[n]);
-        y[(long long)m * N + n] = cvt16<XT>(v);
+        mma_store_y<XT>(y, bias, has_bias, (long long)m * N + n, n, v);
     }
     if (tid == 0) counters[blockIdx.x] = 0;  // ready for the next launch on this stream
 }
