@@ -16,12 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from triton_ops.nf4_matmul import register_linear_autograd
-
-from . import current_stream as _stream
 from . import get_kernel
 from . import sm_count as _sms
-from .nf4_dequant import check_state, nf4_dequantize_cuda_tensors
+from .nf4_linear import WeightPlan, call_plan_op, check_linear_args, register_plan_op
 
 __all__ = ["nf4_gemv_cuda", "GemvPlan", "GEMV_MAX_M", "gemv_config"]
 
@@ -69,48 +66,21 @@ def _kernel(index: int, xt: int, mt: int, r: int):
 
 
 def _check(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
-    where = "nf4_gemv_cuda"
-    n_out, k = int(shape[0]), int(shape[1])
-    if x.dtype not in _XT:
-        raise ValueError(f"{where}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.shape[-1] != k:
-        raise ValueError(f"{where}: x has {x.shape[-1]} features but the weight is {tuple(shape)} (N, K)")
-    if x.device.type != "cuda":
-        raise ValueError(f"{where}: tensors must be on a CUDA device, got x on {x.device}")
-    check_state(where, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
-    if data.device != x.device:
-        raise ValueError(f"{where}: the weight is on {data.device} but x is on {x.device}")
-    if bias is not None and (bias.shape != (n_out,) or bias.dtype != x.dtype or bias.device != x.device
-                             or not bias.is_contiguous()):
-        raise ValueError(f"{where}: bias must be a contiguous ({n_out},) {x.dtype} tensor on {x.device}, got "
-                         f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    check_linear_args("nf4_gemv_cuda", _XT, "float32, float16 or bfloat16", x, data, absmax, nested_absmax,
+                      nested_code, offset, code, shape, blocksize, nested_blocksize, bias)
 
 
-class GemvPlan:
-    """One NF4 weight's kernel arguments, validated and flattened once (device pointers as np.uint64), so an eager
-    call only adds x, bias and y. The plan keeps the weight's tensors alive; build a new one if they change."""
+class GemvPlan(WeightPlan):
+    """One NF4 weight's kernel arguments for the GEMV (``WeightPlan``), plus whether its bytes allow the vectorized
+    path; ``launches``: (m, x dtype, x row stride, bias?, x aligned?) -> launch configuration."""
 
-    __slots__ = ("index", "n", "k", "tensors", "wargs", "tail", "flags", "data_aligned", "sms", "launches")
+    __slots__ = ("tail", "data_aligned")
 
     def __init__(self, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize):
-        data = data.reshape(-1)
-        double = nested_absmax is not None
-        offset = offset.reshape(1) if double else None
-        probe = torch.empty(0, device=data.device)
-        _check(probe.new_empty(1, int(shape[1])), data, absmax, nested_absmax if double else None,
-               nested_code if double else None, offset, code, shape, blocksize, nested_blocksize, None)
-        self.index = data.device.index if data.device.index is not None else torch.cuda.current_device()
-        self.n, self.k = int(shape[0]), int(shape[1])
-        dummy = absmax  # never read without double quantization
-        self.tensors = (data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
-                        offset if double else dummy, code)
-        self.wargs = tuple(np.uint64(t.data_ptr()) for t in self.tensors)
+        super().__init__(_check, _sms, torch.float32, data, absmax, nested_absmax, nested_code, offset, code, shape,
+                         blocksize, nested_blocksize)
         self.tail = (np.int32(self.n), np.int32(self.k))
-        self.flags = (np.int32(blocksize.bit_length() - 1), np.int32(nested_blocksize.bit_length() - 1),
-                      np.int32(double))
-        self.data_aligned = data.data_ptr() % 16 == 0 and self.k % 32 == 0
-        self.sms = _sms(self.index)
-        self.launches: dict = {}  # (m, x dtype, x row stride, bias?, x aligned?) -> launch configuration
+        self.data_aligned = self.tensors[0].data_ptr() % 16 == 0 and self.k % 32 == 0
 
     def _launch_config(self, m: int, dtype: torch.dtype, stride: int, has_bias: bool, x_aligned: bool):
         """(kernel, grid, block, the trailing scalar arguments) for one kind of call, cached."""
@@ -143,39 +113,10 @@ class GemvPlan:
     def _launch(self, m, dtype, stride, xp, bp, yp):
         kernel, grid, block, tail = self._launch_config(m, dtype, stride, bp is not None, xp % 16 == 0)
         xa = np.uint64(xp)
-        args = (xa,) + self.wargs + (xa if bp is None else bp, np.uint64(yp)) + tail
-        if self.index == torch.cuda.current_device():
-            kernel(grid, block, args, stream=_stream(self.index))
-        else:
-            with torch.cuda.device(self.index):
-                kernel(grid, block, args, stream=_stream(self.index))
+        self._run(kernel, grid, block, (xa,) + self.wargs + (xa if bp is None else bp, np.uint64(yp)) + tail)
 
 
-def _launch(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
-    """Plan and launch for one call (the op's implementation): x (..., K) -> (..., N)."""
-    plan = GemvPlan(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
-    x2 = x.reshape(-1, plan.k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty(x2.shape[0], plan.n, dtype=x.dtype, device=x.device)
-    return plan(x2, bias, y).view(*x.shape[:-1], plan.n)
-
-
-# -- torch.library registration ---------------------------------------------------------------------------------
-@torch.library.custom_op("minitrain::nf4_gemv_cuda", mutates_args=())
-def _nf4_gemv_cuda_op(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
-                      nested_code: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor,
-                      shape: list[int], blocksize: int, nested_blocksize: int,
-                      bias: torch.Tensor | None) -> torch.Tensor:
-    return _launch(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias)
-
-
-@_nf4_gemv_cuda_op.register_fake
-def _(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
-    return x.new_empty(*x.shape[:-1], shape[0])
-
-
-register_linear_autograd(_nf4_gemv_cuda_op, nf4_dequantize_cuda_tensors)  # dx = dy W, W dequantized again
+_op = register_plan_op("nf4_gemv_cuda", GemvPlan)
 
 
 def nf4_gemv_cuda(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize=64,
@@ -189,11 +130,5 @@ def nf4_gemv_cuda(x, data, absmax, nested_absmax, nested_code, offset, code, sha
     Returns:
         (..., N) in x's dtype. Differentiable in x and bias (the backward dequantizes W once).
     """
-    shape = [int(shape[0]), int(shape[1])]
-    data = data.reshape(-1)
-    double = nested_absmax is not None
-    offset = offset.reshape(1) if double else None
-    _check(x, data, absmax, nested_absmax, nested_code if double else None, offset, code, shape, blocksize,
-           nested_blocksize, bias)
-    return torch.ops.minitrain.nf4_gemv_cuda(x, data, absmax, nested_absmax, nested_code if double else None, offset,
-                                             code, shape, blocksize, nested_blocksize, bias)
+    return call_plan_op(_op, _check, x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize,
+                        nested_blocksize, bias)

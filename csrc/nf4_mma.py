@@ -24,13 +24,10 @@ import math
 import numpy as np
 import torch
 
-from triton_ops.nf4_matmul import register_linear_autograd
-
 from . import _raw_stream
-from . import current_stream as _stream
 from . import get_kernel
 from . import sm_count as _sms
-from .nf4_dequant import check_state, nf4_dequantize_cuda_tensors
+from .nf4_linear import WeightPlan, call_plan_op, check_linear_args, register_plan_op
 
 __all__ = ["nf4_mma_cuda", "MmaPlan", "MMA_MAX_M", "mma_config", "supported"]
 
@@ -102,50 +99,24 @@ def _counters(index: int, tiles: int) -> torch.Tensor:
 
 def _check(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
     where = "nf4_mma_cuda"
-    n_out, k = int(shape[0]), int(shape[1])
-    if x.dtype not in _XT:
-        raise ValueError(f"{where}: x must be float16 or bfloat16 (tensor cores), got {x.dtype}")
-    if x.shape[-1] != k:
-        raise ValueError(f"{where}: x has {x.shape[-1]} features but the weight is {tuple(shape)} (N, K)")
-    if x.device.type != "cuda":
-        raise ValueError(f"{where}: tensors must be on a CUDA device, got x on {x.device}")
-    check_state(where, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
+    check_linear_args(where, _XT, "float16 or bfloat16 (tensor cores)", x, data, absmax, nested_absmax, nested_code,
+                      offset, code, shape, blocksize, nested_blocksize, bias)
     why = supported(shape, blocksize)
     if why is not None:
         raise ValueError(f"{where}: {why}")
     if data.data_ptr() % 16:
         raise ValueError(f"{where}: the packed weight bytes must be 16-byte aligned (got an offset view)")
-    if data.device != x.device:
-        raise ValueError(f"{where}: the weight is on {data.device} but x is on {x.device}")
-    if bias is not None and (bias.shape != (n_out,) or bias.dtype != x.dtype or bias.device != x.device
-                             or not bias.is_contiguous()):
-        raise ValueError(f"{where}: bias must be a contiguous ({n_out},) {x.dtype} tensor on {x.device}, got "
-                         f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
 
 
-class MmaPlan:
-    """One NF4 weight's kernel arguments, validated and flattened once (device pointers as np.uint64), so an eager
-    call only adds x, bias, y and the workspace. The plan keeps the weight's tensors alive."""
+class MmaPlan(WeightPlan):
+    """One NF4 weight's kernel arguments for the tensor-core kernel (``WeightPlan``); ``launches``: (m, x dtype) ->
+    (kernel, grid, splits)."""
 
-    __slots__ = ("index", "n", "k", "tensors", "wargs", "flags", "sms", "launches")
+    __slots__ = ()
 
     def __init__(self, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize):
-        data = data.reshape(-1)
-        double = nested_absmax is not None
-        offset = offset.reshape(1) if double else None
-        probe = torch.empty(0, device=data.device, dtype=torch.bfloat16)
-        _check(probe.new_empty(1, int(shape[1])), data, absmax, nested_absmax if double else None,
-               nested_code if double else None, offset, code, shape, blocksize, nested_blocksize, None)
-        self.index = data.device.index if data.device.index is not None else torch.cuda.current_device()
-        self.n, self.k = int(shape[0]), int(shape[1])
-        dummy = absmax  # never read without double quantization
-        self.tensors = (data, absmax, nested_absmax if double else dummy, nested_code if double else dummy,
-                        offset if double else dummy, code)
-        self.wargs = tuple(np.uint64(t.data_ptr()) for t in self.tensors)
-        self.flags = (np.int32(blocksize.bit_length() - 1), np.int32(nested_blocksize.bit_length() - 1),
-                      np.int32(double))
-        self.sms = _sms(self.index)
-        self.launches: dict = {}  # (m, x dtype) -> (kernel, grid, splits)
+        super().__init__(_check, _sms, torch.bfloat16, data, absmax, nested_absmax, nested_code, offset, code, shape,
+                         blocksize, nested_blocksize)
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         """y (M, N) = x2 (M, K) @ W^T (+ bias); x2 rows unit-stride, y contiguous; no checks here."""
@@ -166,6 +137,8 @@ class MmaPlan:
         key = (m, dtype)
         cfg = self.launches.get(key)
         if cfg is None or CONFIG_OVERRIDE is not None:
+            if dtype not in _XT:  # the plan is validated for the weight only; x's dtype is checked here, once
+                raise ValueError(f"nf4_mma_cuda: x must be float16 or bfloat16 (tensor cores), got {dtype}")
             splits = mma_config(m, self.n, self.k, self.sms)
             tiles = -(-self.n // BLOCK_N)
             cfg = (_kernel(self.index, _XT[dtype], _mt(m)), (tiles, splits), splits)
@@ -180,40 +153,13 @@ class MmaPlan:
             ws = counters = None
             wsp = cp = np.uint64(0)
         xa = np.uint64(xp)
-        args = ((xa,) + self.wargs + (xa if bp is None else bp, np.uint64(yp), wsp, cp, np.int32(m), np.int32(self.n),
-                np.int32(self.k), np.int64(stride)) + self.flags + (np.int32(bp is not None),))
-        if self.index == torch.cuda.current_device():
-            kernel(grid, (128,), args, stream=_stream(self.index))
-        else:
-            with torch.cuda.device(self.index):
-                kernel(grid, (128,), args, stream=_stream(self.index))
+        self._run(kernel, grid, (128,), (xa,) + self.wargs + (xa if bp is None else bp, np.uint64(yp), wsp, cp,
+                  np.int32(m), np.int32(self.n), np.int32(self.k), np.int64(stride)) + self.flags
+                  + (np.int32(bp is not None),))
         del ws, counters  # the caching allocator reuses them only after this stream's kernel (stream-ordered)
 
 
-def _launch(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
-    plan = MmaPlan(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize)
-    x2 = x.reshape(-1, plan.k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty(x2.shape[0], plan.n, dtype=x.dtype, device=x.device)
-    return plan(x2, bias, y).view(*x.shape[:-1], plan.n)
-
-
-# -- torch.library registration ---------------------------------------------------------------------------------
-@torch.library.custom_op("minitrain::nf4_mma_cuda", mutates_args=())
-def _nf4_mma_cuda_op(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
-                     nested_code: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor,
-                     shape: list[int], blocksize: int, nested_blocksize: int,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    return _launch(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias)
-
-
-@_nf4_mma_cuda_op.register_fake
-def _(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
-    return x.new_empty(*x.shape[:-1], shape[0])
-
-
-register_linear_autograd(_nf4_mma_cuda_op, nf4_dequantize_cuda_tensors)  # dx = dy W, W dequantized again
+_op = register_plan_op("nf4_mma_cuda", MmaPlan)
 
 
 def nf4_mma_cuda(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize=64,
@@ -227,11 +173,5 @@ def nf4_mma_cuda(x, data, absmax, nested_absmax, nested_code, offset, code, shap
     Returns:
         (..., N) in x's dtype. Differentiable in x and bias (the backward dequantizes W once).
     """
-    shape = [int(shape[0]), int(shape[1])]
-    data = data.reshape(-1)
-    double = nested_absmax is not None
-    offset = offset.reshape(1) if double else None
-    _check(x, data, absmax, nested_absmax, nested_code if double else None, offset, code, shape, blocksize,
-           nested_blocksize, bias)
-    return torch.ops.minitrain.nf4_mma_cuda(x, data, absmax, nested_absmax, nested_code if double else None, offset,
-                                            code, shape, blocksize, nested_blocksize, bias)
+    return call_plan_op(_op, _check, x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize,
+                        nested_blocksize, bias)

@@ -144,48 +144,34 @@ def _gemv(x, qt, bias, fast: bool = False):
     return nf4_gemv(x, *_qargs(qt), bias)
 
 
-def _gemv_cuda(x, qt, bias, fast: bool = False):
-    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
-        bias = bias.to(x.dtype).contiguous()  # the kernels' checks ask for both
-    if not fast:
-        from csrc.nf4_gemv import nf4_gemv_cuda
+def _cuda_path(kind: str):
+    """The CUDA C++ path ``<kind>_cuda`` (``csrc.nf4_<kind>``, imported at first use): eager calls keep the
+    kernel's plan (validated flattened arguments) on the prepared weight; other calls go through the checked op."""
+    fns = {}
 
-        return nf4_gemv_cuda(x, *_qargs(qt), bias)
-    plan = getattr(qt, "plan", None)  # validated flattened arguments, kept on the prepared weight
-    if plan is None:
-        from csrc.nf4_gemv import GemvPlan
+    def load():
+        import importlib
 
-        plan = qt.plan = GemvPlan(*_qargs(qt))
-    k, n = qt.shape[1], qt.shape[0]
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-    plan(x2, bias, y)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+        from csrc.nf4_linear import run_plan
+
+        mod = importlib.import_module(f"csrc.nf4_{kind}")
+        fns.update(entry=getattr(mod, f"nf4_{kind}_cuda"), plan=getattr(mod, f"{kind.capitalize()}Plan"), run=run_plan)
+        return fns
+
+    def path(x, qt, bias, fast: bool = False):
+        if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+            bias = bias.to(x.dtype).contiguous()  # the kernels' checks ask for both
+        f = fns or load()
+        if not fast:
+            return f["entry"](x, *_qargs(qt), bias)
+        plans = qt.__dict__.setdefault("cuda_plans", {})
+        plan = plans.get(kind) or plans.setdefault(kind, f["plan"](*_qargs(qt)))
+        return f["run"](plan, x, bias)
+
+    return path
 
 
-def _mma_cuda(x, qt, bias, fast: bool = False):
-    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
-        bias = bias.to(x.dtype).contiguous()  # the kernels' checks ask for both
-    if not fast:
-        from csrc.nf4_mma import nf4_mma_cuda
-
-        return nf4_mma_cuda(x, *_qargs(qt), bias)
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"matmul_nf4: path 'mma_cuda' needs a float16 or bfloat16 x, got {x.dtype}")
-    plan = getattr(qt, "mma_plan", None)  # validated flattened arguments, kept on the prepared weight
-    if plan is None:
-        from csrc.nf4_mma import MmaPlan
-
-        plan = qt.mma_plan = MmaPlan(*_qargs(qt))
-    k, n = qt.shape[1], qt.shape[0]
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-    plan(x2, bias, y)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+_gemv_cuda, _mma_cuda = _cuda_path("gemv"), _cuda_path("mma")
 
 
 def _dequant_mm(x, qt, bias, fast: bool = False):

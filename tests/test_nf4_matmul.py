@@ -216,6 +216,7 @@ def test_gemv_cuda_launch_arguments_match_kernel(monkeypatch):
     scalars in place (no GPU: the kernel object records what it is given)."""
     import csrc
     import csrc.nf4_gemv as g
+    import csrc.nf4_linear
 
     params = re.search(r"nf4_gemv_x##XT##_m##MT##_r##R\((.*?)\)\s*\{", csrc.source("nf4_gemv.cu"), re.S).group(1)
     params = [re.sub(r"\s+", " ", p.replace("\\", "")).strip() for p in params.split(",")]
@@ -223,7 +224,7 @@ def test_gemv_cuda_launch_arguments_match_kernel(monkeypatch):
     seen = []
     monkeypatch.setattr(g, "_check", lambda *a: None)
     monkeypatch.setattr(g, "_sms", lambda index: 132)
-    monkeypatch.setattr(g, "_stream", lambda index: None)
+    monkeypatch.setattr(csrc.nf4_linear, "_stream", lambda index: None)
     monkeypatch.setattr(g, "_kernel", lambda *key: lambda grid, block, args, stream: seen.append((key, grid, block, args)))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     q = quant.quantize_nf4(torch.randn(40, 2048))
@@ -275,6 +276,7 @@ def test_mma_cuda_launch_arguments_match_kernel(monkeypatch, capturing):
     per stream in eager mode, a fresh array per launch (never cached) inside a CUDA graph capture (no GPU: the
     kernel object records what it is given)."""
     import csrc
+    import csrc.nf4_linear
     import csrc.nf4_mma as mm
 
     params = re.search(r"nf4_mma_x##XT##_m##MT\((.*?)\)\s*\{", csrc.source("nf4_mma.cu"), re.S).group(1)
@@ -283,7 +285,7 @@ def test_mma_cuda_launch_arguments_match_kernel(monkeypatch, capturing):
     seen, alive = [], []
     monkeypatch.setattr(mm, "_check", lambda *a: None)
     monkeypatch.setattr(mm, "_sms", lambda index: 132)
-    monkeypatch.setattr(mm, "_stream", lambda index: None)
+    monkeypatch.setattr(csrc.nf4_linear, "_stream", lambda index: None)
     monkeypatch.setattr(mm, "_raw_stream", lambda index: 0)
     monkeypatch.setattr(mm, "_COUNTERS", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)

@@ -272,34 +272,23 @@ def _check(x, data, absmax, code, shape, blocksize, bias):
 
 
 # -- torch.library registration -------------------------------------------------------------------------------
-@torch.library.custom_op("minitrain::nf4_matmul_fused", mutates_args=())
-def _nf4_matmul_op(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
-                   nested_code: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor,
-                   shape: list[int], blocksize: int, nested_blocksize: int,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    return fused_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize,
-                      bias)
+def register_linear_op(name: str, impl, dequantize):
+    """``torch.ops.minitrain.<name>``: y = impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape,
+    blocksize, nested_blocksize, bias), the argument list of every NF4 matmul op (Triton and CUDA C++), with its fake
+    (shape only) and its autograd: dx = dy @ W with W dequantized again by ``dequantize`` (same arguments as
+    ``nf4_dequantize_tensors``) to dy's dtype, so nothing of size N*K is saved; dbias = sum of dy."""
 
+    def op(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+           nested_code: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor, shape: list[int],
+           blocksize: int, nested_blocksize: int, bias: torch.Tensor | None) -> torch.Tensor:
+        return impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize,
+                    bias)
 
-def fused_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
-    """The fused launch on validated arguments (no checks; ``nf4_matmul`` is the checked entry point)."""
-    x2 = x.reshape(-1, shape[1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = _launch(x2, data, absmax, nested_absmax, nested_code, offset, code, shape[0], blocksize, nested_blocksize,
-                bias)
-    return y.view(*x.shape[:-1], shape[0])
+    op = torch.library.custom_op(f"minitrain::{name}", op, mutates_args=())
 
-
-@_nf4_matmul_op.register_fake
-def _(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
-    return x.new_empty(*x.shape[:-1], shape[0])
-
-
-def register_linear_autograd(op, dequantize) -> None:
-    """Autograd of y = x @ dequant(W)^T (+ bias) for a custom op with ``nf4_matmul``'s argument list:
-    dx = dy @ W with W dequantized again by ``dequantize`` (same arguments as ``nf4_dequantize_tensors``) to dy's
-    dtype, so nothing of size N*K is saved; dbias = sum of dy. Shared by the Triton and CUDA C++ small-M paths."""
+    @op.register_fake
+    def _(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
+        return x.new_empty(*x.shape[:-1], shape[0])
 
     def setup_context(ctx, inputs, output):
         x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias = inputs
@@ -313,9 +302,20 @@ def register_linear_autograd(op, dequantize) -> None:
         return grad_x, None, None, None, None, None, None, None, None, None, grad_b
 
     op.register_autograd(backward, setup_context=setup_context)
+    return op
 
 
-register_linear_autograd(_nf4_matmul_op, nf4_dequantize_tensors)
+def fused_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
+    """The fused launch on validated arguments (no checks; ``nf4_matmul`` is the checked entry point)."""
+    x2 = x.reshape(-1, shape[1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = _launch(x2, data, absmax, nested_absmax, nested_code, offset, code, shape[0], blocksize, nested_blocksize,
+                bias)
+    return y.view(*x.shape[:-1], shape[0])
+
+
+register_linear_op("nf4_matmul_fused", fused_impl, nf4_dequantize_tensors)
 
 
 def nf4_matmul(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize=64, nested_blocksize=256,
@@ -336,22 +336,6 @@ def nf4_matmul(x, data, absmax, nested_absmax, nested_code, offset, code, shape,
                                                 blocksize, nested_blocksize, bias)
 
 
-@torch.library.custom_op("minitrain::nf4_gemv", mutates_args=())
-def _nf4_gemv_op(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
-                 nested_code: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor,
-                 shape: list[int], blocksize: int, nested_blocksize: int, bias: torch.Tensor | None) -> torch.Tensor:
-    return gemv_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize,
-                     bias)
-
-
-@_nf4_gemv_op.register_fake
-def _(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
-    return x.new_empty(*x.shape[:-1], shape[0])
-
-
-register_linear_autograd(_nf4_gemv_op, nf4_dequantize_tensors)
-
-
 def gemv_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, bias):
     """The GEMV launch on validated arguments (no checks; ``nf4_gemv`` is the checked entry point)."""
     x2 = x.reshape(-1, shape[1])
@@ -360,6 +344,9 @@ def gemv_impl(x, data, absmax, nested_absmax, nested_code, offset, code, shape, 
     y = _launch_gemv(x2, data, absmax, nested_absmax, nested_code, offset, code, shape[0], blocksize,
                      nested_blocksize, bias)
     return y.view(*x.shape[:-1], shape[0])
+
+
+register_linear_op("nf4_gemv", gemv_impl, nf4_dequantize_tensors)
 
 
 def nf4_gemv(x, data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize=64, nested_blocksize=256,
