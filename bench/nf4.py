@@ -243,85 +243,70 @@ def matmul_rows():
     return rows, picks
 
 
-def gemv_sweep():
-    """Kernel time of the CUDA GEMV for every launch configuration (R, W) at M = 1, 2, 4, 8 on the Llama shapes."""
-    import csrc.nf4_gemv as cg
-    from quant.matmul import _gemv_cuda, _weight
+def _launch_sweep(name: str, mod, path, ms, configs, default) -> None:
+    """Kernel time of one CUDA small-M kernel (module ``mod``, matmul path ``path``) for every launch override that
+    ``configs(m, shape)`` gives ({label: mod.CONFIG_OVERRIDE value}) on the Llama shapes; ``default(m, shape)`` is
+    the label of what the kernel picks itself. Prints the best per shape and M; writes nf4-<name>-sweep.txt to $OUT."""
+    from quant.matmul import _weight
 
     lines = [hw.card_name()]
     for shape in [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]:
         q, _, _ = _quantized_cache(shape)
         qt = _weight(q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code,
                      list(shape), 64, 256)
-        for m in (1, 2, 4, 8):
+        for m in ms:
             x = torch.randn(m, shape[1], device="cuda", dtype=torch.bfloat16)
-            default = cg.gemv_config(m, shape[0], shape[1], cg._sms(0))
             results = {}
-            for r in (1, 2, 4, 8):
-                if r * cg._mt(m) > 32:
-                    continue
-                for w in (1, 2, 4, 8):
-                    cg.CONFIG_OVERRIDE = {"R": r, "W": w}
-                    try:
-                        results[(r, w)] = kernel_us(lambda: _gemv_cuda(x, qt, None, True))
-                    except Exception as ex:  # noqa: BLE001 - one failing configuration must not end the sweep
-                        print(f"gemv sweep {shape} M={m} R={r} W={w}: failed {type(ex).__name__}: {ex}"[:300])
-                    finally:
-                        cg.CONFIG_OVERRIDE = None
+            for label, override in configs(m, shape).items():
+                mod.CONFIG_OVERRIDE = override
+                try:
+                    results[label] = kernel_us(lambda: path(x, qt, None, True))
+                except Exception as ex:  # noqa: BLE001 - one failing configuration must not end the sweep
+                    print(f"{name} sweep {shape} M={m} {label}: failed {type(ex).__name__}: {ex}"[:300])
+                finally:
+                    mod.CONFIG_OVERRIDE = None
             if not results:
                 continue
-            best = min(results, key=results.get)
-            nb = mm_bytes(shape, m)
-            line = (f"gemv cuda {shape[0]}x{shape[1]} M={m}: best R={best[0]} W={best[1]} {results[best]:.1f} us "
-                    f"({nb / results[best] / 1e3:.0f} GB/s); default R={default[0]} W={default[1]} "
-                    f"{results.get(default, float('nan')):.1f} us; all: "
-                    + " ".join(f"{r},{w}:{t:.1f}" for (r, w), t in sorted(results.items())))
+            best, dflt = min(results, key=results.get), default(m, shape)
+            line = (f"{name} cuda {shape[0]}x{shape[1]} M={m}: best {best} {results[best]:.1f} us "
+                    f"({mm_bytes(shape, m) / results[best] / 1e3:.0f} GB/s); default {dflt} "
+                    f"{results.get(dflt, float('nan')):.1f} us; all: "
+                    + " ".join(f"{label}:{t:.1f}" for label, t in results.items()))
             print(line, flush=True)
             lines.append(line)
     out_dir = os.environ.get("OUT")
     if out_dir:
-        with open(os.path.join(out_dir, "nf4-gemv-sweep.txt"), "w") as f:
+        with open(os.path.join(out_dir, f"nf4-{name}-sweep.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def gemv_sweep():
+    """The CUDA GEMV for every launch configuration (weight rows per block R, warps W) at M = 1, 2, 4, 8."""
+    import csrc.nf4_gemv as cg
+    from quant.matmul import _gemv_cuda
+
+    def configs(m, shape):
+        return {f"R={r},W={w}": {"R": r, "W": w} for r in (1, 2, 4, 8) if r * cg._mt(m) <= 32 for w in (1, 2, 4, 8)}
+
+    def default(m, shape):
+        return "R={},W={}".format(*cg.gemv_config(m, shape[0], shape[1], cg._sms(0)))
+
+    _launch_sweep("gemv", cg, _gemv_cuda, (1, 2, 4, 8), configs, default)
 
 
 def mma_sweep():
-    """Kernel time of the CUDA tensor-core kernel for every K split S at M = 2, 8, 16, 32, 64 on the Llama shapes."""
+    """The CUDA tensor-core kernel for every K split S at M = 2, 8, 16, 32, 64."""
     import csrc.nf4_mma as cm
-    from quant.matmul import _mma_cuda, _weight
+    from quant.matmul import _mma_cuda
 
-    lines = [hw.card_name()]
-    for shape in [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]:
-        q, _, _ = _quantized_cache(shape)
-        qt = _weight(q.data.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), q.code,
-                     list(shape), 64, 256)
-        for m in (2, 8, 16, 32, 64):
-            x = torch.randn(m, shape[1], device="cuda", dtype=torch.bfloat16)
-            default = cm.mma_config(m, shape[0], shape[1], cm._sms(0))
-            results = {}
-            for s in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, default}):
-                if s > shape[1] // cm.K_STEP:
-                    continue
-                cm.CONFIG_OVERRIDE = {"S": s}
-                try:
-                    results[s] = kernel_us(lambda: _mma_cuda(x, qt, None, True))
-                except Exception as ex:  # noqa: BLE001 - one failing configuration must not end the sweep
-                    print(f"mma sweep {shape} M={m} S={s}: failed {type(ex).__name__}: {ex}"[:300])
-                finally:
-                    cm.CONFIG_OVERRIDE = None
-            if not results:
-                continue
-            best = min(results, key=results.get)
-            nb = mm_bytes(shape, m)
-            line = (f"mma cuda {shape[0]}x{shape[1]} M={m}: best S={best} {results[best]:.1f} us "
-                    f"({nb / results[best] / 1e3:.0f} GB/s); default S={default} "
-                    f"{results.get(default, float('nan')):.1f} us; all: "
-                    + " ".join(f"{s}:{t:.1f}" for s, t in sorted(results.items())))
-            print(line, flush=True)
-            lines.append(line)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "nf4-mma-sweep.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    def split(m, shape):
+        return cm.mma_config(m, shape[0], shape[1], cm._sms(0))
+
+    def configs(m, shape):
+        splits = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, split(m, shape)})
+        return {f"S={s}": {"S": s} for s in splits if s <= shape[1] // cm.K_STEP}
+
+    _launch_sweep("mma", cm, _mma_cuda, (2, 8, 16, 32, 64), configs, lambda m, shape: f"S={split(m, shape)}")
 
 
 def deq_sweep():
