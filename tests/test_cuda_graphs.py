@@ -13,19 +13,24 @@ ARGS = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_l
             num_key_value_heads=4, max_position_embeddings=512)
 
 
+def nf4_projections(model):
+    """Every attention and MLP projection of ``model`` becomes an NF4Linear (the QLoRA base)."""
+    import quant
+
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for n in names:
+                setattr(parent, n, quant.NF4Linear.from_linear(getattr(parent, n)))
+
+
 def model_with_lora(device, dtype, nf4=False, dropout=0.0, seed=0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(ModelArgs(**ARGS)).to(dtype)
     model.model.inv_freq = rope_inv_freq(ModelArgs(**ARGS)).to(device)  # fp32 angles, as the loader sets them
     if nf4:
-        import quant
-
-        for layer in model.model.layers:
-            for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
-                for n in names:
-                    setattr(parent, n, quant.NF4Linear.from_linear(getattr(parent, n)))
+        nf4_projections(model)
     add_lora(model, r=8, alpha=16, dropout=dropout)
     for n, p in model.named_parameters():  # non-zero B so that every adapter gradient is exercised
         if "lora_B" in n:

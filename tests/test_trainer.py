@@ -24,6 +24,7 @@ from minitrain.trainer import ExampleBatches, Trainer, TrainingError, diagnose, 
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_cuda_graphs import nf4_projections  # noqa: E402
 from test_export import WORDS, make_tiny_checkpoint  # noqa: E402
 
 
@@ -327,13 +328,7 @@ def tiny_lora_model(nf4=False, dropout=0.0):
     torch.manual_seed(0)
     model = LlamaForCausalLM(ModelArgs(**TINY))
     if nf4:
-        import quant
-
-        for layer in model.model.layers:
-            for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
-                for n in names:
-                    setattr(parent, n, quant.NF4Linear.from_linear(getattr(parent, n)))
+        nf4_projections(model)
     add_lora(model, r=4, alpha=8, dropout=dropout)
     with torch.no_grad():
         for layer in lora_layers(model).values():
