@@ -164,8 +164,12 @@ def _cuda_path(kind: str):
         f = fns or load()
         if not fast:
             return f["entry"](x, *_qargs(qt), bias)
-        plans = qt.__dict__.setdefault("cuda_plans", {})
-        plan = plans.get(kind) or plans.setdefault(kind, f["plan"](*_qargs(qt)))
+        plans = getattr(qt, "cuda_plans", None)
+        if plans is None:
+            plans = qt.cuda_plans = {}
+        plan = plans.get(kind)
+        if plan is None:
+            plan = plans[kind] = f["plan"](*_qargs(qt))
         return f["run"](plan, x, bias)
 
     return path
