@@ -13,12 +13,29 @@ Paths (``backend=``):
   "auto" never considers it; it stays available by name.
 * "dequant": dequantize W into a reused scratch buffer (the measured-fastest dequant kernel) and call cuBLAS
   through ``F.linear``: the path for every M > 64.
-* "auto" (default): on CUDA, M > 64 -> "dequant"; otherwise the first call for a (card, x dtype, N, K, M rounded up
-  to a power of two) times "gemv_cuda" (when CuPy is installed; M <= 16, two passes over W above 8), "mma_cuda"
-  (when CuPy is installed; 2 <= M <= 64), "gemv" (M <= 8, when the Triton kernel can tile the weight) and "dequant"
-  on the real inputs (CUDA events around back-to-back calls, the best of three interleaved rounds), drops a kernel
-  whose output disagrees with dequant + cuBLAS or that cannot run for these inputs (an fp32 x on "mma_cuda", say),
-  and keeps the fastest for the rest of the process. ``MINITRAIN_NF4_MATMUL`` (one of the path names) overrides "auto".
+* "auto" (default): on CUDA, M > 64 -> "dequant"; otherwise the first eager call for a key (card, x dtype, N, K,
+  M rounded up to a power of two) times the candidates on the real inputs: "gemv_cuda" (with CuPy; M <= 16, two
+  passes over W above 8), "mma_cuda" (with CuPy; 2 <= M <= 64), "gemv" (M <= 8, when the Triton kernel can tile the
+  weight) and "dequant". Each runs twice, then the device is synchronized (first-use costs and the caller's queued
+  work stay out of every window); a kernel that raises or whose output disagrees with dequant + cuBLAS (warning)
+  is dropped. Then 3 interleaved rounds (order rotated) time each path twice, after a warm-up call and a device
+  synchronization each: eager, 16 back-to-back calls between CUDA events (the window covers host launches and GPU
+  work: the larger of the two per call, what a loop of eager calls sees); GPU only, 32 calls queued behind a
+  ``torch.cuda._sleep`` that outlasts their launches (1.5x the host time just measured, retried 4x longer when the
+  start event had already passed), so the events see the kernels back to back as a graph replays them. Each path
+  keeps its best round; its eager time is max(eager batch, GPU time). Two choices are kept per key: eager (by eager
+  time) and graph (by GPU time), each the fastest, except that a kernel replaces "dequant" only when it is faster
+  by more than 5% and 0.5 us (a tie within noise stays with dequant + cuBLAS). Calls inside a CUDA-graph capture
+  take the graph choice of a key timed eagerly before (the trainer and generate warm up eagerly first), else the
+  bandwidth-bound guess (the first candidate for M <= 8, "dequant" above); torch.compile tracing takes the eager
+  choice, else the same guess; neither times anything. One-time cost per new key, estimated for an H100 host at
+  ~20 us per eager call: 2-3 ms per candidate and round for a 4096x4096 weight (mostly the sleep and 48 calls), so
+  ~15-20 ms with 2 candidates (M 17..64) and ~25-35 ms with 4 (M <= 8), ~50 ms for 14336x4096 at M <= 8; the
+  compilation of a kernel's first use comes on top (any path pays it). ``measured_choices()`` returns the eager
+  choices, ``measured_timings()`` both choices and the us per path behind them; ``MINITRAIN_NF4_MATMUL_VERBOSE=1``
+  prints one line per timed key to stderr. The GPU time is of eager launches: inside a graph a split "mma_cuda"
+  launch also zeroes fresh counters (a memset node), which the graph choice does not count.
+  ``MINITRAIN_NF4_MATMUL`` (one of the path names) overrides "auto".
 
 Eager calls take a short path: the weight's validated kernel arguments are prepared once per NF4Weight object
 (dropped with it) and each call only checks x, looks the path up and launches; no torch.library dispatch (with
@@ -34,8 +51,12 @@ callers running NF4 layers concurrently on several streams should use a GEMV pat
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
+import time
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -44,7 +65,7 @@ import torch.nn.functional as F
 from .dispatch import _launch_into, _run, keep_per_weight, prepared_args, resolve_backend
 from .nf4 import NF4Weight, dequantize_nf4_ref
 
-__all__ = ["matmul_nf4", "FUSED_MAX_M", "GEMV_MAX_M", "measured_choices", "candidates"]
+__all__ = ["matmul_nf4", "FUSED_MAX_M", "GEMV_MAX_M", "measured_choices", "measured_timings", "candidates"]
 
 BACKENDS = ("auto", "torch", "gemv_cuda", "mma_cuda", "gemv", "fused", "dequant")
 ENV_VAR = "MINITRAIN_NF4_MATMUL"
@@ -53,18 +74,39 @@ GEMV_MAX_M = 8     # both GEMV kernels accumulate at most 8 rows of x per pass o
 MMA_MAX_M = 64     # the tensor-core kernel's rows of x per launch ("auto" measures it up to here)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-# Measurement cache (like functools.lru_cache; results are the same up to rounding, only the speed differs):
-# (device index, x dtype, N, K, M bucket) -> path name.
+# What "auto" measured (a cache like functools.lru_cache: the paths agree up to rounding, only the speed differs),
+# keyed by (device index, x dtype, N, K, M bucket): the eager choice, the CUDA-graph choice, and the timings.
 _MEASURED: dict[tuple, str] = {}
+_GRAPH_CHOICES: dict[tuple, str] = {}
+_TIMINGS: dict[tuple, dict] = {}
 # Reused dequantization buffers: (device index, dtype) -> flat tensor.
 _SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 # (device index, dtype) -> {(N, K): (N, K) view of that buffer}, for the eager path.
 _SCRATCH_VIEWS: dict[tuple[int, torch.dtype], dict] = {}
 
+VERBOSE_VAR = "MINITRAIN_NF4_MATMUL_VERBOSE"
+ROUNDS = 3          # interleaved rounds per measurement; each path keeps its best
+EAGER_CALLS = 16    # calls per eager batch: >= ~100 us even for the fastest path (an eager call costs >= ~6 us of host)
+GPU_CALLS = 32      # calls per GPU-time batch: >= ~100 us for a 3 us kernel
+NOISE_REL, NOISE_US = 0.05, 0.5  # a kernel replaces dequant + cuBLAS only if faster by more than both
+SLEEP_CYCLES_PER_US = 2000  # torch.cuda._sleep cycles per us: H100/H200 clocks are <= 1.98 GHz, so never too short
+_now = time.perf_counter  # the host clock of _batch_us (tests put a simulated one here)
+
 
 def measured_choices() -> dict[tuple, str]:
-    """What "auto" measured so far: {(device index, dtype, N, K, M bucket): path}."""
+    """The eager choices of "auto" so far: {(device index, x dtype, N, K, M bucket): path}, the path a call outside a
+    CUDA-graph capture takes (keys with a single candidate included). The CUDA-graph choices and the timings behind
+    both are in ``measured_timings()``."""
     return dict(_MEASURED)
+
+
+def measured_timings() -> dict[tuple, dict]:
+    """Why "auto" chose what it chose: {(device index, x dtype, N, K, M bucket): {"eager": path, "graph": path,
+    "eager_us": {path: us}, "gpu_us": {path: us}, "host_us": {path: us}}} for every key it timed (keys with a single
+    candidate are not timed and not listed). "eager_us" is what a loop of eager calls sees per call (the larger of
+    the host's and the GPU's time), "gpu_us" the GPU time alone (what a CUDA graph replay sees), "host_us" the
+    Python + launch time; each the best of the interleaved rounds. Paths that failed or disagreed are absent."""
+    return {k: {f: (dict(v) if isinstance(v, dict) else v) for f, v in t.items()} for k, t in _TIMINGS.items()}
 
 
 def _capturing(device: torch.device) -> bool:
@@ -217,53 +259,140 @@ def _choose_path(x, qt, m: int, index: int | None = None) -> str:
     bucket = 1 << max(m - 1, 0).bit_length()
     key = (x.device.index if index is None else index, x.dtype, qt.shape[0], qt.shape[1], bucket)
     choice = _MEASURED.get(key)
-    if choice is not None:
-        return choice
+    if choice is not None:  # every eager call: the capture check (a call into the runtime) only where choices differ
+        graph = _GRAPH_CHOICES.get(key, choice)
+        return choice if graph == choice or not _capturing(x.device) else graph
+    capturing = _capturing(x.device)
     cands = candidates(m, qt.shape, qt.blocksize)
     if len(cands) == 1:  # nothing to measure (M > 64, or no CuPy): remembered like a measurement (later calls skip this)
-        _MEASURED[key] = cands[0]
+        _MEASURED[key] = _GRAPH_CHOICES[key] = cands[0]
         return cands[0]
-    if _capturing(x.device) or torch.compiler.is_compiling():
-        return cands[0] if m <= GEMV_MAX_M else "dequant"  # no timing inside a capture: the bandwidth-bound guess
+    if capturing or torch.compiler.is_compiling():
+        # No timing inside a capture or a trace of a key never called eagerly (the trainer and generate warm up
+        # eagerly first): the bandwidth-bound guess, not remembered.
+        return cands[0] if m <= GEMV_MAX_M else "dequant"
     x2 = x.reshape(-1, qt.shape[1]).detach()
-    timings, outs, failed = {}, {}, set()
-    for _ in range(3):  # interleaved rounds, the best of each: one slow round (a clock step, a first-use cost) must
-        for name in cands:  # not decide (the H100 bench once saw "auto" keep a 2x slower path)
-            if name in failed:
-                continue
-            try:
-                t = _batch_us(lambda name=name: outs.__setitem__(name, _PATHS[name](x2, qt, None, True)))
-                timings[name] = min(t, timings.get(name, t))
-            except Exception:  # noqa: BLE001 - a kernel that cannot compile or run here is simply not a candidate
-                failed.add(name)
-                timings.pop(name, None)
+    device = x.device if x.device.type == "cuda" else None
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        timings = _measure({name: (lambda name=name: _PATHS[name](x2, qt, None, True)) for name in cands},
+                           f"a {tuple(qt.shape)} weight, M={m}, {x.dtype}")
+    eager, graph = _pick(timings["eager_us"]), _pick(timings["gpu_us"])
+    _MEASURED[key], _GRAPH_CHOICES[key] = eager, graph
+    _TIMINGS[key] = dict(timings, eager=eager, graph=graph)
+    if os.environ.get(VERBOSE_VAR) == "1":
+        def fmt(d):
+            return ", ".join(f"{n} {t:.1f}" for n, t in sorted(d.items(), key=lambda kv: kv[1]))
+
+        print(f"matmul_nf4 auto: {x.device.type}:{key[0]} {str(x.dtype).replace('torch.', '')} N={key[2]} K={key[3]} "
+              f"M<={key[4]}: eager {eager} ({fmt(timings['eager_us'])} us), graph {graph} "
+              f"(GPU {fmt(timings['gpu_us'])} us)", file=sys.stderr, flush=True)
+    return eager
+
+
+def _pick(us: dict[str, float]) -> str:
+    """The fastest path of ``us`` ({path: microseconds}), except that a kernel must beat dequant + cuBLAS by more than
+    the noise of the measurement (NOISE_REL of dequant's time and at least NOISE_US) to replace it: dequant is the
+    general path, and a tie must not go to whichever kernel was lucky in the last round."""
+    if not us:
+        return "dequant"
+    best = min(us, key=us.get)
+    ref = us.get("dequant")
+    if best != "dequant" and ref is not None and us[best] >= ref - max(NOISE_REL * ref, NOISE_US):
+        return "dequant"
+    return best
+
+
+def _measure(fns: dict, what: str) -> dict[str, dict[str, float]]:
+    """Times every path of ``fns`` ({path: zero-argument call}) and returns {"eager_us": {path: us per call},
+    "gpu_us": {...}, "host_us": {...}} for the paths that ran and agree with dequant + cuBLAS.
+
+    First every path runs twice and the device is synchronized, so that first-use costs (compilation, launch plans,
+    the scratch buffer's growth, cuBLAS's heuristics, the dequant kernel's own backend measurement) and whatever the
+    caller had queued fall in no timed window; a path that raises is dropped, one whose output disagrees with
+    dequant + cuBLAS is dropped with a warning. Then ROUNDS interleaved rounds (the order rotated each round) time
+    every path with ``_batch_us`` (eager) and ``_gpu_us`` (GPU only); each keeps its best round, and a path that
+    raises in a round is dropped. The eager time is the larger of the eager batch and the GPU time."""
+    outs = {}
+    for name, fn in fns.items():
+        try:
+            outs[name] = fn()
+            fn()
+        except Exception:  # noqa: BLE001 - a kernel that cannot compile or run here is simply not a candidate
+            outs.pop(name, None)
+    torch.cuda.synchronize()
     ref = outs.get("dequant")
-    for name in [n for n in timings if n != "dequant" and ref is not None]:
-        if not _agrees(outs[name], ref):  # a safety net: never pick a kernel that disagrees with cuBLAS here
-            import warnings
+    if ref is not None:
+        for name in [n for n in outs if n != "dequant"]:
+            if not _agrees(outs[name], ref):  # a safety net: never pick a kernel that disagrees with cuBLAS here
+                warnings.warn(f"matmul_nf4: path {name!r} disagrees with dequant + cuBLAS for {what}; not used")
+                outs.pop(name)
+    alive = list(outs)
+    del outs, ref
+    eager, gpu, host = {}, {}, {}
+    for r in range(ROUNDS):
+        order = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
+        for name in order:
+            try:
+                e, h = _batch_us(fns[name], EAGER_CALLS)
+                g = _gpu_us(fns[name], GPU_CALLS, h)
+            except Exception:  # noqa: BLE001 - it ran before; if it fails now it is not a candidate either
+                alive.remove(name)
+                for d in (eager, gpu, host):
+                    d.pop(name, None)
+                continue
+            g = e if g is None else g
+            eager[name], gpu[name] = min(e, eager.get(name, e)), min(g, gpu.get(name, g))
+            host[name] = min(h, host.get(name, h))
+    return {"eager_us": {n: max(eager[n], gpu[n]) for n in eager}, "gpu_us": gpu, "host_us": host}
 
-            warnings.warn(f"matmul_nf4: path {name!r} disagrees with dequant + cuBLAS for a {tuple(qt.shape)} weight, "
-                          f"M={m}, {x.dtype}; not used")
-            timings.pop(name)
-    choice = min(timings, key=timings.get) if timings else "dequant"
-    _MEASURED[key] = choice
-    return choice
 
-
-def _batch_us(fn, calls: int = 8) -> float:
-    """Microseconds per call of ``calls`` back-to-back calls between two CUDA events (after two warm-up calls): the
-    larger of the host's and the GPU's time per call, which is what a loop of eager calls sees. Timing single
-    synchronized calls instead charges each path its launch latency from an idle GPU and favoured one launch over two
-    even where the two were twice as fast on the GPU."""
+def _batch_us(fn, calls: int = EAGER_CALLS) -> tuple[float, float]:
+    """(µs per call between two CUDA events around ``calls`` back-to-back calls, µs of host time per call). One
+    warm-up call (this path's kernels and plans hot again after the other candidates ran), then a device
+    synchronization, so that no earlier work (the caller's, the previous candidate's) is still queued when the
+    start event is recorded: the window then covers the host's launches and the GPU's work together, the larger of
+    the two per call, which is what a loop of eager calls sees. Timing single synchronized calls instead charges each
+    path its launch latency from an idle GPU and favoured one launch over two even where the two were twice as fast
+    on the GPU."""
     fn()
-    fn()
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = _now()
     start.record()
     for _ in range(calls):
         fn()
     end.record()
+    host = (_now() - t0) * 1e6 / calls
     end.synchronize()
-    return 1e3 * start.elapsed_time(end) / calls
+    return 1e3 * start.elapsed_time(end) / calls, host
+
+
+def _gpu_us(fn, calls: int = GPU_CALLS, host_us: float = 50.0) -> float | None:
+    """µs of GPU time per call, the host's launch overhead hidden: ``torch.cuda._sleep`` first keeps the GPU busy
+    for 1.5x the time the host needs to queue the calls (``host_us`` per call, measured by ``_batch_us``), so the
+    events around the calls see only the kernels back to back, as a CUDA graph replays them. If the start event had
+    already passed when the host finished queuing (the sleep too short: a slow moment of the host, a call that
+    synchronizes), it retries with a 4x longer sleep, twice at most. None where torch has no ``_sleep``."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is None:
+        return None
+    fn()
+    budget = 1.5 * host_us * calls + 50.0
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sleep(int(budget * SLEEP_CYCLES_PER_US))
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        hidden = not start.query()
+        end.synchronize()
+        us = 1e3 * start.elapsed_time(end) / calls
+        if hidden:
+            break
+        budget *= 4
+    return us
 
 
 def _agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:

@@ -499,15 +499,266 @@ def test_auto_agreement_check():
 @pytest.mark.gpu
 def test_auto_drops_a_wrong_kernel_gpu(monkeypatch):
     pytest.importorskip("cupy")
-    import quant.matmul as qm
-
-    monkeypatch.setattr(qm, "_MEASURED", {})
+    qm = _fresh_auto(monkeypatch)
     good = qm._PATHS["gemv_cuda"]
     monkeypatch.setitem(qm._PATHS, "gemv_cuda", lambda x, qt, b, fast=False: good(x, qt, b, fast) * 1.5)
     q, x, _ = _case((512, 1024), 1, torch.bfloat16, "cuda", bias=False)
     with pytest.warns(UserWarning, match="disagrees"):
         quant.matmul_nf4(x, q)
     assert qm.measured_choices() and "gemv_cuda" not in qm.measured_choices().values()
+
+
+def _fresh_auto(monkeypatch):
+    """quant.matmul with empty measurement caches (restored after the test)."""
+    import quant.matmul as qm
+
+    for name in ("_MEASURED", "_GRAPH_CHOICES", "_TIMINGS"):
+        monkeypatch.setattr(qm, name, {})
+    return qm
+
+
+class _SimGPU:
+    """A GPU and its host, for the timers of "auto" on CPU: one in-order stream; a call advances the host clock by its
+    launch cost and queues its GPU time, which starts once launched and once the stream is free; an event completes
+    when the stream reaches it; synchronize moves the host clock to the end of the queue; torch.cuda._sleep queues
+    cycles / 2000 us. Times in us."""
+
+    def __init__(self, monkeypatch, qm):
+        self.host = self.free = 0.0
+        sim = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self, stream=None):
+                sim.host += 0.5
+                self.t = max(sim.host, sim.free)
+
+            def query(self):
+                return sim.host >= self.t
+
+            def synchronize(self):
+                sim.host = max(sim.host, self.t)
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) / 1e3
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: self.wait())
+        monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: self.launch(2.0, cycles / 2000), raising=False)
+        monkeypatch.setattr(qm, "_now", lambda: self.host * 1e-6)
+
+    def launch(self, host_us, gpu_us):
+        self.host += host_us
+        self.free = max(self.free, self.host) + gpu_us
+
+    def wait(self):
+        self.host = max(self.host, self.free)
+
+    def path(self, host_us, gpu_us, out, fail_after=None):
+        """A matmul path costing host_us of launch and gpu_us of GPU per call and returning ``out``; it raises from
+        call number ``fail_after`` on (0: it cannot run at all)."""
+        calls = []
+
+        def fn(x, qt, bias, fast=False):
+            calls.append(1)
+            if fail_after is not None and len(calls) > fail_after:
+                raise RuntimeError("cannot launch")
+            self.launch(host_us, gpu_us)
+            return out
+
+        return fn
+
+
+def _sim_auto(monkeypatch, costs, m=32, wrong=()):
+    """quant.matmul with fresh caches, a simulated GPU, and the candidates ``costs`` ({path: (host us, GPU us) or
+    (host us, GPU us, fail_after)}) in that order; paths in ``wrong`` return 1.5x the right output."""
+    from types import SimpleNamespace
+
+    qm = _fresh_auto(monkeypatch)
+    sim = _SimGPU(monkeypatch, qm)
+    x = torch.randn(m, 64)
+    out = F.linear(x, torch.randn(48, 64))
+    for name, c in costs.items():
+        monkeypatch.setitem(qm._PATHS, name, sim.path(c[0], c[1], out * 1.5 if name in wrong else out, *c[2:]))
+    monkeypatch.setattr(qm, "candidates", lambda m, shape, blocksize: tuple(costs))
+    qt = SimpleNamespace(shape=torch.Size((48, 64)), blocksize=64)
+    return qm, sim, x, qt, (0, torch.float32, 48, 64, 1 << (m - 1).bit_length())
+
+
+def test_auto_batch_timers_ignore_queued_work_cpu(monkeypatch):
+    """The eager timer synchronizes before its start event: 5 ms of the caller's work still queued must not turn a
+    host-bound path (30 us to launch, 10 us on the GPU) into a 10 us one. The GPU timer hides the launches behind a
+    sleep (10 us), and when the host time it was given is far too small, detects the short sleep and retries."""
+    qm = _fresh_auto(monkeypatch)
+    sim = _SimGPU(monkeypatch, qm)
+    fn = sim.path(30.0, 10.0, None)
+    sim.launch(0.0, 5000.0)
+    eager, host = qm._batch_us(lambda: fn(None, None, None), 16)
+    assert 30.0 <= eager <= 31.5 and 30.0 <= host <= 31.5, (eager, host)
+    sim.launch(0.0, 5000.0)
+    assert qm._gpu_us(lambda: fn(None, None, None), 32, host) == pytest.approx(10.0, rel=1e-3)
+    assert qm._gpu_us(lambda: fn(None, None, None), 32, 1.0) == pytest.approx(10.0, rel=1e-3)  # 2 retries
+
+
+def test_auto_keeps_eager_and_graph_choices_cpu(monkeypatch, capsys):
+    """Eager choice by max(host, GPU) time, graph choice by GPU time, kept apart per key (with 5 ms of earlier work
+    queued when "auto" starts): the GEMV launches slowly but is the fastest on the GPU. Inside a (simulated) CUDA-graph
+    capture the graph choice is used; an unmeasured key there gets the guess, untimed and not remembered; torch.compile
+    tracing takes the eager choice. MINITRAIN_NF4_MATMUL_VERBOSE=1 prints one line per timed key."""
+    monkeypatch.setenv("MINITRAIN_NF4_MATMUL_VERBOSE", "1")
+    costs = {"gemv_cuda": (30.0, 10.0), "mma_cuda": (25.0, 14.0), "dequant": (15.0, 12.0)}
+    qm, sim, x, qt, key = _sim_auto(monkeypatch, costs)
+    sim.launch(0.0, 5000.0)
+    assert qm._choose_path(x, qt, 32, 0) == "dequant"
+    t = qm.measured_timings()[key]
+    assert (t["eager"], t["graph"]) == ("dequant", "gemv_cuda"), t
+    assert qm.measured_choices() == {key: "dequant"}
+    for name, (h, g) in costs.items():
+        assert max(h, g) <= t["eager_us"][name] <= 1.1 * max(h, g), (name, t)
+        assert t["gpu_us"][name] == pytest.approx(g, rel=1e-3), (name, t)
+        assert h <= t["host_us"][name] <= 1.1 * h, (name, t)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eager dequant" in err[0] and "graph gemv_cuda" in err[0], err
+    clock = sim.host
+    monkeypatch.setattr(qm, "_capturing", lambda device: True)
+    assert qm._choose_path(x, qt, 32, 0) == "gemv_cuda"
+    other = type(qt)(shape=torch.Size((40, 64)), blocksize=64)  # a key never called eagerly
+    assert qm._choose_path(x, other, 32, 0) == "dequant" and qm._choose_path(x[:4], other, 4, 0) == "gemv_cuda"
+    monkeypatch.setattr(qm, "_capturing", lambda device: False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert qm._choose_path(x, qt, 32, 0) == "dequant" and qm._choose_path(x, other, 32, 0) == "dequant"
+    assert sim.host == clock and list(qm._GRAPH_CHOICES) == list(qm._MEASURED) == [key]  # nothing timed or kept
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert qm._choose_path(x, qt, 32, 0) == "dequant" and sim.host == clock
+    assert capsys.readouterr().err == ""
+
+
+def test_auto_noise_margin_cpu(monkeypatch):
+    """A kernel replaces dequant + cuBLAS only when faster by more than 5% and 0.5 us; among kernels, the fastest."""
+    from quant.matmul import _pick
+
+    assert _pick({"mma_cuda": 9.6, "dequant": 10.0}) == "dequant"
+    assert _pick({"mma_cuda": 9.4, "dequant": 10.0}) == "mma_cuda"
+    assert _pick({"gemv_cuda": 2.7, "dequant": 3.0}) == "dequant"  # 10% faster but only 0.3 us
+    assert _pick({"gemv_cuda": 2.4, "dequant": 3.0}) == "gemv_cuda"
+    assert _pick({"mma_cuda": 5.0, "gemv": 4.9, "dequant": 20.0}) == "gemv"
+    assert _pick({"mma_cuda": 5.0}) == "mma_cuda" and _pick({}) == "dequant"
+    # measured 3% faster in every round, on the host and on the GPU: still dequant for both choices
+    qm, sim, x, qt, key = _sim_auto(monkeypatch, {"mma_cuda": (19.4, 19.4), "dequant": (20.0, 20.0)})
+    assert qm._choose_path(x, qt, 32, 0) == "dequant"
+    t = qm.measured_timings()[key]
+    assert t["graph"] == "dequant" and t["gpu_us"]["mma_cuda"] < t["gpu_us"]["dequant"], t
+
+
+def test_auto_drops_failing_and_disagreeing_paths_cpu(monkeypatch):
+    """A path that cannot run, one that fails during the rounds, and one whose output disagrees with dequant +
+    cuBLAS (the fastest, with a warning) are dropped; the choice is made among the rest."""
+    costs = {"gemv_cuda": (5.0, 3.0), "gemv": (5.0, 3.0, 0), "mma_cuda": (5.0, 3.0, 20), "fused": (10.0, 8.0),
+             "dequant": (15.0, 12.0)}
+    qm, sim, x, qt, key = _sim_auto(monkeypatch, costs, m=4, wrong=("gemv_cuda",))
+    with pytest.warns(UserWarning, match="'gemv_cuda' disagrees"):
+        assert qm._choose_path(x, qt, 4, 0) == "fused"
+    t = qm.measured_timings()[key]
+    assert t["graph"] == "fused" and set(t["eager_us"]) == set(t["gpu_us"]) == {"fused", "dequant"}, t
+
+
+def _events_us(fn, calls=100, rounds=5):
+    """µs per call of ``calls`` back-to-back eager calls between CUDA events, after a synchronization; best round."""
+    best = float("inf")
+    for _ in range(rounds):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, 1e3 * start.elapsed_time(end) / calls)
+    return best
+
+
+def _graph_us(fn, calls=20, rounds=10):
+    """µs per call of ``calls`` calls captured in one CUDA graph, replayed between CUDA events; best replay."""
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, 1e3 * start.elapsed_time(end) / calls)
+    del g
+    return best
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1024, 4096), (4096, 4096)])
+def test_auto_picks_the_fastest_gpu(monkeypatch, shape):
+    """M = 32, bf16 (the H100 bench saw "auto" keep mma_cuda there at 1.6x dequant + cuBLAS's time): after "auto"
+    measured, its eager choice is within 15% of the fastest candidate timed here independently (100 eager calls
+    between events, best of 5), and its graph choice within 15% of the fastest in CUDA graph replays."""
+    pytest.importorskip("cupy")
+    qm = _fresh_auto(monkeypatch)
+    q, x, _ = _case(shape, 32, torch.bfloat16, "cuda", bias=False)
+    quant.matmul_nf4(x, q)
+    key = (x.device.index, torch.bfloat16, shape[0], shape[1], 32)
+    t = qm.measured_timings()[key]
+    paths = list(t["eager_us"])
+    eager = {p: _events_us(lambda p=p: quant.matmul_nf4(x, q, backend=p)) for p in paths}
+    graph = {p: _graph_us(lambda p=p: quant.matmul_nf4(x, q, backend=p)) for p in paths}
+    msg = f"auto measured {t}; this test measured eager {eager}, graph replay {graph}"
+    print(msg)
+    assert len(paths) >= 2, msg
+    assert eager[t["eager"]] <= 1.15 * min(eager.values()), msg
+    assert graph[t["graph"]] <= 1.15 * min(graph.values()), msg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [8, 32])
+def test_auto_in_cuda_graph_capture_gpu(monkeypatch, m):
+    """After an eager warm-up call (which measures), "auto" inside torch.cuda.graph capture launches the graph
+    choice (not the eager one, where they differ), and the replay equals that path's eager output (and eager auto's,
+    bit for bit where the two choices agree, within the tolerance rule where they differ)."""
+    pytest.importorskip("cupy")
+    qm = _fresh_auto(monkeypatch)
+    calls = []
+    for name, fn in list(qm._PATHS.items()):
+        monkeypatch.setitem(qm._PATHS, name, lambda *a, name=name, fn=fn, **k: (calls.append(name), fn(*a, **k))[1])
+    q, x, b = _case((4096, 4096), m, torch.bfloat16, "cuda")
+    y_eager = quant.matmul_nf4(x, q, b)
+    key = (x.device.index, torch.bfloat16, 4096, 4096, m)
+    eager_choice, graph_choice = qm.measured_choices()[key], qm.measured_timings()[key]["graph"]
+    assert calls[-1] == eager_choice and qm.measured_timings()[key]["eager"] == eager_choice
+    torch.cuda.synchronize()
+    calls.clear()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = quant.matmul_nf4(x, q, b)
+    assert calls == [graph_choice], (calls, qm.measured_timings()[key])
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, quant.matmul_nf4(x, q, b, backend=graph_choice))
+    y_eager = quant.matmul_nf4(x, q, b)
+    if graph_choice == eager_choice:
+        assert torch.equal(y, y_eager)
+    else:
+        ys = F.linear(x, dequantize_nf4_ref(q, torch.bfloat16), b)
+        y32 = F.linear(x.float(), dequantize_nf4_ref(q, torch.float32).bfloat16().float(), b.float())
+        _check_close(y, ys, y32, torch.bfloat16, f"graph {graph_choice}")
+        _check_close(y_eager, ys, y32, torch.bfloat16, f"eager {eager_choice}")
 
 
 def test_eager_path_decides_once_and_never_syncs_cpu(monkeypatch):
@@ -570,7 +821,8 @@ def test_eager_path_with_grads_cpu(monkeypatch, m):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     qm._prepare(q)
     path = "dequant" if m > 16 else "gemv"
-    monkeypatch.setitem(qm._MEASURED, (None, torch.float32, 48, 128, 1 << (m - 1).bit_length()), path)
+    rows = 2 * m  # x is (2, m, 128)
+    monkeypatch.setitem(qm._MEASURED, (None, torch.float32, 48, 128, 1 << (rows - 1).bit_length()), path)
     if path == "gemv":  # the Triton GEMV under the interpreter stands in for the chosen small-M kernel
         monkeypatch.setitem(qm._PATHS, "gemv", lambda x, qt, bias, fast=False: F.linear(x, w, bias))
     y = quant.matmul_nf4(x, q, b)
