@@ -23,11 +23,19 @@ The switch sets ``kernel_backend`` on every module that has one: "auto" (kernels
 otherwise), "torch" (plain torch everywhere) or "triton" (the Triton kernels even for CPU tensors, which
 works only under TRITON_INTERPRET=1: for tests). When triton_ops cannot be imported, "auto" means "torch".
 
+Grouped LoRA projections (``GROUPED_LORA``, env ``MINITRAIN_GROUPED_LORA=0`` to turn off): when the LoRALinear
+projections would run triton_ops.lora's hand-written path anyway, attention computes q, k, v with one
+``lora_qkv`` call (x read once, the adapters batched, every dx term summed into one buffer) and the MLP is one
+``lora_mlp`` call (saves x, gate(x), up(x) but not the SwiGLU output; SwiGLU recomputed in place in backward).
+Only where that is the same computation as the modules one by one (see :func:`_grouped_projections`);
+else, and always with ``kernel_backend == "torch"``, each module is called as before.
+
 Shape letters: B batch, T sequence, H query heads, KV key/value heads, D head dim, C model dim, F MLP dim,
 V vocab.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -48,6 +56,28 @@ try:  # the fused kernels (issues 2-4); without them every op runs its plain-tor
     from triton_ops.swiglu import swiglu as _k_swiglu
 except ImportError:  # pragma: no cover - triton or the package missing
     _k_rms_norm = _k_rope = _k_swiglu = None
+
+from . import lora as _mlora
+
+try:  # the grouped LoRA Functions (one call for q/k/v, one for gate/up/down); without them, module by module
+    import triton_ops.lora as _tlora
+except ImportError:  # pragma: no cover - triton or the package missing
+    _tlora = None
+try:
+    from quant.linear import NF4Linear as _NF4Linear
+except ImportError:  # pragma: no cover
+    _NF4Linear = None
+
+
+
+def grouped_lora_default() -> bool:
+    """False when MINITRAIN_GROUPED_LORA is 0 (or false/off/no), else True."""
+    return os.environ.get("MINITRAIN_GROUPED_LORA", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+# Attention's q/k/v and the MLP's gate/up/down through one grouped LoRA call each (see _grouped_projections).
+# Off with MINITRAIN_GROUPED_LORA=0 (read at import) or by setting this to False (read at every forward).
+GROUPED_LORA = grouped_lora_default()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -275,6 +305,96 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "torch") -> torc
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Grouped LoRA projections
+# ---------------------------------------------------------------------------------------------------------
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _lora_backend(x: torch.Tensor) -> str | None:
+    """The backend that LoRALinear's fused path uses for ``x``, when it is triton_ops.lora's hand-written
+    path ("triton"); None otherwise (no fused path, the reference on CPU, or an unknown function patched in).
+
+    LoRALinear calls ``minitrain.lora._fused_lora_linear``: ``triton_ops.lora.lora_linear`` itself ("auto":
+    hand-written on CUDA tensors) or, as the tests set it, ``functools.partial(lora_linear, backend=...)``."""
+    if _tlora is None:
+        return None
+    f = _mlora._fused_lora_linear
+    if f is _tlora.lora_linear:
+        backend = "auto"
+    elif (isinstance(f, functools.partial) and f.func is _tlora.lora_linear and not f.args
+          and set(f.keywords) == {"backend"}):
+        backend = f.keywords["backend"]
+    else:
+        return None
+    return "triton" if backend == "triton" or (backend == "auto" and x.is_cuda) else None
+
+
+def _unhooked(m: nn.Module) -> bool:
+    """No hook of any kind on ``m`` and its forward not replaced on the instance."""
+    return not any(getattr(m, h, None) for h in _HOOK_DICTS) and "forward" not in vars(m)
+
+
+def _global_hooks() -> bool:
+    mm = nn.modules.module
+    return any(getattr(mm, "_global" + h, None) for h in _HOOK_DICTS)
+
+
+def _lora_member(m: nn.Module, x: torch.Tensor, dtype: torch.dtype):
+    """How projection ``m`` takes part in a grouped call on input ``x`` computed in ``dtype``:
+    a ``LoRAWeights`` (it joins the grouped Function), "solo" (a frozen projection without adapter, called as
+    its own module: it draws no random numbers, so calling it after the group changes nothing), or None (the
+    group is not provably the same computation: the caller falls back to the modules one by one)."""
+    if not _unhooked(m):
+        return None
+    t = type(m)
+    if t is _mlora.LoRALinear:
+        fwd = t.forward
+        if fwd.__module__ != "minitrain.lora" or fwd.__qualname__ != "LoRALinear.forward":
+            return None  # the class's forward was patched
+        base = m.base_layer
+        # exactly what LoRALinear.forward passes to lora_linear; dropout only in training (as _spec applies it)
+        return _tlora.LoRAWeights(base.weight, m.lora_A, m.lora_B, m.scale, base.bias,
+                                  m.dropout if m.training else 0.0)
+    if t is nn.Linear:
+        w, b = m.weight, m.bias
+        frozen = not w.requires_grad and (b is None or not b.requires_grad)
+        # F.linear computes in the autocast dtype, else needs x, W and b of one dtype: what _proj_forward does
+        same = w.device == x.device and (torch.is_autocast_enabled(x.device.type)
+                                         or (w.dtype == dtype and (b is None or b.dtype == dtype)))
+        if frozen and same and w.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return _tlora.LoRAWeights(w, bias=b)
+        return "solo"
+    if _NF4Linear is not None and t is _NF4Linear and (m.bias is None or not m.bias.requires_grad):
+        return "solo"  # matmul_nf4 may take another kernel than dequantize + GEMM: stays its own call
+    return None
+
+
+def _grouped_projections(x: torch.Tensor, mods, kernel_backend: str, allow_solo: bool):
+    """(backend, members) for computing ``mods`` (projections of one input x) in one grouped LoRA call, or None.
+
+    Grouped only when it is the same computation as calling the modules one by one: ``GROUPED_LORA`` on,
+    the module's ``kernel_backend`` not "torch" (the reference path stays module by module), LoRALinear would
+    take triton_ops.lora's hand-written path for ``x`` (``_lora_backend``), at least one projection is a
+    LoRALinear and each is an unsubclassed, unpatched LoRALinear or a frozen plain projection (see
+    ``_lora_member``), with no module hook on any of them and no global one. Dropout masks are drawn in the
+    modules' order by the grouped call itself; the compute dtype is x's or autocast's, as LoRALinear's."""
+    if not GROUPED_LORA or kernel_backend == "torch" or _global_hooks():
+        return None
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    backend = _lora_backend(x)
+    if backend is None:
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    members = [_lora_member(m, x, dtype) for m in mods]
+    if any(w is None or (isinstance(w, str) and not allow_solo) for w in members):
+        return None
+    if not any(isinstance(w, _tlora.LoRAWeights) and w.A is not None for w in members):
+        return None  # no adapter here: the modules as they are
+    return backend, members
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Masks
 # ---------------------------------------------------------------------------------------------------------
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -377,11 +497,24 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=b)
         self.kernel_backend = default_kernel_backend()
 
+    def qkv(self, x):
+        """q_proj(x), k_proj(x), v_proj(x): the projections that can be grouped in one ``lora_qkv`` call
+        (see :func:`_grouped_projections`), any frozen one without adapter by its own module after it."""
+        mods = (self.q_proj, self.k_proj, self.v_proj)
+        group = _grouped_projections(x, mods, self.kernel_backend, allow_solo=True)
+        if group is None:
+            return tuple(m(x) for m in mods)
+        backend, members = group
+        ys = iter(_tlora.lora_qkv(x, *[w for w in members if not isinstance(w, str)], training=True,
+                                  backend=backend))
+        return tuple(m(x) if isinstance(w, str) else next(ys) for m, w in zip(mods, members))
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k, v = self.qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, k, cos, sin, self.kernel_backend)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, D)
@@ -399,6 +532,15 @@ class LlamaMLP(nn.Module):
         self.kernel_backend = default_kernel_backend()
 
     def forward(self, x):
+        # One lora_mlp call when the three projections can be grouped and SwiGLU runs the Triton kernel here
+        # (what lora_mlp runs): it saves x, gate(x), up(x) but not the SwiGLU output, and under
+        # triton_ops.lora.output_unused(down's base) skips SwiGLU and the down projection.
+        if _kernel_backend(self.kernel_backend, x, _k_swiglu) is not None:
+            group = _grouped_projections(x, (self.gate_proj, self.up_proj, self.down_proj), self.kernel_backend,
+                                         allow_solo=False)
+            if group is not None:
+                backend, (gate, up, down) = group
+                return _tlora.lora_mlp(x, gate, up, down, training=True, backend=backend)
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.kernel_backend))  # (B, T, F) -> (B, T, C)
 
 

@@ -313,7 +313,14 @@ def unused_output_base(forward):
     ends at the down projection's save). It also requires that ``layer.mlp`` runs ``LlamaMLP.forward`` (which
     returns the down projection's output as it is), that ``down_proj`` is a ``LoRALinear`` running its own
     forward, that no forward hook (on either, or global) could read an output, and that no other module of the
-    layer holds that weight object. Anything else (another layer class, a patched or hooked module): None."""
+    layer holds that weight object. Anything else (another layer class, a patched or hooked module): None.
+
+    Both ways ``LlamaMLP.forward`` computes honour the flag exactly: module by module, ``down_proj`` (a
+    LoRALinear, so ``lora_linear``) returns an uninitialized output; grouped (``minitrain.model.GROUPED_LORA``,
+    one ``lora_mlp`` call given this same weight object as down's base), ``lora_mlp`` stops after gate(x) and
+    up(x), skipping SwiGLU too. Either way the tensors saved for backward are computed as without the flag. The
+    MLP groups only with unhooked, unpatched projections, so a hook or patch on gate/up/down that these checks
+    allow (on gate/up; a forward pre-hook) sees the modules run one by one, and gate(x), up(x) computed."""
     if output_unused is None or getattr(forward, "__func__", None) is not LlamaDecoderLayer.forward:
         return None
     mlp = getattr(forward.__self__, "mlp", None)
