@@ -264,7 +264,7 @@ def _choose_path(x, qt, m: int, index: int | None = None) -> str:
         return choice if graph == choice or not _capturing(x.device) else graph
     capturing = _capturing(x.device)
     cands = candidates(m, qt.shape, qt.blocksize)
-    if len(cands) == 1:  # nothing to measure (M > 64, or no CuPy): remembered like a measurement (later calls skip this)
+    if len(cands) == 1:  # nothing to measure (M > 64, or no CuPy): remembered like a measurement (later calls skip it)
         _MEASURED[key] = _GRAPH_CHOICES[key] = cands[0]
         return cands[0]
     if capturing or torch.compiler.is_compiling():
@@ -372,7 +372,8 @@ def _gpu_us(fn, calls: int = GPU_CALLS, host_us: float = 50.0) -> float | None:
     for 1.5x the time the host needs to queue the calls (``host_us`` per call, measured by ``_batch_us``), so the
     events around the calls see only the kernels back to back, as a CUDA graph replays them. If the start event had
     already passed when the host finished queuing (the sleep too short: a slow moment of the host, a call that
-    synchronizes), it retries with a 4x longer sleep, twice at most. None where torch has no ``_sleep``."""
+    synchronizes), it retries with a 4x longer sleep (at most 0.1 s), twice at most. None where torch has no
+    ``_sleep``."""
     sleep = getattr(torch.cuda, "_sleep", None)
     if sleep is None:
         return None
@@ -391,7 +392,7 @@ def _gpu_us(fn, calls: int = GPU_CALLS, host_us: float = 50.0) -> float | None:
         us = 1e3 * start.elapsed_time(end) / calls
         if hidden:
             break
-        budget *= 4
+        budget = min(4 * budget, 1e5)  # at most 0.1 s of sleep, whatever the host did
     return us
 
 
