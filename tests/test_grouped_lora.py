@@ -310,7 +310,7 @@ def test_grouped_equals_modules_on_cuda(mode, monkeypatch):
     eager and replayed from a CUDA graph; the grouped calls really ran (one lora_qkv and lora_mlp per layer)."""
     from test_cuda_graphs import nf4_projections, random_batch
 
-    from minitrain.cuda_graphs import GraphedLoss, zero_grads
+    from minitrain.cuda_graphs import GraphedLoss, graph_blockers, zero_grads
     from minitrain.model import rope_inv_freq
     from minitrain.trainer import n_items, set_gradient_checkpointing, token_loss_sum
 
@@ -379,4 +379,9 @@ def test_grouped_equals_modules_on_cuda(mode, monkeypatch):
     assert got[2].count("lora_qkv") == per_layer * 2 and got[2].count("mlp") == per_layer * 2, got[2]
     assert "lora_qkv" not in same[2] and "mlp" not in same[2], same[2]
     check(got, same, "eager")
+    set_gradient_checkpointing(model, mode)
+    why = graph_blockers(model)
+    set_gradient_checkpointing(model, "off")
+    if why:  # e.g. checkpointing inside graphs needs a newer torch: the eager comparison above still counts
+        pytest.skip("graphed part not possible here: " + "; ".join(why))
     check(graphed(True), graphed(False), "graphed")
