@@ -209,7 +209,7 @@ def _quantized_cache(shape):
 
 def matmul_rows():
     import quant
-    from quant.matmul import _dequant_mm, _gemv, _gemv_cuda, _mma_cuda, _weight, measured_choices
+    from quant.matmul import _dequant_mm, _gemv, _gemv_cuda, _mma_cuda, _weight, measured_choices, measured_timings
 
     rows, picks = [], {}
     for shape in MM_SHAPES:
@@ -240,6 +240,12 @@ def matmul_rows():
             bucket = max(1, 1 << (m - 1).bit_length())
             choice = [v for k, v in measured_choices().items() if k[2:4] == shape and k[4] == bucket]
             picks[(m,) + shape] = choice[0] if choice else ("dequant" if m > 8 else "?")
+            timed = [v for k, v in measured_timings().items() if k[2:4] == shape and k[4] == bucket]
+            if timed:  # what auto saw: eager and GPU-only µs per candidate, and the CUDA-graph choice
+                t = timed[0]
+                fmt = lambda d: ", ".join(f"{p} {u:.1f}" for p, u in sorted(d.items(), key=lambda i: i[1]))  # noqa: E731
+                picks[("timed", m) + shape] = (f"graph choice {t['graph']}; auto's own timings µs: eager "
+                                              f"{fmt(t['eager_us'])}; GPU-only {fmt(t['gpu_us'])}")
     return rows, picks
 
 
@@ -463,7 +469,8 @@ def _summary(rows, copy_gbs, picks):
                          f"(GPU-only {auto.get('kus', 0):.1f}); dequant+F.linear {deq['us']:.1f} µs "
                          f"({deq['us'] / auto['us']:.2f}x)"
                          + (f"; bnb matmul_4bit {bnb['us']:.1f} µs (GPU-only {bnb.get('kus', 0):.1f}; ours "
-                            f"{bnb['us'] / auto['us']:.2f}x its speed)" if bnb else "") + verdict)
+                            f"{bnb['us'] / auto['us']:.2f}x its speed)" if bnb else "") + verdict
+                         + (f"; {picks[('timed', m) + shape]}" if ("timed", m) + shape in picks else ""))
     return "\n".join(lines) + "\n"
 
 
