@@ -308,7 +308,7 @@ def test_grouped_equals_modules_on_cuda(mode, monkeypatch):
     """bf16 autocast over an fp32 model with NF4 bases and LoRA on all seven projections, T=512: loss and
     every adapter gradient of the grouped path within 2x the modules' error against the fp32 run (+ a little),
     eager and replayed from a CUDA graph; the grouped calls really ran (one lora_qkv and lora_mlp per layer)."""
-    from test_cuda_graphs import nf4_projections, random_batch
+    from test_cuda_graphs import nf4_projections
 
     from minitrain.cuda_graphs import GraphedLoss, graph_blockers, zero_grads
     from minitrain.model import rope_inv_freq
