@@ -263,3 +263,33 @@ def test_gpu_forward_packed_and_generate(dtype):
         assert rel <= limit, f"{dtype} {list(kw)}: relative error {rel:.3g} > {limit:.3g}"
     out = gpu.generate(ids[:1, :10].cuda(), 16)
     assert out.shape == (1, 26) and out.device.type == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 256, 8, 2, 64), (1, 1000, 32, 8, 128), (3, 77, 6, 3, 80)])  # tiny / Llama-8B heads / odd T, D
+def test_gqa_attention_equals_repeated_kv_gpu(shape):
+    """minitrain.model.attention on CUDA without a mask hands GQA to SDPA (enable_gqa) instead of repeating k and v:
+    output and gradients of q, k, v are held to the tolerance rule against fp32 SDPA, like the repeated-k/v path
+    (SDPA may pick another kernel for GQA; on the 8B shape the output bits were the same)."""
+    import torch.nn.functional as F
+    from minitrain.model import attention
+
+    B, T, H, KV, D = shape
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, KV, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, T, KV, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    go = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    y = attention(q, k, v, None)
+    gq, gk, gv = torch.autograd.grad(y, (q, k, v), go)
+    n = H // KV
+    y_ref = F.scaled_dot_product_attention(q, k.repeat_interleave(n, 1), v.repeat_interleave(n, 1), is_causal=True,
+                                           scale=D ** -0.5)
+    rq, rk, rv = torch.autograd.grad(y_ref, (q, k, v), go)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    y32 = F.scaled_dot_product_attention(qf, kf.repeat_interleave(n, 1), vf.repeat_interleave(n, 1), is_causal=True,
+                                         scale=D ** -0.5)
+    fq, fk, fv = torch.autograd.grad(y32, (qf, kf, vf), go.float())
+    for name, got, ref, exact in (("y", y, y_ref, y32), ("dq", gq, rq, fq), ("dk", gk, rk, fk), ("dv", gv, rv, fv)):
+        err = (got.float() - exact).abs().max().item()
+        ref_err = (ref.float() - exact).abs().max().item()
+        assert err <= 2 * ref_err + 1e-2, f"{name} {shape}: |GQA - fp32| {err:.3g} vs repeated k/v's {ref_err:.3g}"
