@@ -37,6 +37,7 @@ reference composition with torch's autograd (fp32 math); "auto" = triton on CUDA
 from __future__ import annotations
 
 import math
+import os
 import threading
 from contextlib import contextmanager
 from typing import Any, NamedTuple, Optional
@@ -146,6 +147,22 @@ def lora_mlp_ref(x, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights):
 # Per projection the autograd Functions receive a _Proj (frozen, non-tensor parts) and the tensors A, B, keep
 # as direct arguments, so autograd sees the adapters as inputs.
 
+# Keep xa = drop(x)·Aᵀ (M, R) from the forward for dB instead of recomputing it in backward, which re-reads the
+# whole (dropped) input x (on the 8B shape: 32 MiB per attention group, 112 MiB for down's h) for an (M, 16)
+# product. Bit-identical either way (the same GEMM of the same tensors); the switch exists for the tests that
+# prove it. Costs M·R elements per adapter (128 KiB at M=4096, R=16, bf16).
+SAVE_XA = True
+
+# Order of the two terms that land in one output: False = base GEMM first, then the adapter term added in
+# place (addmm_, a memory-bound K=R pass that reads and rewrites the whole output); True = the adapter term
+# (+ bias) written first by one GEMM, then the base GEMM accumulates into it (beta=1: cuBLAS reads the output
+# in its epilogue). Applies to forward outputs and to the dx / dh buffers in backward. Results differ by
+# rounding only (the adapter's alpha is applied in the GEMM's fp32 epilogue instead of after a 16-bit round,
+# and the sum's rounding order changes). Off by default until measured (bench.lora_passes); env
+# MINITRAIN_LORA_ADAPTER_FIRST=1 (read at import) or set this attribute (read at every call).
+ADAPTER_FIRST = os.environ.get("MINITRAIN_LORA_ADAPTER_FIRST", "0") == "1"
+
+
 class _Proj(NamedTuple):
     base: Any          # tensor or object with dequantize()
     scale: float
@@ -158,45 +175,72 @@ def _drop(x2: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor
     return x2 if keep is None else torch.where(keep, x2 * (1.0 / (1.0 - p)), 0).to(x2.dtype)
 
 
-def _proj_forward(x2, pr: _Proj, A, B, keep):
-    """(M, K) -> (M, N): base GEMM (+ bias) then the adapter added in place by one addmm_."""
-    W = _dense(pr.base, x2.dtype)  # freed on return: the dequantized weight lives for one GEMM
-    if pr.bias is not None:
-        y = torch.addmm(pr.bias.to(x2.dtype), x2, W.t())
-    else:
-        y = x2 @ W.t()
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)  # adapters cast once per Function call (no copy when equal)
+
+
+def _proj_out(x2, pr: _Proj, xa, B_):
+    """(M, K) -> (M, N): x·Wᵀ (+ bias) + s·xa·Bᵀ, the two terms in the order ADAPTER_FIRST picks (xa None: no
+    adapter term). The dequantized weight lives for its one GEMM."""
+    dtype = x2.dtype
+    bias = _cast(pr.bias, dtype)
+    if xa is not None and ADAPTER_FIRST:
+        if bias is not None:
+            y = torch.addmm(bias, xa, B_.t(), alpha=pr.scale)
+        else:  # beta=0: the uninitialized buffer is never read
+            y = torch.empty(x2.shape[0], B_.shape[0], dtype=dtype, device=x2.device)
+            y.addmm_(xa, B_.t(), beta=0, alpha=pr.scale)
+        return y.addmm_(x2, _dense(pr.base, dtype).t())
+    W = _dense(pr.base, dtype)
+    y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
     del W
-    if pr.has_adapter:
-        xa = _drop(x2, keep, pr.p) @ A.to(x2.dtype).t()              # (M, R)
-        y.addmm_(xa, B.to(x2.dtype).t(), alpha=pr.scale)
+    if xa is not None:
+        y.addmm_(xa, B_.t(), alpha=pr.scale)
     return y
 
 
-def _proj_backward(dy2, x2, pr: _Proj, A, B, keep, dx, need_dx=True):
-    """Adds this projection's dx into ``dx`` (or starts it when None); returns (dx, dA, dB).
-    With need_dx False (x needs no gradient) the base GEMM and the dx terms are skipped."""
-    dtype = dy2.dtype
-    if need_dx:
-        W = _dense(pr.base, dtype)  # re-dequantized: the forward did not keep it
-        if dx is None:
-            dx = dy2 @ W
-        else:
-            dx.addmm_(dy2, W)
-        del W
-    if not pr.has_adapter:
-        return dx, None, None
-    A_, B_ = A.to(dtype), B.to(dtype)
-    dyB = dy2 @ B_                                                   # (M, R)
-    if not need_dx:
-        pass
-    elif keep is None:
-        dx.addmm_(dyB, A_, alpha=pr.scale)
-    else:
-        dx.add_(torch.where(keep, dyB @ A_, 0), alpha=pr.scale / (1.0 - pr.p))
+def _proj_forward(x2, pr: _Proj, A_, B_, keep):
+    """One projection: returns (y (M, N), xa = drop(x)·Aᵀ (M, R) or None without an adapter)."""
+    xa = _drop(x2, keep, pr.p) @ A_.t() if pr.has_adapter else None
+    return _proj_out(x2, pr, xa, B_), xa
+
+
+def _dx_base(dx, dy2, pr: _Proj):
+    """dx += dy·W (dx None: a fresh buffer); W re-dequantized, the forward did not keep it."""
+    W = _dense(pr.base, dy2.dtype)
+    return dy2 @ W if dx is None else dx.addmm_(dy2, W)
+
+
+def _dx_adapter(dx, dyB, A_, keep, p: float, scale: float):
+    """dx += s·(dyB·A)⊙keep/(1-p); with dx None the GEMM writes a fresh buffer (beta=0, the scale as alpha)."""
+    if dx is None:
+        dx = torch.empty(dyB.shape[0], A_.shape[1], dtype=dyB.dtype, device=dyB.device)
+        dx.addmm_(dyB, A_, beta=0, alpha=scale if keep is None else scale / (1.0 - p))
+        return dx if keep is None else dx.mul_(keep)
+    if keep is None:
+        return dx.addmm_(dyB, A_, alpha=scale)
+    return dx.add_(torch.where(keep, dyB @ A_, 0), alpha=scale / (1.0 - p))
+
+
+def _adapter_grads(dy2, dyB, x2, pr: _Proj, A_, keep, xa):
+    """dA = s·dyBᵀ·drop(x) (R, K), dB = s·dyᵀ·xa (N, R); xa = drop(x)·Aᵀ recomputed only when not given."""
     xd = _drop(x2, keep, pr.p)
-    dA = torch.mm(dyB.t(), xd).mul_(pr.scale)                        # (R, K)
-    dB = torch.mm(dy2.t(), xd @ A_.t()).mul_(pr.scale)               # (N, R)
-    return dx, dA.to(A.dtype), dB.to(B.dtype)
+    dA = torch.mm(dyB.t(), xd).mul_(pr.scale)
+    if xa is None:
+        xa = xd @ A_.t()
+    return dA, torch.mm(dy2.t(), xa).mul_(pr.scale)
+
+
+def _absent(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """Stands in for a saved (rows, cols) tensor that was not computed: same shape, dtype and device (what
+    torch.utils.checkpoint compares between the forward and the recomputation), strides (0, 0) over one
+    element, which no GEMM output has; ``_present`` tells them apart. A non-tensor flag would not do: under a
+    non-reentrant checkpoint backward sees the forward's ctx but the recomputation's saved tensors."""
+    return like.new_empty(1).as_strided((rows, cols), (0, 0))
+
+
+def _present(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None or (t.dim() == 2 and t.stride() == (0, 0)) else t
 
 
 def _flat(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -206,81 +250,110 @@ def _flat(t: torch.Tensor, n: int) -> torch.Tensor:
 class _LoRAGroupFn(torch.autograd.Function):
     """Several adapted projections of one input x (one for lora_linear, three for QKV).
 
-    Saves x, the adapters and the keep-masks; backward recomputes drop(x)·Aᵀ, re-dequantizes each base
-    weight and accumulates every dx term into a single (M, K) buffer (see the module docstring for the math).
+    Saves x, the adapters, the keep-masks and each xa = drop(x)·Aᵀ (M, R) of the forward (``SAVE_XA``);
+    backward re-dequantizes each base weight and accumulates every dx term into a single (M, K) buffer (see
+    the module docstring for the math; the order of base and adapter terms follows ``ADAPTER_FIRST``).
     Adapters without dropout see the same x, so they are batched: one GEMM x·[A_q; A_k; A_v]ᵀ (M, ΣR) in
-    forward, and in backward one GEMM each for dx += [s·dy_i·B_i]·[A_i] and [dA_i] = [s·dy_i·B_i]ᵀ·x, so x
-    and dx are read once for all adapters rather than once per adapter.
+    forward (saved whole), and in backward one GEMM each for dx += [s·dy_i·B_i]·[A_i] and
+    [dA_i] = [s·dy_i·B_i]ᵀ·x, so x and dx are read once for all adapters rather than once per adapter.
 
     Under ``output_unused(base)`` the projection with that base computes no output (no dequantize, base GEMM or
-    adapter term; torch.empty is returned for it). Exact: backward reads only x, the adapters and the masks,
-    all saved as without the flag, and the other projections' outputs are computed as without it.
+    adapter term; torch.empty is returned for it); its xa is still computed and saved (backward needs it; the
+    same read of x as recomputing it there, and checkpointing requires the same saved tensors). Exact:
+    backward reads only x, the adapters, the masks and xa, all saved as without the flag, and the other
+    projections' outputs are computed as without it.
     """
 
     @staticmethod
     def forward(ctx, x, projs, *tensors):
         K = x.shape[-1]
         x2 = _flat(x, K)
+        dtype = x2.dtype
+        n = len(projs)
         batched = _batched(projs, tensors)
+        As = [_cast(tensors[3 * i], dtype) for i in range(n)]
+        Bs = [_cast(tensors[3 * i + 1], dtype) for i in range(n)]
         # Under output_unused(base): that projection's output is not computed (None here, torch.empty below);
         # the batching of the others is unchanged, so their outputs are the same bits.
         skip = [_output_unused(pr.base) for pr in projs]
-        ys = []
+        # xa is computed even for a skipped projection: backward needs it, and computing it here costs the same
+        # read of x as recomputing it there (and keeps the saved tensors the same under checkpointing).
+        xa_cat = x2 @ torch.cat([As[i] for i in batched]).t() if batched else None  # (M, ΣR)
+        offs = _offsets(batched, tensors)
+        ys, xas = [], [None] * n
         for i, pr in enumerate(projs):
-            A, B, keep = tensors[3 * i: 3 * i + 3]
-            solo = pr if i not in batched else pr._replace(has_adapter=False)
-            ys.append(None if skip[i] else _proj_forward(x2, solo, A, B, None if keep is None else _flat(keep, K)))
-        if batched and not all(skip[i] for i in batched):
-            A_cat = torch.cat([tensors[3 * i].to(x2.dtype) for i in batched])       # (ΣR, K)
-            xa = x2 @ A_cat.t()                                                       # (M, ΣR)
-            off = 0
-            for i in batched:
-                B = tensors[3 * i + 1]
-                r = B.shape[1]
-                if ys[i] is not None:
-                    ys[i].addmm_(xa[:, off:off + r], B.to(x2.dtype).t(), alpha=projs[i].scale)
-                off += r
+            keep = tensors[3 * i + 2]
+            if i in offs:
+                xa = xa_cat[:, offs[i][0]:offs[i][1]]
+            elif pr.has_adapter:
+                xa = xas[i] = _drop(x2, None if keep is None else _flat(keep, K), pr.p) @ As[i].t()   # (M, R)
+            else:
+                xa = None
+            ys.append(None if skip[i] else _proj_out(x2, pr, xa, Bs[i]))
         ctx.projs = projs
-        ctx.save_for_backward(x, *tensors)
-        return tuple(torch.empty(*x.shape[:-1], pr.base.shape[0], dtype=x2.dtype, device=x.device) if y is None
+        if not SAVE_XA:
+            xas, xa_cat = [None] * n, None
+        ctx.save_for_backward(x, *tensors, *xas, xa_cat)
+        return tuple(torch.empty(*x.shape[:-1], pr.base.shape[0], dtype=dtype, device=x.device) if y is None
                      else y.view(*x.shape[:-1], y.shape[-1]) for pr, y in zip(projs, ys))
 
     @staticmethod
     def backward(ctx, *dys):
-        x, *tensors = ctx.saved_tensors
         projs = ctx.projs
+        n = len(projs)
+        x, *rest = ctx.saved_tensors
+        tensors, xas, xa_cat = rest[:3 * n], rest[3 * n:4 * n], rest[4 * n]
         need_dx = ctx.needs_input_grad[0]
         K = x.shape[-1]
         x2 = _flat(x, K)
         dtype = x2.dtype
         dy2s = [None if dy is None else _flat(dy, dy.shape[-1]) for dy in dys]
         dy2s = [None if d is None else (d if d.stride(-1) == 1 else d.contiguous()) for d in dy2s]
-        batched = [i for i in _batched(projs, tensors) if dy2s[i] is not None]
+        fwd_batched = _batched(projs, tensors)
+        fwd_offs = _offsets(fwd_batched, tensors)
+        batched = [i for i in fwd_batched if dy2s[i] is not None]
         if len(batched) < 2:
             batched = []
-        dx, grads = None, [None] * (3 * len(projs))
-        for i, pr in enumerate(projs):
-            if dy2s[i] is None:
-                continue
-            A, B, keep = tensors[3 * i: 3 * i + 3]
-            solo = pr if i not in batched else pr._replace(has_adapter=False)
-            if solo.has_adapter or need_dx:
-                dx, dA, dB = _proj_backward(dy2s[i], x2, solo, A, B, None if keep is None else _flat(keep, K),
-                                            dx, need_dx)
-                grads[3 * i: 3 * i + 2] = [dA, dB]
+        As = [_cast(tensors[3 * i], dtype) for i in range(n)]
+        Bs = [_cast(tensors[3 * i + 1], dtype) for i in range(n)]
+        keeps = [None if tensors[3 * i + 2] is None else _flat(tensors[3 * i + 2], K) for i in range(n)]
+        live = [i for i in range(n) if dy2s[i] is not None]
+        solo = [i for i in live if projs[i].has_adapter and i not in batched]
+        dyBs = {i: dy2s[i] @ Bs[i] for i in solo}                                    # (M, R) each
         if batched:
             # s_i·dy_i·B_i side by side: (M, ΣR), small.
-            dyB = torch.cat([dy2s[i] @ tensors[3 * i + 1].to(dtype) * projs[i].scale for i in batched], dim=1)
-            A_cat = torch.cat([tensors[3 * i].to(dtype) for i in batched])            # (ΣR, K)
-            if need_dx:
-                dx = dyB @ A_cat if dx is None else dx.addmm_(dyB, A_cat)
-            dA_cat = dyB.t() @ x2                                                     # (ΣR, K), scales included
-            xa = x2 @ A_cat.t()                                                       # (M, ΣR) recomputed
+            dyB_cat = torch.cat([dy2s[i] @ Bs[i] * projs[i].scale for i in batched], dim=1)
+            A_cat = torch.cat([As[i] for i in batched])                               # (ΣR, K)
+        dx = None
+        if need_dx and ADAPTER_FIRST:
+            if batched:
+                dx = _dx_adapter(dx, dyB_cat, A_cat, None, 0.0, 1.0)
+            for i in solo:
+                dx = _dx_adapter(dx, dyBs[i], As[i], keeps[i], projs[i].p, projs[i].scale)
+            for i in live:
+                dx = _dx_base(dx, dy2s[i], projs[i])
+        elif need_dx:
+            for i in live:
+                dx = _dx_base(dx, dy2s[i], projs[i])
+                if i in dyBs:
+                    dx = _dx_adapter(dx, dyBs[i], As[i], keeps[i], projs[i].p, projs[i].scale)
+            if batched:
+                dx = _dx_adapter(dx, dyB_cat, A_cat, None, 0.0, 1.0)
+        grads = [None] * (3 * n)
+        for i in solo:
+            # an adapter batched in forward but alone here (another output got no gradient) reads its slice
+            xa = xas[i] if xa_cat is None or i not in fwd_offs else xa_cat[:, fwd_offs[i][0]:fwd_offs[i][1]]
+            dA, dB = _adapter_grads(dy2s[i], dyBs[i], x2, projs[i], As[i], keeps[i], xa)
+            grads[3 * i: 3 * i + 2] = [dA.to(tensors[3 * i].dtype), dB.to(tensors[3 * i + 1].dtype)]
+        if batched:
+            dA_cat = dyB_cat.t() @ x2                                                 # (ΣR, K), scales included
+            if xa_cat is None or len(batched) != len(fwd_batched):
+                xa_cat = x2 @ A_cat.t()                                               # (M, ΣR) recomputed
             off = 0
             for i in batched:
                 A, B = tensors[3 * i], tensors[3 * i + 1]
                 r = B.shape[1]
-                dB = torch.mm(dy2s[i].t(), xa[:, off:off + r]).mul_(projs[i].scale)
+                dB = torch.mm(dy2s[i].t(), xa_cat[:, off:off + r]).mul_(projs[i].scale)
                 grads[3 * i: 3 * i + 2] = [dA_cat[off:off + r].to(A.dtype), dB.to(B.dtype)]
                 off += r
         dx = None if dx is None else dx.view(x.shape)
@@ -293,19 +366,34 @@ def _batched(projs, tensors) -> list[int]:
     return idx if len(idx) >= 2 else []
 
 
+def _offsets(batched, tensors) -> dict[int, tuple[int, int]]:
+    """Column range of each batched projection in the (M, ΣR) xa."""
+    offs, off = {}, 0
+    for i in batched:
+        r = tensors[3 * i + 1].shape[1]
+        offs[i] = (off, off + r)
+        off += r
+    return offs
+
+
 class _LoRAMLPFn(torch.autograd.Function):
     """down(silu(gate(x)) · up(x)) with adapters on any of the three projections.
 
-    Forward keeps x, g = gate(x), u = up(x) (not h). Backward:
+    Forward keeps x, g = gate(x), u = up(x) (not h) and the adapters' xa = drop(·)·Aᵀ (M, R each, ``SAVE_XA``).
+    Backward:
         dh = dy·Wd + s_d·(dy·B_d)·A_d ⊙ keep_d/(1-p_d)
         one in-place kernel: dh <- h = silu(g)·u, g <- dg, u <- du   (g, u are this Function's own buffers)
-        dA_d = s_d·(dy·B_d)ᵀ·drop(h),  dB_d = s_d·dyᵀ·(drop(h)·A_dᵀ)
+        dA_d = s_d·(dy·B_d)ᵀ·drop(h),  dB_d = s_d·dyᵀ·xa_d
         dx = dg·Wg + du·Wu + adapter terms (one buffer); dA/dB of gate and up as in lora_linear with dg, du.
     The in-place kernel makes backward single-use (autograd's version counter refuses a second run).
 
     Under ``output_unused(down's base)`` (a checkpoint recomputation that discards the output) forward stops
-    after g and u: no swiglu, no down dequantize/GEMM/adapter; it returns torch.empty of y's shape. Exact:
-    backward reads only x, g, u and the adapters/masks, which are computed by the same ops either way.
+    after g and u: no swiglu, no down dequantize/GEMM/adapter; it returns torch.empty of y's shape, and xa_d
+    does not exist (``_absent`` saves a stand-in of its shape). Backward then computes xa_d = drop(h)·A_dᵀ from
+    the h the in-place kernel writes. Exact:
+    the forward and backward kernels compute h = silu(g)·u with the same fp32 operations from the same g, u,
+    so xa_d is the same GEMM of the same bits either way, and everything else backward reads (x, g, u, the
+    adapters, masks and the other xa) is computed by the same ops.
     """
 
     @staticmethod
@@ -313,22 +401,25 @@ class _LoRAMLPFn(torch.autograd.Function):
         gate, up, down = projs
         K = x.shape[-1]
         x2 = _flat(x, K)
+        dtype = x2.dtype
         kg, ku, kd = (None if t is None else _flat(t, t.shape[-1]) for t in (tensors[2], tensors[5], tensors[8]))
-        g = _proj_forward(x2, gate, tensors[0], tensors[1], kg)      # (M, F)
-        u = _proj_forward(x2, up, tensors[3], tensors[4], ku)        # (M, F)
+        g, xa_g = _proj_forward(x2, gate, _cast(tensors[0], dtype), _cast(tensors[1], dtype), kg)   # (M, F)
+        u, xa_u = _proj_forward(x2, up, _cast(tensors[3], dtype), _cast(tensors[4], dtype), ku)     # (M, F)
         if _output_unused(down.base):
-            y = torch.empty(x2.shape[0], down.base.shape[0], dtype=x2.dtype, device=x.device)
+            y = torch.empty(x2.shape[0], down.base.shape[0], dtype=dtype, device=x.device)
+            xa_d = _absent(x2.shape[0], tensors[6].shape[0], x2) if down.has_adapter else None
         else:
             h = _swiglu_fwd_op(g, u, backend)                        # (M, F), freed after down
-            y = _proj_forward(h, down, tensors[6], tensors[7], kd)   # (M, C)
+            y, xa_d = _proj_forward(h, down, _cast(tensors[6], dtype), _cast(tensors[7], dtype), kd)  # (M, C)
             del h
         ctx.projs, ctx.backend = projs, backend
-        ctx.save_for_backward(x, g, u, *tensors)
+        xas = (xa_g, xa_u, xa_d) if SAVE_XA else (None, None, None)
+        ctx.save_for_backward(x, g, u, *tensors, *xas)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, g, u, Ag, Bg, kg, Au, Bu, ku, Ad, Bd, kd = ctx.saved_tensors
+        x, g, u, Ag, Bg, kg, Au, Bu, ku, Ad, Bd, kd, xa_g, xa_u, xa_d = ctx.saved_tensors
         gate, up, down = ctx.projs
         K = x.shape[-1]
         x2 = _flat(x, K)
@@ -337,30 +428,48 @@ class _LoRAMLPFn(torch.autograd.Function):
             dy2 = dy2.contiguous()
         kg, ku, kd = (None if t is None else _flat(t, t.shape[-1]) for t in (kg, ku, kd))
         dtype = dy2.dtype
+        xa_d = _present(xa_d)
+        Ag_, Bg_, Au_, Bu_, Ad_, Bd_ = (_cast(t, dtype) for t in (Ag, Bg, Au, Bu, Ad, Bd))
 
         # dh = dy·Wd (+ adapter); the base part is the dx of down's projection.
-        Wd = _dense(down.base, dtype)
-        dh = dy2 @ Wd                                                # (M, F)
-        del Wd
-        dyB = None
-        if down.has_adapter:
-            dyB = dy2 @ Bd.to(dtype)                                 # (M, R)
-            if kd is None:
-                dh.addmm_(dyB, Ad.to(dtype), alpha=down.scale)
-            else:
-                dh.add_(torch.where(kd, dyB @ Ad.to(dtype), 0), alpha=down.scale / (1.0 - down.p))
+        dyB = dy2 @ Bd_ if down.has_adapter else None                # (M, R)
+        if down.has_adapter and ADAPTER_FIRST:
+            dh = _dx_base(_dx_adapter(None, dyB, Ad_, kd, down.p, down.scale), dy2, down)
+        else:
+            dh = _dx_base(None, dy2, down)                           # (M, F)
+            if down.has_adapter:
+                dh = _dx_adapter(dh, dyB, Ad_, kd, down.p, down.scale)
         # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du.
         _swiglu_bwd_inplace_op(dh, g, u, down.has_adapter, ctx.backend)
         dAd = dBd = None
         if down.has_adapter:
-            hd = _drop(dh, kd, down.p)
-            dAd = torch.mm(dyB.t(), hd).mul_(down.scale).to(Ad.dtype)
-            dBd = torch.mm(dy2.t(), hd @ Ad.to(dtype).t()).mul_(down.scale).to(Bd.dtype)
-            del hd
+            # xa_d is None when the forward ran under output_unused: recomputed from this h (same bits)
+            dAd, dBd = _adapter_grads(dy2, dyB, dh, down, Ad_, kd, xa_d)
+            dAd, dBd = dAd.to(Ad.dtype), dBd.to(Bd.dtype)
         del dh
-        dx, dAg, dBg = _proj_backward(g, x2, gate, Ag, Bg, kg, None)
-        dx, dAu, dBu = _proj_backward(u, x2, up, Au, Bu, ku, dx)
-        return (dx.view(x.shape), None, None, dAg, dBg, None, dAu, dBu, None, dAd, dBd, None)
+        # dx = dg·Wg + du·Wu + the adapter terms, one buffer.
+        terms = [(g, gate, Ag_, Bg_, kg), (u, up, Au_, Bu_, ku)]
+        dyBs = [dd @ B_ if pr.has_adapter else None for dd, pr, _, B_, _ in terms]
+        dx = None
+        if ADAPTER_FIRST:
+            for (dd, pr, A_, _, k), dyB_ in zip(terms, dyBs):
+                if dyB_ is not None:
+                    dx = _dx_adapter(dx, dyB_, A_, k, pr.p, pr.scale)
+            for dd, pr, *_ in terms:
+                dx = _dx_base(dx, dd, pr)
+        else:
+            for (dd, pr, A_, _, k), dyB_ in zip(terms, dyBs):
+                dx = _dx_base(dx, dd, pr)
+                if dyB_ is not None:
+                    dx = _dx_adapter(dx, dyB_, A_, k, pr.p, pr.scale)
+        grads = []
+        for (dd, pr, A_, _, k), dyB_, xa, A, B in zip(terms, dyBs, (xa_g, xa_u), (Ag, Au), (Bg, Bu)):
+            if dyB_ is None:
+                grads += [None, None, None]
+                continue
+            dA, dB = _adapter_grads(dd, dyB_, x2, pr, A_, k, xa)
+            grads += [dA.to(A.dtype), dB.to(B.dtype), None]
+        return (dx.view(x.shape), None, None, *grads, dAd, dBd, None)
 
 
 # ---- validation and public functions --------------------------------------------------------------------
