@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -290,12 +291,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """SDPA over q (B, H, T, D), k/v (B, KV, S, D); mask None = causal (S == T), else bool (B, 1, T, S)."""
     n_rep = q.shape[1] // k.shape[1]
     causal = mask is None and q.shape[2] > 1
-    if n_rep > 1 and mask is None and q.is_cuda:
-        # GQA inside SDPA (cuDNN / flash): no (B, H, S, D) copies of k and v, no reduction of their gradients.
-        # Measured on an H100 (B=2 T=2048 H=32 KV=8 D=128 bf16): the same output bits as repeating them, forward +
-        # backward 746 us vs 1,061 us with repeat_interleave. With a mask (packed documents) the kernels that take one
-        # do not take GQA (only the math backend would), so masks keep the repeat.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=q.shape[-1] ** -0.5, enable_gqa=True)
+    if n_rep > 1 and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 0):
+        # GQA inside SDPA: no (B, H, S, D) copies of k and v, no reduction of their gradients. Measured on an H100
+        # (B=2 T=2048 H=32 KV=8 D=128 bf16, forward + backward, the same output bits as repeating k and v):
+        # causal 746 us vs 1,061 us with repeat_interleave; packed documents (a mask, 6-7 per row) 1,905 vs
+        # 2,048 us. Without a mask flash or cuDNN take GQA (sm80+); with a mask only cuDNN does (the
+        # memory-efficient kernel does not, the math fallback would build the T x S matrix), so a masked call
+        # is restricted to cuDNN and falls back to the repeat below where cuDNN cannot run it.
+        scale = q.shape[-1] ** -0.5
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+        if not torch.compiler.is_compiling():
+            try:
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            except RuntimeError:  # no cuDNN kernel for these inputs here: the repeat below
+                pass
     if n_rep > 1:  # GQA: share each KV head among n_rep query heads
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(n_rep, dim=1)

@@ -266,28 +266,42 @@ def test_gpu_forward_packed_and_generate(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
 @pytest.mark.parametrize("shape", [(2, 256, 8, 2, 64), (1, 1000, 32, 8, 128), (3, 77, 6, 3, 80)])  # tiny / Llama-8B heads / odd T, D
-def test_gqa_attention_equals_repeated_kv_gpu(shape):
-    """minitrain.model.attention on CUDA without a mask hands GQA to SDPA (enable_gqa) instead of repeating k and v:
-    output and gradients of q, k, v are held to the tolerance rule against fp32 SDPA, like the repeated-k/v path
-    (SDPA may pick another kernel for GQA; on the 8B shape the output bits were the same)."""
+def test_gqa_attention_equals_repeated_kv_gpu(shape, packed):
+    """minitrain.model.attention on CUDA hands GQA to SDPA (enable_gqa; with a packed-documents mask on cuDNN, or
+    the repeat where cuDNN cannot) instead of repeating k and v: output and q/k/v gradients are held to the tolerance
+    rule against fp32 SDPA on repeated k/v, like the repeated-k/v bf16 path (on the 8B shape the bits were equal)."""
     import torch.nn.functional as F
-    from minitrain.model import attention
+    from minitrain.model import attention, build_mask, document_ids
 
     B, T, H, KV, D = shape
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
     k = torch.randn(B, T, KV, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
     v = torch.randn(B, T, KV, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
     go = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
-    y = attention(q, k, v, None)
+    mask = None
+    if packed:  # documents of random lengths, positions restarting in each
+        pos = torch.cat([torch.arange(T)[torch.randperm(T)[: T // 40 + 1]].sort().values, torch.tensor([T])])
+        starts = torch.zeros(T, dtype=torch.bool)
+        starts[pos[:-1]] = True
+        starts[0] = True
+        doc_start = torch.cummax(torch.where(starts, torch.arange(T), 0), 0).values
+        position_ids = (torch.arange(T) - doc_start).expand(B, T).cuda()
+        docs = document_ids(position_ids)
+        mask = build_mask(position_ids, position_ids, docs, docs, None)
+    y = attention(q, k, v, mask)
     gq, gk, gv = torch.autograd.grad(y, (q, k, v), go)
     n = H // KV
-    y_ref = F.scaled_dot_product_attention(q, k.repeat_interleave(n, 1), v.repeat_interleave(n, 1), is_causal=True,
-                                           scale=D ** -0.5)
+    causal = mask is None
+
+    def sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a, b.repeat_interleave(n, 1), c.repeat_interleave(n, 1), attn_mask=mask,
+                                              is_causal=causal, scale=D ** -0.5)
+    y_ref = sdpa(q, k, v)
     rq, rk, rv = torch.autograd.grad(y_ref, (q, k, v), go)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    y32 = F.scaled_dot_product_attention(qf, kf.repeat_interleave(n, 1), vf.repeat_interleave(n, 1), is_causal=True,
-                                         scale=D ** -0.5)
+    y32 = sdpa(qf, kf, vf)
     fq, fk, fv = torch.autograd.grad(y32, (qf, kf, vf), go.float())
     for name, got, ref, exact in (("y", y, y_ref, y32), ("dq", gq, rq, fq), ("dk", gk, rk, fk), ("dv", gv, rv, fv)):
         err = (got.float() - exact).abs().max().item()
