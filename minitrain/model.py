@@ -301,7 +301,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         scale = q.shape[-1] ** -0.5
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
-        if not torch.compiler.is_compiling():
+        if q.shape[2] == k.shape[2] > 1 and not torch.compiler.is_compiling():  # training / prefill, not decoding
             try:
                 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
