@@ -76,6 +76,10 @@ def grouped_lora_default() -> bool:
     return os.environ.get("MINITRAIN_GROUPED_LORA", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+# GQA handed to SDPA (enable_gqa) on CUDA instead of repeating k and v (see attention). Off with
+# MINITRAIN_SDPA_GQA=0 (read at import) or by setting this to False (read at every call).
+SDPA_GQA = os.environ.get("MINITRAIN_SDPA_GQA", "1").strip().lower() not in ("0", "false", "off", "no")
+
 # Attention's q/k/v and the MLP's gate/up/down through one grouped LoRA call each (see _grouped_projections).
 # Off with MINITRAIN_GROUPED_LORA=0 (read at import) or by setting this to False (read at every forward).
 GROUPED_LORA = grouped_lora_default()
@@ -291,7 +295,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """SDPA over q (B, H, T, D), k/v (B, KV, S, D); mask None = causal (S == T), else bool (B, 1, T, S)."""
     n_rep = q.shape[1] // k.shape[1]
     causal = mask is None and q.shape[2] > 1
-    if n_rep > 1 and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 0):
+    if n_rep > 1 and SDPA_GQA and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 0):
         # GQA inside SDPA: no (B, H, S, D) copies of k and v, no reduction of their gradients. Measured on an H100
         # (B=2 T=2048 H=32 KV=8 D=128 bf16, forward + backward, the same output bits as repeating k and v):
         # causal 746 us vs 1,061 us with repeat_interleave; packed documents (a mask, 6-7 per row) 1,905 vs
