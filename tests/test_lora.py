@@ -483,6 +483,194 @@ def test_output_unused_nests_and_resets_after_an_error():
     assert not tlora._output_unused(a) and getattr(tlora._unused, "base", None) is None
 
 
+# ---- fewer memory passes: saved xa, ADAPTER_FIRST --------------------------------------------------------
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (aten op name, beta) of every op run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append((func.overloadpacket.__name__, kwargs.get("beta", 1)))
+        return func(*args, **kwargs)
+
+    def count(self, *names):
+        return sum(n in names for n, _ in self.ops)
+
+
+def _passes_case(op, dtype, device, nf4, variant):
+    """Builds one case of `op` ("linear", "qkv", "mlp"); returns run() -> (outputs + grads, mm count in backward)."""
+    lead, C, R = (2, 9), 48, 4
+    if op == "linear":
+        p, bias = VARIANTS[variant]
+        ds = [_make_proj(40, C, R, dtype, device, nf4, p, bias, lead)]
+    elif op == "qkv":  # q with dropout (alone) or not (batched with k); k with bias; v without adapter
+        ds = [_make_proj(32, C, R, dtype, device, nf4, 0.1 if variant == "separate" else 0.0, False, lead),
+              _make_proj(16, C, R, dtype, device, nf4, 0.0, True, lead),
+              _make_proj(16, C, R, dtype, device, nf4, 0.0, False, lead, adapter=False)]
+    else:
+        adapters, p, bias = MLP_VARIANTS[variant]
+        F = 72
+        ds = [_make_proj(F, C, R, dtype, device, nf4, p, False, lead, adapters[0]),
+              _make_proj(F, C, R, dtype, device, nf4, 0.0, bias, lead, adapters[1]),
+              _make_proj(C, F, R, dtype, device, nf4, p, False, lead, adapters[2])]
+    x = torch.randn(lead + (C,), device=device).to(dtype)
+    n_out = [dd["W"].shape[0] for dd in ds] if op != "mlp" else [C]
+    dys = [torch.randn(lead + (n,), device=device).to(dtype) for n in n_out]
+
+    def run(ref=False):
+        """(outputs + grads, backward's GEMM count, every op's (name, beta)); ref: the fp32 reference path."""
+        cast = (lambda t: t.float()) if ref else torch.clone
+        leaves = [cast(x).requires_grad_()] + [cast(t).requires_grad_() for dd in ds if dd["A"] is not None
+                                               for t in (dd["A"], dd["B"])]
+        it = iter(leaves[1:])
+        specs = [_spec(dict(dd, A=next(it), B=next(it))) if dd["A"] is not None else _spec(dd) for dd in ds]
+        backend = "torch" if ref else "triton"
+        with _OpLog() as fwd:
+            outs = lora_mlp(leaves[0], *specs, backend=backend) if op == "mlp" else \
+                lora_qkv(leaves[0], *specs, backend=backend)
+        outs = (outs,) if op == "mlp" else tuple(outs)
+        with _OpLog() as bwd:
+            grads = torch.autograd.grad(outs, leaves, [cast(t) for t in dys])
+        return outs + grads, bwd.count("mm", "addmm", "addmm_"), fwd.ops + bwd.ops
+    return run
+
+
+PASSES_CASES = [("linear", "plain"), ("linear", "dropout+bias"), ("qkv", "separate"), ("qkv", "batched"),
+                ("mlp", "all+dropout+bias"), ("mlp", "down only"), ("mlp", "no down adapter")]
+# GEMMs the saved xa removes from backward: one per adapter run alone, one per batched group
+XA_GEMMS = {("linear", "plain"): 1, ("linear", "dropout+bias"): 1, ("qkv", "separate"): 2, ("qkv", "batched"): 1,
+            ("mlp", "all+dropout+bias"): 3, ("mlp", "down only"): 1, ("mlp", "no down adapter"): 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", PASSES_CASES, ids=["-".join(c) for c in PASSES_CASES])
+def test_saved_xa_is_bit_identical_to_recomputing_it(case, dtype, device, monkeypatch):
+    """SAVE_XA (xa = drop(x)·Aᵀ kept from the forward) gives the same bits as recomputing it in backward, and
+    backward runs that many fewer GEMMs."""
+    import triton_ops.lora as tlora
+
+    run = _passes_case(case[0], dtype, device, dtype == torch.bfloat16, case[1])
+    monkeypatch.setattr(tlora, "SAVE_XA", False)
+    recomputed, mm_recomputed, _ = run()
+    monkeypatch.setattr(tlora, "SAVE_XA", True)
+    saved, mm_saved, _ = run()
+    for i, (a, b) in enumerate(zip(saved, recomputed)):
+        assert a.dtype == b.dtype and torch.equal(a, b), \
+            f"{case} {dtype} output/grad {i}: max diff {(a.float() - b.float()).abs().max().item():.3g}, " \
+            f"{int((a != b).sum())} of {a.numel()} differ"
+    assert mm_recomputed - mm_saved == XA_GEMMS[case], (mm_recomputed, mm_saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["all+dropout+bias", "down only"])
+def test_down_xa_under_output_unused_is_computed_in_backward(variant, dtype, device, monkeypatch):
+    """Under output_unused(down's base) the forward never forms h, so down's xa is computed in backward from the
+    h the SwiGLU backward kernel writes: gradients bit-identical to the run that saved it, and to SAVE_XA off."""
+    import triton_ops.lora as tlora
+
+    adapters, p, bias = MLP_VARIANTS[variant]
+    lead, C, F, R = (2, 9), 48, 72, 4
+    ds = [_make_proj(F, C, R, dtype, device, False, p, False, lead, adapters[0]),
+          _make_proj(F, C, R, dtype, device, False, 0.0, bias, lead, adapters[1]),
+          _make_proj(C, F, R, dtype, device, False, p, False, lead, adapters[2])]
+    x = torch.randn(lead + (C,), device=device).to(dtype)
+    dy = torch.randn(lead + (C,), device=device).to(dtype)
+
+    def run(skip):
+        leaves = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for dd in ds if dd["A"] is not None
+                                                 for t in (dd["A"], dd["B"])]
+        it = iter(leaves[1:])
+        specs = [_spec(dict(dd, A=next(it), B=next(it))) if dd["A"] is not None else _spec(dd) for dd in ds]
+        if skip:
+            with tlora.output_unused(ds[2]["base"]):
+                y = lora_mlp(leaves[0], *specs, backend="triton")
+        else:
+            y = lora_mlp(leaves[0], *specs, backend="triton")
+        xa_down = y.grad_fn.saved_tensors[-1]
+        if tlora.SAVE_XA:  # a stand-in of down's xa under the flag, the real one without
+            assert (xa_down.stride() == (0, 0)) == skip, xa_down.stride()
+        with _OpLog() as log:
+            grads = torch.autograd.grad(y, leaves, dy)
+        return grads, log.count("mm", "addmm", "addmm_")
+
+    saved, mm_saved = run(False)
+    skipped, mm_skipped = run(True)
+    monkeypatch.setattr(tlora, "SAVE_XA", False)
+    recomputed, _ = run(False)
+    assert mm_skipped == mm_saved + 1, (mm_skipped, mm_saved)  # the one GEMM drop(h)·A_dᵀ
+    for i, (a, b, c) in enumerate(zip(skipped, saved, recomputed)):
+        assert torch.equal(a, b) and torch.equal(a, c), \
+            f"grad {i}: max diff {(a.float() - b.float()).abs().max().item():.3g} / {(a.float() - c.float()).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", PASSES_CASES, ids=["-".join(c) for c in PASSES_CASES])
+def test_adapter_first_meets_the_tolerance_rule(case, dtype, device, monkeypatch):
+    """ADAPTER_FIRST (adapter term written first, base GEMM accumulating into it): outputs and grads within the
+    tolerance rule of the fp32 reference (the existing case builders), and of the default order."""
+    import triton_ops.lora as tlora
+
+    monkeypatch.setattr(tlora, "ADAPTER_FIRST", True)
+    op, variant = case
+    if op == "linear":
+        _linear_case((37,), 70, 130, 8, dtype, device, True, variant, backend="triton")
+    elif op == "qkv":
+        _qkv_case(*CPU_QKV[0], dtype, device, True, q_dropout=0.1 if variant == "separate" else 0.0)
+    else:
+        _mlp_case(*CPU_MLP[0], dtype, device, True, variant)
+    # vs the default order: the same inputs through both, judged against the fp32 reference path
+    run = _passes_case(op, dtype, device, True, variant)
+    first, _, _ = run()
+    monkeypatch.setattr(tlora, "ADAPTER_FIRST", False)
+    default, _, _ = run()
+    ref, _, _ = run(ref=True)
+    assert len(first) == len(default) == len(ref)
+    for i, (a, b, c) in enumerate(zip(first, default, ref)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        check(f"{case} {dtype} adapter-first vs default [{i}]", a, b, c, ATOL[dtype])
+
+
+@pytest.mark.parametrize("op", ["linear", "mlp"])
+def test_adapter_first_changes_the_order(op, device, monkeypatch):
+    """With ADAPTER_FIRST the adapter GEMM writes a fresh buffer (beta=0) that the base GEMM accumulates into;
+    without it no GEMM runs with beta=0."""
+    import triton_ops.lora as tlora
+
+    run = _passes_case(op, torch.float32, device, False, "plain" if op == "linear" else "down only")
+    for flag in (False, True):
+        monkeypatch.setattr(tlora, "ADAPTER_FIRST", flag)
+        ops = run()[2]
+        beta0 = sum(n == "addmm_" and b == 0 for n, b in ops)
+        # on: forward's y (linear) / down's y (mlp, gate and up have no adapter); backward's dx / dh
+        assert beta0 == (2 if flag else 0), (flag, beta0, ops)
+
+
+def test_adapter_first_compile(device, monkeypatch):
+    import triton_ops.lora as tlora
+
+    monkeypatch.setattr(tlora, "ADAPTER_FIRST", True)
+    _mlp_case((2, 3), 64, 96, 4, torch.float32, device, True, "all+dropout+bias", compile_=True)
+    _qkv_case((2, 5), 64, 64, 16, 4, torch.float32, device, True, compile_=True, q_dropout=0.0)
+
+
+def test_adapter_first_reads_the_environment():
+    """Off unless MINITRAIN_LORA_ADAPTER_FIRST=1 at import (one fresh interpreter for the on case)."""
+    import os
+    import subprocess
+    import sys
+
+    import triton_ops.lora as tlora
+
+    assert tlora.ADAPTER_FIRST == (os.environ.get("MINITRAIN_LORA_ADAPTER_FIRST") == "1")
+    out = subprocess.run([sys.executable, "-c", "import triton_ops.lora as t; print(t.ADAPTER_FIRST)"],
+                         capture_output=True, text=True, env=dict(os.environ, MINITRAIN_LORA_ADAPTER_FIRST="1"))
+    assert out.stdout.strip() == "True", (out.stdout, out.stderr[-2000:])
+
+
 # ---- GPU: real shapes ------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -542,7 +730,38 @@ def test_lora_mlp_saves_only_x_and_preactivations():
     before = torch.cuda.memory_allocated()
     y = lora_mlp(x, *specs)
     grown = torch.cuda.memory_allocated() - before
-    expected = y.numel() * 2 + 2 * T * F * 2  # y + g + u
+    expected = y.numel() * 2 + 2 * T * F * 2 + 3 * T * R * 2  # y + g + u + the three adapters' xa (T, R)
     assert grown <= expected + 2**20, f"forward kept {grown / 2**20:.1f} MiB, expected {expected / 2**20:.1f} MiB"
     y.sum().backward()
     assert ds[0]["A"].grad is not None and x.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("adapter_first", [False, True], ids=["default", "adapter-first"])
+@pytest.mark.parametrize("block", ["mlp", "qkv-batched", "qkv-separate"])
+def test_adapter_order_gpu_llama(block, adapter_first, monkeypatch):
+    """Both orders of base and adapter terms at the 8B QLoRA step's shapes (M = 2x2048 tokens, C=4096,
+    F=14336, R=16, bf16, NF4 bases) against the fp32 reference by the tolerance rule."""
+    import triton_ops.lora as tlora
+
+    monkeypatch.setattr(tlora, "ADAPTER_FIRST", adapter_first)
+    if block == "mlp":
+        _mlp_case((2, 2048), 4096, 14336, 16, torch.bfloat16, "cuda", True, "all+dropout+bias", backend="auto")
+    else:
+        _qkv_case((2, 2048), 4096, 4096, 1024, 16, torch.bfloat16, "cuda", True, backend="auto",
+                  q_dropout=0.1 if block == "qkv-separate" else 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", PASSES_CASES, ids=["-".join(c) for c in PASSES_CASES])
+def test_saved_xa_is_bit_identical_gpu(case, monkeypatch):
+    """cuBLAS and the compiled SwiGLU kernels: saved xa == recomputed xa, bit for bit."""
+    test_saved_xa_is_bit_identical_to_recomputing_it(case, torch.bfloat16, "cuda", monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["all+dropout+bias", "down only"])
+def test_down_xa_under_output_unused_gpu(variant, monkeypatch):
+    """The compiled forward and backward SwiGLU kernels give the same h bits, so down's xa computed in
+    backward equals the saved one."""
+    test_down_xa_under_output_unused_is_computed_in_backward(variant, torch.bfloat16, "cuda", monkeypatch)
