@@ -1,0 +1,131 @@
+"""Memory passes of triton_ops.lora's hand-written Functions: forward + backward of lora_qkv and lora_mlp at the
+8B QLoRA step's shapes, with each switch of the module flipped.
+
+Shapes: M = 4096 tokens (B=2, T=2048), C=4096, F=14336, QKV N = 4096 + 1024 + 1024, R=16, alpha=32, bf16,
+NF4 bases (quant.quantize_nf4), adapters on every projection, no dropout (q, k, v batched).
+
+Variants (module attributes of triton_ops.lora, set before each timed call):
+  * default: SAVE_XA on, ADAPTER_FIRST off (what ships);
+  * adapter-first: ADAPTER_FIRST on: the adapter term (+ bias) written first by a K=R GEMM, the base GEMM
+    accumulating into it (beta=1), instead of a separate in-place K=R addmm_ that reads and rewrites the
+    whole output (forward outputs, dx, dh);
+  * recompute xa: SAVE_XA off: backward recomputes xa = x·Aᵀ (re-reads x per group, x twice and h once in
+    the MLP) as before the change; shows what saving xa gains.
+Bytes those passes move (bf16, MiB = 2^20 bytes): adapter-first takes one read of each output buffer out of a
+memory-bound K=R pass (QKV: forward M·6144·2 = 48, dx 32; MLP: forward gate + up + down 112 + 112 + 32, dh 112,
+dx 32), which cuBLAS then reads in the big GEMM's epilogue instead; saving xa removes reads of x or h:
+QKV 32 (x once, batched), MLP 32 + 32 (x for gate and for up) + 112 (h for down) per layer.
+
+Time: triton.testing.do_bench medians (bench.hw.bench_us, CUDA events, ≥ 20 repetitions of forward+backward),
+each variant measured twice interleaved, the lower median kept. TFLOP/s counts the base GEMMs only
+(forward + dx: QKV 4·M·C·6144, MLP 12·M·C·F), so every variant is judged on the same work.
+
+Run: ``python -m bench.lora_passes`` (well under a minute on an H100).
+"""
+from __future__ import annotations
+
+import torch
+
+from bench import hw
+
+M, C, F, R, ALPHA = 4096, 4096, 14336, 16, 32
+NQ, NKV = 4096, 1024
+DT = torch.bfloat16
+VARIANTS = {  # name: (SAVE_XA, ADAPTER_FIRST)
+    "default": (True, False),
+    "adapter-first": (True, True),
+    "recompute xa": (False, False),
+}
+COLUMNS = ["op", "shape", "dtype", "provider", "µs", "TFLOP/s", "% of ceiling", "peak MiB", "vs default"]
+
+
+def _proj(N, K):
+    import quant
+    from triton_ops.lora import LoRAWeights, lora_scale
+
+    base = quant.quantize_nf4((torch.randn(N, K, device="cuda") / K**0.5).to(DT))
+    A = (torch.randn(R, K, device="cuda") / K**0.5).to(DT).requires_grad_()
+    B = (torch.randn(N, R, device="cuda") * 0.01).to(DT).requires_grad_()
+    return LoRAWeights(base, A, B, lora_scale(R, ALPHA))
+
+
+def make_step(block):
+    """(forward + backward callable, base FLOPs) of one block; grads returned, never accumulated."""
+    from triton_ops.lora import lora_mlp, lora_qkv
+
+    x = torch.randn(M, C, device="cuda", dtype=DT).requires_grad_()
+    if block == "qkv":
+        ws = [_proj(NQ, C), _proj(NKV, C), _proj(NKV, C)]
+        dys = [torch.randn(M, n, device="cuda", dtype=DT) for n in (NQ, NKV, NKV)]
+
+        def run():
+            return lora_qkv(x, *ws, backend="triton")
+        flops = 4 * M * C * (NQ + 2 * NKV)
+    else:
+        ws = [_proj(F, C), _proj(F, C), _proj(C, F)]
+        dys = [torch.randn(M, C, device="cuda", dtype=DT)]
+
+        def run():
+            return (lora_mlp(x, *ws, backend="triton"),)
+        flops = 12 * M * C * F
+    leaves = [x] + [t for w in ws for t in (w.A, w.B)]
+
+    def step():
+        return torch.autograd.grad(run(), leaves, dys)
+    return step, flops
+
+
+def _set(variant):
+    import triton_ops.lora as tlora
+
+    tlora.SAVE_XA, tlora.ADAPTER_FIRST = VARIANTS[variant]
+
+
+def measure(block):
+    step, flops = make_step(block)
+    us, peak = {}, {}
+    for _ in range(2):  # interleaved rounds: drift (clocks, temperature) hits every variant alike
+        for v in VARIANTS:
+            _set(v)
+            t = hw.bench_us(step, warmup=25, rep=300)
+            us[v] = min(us.get(v, t), t)
+    for v in VARIANTS:
+        _set(v)
+        peak[v] = hw.peak_mib(step)
+    _set("default")
+    return us, peak, flops
+
+
+def main():
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/lora_passes.py measures a CUDA device; none is available here")
+    import triton_ops.lora as tlora
+
+    saved = (tlora.SAVE_XA, tlora.ADAPTER_FIRST)
+    ceiling = hw.matmul_tflops()
+    rows = []
+    try:
+        for block in ("qkv", "mlp"):
+            us, peak, flops = measure(block)
+            shape = f"M={M} C={C} " + (f"N={NQ}+{NKV}+{NKV}" if block == "qkv" else f"F={F}") + f" R={R} nf4"
+            for v in VARIANTS:
+                tf = flops / us[v] / 1e6
+                d = us[v] - us["default"]
+                rows.append({"op": f"lora_{block} fwd+bwd", "shape": shape, "dtype": "bf16", "provider": v,
+                             "µs": f"{us[v]:.0f}", "TFLOP/s": f"{tf:.0f}", "% of ceiling": f"{100 * tf / ceiling:.0f}%",
+                             "peak MiB": f"{peak[v]:.0f}",
+                             "vs default": "—" if v == "default" else f"{d:+.0f} µs ({us['default'] / us[v]:.3f}x)"})
+                print(f"{block} {v}: {us[v]:.0f} us, peak {peak[v]:.0f} MiB", flush=True)
+    finally:
+        tlora.SAVE_XA, tlora.ADAPTER_FIRST = saved
+    body = hw.markdown_table(rows, COLUMNS)
+    notes = ("\nvs default: µs difference (negative = faster than the default) and default µs / variant µs. "
+             "default = SAVE_XA on, ADAPTER_FIRST off; TFLOP/s over the base GEMMs' work (forward + dx).\n")
+    print(body + notes)
+    path = hw.write_results("lora-passes", "triton_ops.lora memory passes (8B QLoRA shapes)",
+                            [("Results", body + notes)])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
