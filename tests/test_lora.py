@@ -765,3 +765,16 @@ def test_down_xa_under_output_unused_gpu(variant, monkeypatch):
     """The compiled forward and backward SwiGLU kernels give the same h bits, so down's xa computed in
     backward equals the saved one."""
     test_down_xa_under_output_unused_is_computed_in_backward(variant, torch.bfloat16, "cuda", monkeypatch)
+
+
+@pytest.mark.gpu
+def test_adapter_first_compile_gpu(monkeypatch):
+    """Inductor with ADAPTER_FIRST: the beta=0 GEMM into an uninitialized buffer must stay beta=0."""
+    import triton_ops.lora as tlora
+
+    monkeypatch.setattr(tlora, "ADAPTER_FIRST", True)
+    _mlp_case((523,), 4096, 14336, 16, torch.bfloat16, "cuda", True, "all+dropout+bias", backend="auto",
+              compile_=True)
+    _qkv_case((2, 523), 4096, 4096, 1024, 16, torch.bfloat16, "cuda", True, backend="auto", compile_=True,
+              q_dropout=0.0)
+    _linear_case((1037,), 4100, 4100, 16, torch.bfloat16, "cuda", True, "plain", backend="auto", compile_=True)

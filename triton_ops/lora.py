@@ -7,16 +7,17 @@ Backward (W and b frozen), small matrices first, B·A never formed:
     dyB = dy·B                                   (M, R)
     dx  = dy·W + s·(dyB·A)·keep/(1-p)            dx accumulates into ONE buffer with addmm_
     dA  = s·dyBᵀ·drop(x)                         (R, K)
-    dB  = s·dyᵀ·(drop(x)·Aᵀ)                      (N, R)
+    dB  = s·dyᵀ·xa,  xa = drop(x)·Aᵀ             (N, R); xa (M, R) is the forward's, saved (SAVE_XA)
 The MLP: y = down(silu(gate(x)) · up(x)); its backward runs
     dh = dy·Wdᵀ-side as above; one in-place SwiGLU kernel turns (dh, g, u) into (h, dg, du);
-    down's dA/dB use the recomputed h; dx = dg·Wg + du·Wu + the adapter terms, all into one buffer.
+    down's dA uses the recomputed h; dx = dg·Wg + du·Wu + the adapter terms, all into one buffer.
+Where a base and an adapter term land in one buffer (y, dx, dh), ADAPTER_FIRST picks which writes it first.
 
 Layouts: x (..., K) with any leading shape (flattened to M = tokens rows); base W (N, K) is a tensor of any
 float dtype or any object with ``dequantize(dtype=None, out=None)`` (e.g. an NF4 weight); bias (N,) frozen.
 
 What is kept for backward: x (and for the MLP the two pre-activations g = gate(x), u = up(x)), the adapters,
-and the dropout keep-masks as bool (1 byte per element of the dropped input). The dequantized base weight
+each adapter's xa = drop(x)·Aᵀ (M, R; 128 KiB at M=4096, R=16, bf16), and the dropout keep-masks as bool (1 byte per element of the dropped input). The dequantized base weight
 exists only while one matmul uses it and is dequantized again in backward: never saved. A bool mask was chosen
 over regenerating from a seed because it costs one byte per element only when dropout is on, needs no custom
 RNG kernel, and gives the caller the mask (tests apply it to the references).
@@ -389,7 +390,8 @@ class _LoRAMLPFn(torch.autograd.Function):
 
     Under ``output_unused(down's base)`` (a checkpoint recomputation that discards the output) forward stops
     after g and u: no swiglu, no down dequantize/GEMM/adapter; it returns torch.empty of y's shape, and xa_d
-    does not exist (``_absent`` saves a stand-in of its shape). Backward then computes xa_d = drop(h)·A_dᵀ from
+    does not exist (``_absent`` saves a stand-in of its shape, told apart by its strides: this relies on the
+    saved tensor coming back as saved, as autograd and torch.utils.checkpoint give it). Backward then computes xa_d = drop(h)·A_dᵀ from
     the h the in-place kernel writes. Exact:
     the forward and backward kernels compute h = silu(g)·u with the same fp32 operations from the same g, u,
     so xa_d is the same GEMM of the same bits either way, and everything else backward reads (x, g, u, the
