@@ -39,7 +39,7 @@ from torch import nn
 from . import distributed as dist_
 from .config import TrainConfig
 from .lora import LoRALinear, atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
-from .model import LlamaDecoderLayer, LlamaMLP
+from .model import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
 try:
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -189,14 +189,21 @@ class HostOffload:
     input back into a fresh device tensor (overlapping layer i's backward) and layer i waits for its own
     copy; the last layer, still on the device, needs none. Every copy is an event-ordered stream operation,
     so a CUDA graph captures the whole scheme (forked copy stream, joined before the layer that needs the data).
-    Unlike torch's ``save_on_cpu``, only the layer inputs move: what checkpointing saves, 2 * B * T * C bytes
-    per layer in bf16 (32 MiB at 2 x 2048 x 4096).
+    Unlike torch's ``save_on_cpu``, only the segment inputs move: what checkpointing saves, 2 * B * T * C bytes
+    per segment in bf16 (32 MiB at 2 x 2048 x 4096). A minitrain decoder layer is two segments on this path
+    (see :class:`CheckpointedLayer`): its input x and h1 = x + attention(x) are both stashed, 64 MiB of pinned
+    host memory per layer at that shape, and still at most one of them stays on the device.
 
-    Host buffers: one per layer (and dtype), grown to the largest input seen (batches of varying length reuse
-    it), so pinned memory stays at one step's layer inputs. A buffer whose input has not been recomputed yet
-    is not reused: a second forward before the backward (two losses summed, say) gets fresh buffers. A buffer
-    a CUDA graph captured is kept for the graph's lifetime even when a larger batch replaces it. On CPU tensors
-    the same buffers are plain host memory and the copies synchronous (the logic the tests check)."""
+    Stash indices follow the forward order (layer i: 2i for x, 2i + 1 for h1; a layer checkpointed whole uses
+    2i only), so the stash before a segment's (``prev``) is the input of the segment recomputed next, the one
+    ``fetch`` prefetches ("layer" above and below: such a segment).
+
+    Host buffers: one per stash index (and dtype), so two per split layer, grown to the largest input seen
+    (batches of varying length reuse it), so pinned memory stays at one step's segment inputs. A buffer whose
+    input has not been recomputed yet is not reused: a second forward before the backward (two losses summed,
+    say) gets fresh buffers. A buffer a CUDA graph captured is kept for the graph's lifetime even when a larger
+    batch replaces it. On CPU tensors the same buffers are plain host memory and the copies synchronous (the
+    logic the tests check)."""
 
     def __init__(self):
         self.stream = None
@@ -287,21 +294,51 @@ class HostOffload:
         return out.requires_grad_(s.requires_grad)
 
 
-# The recomputation of a minitrain LlamaDecoderLayer skips its LoRA down projection's forward output (see
-# CheckpointedLayer). Off with MINITRAIN_RECOMPUTE_SKIP=0 (read at import) or by setting this to False; read at
-# each recomputation (a CUDA graph keeps what its capture did).
+# The recomputation of a minitrain LlamaDecoderLayer skips its LoRA down projection's forward output, and with
+# the split below also o_proj's (see CheckpointedLayer). Off with MINITRAIN_RECOMPUTE_SKIP=0 (read at import) or
+# by setting this to False; read at each recomputation (a CUDA graph keeps what its capture did).
 RECOMPUTE_SKIPS_UNUSED_OUTPUT = os.environ.get("MINITRAIN_RECOMPUTE_SKIP", "1").strip().lower() not in (
     "0", "false", "off", "no")
 
+# gradient_checkpointing="offload" checkpoints a minitrain LlamaDecoderLayer as two segments (attention half,
+# MLP half; see CheckpointedLayer). Off with MINITRAIN_SPLIT_CHECKPOINT=0 (read at import) or by setting this
+# to False; read at each checkpointed forward (a CUDA graph keeps what its capture did).
+SPLIT_OFFLOAD_SEGMENTS = os.environ.get("MINITRAIN_SPLIT_CHECKPOINT", "1").strip().lower() not in (
+    "0", "false", "off", "no")
 
-class _Call:
-    """One checkpointed call (the "on" path): tells the layer's forward from its recomputation, as a stash
-    does on the offload path. The checkpoint keeps it with its arguments."""
+# The forwards whose code the checks below rely on, as minitrain.model defines them (a later class-level patch
+# replaces the class attribute, not these)
+_DECODER_FORWARD, _ATTENTION_FORWARD = LlamaDecoderLayer.forward, LlamaAttention.forward
+_MLP_FORWARD, _LORA_FORWARD = LlamaMLP.forward, LoRALinear.forward
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
-    __slots__ = ("used",)
 
-    def __init__(self):
-        self.used = False
+def _runs_own(m: nn.Module, cls: type, original) -> bool:
+    """``m`` is a ``cls`` whose forward is ``original`` (not replaced on its class or on the instance)."""
+    return isinstance(m, cls) and type(m).forward is original and "forward" not in vars(m)
+
+
+def _output_hooks(*mods: nn.Module) -> bool:
+    """A forward hook (one that could read an output) on any of ``mods``, or a global one."""
+    return any(m._forward_hooks for m in mods) or bool(getattr(nn.modules.module, "_global_forward_hooks", None))
+
+
+def _sole_holder(layer: nn.Module, w) -> bool:
+    """Exactly one module of ``layer`` holds ``w`` as its weight (a parameter, or NF4Linear's attribute); a
+    module reached twice counts twice."""
+    holders, todo = 0, [layer]
+    while todo:
+        m = todo.pop()
+        holders += m._parameters.get("weight") is w or m.__dict__.get("weight") is w
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return holders == 1
+
+
+def _decoder_layer(forward):
+    """The layer when ``forward`` is minitrain's ``LlamaDecoderLayer.forward`` bound to it, else None."""
+    if getattr(forward, "__func__", None) is not _DECODER_FORWARD or LlamaDecoderLayer.forward is not _DECODER_FORWARD:
+        return None  # another forward, or minitrain's class patched since
+    return forward.__self__
 
 
 def unused_output_base(forward):
@@ -314,6 +351,8 @@ def unused_output_base(forward):
     returns the down projection's output as it is), that ``down_proj`` is a ``LoRALinear`` running its own
     forward, that no forward hook (on either, or global) could read an output, and that no other module of the
     layer holds that weight object. Anything else (another layer class, a patched or hooked module): None.
+    The same holds for the MLP half alone (``h1 + mlp(post_attention_layernorm(h1))``, the second checkpoint
+    segment of the offload split), which is why :class:`CheckpointedLayer` uses it there too.
 
     Both ways ``LlamaMLP.forward`` computes honour the flag exactly: module by module, ``down_proj`` (a
     LoRALinear, so ``lora_linear``) returns an uninitialized output; grouped (``minitrain.model.GROUPED_LORA``,
@@ -321,27 +360,86 @@ def unused_output_base(forward):
     up(x), skipping SwiGLU too. Either way the tensors saved for backward are computed as without the flag. The
     MLP groups only with unhooked, unpatched projections, so a hook or patch on gate/up/down that these checks
     allow (on gate/up; a forward pre-hook) sees the modules run one by one, and gate(x), up(x) computed."""
-    if output_unused is None or getattr(forward, "__func__", None) is not LlamaDecoderLayer.forward:
+    layer = _decoder_layer(forward)
+    if output_unused is None or layer is None:
         return None
-    mlp = getattr(forward.__self__, "mlp", None)
+    mlp = getattr(layer, "mlp", None)
     down = getattr(mlp, "down_proj", None)
-    if (type(mlp).forward is not LlamaMLP.forward or "forward" in vars(mlp) or not isinstance(down, LoRALinear)
-            or type(down).forward is not LoRALinear.forward or "forward" in vars(down)):
+    if not _runs_own(mlp, LlamaMLP, _MLP_FORWARD) or not _runs_own(down, LoRALinear, _LORA_FORWARD):
         return None
-    if mlp._forward_hooks or down._forward_hooks or getattr(nn.modules.module, "_global_forward_hooks", None):
+    if _output_hooks(mlp, down):
         return None
     w = down.base_layer.weight
-    holders, todo = 0, [forward.__self__]  # modules holding w as weight (a parameter, or NF4Linear's attribute),
-    while todo:                            # a module reached twice counted twice
-        m = todo.pop()
-        holders += m._parameters.get("weight") is w or m.__dict__.get("weight") is w
-        todo.extend(c for c in m._modules.values() if c is not None)
-    return w if holders == 1 else None
+    return w if _sole_holder(layer, w) else None
+
+
+def unused_attention_output_base(layer: nn.Module):
+    """The base weight of ``layer.self_attn.o_proj`` when the recomputation of the attention segment
+    ``x + self_attn(input_layernorm(x), ...)`` (see :class:`CheckpointedLayer`) provably discards its output,
+    else None: ``self_attn`` runs ``LlamaAttention.forward`` (which returns o_proj's output as it is, o_proj
+    called as its own module, never grouped), ``o_proj`` is a ``LoRALinear`` running its own forward (so
+    ``lora_linear``, which honours ``output_unused`` exactly: no dequantize, base GEMM or adapter term, the
+    saved tensors as always), no forward hook (on either, or global) could read an output, and no other module
+    of the layer holds that weight object."""
+    attn = getattr(layer, "self_attn", None)
+    o = getattr(attn, "o_proj", None)
+    if output_unused is None or not _runs_own(attn, LlamaAttention, _ATTENTION_FORWARD):
+        return None
+    if not _runs_own(o, LoRALinear, _LORA_FORWARD) or _output_hooks(attn, o):
+        return None
+    w = o.base_layer.weight
+    return w if _sole_holder(layer, w) else None
+
+
+def split_layer(forward, args: tuple, kwargs: dict):
+    """The layer when its checkpoint with offload may be two segments (see :class:`CheckpointedLayer`), else None.
+
+    Requires ``SPLIT_OFFLOAD_SEGMENTS``, ``forward`` minitrain's ``LlamaDecoderLayer.forward`` bound to an
+    instance of exactly that class (not a subclass, the class attribute not patched), no hook of any kind on the
+    layer, its ``self_attn`` and its ``mlp`` and neither's forward replaced on the instance (so the two
+    segments call the same modules with the same arguments as the layer's forward, nothing between them that
+    could see h1 differently), no global forward (pre-)hook, and the call ``(x, cos, sin, mask)`` with no KV
+    cache."""
+    if not SPLIT_OFFLOAD_SEGMENTS:
+        return None
+    layer = _decoder_layer(forward)
+    if layer is None or type(layer) is not LlamaDecoderLayer:
+        return None
+    if len(args) == 4 and args[3] is None and not kwargs:
+        pass
+    elif len(args) != 3 or kwargs not in ({}, {"cache": None}):
+        return None
+    mods = (layer, getattr(layer, "self_attn", None), getattr(layer, "mlp", None))
+    if any(not isinstance(m, nn.Module) or any(getattr(m, h, None) for h in _HOOK_DICTS) for m in mods):
+        return None
+    if "forward" in vars(mods[1]) or "forward" in vars(mods[2]):
+        return None
+    mm = nn.modules.module
+    if getattr(mm, "_global_forward_hooks", None) or getattr(mm, "_global_forward_pre_hooks", None):
+        return None
+    return layer
+
+
+class _Call:
+    """One checkpointed call (the "on" path): tells the layer's forward from its recomputation, as a stash
+    does on the offload path. The checkpoint keeps it with its arguments."""
+
+    __slots__ = ("used",)
+
+    def __init__(self):
+        self.used = False
+
+
+def _unused(base):
+    """``output_unused(base)``, or nothing when there is no base or the skip is switched off."""
+    if base is None or not RECOMPUTE_SKIPS_UNUSED_OUTPUT:
+        return nullcontext()
+    return output_unused(base)
 
 
 class CheckpointedLayer:
     """Replaces one decoder layer's ``forward``: recompute the layer in backward instead of keeping its
-    activations; with ``offload`` (a :class:`HostOffload`) only a host copy of the layer input is kept.
+    activations; with ``offload`` (a :class:`HostOffload`) only host copies of the segment inputs are kept.
 
     The recomputation only has to reproduce what the layer's autograd nodes save; its output is discarded.
     For minitrain's ``LlamaDecoderLayer`` with a LoRA ``down_proj`` (see :func:`unused_output_base`) it runs
@@ -350,16 +448,25 @@ class CheckpointedLayer:
     M x 14336 x 4096 GEMM per layer and step). Exact: the saved tensors are computed by the same ops, so the
     gradients are bit-identical (``RECOMPUTE_SKIPS_UNUSED_OUTPUT = False`` turns it off). The first call of
     the checkpointed function is the forward, every later one a recomputation (a stash's or ``_Call``'s
-    ``used``); the flag is per thread and reset on every exit, including checkpoint's early-stop exception."""
+    ``used``); the flag is per thread and reset on every exit, including checkpoint's early-stop exception.
+
+    Split into two segments (``offload`` only, minitrain's ``LlamaDecoderLayer`` as :func:`split_layer` allows,
+    ``SPLIT_OFFLOAD_SEGMENTS``): the layer's forward ``h1 = x + self_attn(input_layernorm(x), cos, sin, mask)``;
+    ``out = h1 + mlp(post_attention_layernorm(h1))`` runs as two checkpoints, each with its own stash (x at
+    index 2i, h1 at 2i + 1). The MLP half recomputes from the stashed h1 under ``output_unused(down's base)``
+    as above, and the attention half, whose output h1 its recomputation now discards, under
+    ``output_unused(o_proj's base)`` when :func:`unused_attention_output_base` allows: o_proj's dequantize,
+    C x C GEMM and adapter are skipped too. Exact as well: each segment recomputes the same ops on the same
+    input values (h1 is the forward's own tensor, copied to host and back), and torch's checkpoint restores
+    each segment's RNG state, so dropout masks repeat. Cost: one more 2 * B * T * C-byte stash per layer, in
+    pinned host memory, so device memory does not grow. The "on" path keeps one segment (its h1 would stay on
+    the device), as do other layer classes, patched or hooked layers and calls with a KV cache."""
 
     def __init__(self, layer: nn.Module, offload: HostOffload | None = None, index: int = 0):
         self.layer, self.forward, self.offload, self.index = layer, layer.forward, offload, index
 
     def _recompute(self, x, *args, **kwargs):
-        base = unused_output_base(self.forward) if RECOMPUTE_SKIPS_UNUSED_OUTPUT else None
-        if base is None:
-            return self.forward(x, *args, **kwargs)
-        with output_unused(base):
+        with _unused(unused_output_base(self.forward)):
             return self.forward(x, *args, **kwargs)
 
     def _run_on(self, call: _Call, x, *args, **kwargs):
@@ -368,14 +475,38 @@ class CheckpointedLayer:
         call.used = True
         return self.forward(x, *args, **kwargs)
 
-    def _run(self, stash: _Stash, *args, **kwargs):
-        if stash.used:  # recomputation in the backward
-            return self._recompute(self.offload.fetch(stash), *args, **kwargs)
-        # the forward: the input itself, so autograd links this layer to the one before
+    @staticmethod
+    def _take(stash: _Stash) -> torch.Tensor:
+        # the forward: the input itself, so autograd links this segment to the one before
         stash.used, x = True, stash.x
         if stash.d2h is None:  # CPU: only the clone stays
             stash.x = None
-        return self.forward(x, *args, **kwargs)
+        return x
+
+    def _run(self, stash: _Stash, *args, **kwargs):
+        if stash.used:  # recomputation in the backward
+            return self._recompute(self.offload.fetch(stash), *args, **kwargs)
+        return self.forward(self._take(stash), *args, **kwargs)
+
+    def _run_attention(self, stash: _Stash, cos, sin, mask):
+        """Segment 1 of a split layer: x -> h1 (the first line of ``LlamaDecoderLayer.forward``)."""
+        layer = self.layer
+        if stash.used:  # recomputation: h1 is discarded, so o_proj's output is never read
+            x = self.offload.fetch(stash)
+            with _unused(unused_attention_output_base(layer)):
+                return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None)
+        x = self._take(stash)
+        return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None)
+
+    def _run_mlp(self, stash: _Stash):
+        """Segment 2 of a split layer: h1 -> the layer output (the second line of ``LlamaDecoderLayer.forward``)."""
+        layer = self.layer
+        if stash.used:  # recomputation: the output is discarded, so down's output is never read
+            h = self.offload.fetch(stash)
+            with _unused(unused_output_base(self.forward)):
+                return h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self._take(stash)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def __call__(self, x, *args, **kwargs):
         from torch.utils.checkpoint import checkpoint
@@ -385,7 +516,12 @@ class CheckpointedLayer:
         if self.offload is None:
             return checkpoint(self._run_on, _Call(), x, *args, use_reentrant=False, **kwargs)
         # the checkpoint keeps its arguments for the recomputation: pass the stash, not the device tensor
-        return checkpoint(self._run, self.offload.stash(self.index, x), *args, use_reentrant=False, **kwargs)
+        i = 2 * self.index
+        if split_layer(self.forward, args, kwargs) is not None:
+            cos, sin, mask = args[:3]
+            h1 = checkpoint(self._run_attention, self.offload.stash(i, x), cos, sin, mask, use_reentrant=False)
+            return checkpoint(self._run_mlp, self.offload.stash(i + 1, h1), use_reentrant=False)
+        return checkpoint(self._run, self.offload.stash(i, x), *args, use_reentrant=False, **kwargs)
 
 
 def decoder_layers(model: nn.Module):

@@ -490,6 +490,316 @@ def test_recompute_skip_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
             layers = len(skip[2])
             assert skip[2] == [2] * layers and full[2] == [3] * layers, (skip[2], full[2])
 
+
+# ---- gradient_checkpointing="offload": each decoder layer as two checkpoint segments (x -> h1 -> out) ----------
+def offload_run(model, monkeypatch, split, calls, autocast=False, early_stop=True, forwards=1):
+    """One backward of ``forwards`` summed losses with gradient_checkpointing="offload", the split on or off.
+    Returns the loss, the adapter gradients, per layer the dequantize counts of o_proj's and down's base weights,
+    and the stash indices in the order HostOffload.stash was called."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    import minitrain.trainer as mt
+
+    monkeypatch.setattr(mt, "SPLIT_OFFLOAD_SEGMENTS", split)
+    stashes, stash = [], mt.HostOffload.stash
+
+    def spy(self, index, x):
+        stashes.append(index)
+        return stash(self, index, x)
+
+    monkeypatch.setattr(mt.HostOffload, "stash", spy)
+    mt.set_gradient_checkpointing(model, "offload")
+    calls.clear()
+    torch.manual_seed(3)  # the same dropout masks in every run
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), set_checkpoint_early_stop(early_stop):
+            loss = 0
+            for k in range(forwards):
+                ids = torch.randint(0, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(7 + k))
+                logits = model(ids)[:, :-1].float()
+                loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+    finally:
+        mt.set_gradient_checkpointing(model, "off")
+        monkeypatch.setattr(mt.HostOffload, "stash", stash)
+    g = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    layers = model.model.layers
+    o = [calls.get(id(layer.self_attn.o_proj.base_layer.weight), 0) for layer in layers]
+    down = [calls.get(id(layer.mlp.down_proj.base_layer.weight), 0) for layer in layers]
+    return loss.detach(), g, o, down, stashes
+
+
+def assert_same_bits(a, b):
+    assert torch.equal(a[0], b[0]), (a[0], b[0])
+    assert a[1].keys() == b[1].keys()
+    for name, g in a[1].items():
+        d = (g.float() - b[1][name].float()).abs()
+        assert torch.equal(g, b[1][name]), f"{name}: max diff {d.max().item():.3g}, {int((d > 0).sum())} differ"
+
+
+def bf16_bases(model):
+    """Every LoRA projection's base weight (and bias) in bf16: the 16-bit base the hand-written path casts."""
+    for layer in lora_layers(model).values():
+        layer.base_layer.to(torch.bfloat16)
+    return model
+
+
+SPLIT_CASES = {  # (nf4 bases, 16-bit bases under bf16 autocast, dropout, GROUPED_LORA, MLP's SwiGLU on the kernel)
+    "fp32": (False, False, 0.0, True, False),  # q/k/v grouped (lora_qkv), the MLP module by module
+    "fp32-ungrouped": (False, False, 0.0, False, False),  # minitrain.model.GROUPED_LORA = False
+    "bf16-autocast+dropout": (False, True, 0.1, True, False),  # 16-bit bases, bf16 compute
+    "nf4+dropout": (True, False, 0.1, True, False),
+    "nf4+dropout-ungrouped": (True, False, 0.1, False, False),
+    "nf4+dropout-grouped-mlp": (True, False, 0.1, True, True),  # one lora_mlp call per MLP
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_offload_split_is_bit_identical_and_skips_o_proj(fused_lora_on_cpu, monkeypatch, case):
+    """Two segments per layer (stashes x and h1) give the same loss and adapter gradients, bit for bit, as one
+    segment; the attention half's recomputation runs no o_proj (dequantize only in forward and backward), the MLP
+    half's no down projection (and, grouped, no SwiGLU); close to no checkpointing."""
+    import minitrain.model as mm
+
+    nf4, bf16, dropout, grouped, grouped_mlp = SPLIT_CASES[case]
+    monkeypatch.setattr(mm, "GROUPED_LORA", grouped)
+    model = tiny_lora_model(nf4, dropout)
+    if bf16:
+        bf16_bases(model)
+    swiglu = []
+    if grouped_mlp:  # the MLP's SwiGLU on the Triton kernel: LlamaMLP makes one lora_mlp call
+        import triton_ops.lora as tlora
+
+        for layer in model.model.layers:
+            layer.mlp.kernel_backend = "triton"
+        sw = tlora._swiglu_fwd_op
+        monkeypatch.setattr(tlora, "_swiglu_fwd_op", lambda *a, **kw: (swiglu.append(1), sw(*a, **kw))[1])
+    n = len(model.model.layers)
+    split = offload_run(model, monkeypatch, True, fused_lora_on_cpu, autocast=bf16)
+    n_sw = len(swiglu)
+    one = offload_run(model, monkeypatch, False, fused_lora_on_cpu, autocast=bf16)
+    assert split[4] == list(range(2 * n)) and one[4] == list(range(0, 2 * n, 2)), (split[4], one[4])
+    # forward + backward (dx) dequantize o_proj's and down's weights; o_proj's recomputation only without split
+    assert split[2] == [2] * n and one[2] == [3] * n, (split[2], one[2])
+    assert split[3] == [2] * n and one[3] == [2] * n, (split[3], one[3])
+    if grouped_mlp:
+        assert n_sw == n and len(swiglu) == 2 * n, (n_sw, len(swiglu))  # the forward's SwiGLU only
+    assert_same_bits(split, one)
+    if not bf16:
+        off = loss_and_grads(model, "off", fused_lora_on_cpu)
+        assert split[0].item() == pytest.approx(off[0].item(), abs=1e-6)
+        for name, g in split[1].items():
+            assert torch.allclose(g, off[1][name], rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early-stop", "full-recompute"])
+def test_offload_split_without_recompute_skip_and_two_forwards(fused_lora_on_cpu, monkeypatch, early_stop):
+    """The split alone (skip off) and the split with the skip agree bit for bit with one segment, with and
+    without checkpoint's early stop; two forwards before one backward (two summed losses) stash twice over."""
+    import minitrain.trainer as mt
+
+    model = tiny_lora_model(True, 0.1)
+    n = len(model.model.layers)
+    want = offload_run(model, monkeypatch, False, fused_lora_on_cpu, early_stop=early_stop, forwards=2)
+    got = offload_run(model, monkeypatch, True, fused_lora_on_cpu, early_stop=early_stop, forwards=2)
+    assert got[4] == list(range(2 * n)) * 2 and got[2] == [4] * n and want[2] == [6] * n, (got[4], got[2], want[2])
+    assert_same_bits(got, want)
+    monkeypatch.setattr(mt, "RECOMPUTE_SKIPS_UNUSED_OUTPUT", False)
+    plain = offload_run(model, monkeypatch, True, fused_lora_on_cpu, early_stop=early_stop, forwards=2)
+    assert plain[2] == [6] * n and plain[3] == [6] * n, (plain[2], plain[3])
+    assert_same_bits(plain, want)
+
+
+def test_offload_split_flags_each_recomputation_with_its_unused_projection(fused_lora_on_cpu):
+    """Pre-hooks (which cannot read an output) on o_proj and down_proj see no flag in the forward; in the backward
+    each half is recomputed (MLP half first) under its own projection's base, and the flag is reset after."""
+    import triton_ops.lora as tlora
+    from minitrain.trainer import set_gradient_checkpointing
+
+    model = tiny_lora_model()
+    seen = []
+    for i, layer in enumerate(model.model.layers):
+        for name, m in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
+            m.register_forward_pre_hook(
+                lambda mod, args, tag=(name, i): seen.append((tag, getattr(tlora._unused, "base", None))))
+    set_gradient_checkpointing(model, "offload")
+    model(torch.randint(0, TINY["vocab_size"], (2, 9))).square().mean().backward()
+    set_gradient_checkpointing(model, "off")
+    L = model.model.layers
+    w = {(k, i): (L[i].self_attn.o_proj if k == "o" else L[i].mlp.down_proj).base_layer.weight
+         for k in ("o", "down") for i in range(len(L))}
+    order = [("o", 0), ("down", 0), ("o", 1), ("down", 1), ("down", 1), ("o", 1), ("down", 0), ("o", 0)]
+    assert [t for t, _ in seen] == order, seen
+    assert all(b is None for _, b in seen[:4]), "flag set during the forward"
+    assert all(b is w[t] for t, b in seen[4:]), "a recomputation not flagged with its own projection"
+    assert getattr(tlora._unused, "base", None) is None
+
+
+def test_offload_split_only_where_it_is_the_same_computation(fused_lora_on_cpu, monkeypatch):
+    """split_layer / unused_attention_output_base: hooks on the layer (or a global one), a KV cache, a subclass or
+    a patched forward keep one segment; a forward hook on o_proj or a shared o_proj weight keeps the split but
+    not the o_proj skip. Forward hooks on the layer and on o_proj leave the gradients bit-identical."""
+    import functools
+
+    import minitrain.model as mm
+    import minitrain.trainer as mt
+    from minitrain.trainer import split_layer, unused_attention_output_base
+
+    model = tiny_lora_model()
+    layer = model.model.layers[0]
+    o_w = layer.self_attn.o_proj.base_layer.weight
+    c = object()
+    assert split_layer(layer.forward, (c, c, c), {}) is layer
+    assert split_layer(layer.forward, (c, c, c, None), {}) is layer
+    assert split_layer(layer.forward, (c, c, c), {"cache": None}) is layer
+    assert split_layer(layer.forward, (c, c, c, c), {}) is None  # a KV cache
+    assert split_layer(layer.self_attn.forward, (c, c, c), {}) is None
+    assert unused_attention_output_base(layer) is o_w
+    monkeypatch.setattr(mt, "SPLIT_OFFLOAD_SEGMENTS", False)
+    assert split_layer(layer.forward, (c, c, c), {}) is None
+    monkeypatch.setattr(mt, "SPLIT_OFFLOAD_SEGMENTS", True)
+    for target in (layer, layer.self_attn, layer.mlp):
+        for reg in ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook"):
+            h = getattr(target, reg)(lambda *a: None)
+            assert split_layer(layer.forward, (c, c, c), {}) is None, (type(target).__name__, reg)
+            h.remove()
+    h = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert split_layer(layer.forward, (c, c, c), {}) is None
+        assert unused_attention_output_base(layer) is None
+    finally:
+        h.remove()
+
+    class Sub(mm.LlamaDecoderLayer):
+        pass
+
+    sub = Sub(model.model.args, 0)
+    assert split_layer(sub.forward, (c, c, c), {}) is None
+    with monkeypatch.context() as mp:  # a class-level patch, even one calling the original
+        mp.setattr(mm.LlamaDecoderLayer, "forward", lambda self, *a: mt._DECODER_FORWARD(self, *a))
+        assert split_layer(layer.forward, (c, c, c), {}) is None
+    with monkeypatch.context() as mp:
+        mp.setattr(mm.LlamaAttention, "forward", lambda self, *a: mt._ATTENTION_FORWARD(self, *a))
+        assert split_layer(layer.forward, (c, c, c), {}) is layer and unused_attention_output_base(layer) is None
+    layer.self_attn.forward = functools.partial(mm.LlamaAttention.forward, layer.self_attn)  # on the instance
+    assert split_layer(layer.forward, (c, c, c), {}) is None and unused_attention_output_base(layer) is None
+    del layer.self_attn.forward
+    assert split_layer(layer.forward, (c, c, c), {}) is layer and unused_attention_output_base(layer) is o_w
+    h = layer.self_attn.o_proj.register_forward_hook(lambda *a: None)
+    assert split_layer(layer.forward, (c, c, c), {}) is layer and unused_attention_output_base(layer) is None
+    h.remove()
+    plain = tiny_lora_model()
+    p0 = plain.model.layers[0]
+    p0.self_attn.o_proj = p0.self_attn.o_proj.base_layer  # no LoRA on o_proj
+    assert split_layer(p0.forward, (c, c, c), {}) is p0 and unused_attention_output_base(p0) is None
+    p0.self_attn.o_proj = torch.nn.Identity()
+    assert unused_attention_output_base(p0) is None
+    p1 = plain.model.layers[1]
+    p1.self_attn.q_proj.base_layer.weight = p1.self_attn.o_proj.base_layer.weight  # another user of the weight
+    assert split_layer(p1.forward, (c, c, c), {}) is p1 and unused_attention_output_base(p1) is None
+
+    # gradients: a forward hook on o_proj (split, no o_proj skip) and on every layer (one segment)
+    calls = fused_lora_on_cpu
+    n = len(model.model.layers)
+    want = offload_run(model, monkeypatch, False, calls)
+    hs = [m.self_attn.o_proj.register_forward_hook(lambda *a: None) for m in model.model.layers]
+    got = offload_run(model, monkeypatch, True, calls)
+    assert got[4] == list(range(2 * n)) and got[2] == [3] * n and got[3] == [2] * n, got[2:]
+    assert_same_bits(got, want)
+    for h in hs:
+        h.remove()
+    hs = [m.register_forward_hook(lambda mod, args, out: None) for m in model.model.layers]
+    got = offload_run(model, monkeypatch, True, calls)
+    assert got[4] == list(range(0, 2 * n, 2)) and got[2] == [3] * n, got[2:]
+    assert_same_bits(got, want)
+    for h in hs:
+        h.remove()
+
+
+def test_split_switch_is_read_from_the_environment():
+    import minitrain.trainer as mt
+
+    assert mt.SPLIT_OFFLOAD_SEGMENTS is (os.environ.get("MINITRAIN_SPLIT_CHECKPOINT", "1") not in ("0", "off"))
+    code = "import minitrain.trainer as t; print(t.SPLIT_OFFLOAD_SEGMENTS)"
+    env = dict(os.environ, MINITRAIN_SPLIT_CHECKPOINT=" Off ")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", (out.stdout, out.stderr[-2000:])
+
+
+@pytest.mark.gpu
+def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
+    """bf16 autocast QLoRA (NF4 bases) on CUDA, C=1024, 2 layers, T=256: with gradient_checkpointing="offload"
+    the split (two segments, o_proj skipped in the recomputation) and one segment give the same loss and adapter
+    gradients, eagerly and replayed from the trainer's CUDA graph: bit for bit where two one-segment runs are
+    (the attention backward need not be deterministic), else within their spread. Eagerly the split drops one
+    o_proj dequantize per layer and step, and stashes two inputs per layer."""
+    import minitrain.trainer as mt
+    import triton_ops.lora as tlora
+    from minitrain.cuda_graphs import GraphedLoss, graph_blockers, zero_grads
+    from minitrain.model import LlamaForCausalLM, ModelArgs, rope_inv_freq
+    from minitrain.trainer import n_items, set_gradient_checkpointing, token_loss_sum
+    from test_cuda_graphs import grads, nf4_projections, random_batch
+
+    args = ModelArgs(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+    B, T = 2, 256
+    batch = random_batch(B, T, "cuda", seed=5)
+    n = n_items(batch)
+    calls, stashes = [], []
+    dense, stash = tlora._dense, mt.HostOffload.stash
+    monkeypatch.setattr(tlora, "_dense", lambda base, dtype: (calls.append(base), dense(base, dtype))[1])
+    monkeypatch.setattr(mt.HostOffload, "stash", lambda self, i, x: (stashes.append(i), stash(self, i, x))[1])
+
+    def build(split):
+        monkeypatch.setattr(mt, "SPLIT_OFFLOAD_SEGMENTS", split)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(args).to(torch.bfloat16)
+        model.model.inv_freq = rope_inv_freq(args).cuda()
+        nf4_projections(model)
+        add_lora(model, r=16, alpha=32)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        set_gradient_checkpointing(model.train(), "offload")
+        return model
+
+    def eager(split):
+        model = build(split)
+        calls.clear()
+        stashes.clear()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = token_loss_sum(model, batch) / n
+        loss.backward()
+        torch.cuda.synchronize()
+        o = [sum(c is layer.self_attn.o_proj.base_layer.weight for c in calls) for layer in model.model.layers]
+        return loss.detach().float(), grads(model), (o, list(stashes))
+
+    def graphed(split):
+        model = build(split)
+        assert graph_blockers(model) == [], graph_blockers(model)
+        gl = GraphedLoss(model, B, T, warmup=1)
+        for _ in range(3):  # warm-up, capture + replay, replay
+            zero_grads(gl.params)
+            loss = gl(batch, n)
+        torch.cuda.synchronize()
+        assert gl.graph is not None
+        return loss.detach().float(), grads(model), None
+
+    def spread(a, b):
+        return max([(a[0] - b[0]).abs().item()] + [(a[1][k] - b[1][k]).abs().max().item() for k in a[1]])
+
+    for run in (eager, graphed):
+        one, one2, split = run(False), run(False), run(True)
+        noise, diff = spread(one, one2), spread(split, one)
+        assert diff <= 2 * noise, f"{run.__name__}: split vs one segment differ by {diff:.3g} (run-to-run {noise:.3g})"
+        if run is eager:
+            layers = args.num_hidden_layers
+            assert split[2] == ([2] * layers, list(range(2 * layers))), split[2]
+            assert one[2] == ([3] * layers, list(range(0, 2 * layers, 2))), one[2]
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
 def test_lr_schedule_matches_transformers(kind):
     from transformers import get_scheduler
