@@ -112,7 +112,8 @@ def main():
                 tf = flops / us[v] / 1e6
                 d = us[v] - us["default"]
                 rows.append({"op": f"lora_{block} fwd+bwd", "shape": shape, "dtype": "bf16", "provider": v,
-                             "µs": f"{us[v]:.0f}", "TFLOP/s": f"{tf:.0f}", "% of ceiling": f"{100 * tf / ceiling:.0f}%",
+                             "µs": f"{us[v]:.0f}", "TFLOP/s": f"{tf:.0f}",
+                             "% of ceiling": f"{100 * tf / ceiling:.0f}%",
                              "peak MiB": f"{peak[v]:.0f}",
                              "vs default": "—" if v == "default" else f"{d:+.0f} µs ({us['default'] / us[v]:.3f}x)"})
                 print(f"{block} {v}: {us[v]:.0f} us, peak {peak[v]:.0f} MiB", flush=True)

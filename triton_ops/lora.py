@@ -17,10 +17,11 @@ Layouts: x (..., K) with any leading shape (flattened to M = tokens rows); base 
 float dtype or any object with ``dequantize(dtype=None, out=None)`` (e.g. an NF4 weight); bias (N,) frozen.
 
 What is kept for backward: x (and for the MLP the two pre-activations g = gate(x), u = up(x)), the adapters,
-each adapter's xa = drop(x)·Aᵀ (M, R; 128 KiB at M=4096, R=16, bf16), and the dropout keep-masks as bool (1 byte per element of the dropped input). The dequantized base weight
-exists only while one matmul uses it and is dequantized again in backward: never saved. A bool mask was chosen
-over regenerating from a seed because it costs one byte per element only when dropout is on, needs no custom
-RNG kernel, and gives the caller the mask (tests apply it to the references).
+each adapter's xa = drop(x)·Aᵀ (M, R; 128 KiB at M=4096, R=16, bf16), and the dropout keep-masks as bool
+(1 byte per element of the dropped input). The dequantized base weight exists only while one matmul uses it
+and is dequantized again in backward: never saved. A bool mask was chosen over regenerating from a seed
+because it costs one byte per element only when dropout is on, needs no custom RNG kernel, and gives the
+caller the mask (tests apply it to the references).
 
 Recomputation whose output nobody reads (``output_unused(base)``): inside that context the hand-written
 Functions do not compute the forward output of a projection whose base weight is ``base`` (an MLP whose down
@@ -158,9 +159,11 @@ SAVE_XA = True
 # place (addmm_, a memory-bound K=R pass that reads and rewrites the whole output); True = the adapter term
 # (+ bias) written first by one GEMM, then the base GEMM accumulates into it (beta=1: cuBLAS reads the output
 # in its epilogue). Applies to forward outputs and to the dx / dh buffers in backward. Results differ by
-# rounding only (the adapter's alpha is applied in the GEMM's fp32 epilogue instead of after a 16-bit round,
-# and the sum's rounding order changes). Off by default until measured (bench.lora_passes); env
-# MINITRAIN_LORA_ADAPTER_FIRST=1 (read at import) or set this attribute (read at every call).
+# rounding only: the term rounded to 16 bits before the fp32 sum is the adapter's (+ bias) instead of the base
+# GEMM's (with dropout in backward, the masked adapter dx term is scaled in the GEMM's epilogue and masked after
+# one rounding instead of rounded, masked, then scaled in the add). Off by default until measured
+# (bench.lora_passes); env MINITRAIN_LORA_ADAPTER_FIRST=1 (read at import) or set this attribute (read at every
+# call).
 ADAPTER_FIRST = os.environ.get("MINITRAIN_LORA_ADAPTER_FIRST", "0") == "1"
 
 
@@ -391,9 +394,9 @@ class _LoRAMLPFn(torch.autograd.Function):
     Under ``output_unused(down's base)`` (a checkpoint recomputation that discards the output) forward stops
     after g and u: no swiglu, no down dequantize/GEMM/adapter; it returns torch.empty of y's shape, and xa_d
     does not exist (``_absent`` saves a stand-in of its shape, told apart by its strides: this relies on the
-    saved tensor coming back as saved, as autograd and torch.utils.checkpoint give it). Backward then computes xa_d = drop(h)·A_dᵀ from
-    the h the in-place kernel writes. Exact:
-    the forward and backward kernels compute h = silu(g)·u with the same fp32 operations from the same g, u,
+    saved tensor coming back as saved, as autograd and torch.utils.checkpoint give it). Backward then computes
+    xa_d = drop(h)·A_dᵀ from the h the in-place kernel writes. Exact: the forward and backward kernels compute
+    h = silu(g)·u with the same fp32 operations from the same g, u,
     so xa_d is the same GEMM of the same bits either way, and everything else backward reads (x, g, u, the
     adapters, masks and the other xa) is computed by the same ops.
     """
