@@ -185,18 +185,23 @@ class HostOffload:
     Forward of layer i: its input is copied to a pinned host buffer of that layer on a copy stream (which first
     waits for the compute stream), while the layer computes; when layer i+1 stashes its input, the compute
     stream waits for layer i's copy (long done by then) and the device tensor is released, so at most one
-    layer input stays on the device. Backward: when layer i is recomputed, the copy stream brings layer i-1's
-    input back into a fresh device tensor (overlapping layer i's backward) and layer i waits for its own
-    copy; the last layer, still on the device, needs none. Every copy is an event-ordered stream operation,
-    so a CUDA graph captures the whole scheme (forked copy stream, joined before the layer that needs the data).
-    Unlike torch's ``save_on_cpu``, only the segment inputs move: what checkpointing saves, 2 * B * T * C bytes
-    per segment in bf16 (32 MiB at 2 x 2048 x 4096). A minitrain decoder layer is two segments on this path
-    (see :class:`CheckpointedLayer`): its input x and h1 = x + attention(x) are both stashed, 64 MiB of pinned
-    host memory per layer at that shape, and still at most one of them stays on the device.
+    layer input stays on the device beside the one its caller holds. Backward: when layer i is recomputed, the
+    copy stream brings layer i-1's input back into a fresh device tensor (overlapping layer i's backward) and
+    layer i waits for its own copy; the last layer, still on the device, needs none. Every copy is an
+    event-ordered stream operation, so a CUDA graph captures the whole scheme (forked copy stream, joined
+    before the layer that needs the data). Unlike torch's ``save_on_cpu``, only the segment inputs move: what
+    checkpointing saves, 2 * B * T * C bytes per segment in bf16 (32 MiB at 2 x 2048 x 4096).
 
-    Stash indices follow the forward order (layer i: 2i for x, 2i + 1 for h1; a layer checkpointed whole uses
-    2i only), so the stash before a segment's (``prev``) is the input of the segment recomputed next, the one
-    ``fetch`` prefetches ("layer" above and below: such a segment).
+    A minitrain decoder layer is two segments on this path (see :class:`CheckpointedLayer`): its input x and
+    h1 = x + attention(x) are both stashed (64 MiB of pinned host memory per layer at that shape), at indices
+    2i and 2i + 1 (a layer checkpointed whole uses 2i only). Indices follow the forward order, so the stash
+    before a segment's (``prev``) is the input of the segment recomputed next, the one ``fetch`` prefetches;
+    "layer" above and below means such a segment. h1's stash does not make the compute stream wait for x's
+    copy (``release=False``; x's copy runs beside the attention half and the compute stream never waits for
+    it there): the layer's caller holds x until the layer returns anyway, and the next layer's stash releases
+    both. So the device holds no more layer inputs than with one segment, except after the forward: the last
+    layer's x and h1 both stay (one input more, 32 MiB at that shape), and its recomputation uses both without
+    a copy back.
 
     Host buffers: one per stash index (and dtype), so two per split layer, grown to the largest input seen
     (batches of varying length reuse it), so pinned memory stays at one step's segment inputs. A buffer whose
@@ -213,11 +218,12 @@ class HostOffload:
         self.pending: list[_Stash] = []
         self.last: _Stash | None = None
 
-    def _release_pending(self, main) -> None:
+    def _release_pending(self, main, keep: _Stash | None = None) -> None:
         for s in self.pending:
-            main.wait_event(s.d2h)  # the host copy is complete before the device tensor's memory is reused
-            s.x = None
-        self.pending.clear()
+            if s is not keep:
+                main.wait_event(s.d2h)  # the host copy is complete before the device tensor's memory is reused
+                s.x = None
+        self.pending = [keep] if keep is not None and keep.x is not None else []
 
     def _host_buffer(self, key: tuple, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """(host tensor of x's shape, whether it is the layer's reused buffer)."""
@@ -235,7 +241,10 @@ class HostOffload:
             self.captured.append(buf)
         return buf[:n].view(x.shape), True
 
-    def stash(self, index: int, x: torch.Tensor) -> _Stash:
+    def stash(self, index: int, x: torch.Tensor, release: bool = True) -> _Stash:
+        """Start x's copy to host. ``release=False`` (h1 of a split layer): the compute stream does not wait
+        for the earlier copies yet (x's copy may still run beside the attention half), since releasing the
+        layer input now frees nothing (its caller holds it until the layer returns); the next stash does."""
         prev = self.last if self.last is not None and self.last.index < index else None
         key = (index, x.dtype)
         host, reused = self._host_buffer(key, x)
@@ -244,7 +253,8 @@ class HostOffload:
             s = _Stash(index, x, host, None, prev, key)  # x is dropped once the forward used it
         else:
             main = torch.cuda.current_stream(x.device)
-            self._release_pending(main)
+            if release:
+                self._release_pending(main)
             if self.stream is None:
                 self.stream = torch.cuda.Stream(x.device)
             self.stream.wait_stream(main)
@@ -279,16 +289,18 @@ class HostOffload:
         if s.d2h is None:  # CPU
             return s.host.clone().requires_grad_(s.requires_grad)
         main = torch.cuda.current_stream(s.device)
+        p = s.prev
+        # the segment recomputed next may still be on the device too (x of a split last layer): kept, no copy back
+        keep = p if p is not None and p.x is not None else None
         if s.x is not None:  # still on the device (the last layer): use it, no copy back
             out = s.x.detach()
-            self._release_pending(main)
+            self._release_pending(main, keep)
         else:
-            self._release_pending(main)
+            self._release_pending(main, keep)
             if s.dev is None:
                 self._bring_back(s, main)
             main.wait_event(s.h2d)
             out, s.dev = s.dev, None
-        p = s.prev
         if p is not None and p.x is None and p.dev is None and p.d2h is not None:
             self._bring_back(p, main)  # prefetch the input of the layer recomputed next
         return out.requires_grad_(s.requires_grad)
@@ -520,7 +532,7 @@ class CheckpointedLayer:
         if split_layer(self.forward, args, kwargs) is not None:
             cos, sin, mask = args[:3]
             h1 = checkpoint(self._run_attention, self.offload.stash(i, x), cos, sin, mask, use_reentrant=False)
-            return checkpoint(self._run_mlp, self.offload.stash(i + 1, h1), use_reentrant=False)
+            return checkpoint(self._run_mlp, self.offload.stash(i + 1, h1, release=False), use_reentrant=False)
         return checkpoint(self._run, self.offload.stash(i, x), *args, use_reentrant=False, **kwargs)
 
 

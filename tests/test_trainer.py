@@ -503,9 +503,9 @@ def offload_run(model, monkeypatch, split, calls, autocast=False, early_stop=Tru
     monkeypatch.setattr(mt, "SPLIT_OFFLOAD_SEGMENTS", split)
     stashes, stash = [], mt.HostOffload.stash
 
-    def spy(self, index, x):
+    def spy(self, index, x, **kw):
         stashes.append(index)
-        return stash(self, index, x)
+        return stash(self, index, x, **kw)
 
     monkeypatch.setattr(mt.HostOffload, "stash", spy)
     mt.set_gradient_checkpointing(model, "offload")
@@ -749,7 +749,7 @@ def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
     calls, stashes = [], []
     dense, stash = tlora._dense, mt.HostOffload.stash
     monkeypatch.setattr(tlora, "_dense", lambda base, dtype: (calls.append(base), dense(base, dtype))[1])
-    monkeypatch.setattr(mt.HostOffload, "stash", lambda self, i, x: (stashes.append(i), stash(self, i, x))[1])
+    monkeypatch.setattr(mt.HostOffload, "stash", lambda self, i, x, **kw: (stashes.append(i), stash(self, i, x, **kw))[1])
 
     def build(split):
         monkeypatch.setattr(mt, "SPLIT_OFFLOAD_SEGMENTS", split)
