@@ -695,7 +695,7 @@ def main(argv=None):
     ap.add_argument("--rows", default="ours", help=f"comma list of {', '.join(ROWS)} (or 'all')")
     ap.add_argument("--seq", default="2048", help="comma list of sequence lengths")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (unsloth's step times were still settling after 3 on an H100)")
     ap.add_argument("--steps", type=int, default=12, help="timed steps (median)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; 1 with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="hidden 64, vocab 256, seq 32, 2 timed steps (CPU smoke)")
