@@ -731,7 +731,7 @@ def main(argv=None):
         a.seq = "32"
     if a.tiny and a.steps == 12:
         a.steps = 2
-    if a.tiny and a.warmup == 3:
+    if a.tiny and a.warmup == 5:
         a.warmup = 1
     cfg = model_config(a.tiny, layers)
     tag = model_tag(cfg)
