@@ -436,6 +436,44 @@ def test_recompute_skip_only_where_the_output_is_provably_unused(fused_lora_on_c
     assert unused_output_base(plain.model.layers[0].forward) is None
 
 
+def _eager_loss_and_grads(model, batch, n):
+    """(loss, adapter grads) of one eager bf16-autocast forward + backward on CUDA."""
+    from minitrain.trainer import token_loss_sum
+    from test_cuda_graphs import grads
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = token_loss_sum(model, batch) / n
+    loss.backward()
+    torch.cuda.synchronize()
+    return loss.detach().float(), grads(model)
+
+
+def _graphed_loss_and_grads(model, batch, n, B, T):
+    """(loss, adapter grads, None) replayed from the trainer's CUDA graph: warm-up, capture + replay, replay."""
+    from minitrain.cuda_graphs import GraphedLoss, zero_grads
+    from test_cuda_graphs import grads
+
+    gl = GraphedLoss(model, B, T, warmup=1)
+    for _ in range(3):
+        zero_grads(gl.params)
+        loss = gl(batch, n)
+    torch.cuda.synchronize()
+    assert gl.graph is not None
+    return loss.detach().float(), grads(model), None
+
+
+def _within_run_to_run(run, what: str):
+    """run(False) twice and run(True) once, each (loss, {name: grad}, extra): the True run may differ from the False
+    one by at most twice the spread of the two False runs (bit for bit where they agree). Returns both runs."""
+    def spread(a, b):
+        return max([(a[0] - b[0]).abs().item()] + [(a[1][k] - b[1][k]).abs().max().item() for k in a[1]])
+
+    base, base2, alt = run(False), run(False), run(True)
+    noise, diff = spread(base, base2), spread(alt, base)
+    assert diff <= 2 * noise, f"{run.__name__}: {what} differ by {diff:.3g} (run-to-run {noise:.3g})"
+    return base, alt
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["on", "offload"])
 def test_recompute_skip_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
@@ -444,9 +482,8 @@ def test_recompute_skip_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
     runs without the skip do (the attention backward need not be deterministic), else within their spread."""
     import minitrain.trainer as mt
     import triton_ops.lora as tlora
-    from minitrain.cuda_graphs import GraphedLoss, zero_grads
-    from minitrain.trainer import n_items, set_gradient_checkpointing, token_loss_sum
-    from test_cuda_graphs import grads, model_with_lora, random_batch
+    from minitrain.trainer import n_items, set_gradient_checkpointing
+    from test_cuda_graphs import model_with_lora, random_batch
 
     B, T = 2, 200
     batch = random_batch(B, T, "cuda", seed=5)
@@ -460,32 +497,18 @@ def test_recompute_skip_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
         model = model_with_lora("cuda", torch.bfloat16, nf4=True)
         set_gradient_checkpointing(model, mode)
         calls.clear()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = token_loss_sum(model, batch) / n
-        loss.backward()
-        torch.cuda.synchronize()
+        loss, g = _eager_loss_and_grads(model, batch, n)
         downs = [sum(c is layer.mlp.down_proj.base_layer.weight for c in calls) for layer in model.model.layers]
-        return loss.detach().float(), grads(model), downs
+        return loss, g, downs
 
     def graphed(skip):
         monkeypatch.setattr(mt, "RECOMPUTE_SKIPS_UNUSED_OUTPUT", skip)
         model = model_with_lora("cuda", torch.bfloat16, nf4=True)
         set_gradient_checkpointing(model, mode)
-        gl = GraphedLoss(model, B, T, warmup=1)
-        for _ in range(3):  # warm-up, capture + replay, replay
-            zero_grads(gl.params)
-            loss = gl(batch, n)
-        torch.cuda.synchronize()
-        assert gl.graph is not None
-        return loss.detach().float(), grads(model), None
-
-    def spread(a, b):
-        return max([(a[0] - b[0]).abs().item()] + [(a[1][k] - b[1][k]).abs().max().item() for k in a[1]])
+        return _graphed_loss_and_grads(model, batch, n, B, T)
 
     for run in (eager, graphed):
-        full, full2, skip = run(False), run(False), run(True)
-        noise, diff = spread(full, full2), spread(skip, full)
-        assert diff <= 2 * noise, f"{run.__name__}: skip vs no skip differ by {diff:.3g} (run-to-run {noise:.3g})"
+        full, skip = _within_run_to_run(run, "skip vs no skip")
         if run is eager:
             layers = len(skip[2])
             assert skip[2] == [2] * layers and full[2] == [3] * layers, (skip[2], full[2])
@@ -736,10 +759,10 @@ def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
     o_proj dequantize per layer and step, and stashes two inputs per layer."""
     import minitrain.trainer as mt
     import triton_ops.lora as tlora
-    from minitrain.cuda_graphs import GraphedLoss, graph_blockers, zero_grads
+    from minitrain.cuda_graphs import graph_blockers
     from minitrain.model import LlamaForCausalLM, ModelArgs, rope_inv_freq
-    from minitrain.trainer import n_items, set_gradient_checkpointing, token_loss_sum
-    from test_cuda_graphs import grads, nf4_projections, random_batch
+    from minitrain.trainer import n_items, set_gradient_checkpointing
+    from test_cuda_graphs import nf4_projections, random_batch
 
     args = ModelArgs(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
@@ -769,31 +792,17 @@ def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
         model = build(split)
         calls.clear()
         stashes.clear()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = token_loss_sum(model, batch) / n
-        loss.backward()
-        torch.cuda.synchronize()
+        loss, g = _eager_loss_and_grads(model, batch, n)
         o = [sum(c is layer.self_attn.o_proj.base_layer.weight for c in calls) for layer in model.model.layers]
-        return loss.detach().float(), grads(model), (o, list(stashes))
+        return loss, g, (o, list(stashes))
 
     def graphed(split):
         model = build(split)
         assert graph_blockers(model) == [], graph_blockers(model)
-        gl = GraphedLoss(model, B, T, warmup=1)
-        for _ in range(3):  # warm-up, capture + replay, replay
-            zero_grads(gl.params)
-            loss = gl(batch, n)
-        torch.cuda.synchronize()
-        assert gl.graph is not None
-        return loss.detach().float(), grads(model), None
-
-    def spread(a, b):
-        return max([(a[0] - b[0]).abs().item()] + [(a[1][k] - b[1][k]).abs().max().item() for k in a[1]])
+        return _graphed_loss_and_grads(model, batch, n, B, T)
 
     for run in (eager, graphed):
-        one, one2, split = run(False), run(False), run(True)
-        noise, diff = spread(one, one2), spread(split, one)
-        assert diff <= 2 * noise, f"{run.__name__}: split vs one segment differ by {diff:.3g} (run-to-run {noise:.3g})"
+        one, split = _within_run_to_run(run, "split vs one segment")
         if run is eager:
             layers = args.num_hidden_layers
             assert split[2] == ([2] * layers, list(range(2 * layers))), split[2]
