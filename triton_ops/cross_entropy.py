@@ -98,6 +98,15 @@ def _tanh(u):
 
 
 @triton.jit
+def _sech2(u):
+    # 1 - tanh(u)^2 = 4 e / (e + 1)^2 with e = exp(2u): accurate to a few ulps relative everywhere, where 1 - t * t
+    # loses all digits as t nears +-1 (extreme softcapped logits; at u = 15, e^30 squared is still finite in fp32)
+    u = tl.minimum(tl.maximum(u, -15.0), 15.0)
+    e = tl.exp2(u * (2.0 * 1.4426950408889634))
+    return 4.0 * e / ((e + 1.0) * (e + 1.0))
+
+
+@triton.jit
 def _ce_kernel(logits_ptr, stride_l, grad_ptr, stride_g, labels_ptr, loss_ptr, lse_ptr, scale_ptr,
                scale_stride, N, V, ignore_index, softcap,
                HAS_SOFTCAP: tl.constexpr, COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
@@ -158,7 +167,7 @@ def _ce_kernel(logits_ptr, stride_l, grad_ptr, stride_g, labels_ptr, loss_ptr, l
                 if HAS_SOFTCAP:
                     t = _tanh(x / softcap)
                     p = tl.exp2((softcap * t - lse) * LOG2E)
-                    g = (p - tl.where(offs == label, 1.0, 0.0)) * (1.0 - t * t)
+                    g = (p - tl.where(offs == label, 1.0, 0.0)) * _sech2(x / softcap)
                 else:
                     p = tl.exp2((x - lse) * LOG2E)
                     g = p - tl.where(offs == label, 1.0, 0.0)
