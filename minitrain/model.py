@@ -60,6 +60,8 @@ except ImportError:  # pragma: no cover - triton or the package missing
 
 from . import lora as _mlora
 
+_LORA_FORWARD = _mlora.LoRALinear.forward  # as imported: a class-level patch is not the computation grouped here
+
 try:  # the grouped LoRA Functions (one call for q/k/v, one for gate/up/down); without them, module by module
     import triton_ops.lora as _tlora
 except ImportError:  # pragma: no cover - triton or the package missing
@@ -369,8 +371,7 @@ def _lora_member(m: nn.Module, x: torch.Tensor, dtype: torch.dtype):
         return None
     t = type(m)
     if t is _mlora.LoRALinear:
-        fwd = t.forward
-        if fwd.__module__ != "minitrain.lora" or fwd.__qualname__ != "LoRALinear.forward":
+        if t.forward is not _LORA_FORWARD:
             return None  # the class's forward was patched
         base = m.base_layer
         # exactly what LoRALinear.forward passes to lora_linear; dropout only in training (as _spec applies it)
