@@ -352,14 +352,20 @@ def _lora_backend(x: torch.Tensor) -> str | None:
     return "triton" if backend == "triton" or (backend == "auto" and x.is_cuda) else None
 
 
-def _unhooked(m: nn.Module) -> bool:
-    """No hook of any kind on ``m`` and its forward not replaced on the instance."""
-    return not any(getattr(m, h, None) for h in _HOOK_DICTS) and "forward" not in vars(m)
+def has_hooks(m: nn.Module) -> bool:
+    """A hook of any kind (forward, forward pre, backward, backward pre) on module ``m``."""
+    return any(getattr(m, h, None) for h in _HOOK_DICTS)
 
 
-def _global_hooks() -> bool:
+def has_global_hooks() -> bool:
+    """A global module hook of any kind (``torch.nn.modules.module.register_module_*_hook``)."""
     mm = nn.modules.module
     return any(getattr(mm, "_global" + h, None) for h in _HOOK_DICTS)
+
+
+def _unhooked(m: nn.Module) -> bool:
+    """No hook of any kind on ``m`` and its forward not replaced on the instance."""
+    return not has_hooks(m) and "forward" not in vars(m)
 
 
 def _lora_member(m: nn.Module, x: torch.Tensor, dtype: torch.dtype):
@@ -400,7 +406,7 @@ def _grouped_projections(x: torch.Tensor, mods, kernel_backend: str, allow_solo:
     LoRALinear and each is an unsubclassed, unpatched LoRALinear or a frozen plain projection (see
     ``_lora_member``), with no module hook on any of them and no global one. Dropout masks are drawn in the
     modules' order by the grouped call itself; the compute dtype is x's or autocast's, as LoRALinear's."""
-    if not GROUPED_LORA or kernel_backend == "torch" or _global_hooks():
+    if not GROUPED_LORA or kernel_backend == "torch" or has_global_hooks():
         return None
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None

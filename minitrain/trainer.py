@@ -39,7 +39,7 @@ from torch import nn
 from . import distributed as dist_
 from .config import TrainConfig
 from .lora import LoRALinear, atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
-from .model import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+from .model import LlamaAttention, LlamaDecoderLayer, LlamaMLP, has_global_hooks, has_hooks
 
 try:
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -322,7 +322,6 @@ SPLIT_OFFLOAD_SEGMENTS = os.environ.get("MINITRAIN_SPLIT_CHECKPOINT", "1").strip
 # replaces the class attribute, not these)
 _DECODER_FORWARD, _ATTENTION_FORWARD = LlamaDecoderLayer.forward, LlamaAttention.forward
 _MLP_FORWARD, _LORA_FORWARD = LlamaMLP.forward, LoRALinear.forward
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _runs_own(m: nn.Module, cls: type, original) -> bool:
@@ -410,7 +409,7 @@ def split_layer(forward, args: tuple, kwargs: dict):
     instance of exactly that class (not a subclass, the class attribute not patched), no hook of any kind on the
     layer, its ``self_attn`` and its ``mlp`` and neither's forward replaced on the instance (so the two
     segments call the same modules with the same arguments as the layer's forward, nothing between them that
-    could see h1 differently), no global forward (pre-)hook, and the call ``(x, cos, sin, mask)`` with no KV
+    could see h1 differently), no global module hook of any kind, and the call ``(x, cos, sin, mask)`` with no KV
     cache."""
     if not SPLIT_OFFLOAD_SEGMENTS:
         return None
@@ -422,12 +421,9 @@ def split_layer(forward, args: tuple, kwargs: dict):
     elif len(args) != 3 or kwargs not in ({}, {"cache": None}):
         return None
     mods = (layer, getattr(layer, "self_attn", None), getattr(layer, "mlp", None))
-    if any(not isinstance(m, nn.Module) or any(getattr(m, h, None) for h in _HOOK_DICTS) for m in mods):
+    if any(not isinstance(m, nn.Module) or has_hooks(m) for m in mods) or has_global_hooks():
         return None
-    if "forward" in vars(mods[1]) or "forward" in vars(mods[2]):
-        return None
-    mm = nn.modules.module
-    if getattr(mm, "_global_forward_hooks", None) or getattr(mm, "_global_forward_pre_hooks", None):
+    if "forward" in vars(mods[1]) or "forward" in vars(mods[2]):  # (the layer's own is the checkpoint wrapper)
         return None
     return layer
 
