@@ -5,16 +5,16 @@ Shapes: M = 4096 tokens (B=2, T=2048), C=4096, F=14336, QKV N = 4096 + 1024 + 10
 NF4 bases (quant.quantize_nf4), adapters on every projection, no dropout (q, k, v batched).
 
 Variants (module attributes of triton_ops.lora, set before each timed call):
-  * default: SAVE_XA on, ADAPTER_FIRST off (what ships);
-  * adapter-first: ADAPTER_FIRST on: the adapter term (+ bias) written first by a K=R GEMM, the base GEMM
-    accumulating into it (beta=1), instead of a separate in-place K=R addmm_ that reads and rewrites the
-    whole output (forward outputs, dx, dh);
+  * default: SAVE_XA on, RANK_UPDATE_KERNEL on (what ships): each adapter term added to the output the base
+    GEMM wrote (forward outputs, dx, dh) by triton_ops.rank_update's one-pass kernel;
+  * addmm adapter pass: RANK_UPDATE_KERNEL off: the same passes through cuBLAS's K=R addmm_ (beta = 1);
   * recompute xa: SAVE_XA off: backward recomputes xa = x·Aᵀ (re-reads x per group, x twice and h once in
-    the MLP) as before the change; shows what saving xa gains.
-Bytes those passes move (bf16, MiB = 2^20 bytes): adapter-first takes one read of each output buffer out of a
-memory-bound K=R pass (QKV: forward M·6144·2 = 48, dx 32; MLP: forward gate + up + down 112 + 112 + 32, dh 112,
-dx 32), which cuBLAS then reads in the big GEMM's epilogue instead; saving xa removes reads of x or h:
+    the MLP); shows what saving xa gains.
+Bytes of the adapter passes (bf16, MiB = 2^20 bytes, one read and one write each): QKV forward 2·48, dx 2·32;
+MLP forward gate + up + down 2·(112 + 112 + 32), dh 2·112, dx 2·32. Saving xa removes reads of x or h:
 QKV 32 (x once, batched), MLP 32 + 32 (x for gate and for up) + 112 (h for down) per layer.
+(An "adapter first" order, the adapter GEMM writing the output and the base GEMM accumulating into it with
+beta = 1, measured slower on an H100: QKV +118 µs, MLP +27 µs; it was removed.)
 
 Time: triton.testing.do_bench medians (bench.hw.bench_us, CUDA events, ≥ 20 repetitions of forward+backward),
 each variant measured twice interleaved, the lower median kept. TFLOP/s counts the base GEMMs only
@@ -31,10 +31,10 @@ from bench import hw
 M, C, F, R, ALPHA = 4096, 4096, 14336, 16, 32
 NQ, NKV = 4096, 1024
 DT = torch.bfloat16
-VARIANTS = {  # name: (SAVE_XA, ADAPTER_FIRST)
-    "default": (True, False),
-    "adapter-first": (True, True),
-    "recompute xa": (False, False),
+VARIANTS = {  # name: (SAVE_XA, RANK_UPDATE_KERNEL)
+    "default": (True, True),
+    "addmm adapter pass": (True, False),
+    "recompute xa": (False, True),
 }
 COLUMNS = ["op", "shape", "dtype", "provider", "µs", "TFLOP/s", "% of ceiling", "peak MiB", "vs default"]
 
@@ -78,7 +78,7 @@ def make_step(block):
 def _set(variant):
     import triton_ops.lora as tlora
 
-    tlora.SAVE_XA, tlora.ADAPTER_FIRST = VARIANTS[variant]
+    tlora.SAVE_XA, tlora.RANK_UPDATE_KERNEL = VARIANTS[variant]
 
 
 def measure(block):
@@ -101,7 +101,7 @@ def main():
         raise SystemExit("bench/lora_passes.py measures a CUDA device; none is available here")
     import triton_ops.lora as tlora
 
-    saved = (tlora.SAVE_XA, tlora.ADAPTER_FIRST)
+    saved = (tlora.SAVE_XA, tlora.RANK_UPDATE_KERNEL)
     ceiling = hw.matmul_tflops()
     rows = []
     try:
@@ -118,10 +118,10 @@ def main():
                              "vs default": "—" if v == "default" else f"{d:+.0f} µs ({us['default'] / us[v]:.3f}x)"})
                 print(f"{block} {v}: {us[v]:.0f} us, peak {peak[v]:.0f} MiB", flush=True)
     finally:
-        tlora.SAVE_XA, tlora.ADAPTER_FIRST = saved
+        tlora.SAVE_XA, tlora.RANK_UPDATE_KERNEL = saved
     body = hw.markdown_table(rows, COLUMNS)
     notes = ("\nvs default: µs difference (negative = faster than the default) and default µs / variant µs. "
-             "default = SAVE_XA on, ADAPTER_FIRST off; TFLOP/s over the base GEMMs' work (forward + dx).\n")
+             "default = SAVE_XA on, RANK_UPDATE_KERNEL on; TFLOP/s over the base GEMMs' work (forward + dx).\n")
     print(body + notes)
     path = hw.write_results("lora-passes", "triton_ops.lora memory passes (8B QLoRA shapes)",
                             [("Results", body + notes)])

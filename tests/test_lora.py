@@ -483,7 +483,7 @@ def test_output_unused_nests_and_resets_after_an_error():
     assert not tlora._output_unused(a) and getattr(tlora._unused, "base", None) is None
 
 
-# ---- fewer memory passes: saved xa, ADAPTER_FIRST --------------------------------------------------------
+# ---- fewer memory passes: saved xa, the one-pass adapter update-----------------------------------------------------
 
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     """Records (aten op name, beta) of every op run inside it."""
@@ -607,14 +607,22 @@ def test_down_xa_under_output_unused_is_computed_in_backward(variant, dtype, dev
         assert torch.equal(a, b) and torch.equal(a, c), f"grad {i}: max diff {d_saved:.3g} / {d_recomputed:.3g}"
 
 
+def _force_rank_update_kernel(monkeypatch):
+    """The adapter terms through triton_ops.rank_update's kernel on any device (CPU: Triton's interpreter)."""
+    import triton_ops.rank_update as ru
+
+    monkeypatch.setattr(ru, "uses_kernel", lambda y, R: 0 < R <= ru.MAX_R and y.numel() > 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", PASSES_CASES, ids=["-".join(c) for c in PASSES_CASES])
-def test_adapter_first_meets_the_tolerance_rule(case, dtype, device, monkeypatch):
-    """ADAPTER_FIRST (adapter term written first, base GEMM accumulating into it): outputs and grads within the
-    tolerance rule of the fp32 reference (the existing case builders), and of the default order."""
+def test_rank_update_kernel_meets_the_tolerance_rule(case, dtype, device, monkeypatch):
+    """Adapter terms added by the one-pass kernel (forward outputs, dx, dh): outputs and grads within the
+    tolerance rule of the fp32 reference (the case builders), and of the addmm_ path on the same inputs; the
+    kernel runs (as often as addmm_ runs without it) and no K=R addmm_ is left."""
     import triton_ops.lora as tlora
 
-    monkeypatch.setattr(tlora, "ADAPTER_FIRST", True)
+    _force_rank_update_kernel(monkeypatch)
     op, variant = case
     if op == "linear":
         _linear_case((37,), 70, 130, 8, dtype, device, True, variant, backend="triton")
@@ -622,53 +630,38 @@ def test_adapter_first_meets_the_tolerance_rule(case, dtype, device, monkeypatch
         _qkv_case(*CPU_QKV[0], dtype, device, True, q_dropout=0.1 if variant == "separate" else 0.0)
     else:
         _mlp_case(*CPU_MLP[0], dtype, device, True, variant)
-    # vs the default order: the same inputs through both, judged against the fp32 reference path
     run = _passes_case(op, dtype, device, True, variant)
-    first, _, _ = run()
-    monkeypatch.setattr(tlora, "ADAPTER_FIRST", False)
-    default, _, _ = run()
+    kern, _, ops_k = run()
+    monkeypatch.setattr(tlora, "RANK_UPDATE_KERNEL", False)
+    addmm, _, ops_a = run()
     ref, _, _ = run(ref=True)
-    assert len(first) == len(default) == len(ref)
-    for i, (a, b, c) in enumerate(zip(first, default, ref)):
+    assert len(kern) == len(addmm) == len(ref)
+    for i, (a, b, c) in enumerate(zip(kern, addmm, ref)):
         assert a.dtype == b.dtype and a.shape == b.shape
-        check(f"{case} {dtype} adapter-first vs default [{i}]", a, b, c, ATOL[dtype])
+        check(f"{case} {dtype} rank-update kernel vs addmm_ [{i}]", a, b, c, ATOL[dtype])
+    n_kernel = sum(n == "rank_update_" for n, _ in ops_k)
+    assert n_kernel > 0 and n_kernel + ops_k.count(("addmm_", 1)) == ops_a.count(("addmm_", 1)), (ops_k, ops_a)
 
 
-@pytest.mark.parametrize("op", ["linear", "mlp"])
-def test_adapter_first_changes_the_order(op, device, monkeypatch):
-    """With ADAPTER_FIRST the adapter GEMM writes a fresh buffer (beta=0) that the base GEMM accumulates into;
-    without it no GEMM runs with beta=0."""
-    import triton_ops.lora as tlora
-
-    run = _passes_case(op, torch.float32, device, False, "plain" if op == "linear" else "down only")
-    for flag in (False, True):
-        monkeypatch.setattr(tlora, "ADAPTER_FIRST", flag)
-        ops = run()[2]
-        beta0 = sum(n == "addmm_" and b == 0 for n, b in ops)
-        # on: forward's y (linear) / down's y (mlp, gate and up have no adapter); backward's dx / dh
-        assert beta0 == (2 if flag else 0), (flag, beta0, ops)
-
-
-def test_adapter_first_compile(device, monkeypatch):
-    import triton_ops.lora as tlora
-
-    monkeypatch.setattr(tlora, "ADAPTER_FIRST", True)
+def test_rank_update_kernel_compile(device, monkeypatch):
+    """torch.compile over the Functions with the kernel's custom op inside."""
+    _force_rank_update_kernel(monkeypatch)
     _mlp_case((2, 3), 64, 96, 4, torch.float32, device, True, "all+dropout+bias", compile_=True)
     _qkv_case((2, 5), 64, 64, 16, 4, torch.float32, device, True, compile_=True, q_dropout=0.0)
 
 
-def test_adapter_first_reads_the_environment():
-    """Off unless MINITRAIN_LORA_ADAPTER_FIRST=1 at import (one fresh interpreter for the on case)."""
+def test_rank_update_switch_reads_the_environment():
+    """On unless MINITRAIN_LORA_RANK_UPDATE=0 at import (one fresh interpreter for the off case)."""
     import os
     import subprocess
     import sys
 
     import triton_ops.lora as tlora
 
-    assert tlora.ADAPTER_FIRST == (os.environ.get("MINITRAIN_LORA_ADAPTER_FIRST") == "1")
-    out = subprocess.run([sys.executable, "-c", "import triton_ops.lora as t; print(t.ADAPTER_FIRST)"],
-                         capture_output=True, text=True, env=dict(os.environ, MINITRAIN_LORA_ADAPTER_FIRST="1"))
-    assert out.stdout.strip() == "True", (out.stdout, out.stderr[-2000:])
+    assert tlora.RANK_UPDATE_KERNEL == (os.environ.get("MINITRAIN_LORA_RANK_UPDATE", "1") != "0")
+    out = subprocess.run([sys.executable, "-c", "import triton_ops.lora as t; print(t.RANK_UPDATE_KERNEL)"],
+                         capture_output=True, text=True, env=dict(os.environ, MINITRAIN_LORA_RANK_UPDATE="0"))
+    assert out.stdout.strip() == "False", (out.stdout, out.stderr[-2000:])
 
 
 # ---- GPU: real shapes ------------------------------------------------------------------------------------
@@ -737,14 +730,14 @@ def test_lora_mlp_saves_only_x_and_preactivations():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("adapter_first", [False, True], ids=["default", "adapter-first"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["rank-update", "addmm"])
 @pytest.mark.parametrize("block", ["mlp", "qkv-batched", "qkv-separate"])
-def test_adapter_order_gpu_llama(block, adapter_first, monkeypatch):
-    """Both orders of base and adapter terms at the 8B QLoRA step's shapes (M = 2x2048 tokens, C=4096,
-    F=14336, R=16, bf16, NF4 bases) against the fp32 reference by the tolerance rule."""
+def test_lora_blocks_gpu_llama(block, kernel, monkeypatch):
+    """The 8B QLoRA step's shapes (M = 2x2048 tokens, C=4096, F=14336, R=16, bf16, NF4 bases), adapter terms by
+    the rank-update kernel and by addmm_, against the fp32 reference by the tolerance rule."""
     import triton_ops.lora as tlora
 
-    monkeypatch.setattr(tlora, "ADAPTER_FIRST", adapter_first)
+    monkeypatch.setattr(tlora, "RANK_UPDATE_KERNEL", kernel)
     if block == "mlp":
         _mlp_case((2, 2048), 4096, 14336, 16, torch.bfloat16, "cuda", True, "all+dropout+bias", backend="auto")
     else:
@@ -768,11 +761,8 @@ def test_down_xa_under_output_unused_gpu(variant, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_adapter_first_compile_gpu(monkeypatch):
-    """Inductor with ADAPTER_FIRST: the beta=0 GEMM into an uninitialized buffer must stay beta=0."""
-    import triton_ops.lora as tlora
-
-    monkeypatch.setattr(tlora, "ADAPTER_FIRST", True)
+def test_compile_gpu_llama():
+    """Inductor around the Functions at real shapes, the rank-update kernel's custom op inside."""
     _mlp_case((523,), 4096, 14336, 16, torch.bfloat16, "cuda", True, "all+dropout+bias", backend="auto",
               compile_=True)
     _qkv_case((2, 523), 4096, 4096, 1024, 16, torch.bfloat16, "cuda", True, backend="auto", compile_=True,

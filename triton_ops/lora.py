@@ -11,7 +11,10 @@ Backward (W and b frozen), small matrices first, B·A never formed:
 The MLP: y = down(silu(gate(x)) · up(x)); its backward runs
     dh = dy·Wdᵀ-side as above; one in-place SwiGLU kernel turns (dh, g, u) into (h, dg, du);
     down's dA uses the recomputed h; dx = dg·Wg + du·Wu + the adapter terms, all into one buffer.
-Where a base and an adapter term land in one buffer (y, dx, dh), ADAPTER_FIRST picks which writes it first.
+Where a base and an adapter term land in one buffer (y, dx, dh), the base GEMM writes it and the adapter term
+is added in one read+write pass (``triton_ops.rank_update`` on CUDA: cuBLAS's K=R addmm_ moved the same bytes
+at ~60% of copy bandwidth; the order "adapter first, base GEMM accumulating with beta=1" measured slower:
+bench/results/2026-11-28-h100-80gb-hbm3-lora-passes.md).
 
 Layouts: x (..., K) with any leading shape (flattened to M = tokens rows); base W (N, K) is a tensor of any
 float dtype or any object with ``dequantize(dtype=None, out=None)`` (e.g. an NF4 weight); bias (N,) frozen.
@@ -46,6 +49,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from .rank_update import rank_update_
 from .swiglu import _swiglu_bwd_inplace_op, _swiglu_fwd_op, swiglu_ref
 
 __all__ = ["LoRAWeights", "lora_scale", "dropout_keep_mask", "lora_linear", "lora_o", "lora_qkv", "lora_mlp",
@@ -155,17 +159,15 @@ def lora_mlp_ref(x, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights):
 # prove it. Costs M·R elements per adapter (128 KiB at M=4096, R=16, bf16).
 SAVE_XA = True
 
-# Order of the two terms that land in one output: False = base GEMM first, then the adapter term added in
-# place (addmm_, a memory-bound K=R pass that reads and rewrites the whole output); True = the adapter term
-# (+ bias) written first by one GEMM, then the base GEMM accumulates into it (beta=1: cuBLAS reads the output
-# in its epilogue). Applies to forward outputs and to the dx / dh buffers in backward. Results differ by
-# rounding only: the term rounded to 16 bits before the fp32 sum is the adapter's (+ bias) instead of the base
-# GEMM's (with dropout in backward, the masked adapter dx term is scaled in the GEMM's epilogue and masked after
-# one rounding instead of rounded, masked, then scaled in the add). Off by default until measured
-# (bench.lora_passes); env MINITRAIN_LORA_ADAPTER_FIRST=1 (read at import) or set this attribute (read at every
-# call).
-ADAPTER_FIRST = os.environ.get("MINITRAIN_LORA_ADAPTER_FIRST", "0") == "1"
+# Add the adapter terms with triton_ops.rank_update's one-pass kernel on CUDA (True) or with cuBLAS's K=R
+# addmm_ (False). The same formula up to the order of the R-term sum; env MINITRAIN_LORA_RANK_UPDATE=0 (read at
+# import) turns the kernel off, e.g. for an A/B run of bench.train.
+RANK_UPDATE_KERNEL = os.environ.get("MINITRAIN_LORA_RANK_UPDATE", "1") != "0"
 
+
+def _add_update(y, a, b, alpha):
+    """y += alpha·a·bᵀ in place (the adapter term); the kernel per ``RANK_UPDATE_KERNEL``."""
+    return rank_update_(y, a, b, alpha, kernel=None if RANK_UPDATE_KERNEL else False)
 
 class _Proj(NamedTuple):
     base: Any          # tensor or object with dequantize()
@@ -184,22 +186,15 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _proj_out(x2, pr: _Proj, xa, B_):
-    """(M, K) -> (M, N): x·Wᵀ (+ bias) + s·xa·Bᵀ, the two terms in the order ADAPTER_FIRST picks (xa None: no
-    adapter term). The dequantized weight lives for its one GEMM."""
+    """(M, K) -> (M, N): x·Wᵀ (+ bias), then + s·xa·Bᵀ in one pass over y (xa None: no adapter term). The
+    dequantized weight lives for its one GEMM."""
     dtype = x2.dtype
     bias = _cast(pr.bias, dtype)
-    if xa is not None and ADAPTER_FIRST:
-        if bias is not None:
-            y = torch.addmm(bias, xa, B_.t(), alpha=pr.scale)
-        else:  # beta=0: the uninitialized buffer is never read
-            y = torch.empty(x2.shape[0], B_.shape[0], dtype=dtype, device=x2.device)
-            y.addmm_(xa, B_.t(), beta=0, alpha=pr.scale)
-        return y.addmm_(x2, _dense(pr.base, dtype).t())
     W = _dense(pr.base, dtype)
     y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
     del W
     if xa is not None:
-        y.addmm_(xa, B_.t(), alpha=pr.scale)
+        _add_update(y, xa, B_, pr.scale)
     return y
 
 
@@ -222,7 +217,7 @@ def _dx_adapter(dx, dyB, A_, keep, p: float, scale: float):
         dx.addmm_(dyB, A_, beta=0, alpha=scale if keep is None else scale / (1.0 - p))
         return dx if keep is None else dx.mul_(keep)
     if keep is None:
-        return dx.addmm_(dyB, A_, alpha=scale)
+        return _add_update(dx, dyB, A_.t(), scale)
     return dx.add_(torch.where(keep, dyB @ A_, 0), alpha=scale / (1.0 - p))
 
 
@@ -256,7 +251,7 @@ class _LoRAGroupFn(torch.autograd.Function):
 
     Saves x, the adapters, the keep-masks and each xa = drop(x)·Aᵀ (M, R) of the forward (``SAVE_XA``);
     backward re-dequantizes each base weight and accumulates every dx term into a single (M, K) buffer (see
-    the module docstring for the math; the order of base and adapter terms follows ``ADAPTER_FIRST``).
+    the module docstring for the math).
     Adapters without dropout see the same x, so they are batched: one GEMM x·[A_q; A_k; A_v]ᵀ (M, ΣR) in
     forward (saved whole), and in backward one GEMM each for dx += [s·dy_i·B_i]·[A_i] and
     [dA_i] = [s·dy_i·B_i]ᵀ·x, so x and dx are read once for all adapters rather than once per adapter.
@@ -329,14 +324,7 @@ class _LoRAGroupFn(torch.autograd.Function):
             dyB_cat = torch.cat([dy2s[i] @ Bs[i] * projs[i].scale for i in batched], dim=1)
             A_cat = torch.cat([As[i] for i in batched])                               # (ΣR, K)
         dx = None
-        if need_dx and ADAPTER_FIRST:
-            if batched:
-                dx = _dx_adapter(dx, dyB_cat, A_cat, None, 0.0, 1.0)
-            for i in solo:
-                dx = _dx_adapter(dx, dyBs[i], As[i], keeps[i], projs[i].p, projs[i].scale)
-            for i in live:
-                dx = _dx_base(dx, dy2s[i], projs[i])
-        elif need_dx:
+        if need_dx:
             for i in live:
                 dx = _dx_base(dx, dy2s[i], projs[i])
                 if i in dyBs:
@@ -438,12 +426,9 @@ class _LoRAMLPFn(torch.autograd.Function):
 
         # dh = dy·Wd (+ adapter); the base part is the dx of down's projection.
         dyB = dy2 @ Bd_ if down.has_adapter else None                # (M, R)
-        if down.has_adapter and ADAPTER_FIRST:
-            dh = _dx_base(_dx_adapter(None, dyB, Ad_, kd, down.p, down.scale), dy2, down)
-        else:
-            dh = _dx_base(None, dy2, down)                           # (M, F)
-            if down.has_adapter:
-                dh = _dx_adapter(dh, dyB, Ad_, kd, down.p, down.scale)
+        dh = _dx_base(None, dy2, down)                               # (M, F)
+        if down.has_adapter:
+            dh = _dx_adapter(dh, dyB, Ad_, kd, down.p, down.scale)
         # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du.
         _swiglu_bwd_inplace_op(dh, g, u, down.has_adapter, ctx.backend)
         dAd = dBd = None
@@ -456,17 +441,10 @@ class _LoRAMLPFn(torch.autograd.Function):
         terms = [(g, gate, Ag_, Bg_, kg), (u, up, Au_, Bu_, ku)]
         dyBs = [dd @ B_ if pr.has_adapter else None for dd, pr, _, B_, _ in terms]
         dx = None
-        if ADAPTER_FIRST:
-            for (dd, pr, A_, _, k), dyB_ in zip(terms, dyBs):
-                if dyB_ is not None:
-                    dx = _dx_adapter(dx, dyB_, A_, k, pr.p, pr.scale)
-            for dd, pr, *_ in terms:
-                dx = _dx_base(dx, dd, pr)
-        else:
-            for (dd, pr, A_, _, k), dyB_ in zip(terms, dyBs):
-                dx = _dx_base(dx, dd, pr)
-                if dyB_ is not None:
-                    dx = _dx_adapter(dx, dyB_, A_, k, pr.p, pr.scale)
+        for (dd, pr, A_, _, k), dyB_ in zip(terms, dyBs):
+            dx = _dx_base(dx, dd, pr)
+            if dyB_ is not None:
+                dx = _dx_adapter(dx, dyB_, A_, k, pr.p, pr.scale)
         grads = []
         for (dd, pr, A_, _, k), dyB_, xa, A, B in zip(terms, dyBs, (xa_g, xa_u), (Ag, Au), (Bg, Bu)):
             if dyB_ is None:
