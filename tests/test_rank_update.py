@@ -136,14 +136,28 @@ def test_gpu(shape, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_default_path_is_the_kernel():
+def test_gpu_default_path():
+    """kernel=None: addmm_ for a small output, the kernel for a large one (also inside a CUDA-graph capture)."""
+    import triton_ops.rank_update as ru
+
     y, a, b = _inputs(256, 512, 16, torch.bfloat16, "cuda")
-    ref32 = rank_update_ref(y, a, b, 1.0)
-    same = y.clone().addmm_(a, b.t())
-    out = rank_update_(y.clone(), a, b)  # kernel=None: the kernel on CUDA
+    assert not ru.uses_kernel(y, 16)
+    assert torch.equal(rank_update_(y.clone(), a, b), y.clone().addmm_(a, b.t()))
+    y, a, b = _inputs(4096, ru.MIN_NUMEL // 4096, 16, torch.bfloat16, "cuda")
+    assert ru.uses_kernel(y, 16) and not ru.uses_kernel(y, ru.MAX_R + 1)
     forced = rank_update_(y.clone(), a, b, kernel=True)
+    assert torch.equal(rank_update_(y.clone(), a, b), forced)
+    out = y.clone()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        rank_update_(out, a, b)
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
     assert torch.equal(out, forced)
-    check("default CUDA path", out, same, ref32, ATOL[torch.bfloat16])
+    check("default CUDA path", out, y.clone().addmm_(a, b.t()), rank_update_ref(y, a, b, 1.0), ATOL[torch.bfloat16])
 
 
 @pytest.mark.gpu

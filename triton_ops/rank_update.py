@@ -16,8 +16,8 @@ any strides (b may be a transposed view, e.g. A_cat.t() for the dx term dx += dy
 element of y: 2 * element size (read, write); a and b add (M + N) * R elements.
 
 Precision: fp32 accumulation; fp32 inputs use IEEE products (no TF32, as torch's default matmul). Ranks above
-``MAX_R`` and CPU tensors go to addmm_ unless the caller forces the kernel (the tests, under Triton's
-interpreter).
+``MAX_R``, outputs under ``MIN_NUMEL`` elements (where the launch's host cost outweighs the GPU time saved)
+and CPU tensors go to addmm_ unless the caller forces the kernel (the tests, under Triton's interpreter).
 """
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ import triton.language as tl
 __all__ = ["rank_update_", "rank_update_ref", "MAX_R"]
 
 MAX_R = 128  # above this the update is a real GEMM: cuBLAS
+# The kernel is the default only for outputs of at least this many elements: its launch costs more host time
+# than cuBLAS's (H100 host, 64x128 bf16: ~36 µs vs ~24 µs per call), which a host-bound eager step pays in
+# full, while the GPU time it saves is 40 µs at (4096, 14336) but 12 µs at (4096, 4096) and 2 µs at
+# (4096, 1024) (bench.rank_update). The rule depends on the shape only, so a CUDA graph's eager warm-up calls
+# compile exactly the kernels its capture launches.
+MIN_NUMEL = 2**25
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -127,8 +133,9 @@ def _(y, a, b, alpha):
 
 
 def uses_kernel(y: torch.Tensor, R: int) -> bool:
-    """Whether ``rank_update_`` takes the Triton kernel by default for this output and rank (else addmm_)."""
-    return y.is_cuda and 0 < R <= MAX_R and y.numel() > 0
+    """Whether ``rank_update_`` takes the Triton kernel by default for this output and rank (else addmm_): on
+    CUDA for 0 < R <= MAX_R and outputs of ``MIN_NUMEL`` elements or more."""
+    return y.is_cuda and 0 < R <= MAX_R and y.numel() >= MIN_NUMEL
 
 
 def rank_update_(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0,
@@ -139,8 +146,9 @@ def rank_update_(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float
         y: (M, N) float16/bfloat16/float32, unit column stride (any row stride).
         a: (M, R), b: (N, R), y's dtype, any strides (b = A.t() gives y += alpha * a @ A).
         alpha: scale of the update (the LoRA scale s).
-        kernel: None = the kernel on CUDA for 0 < R <= MAX_R, addmm_ otherwise; True forces the kernel (CPU
-            tensors need Triton's interpreter, TRITON_INTERPRET=1); False forces addmm_.
+        kernel: None = ``uses_kernel`` decides (CUDA, 0 < R <= MAX_R, at least MIN_NUMEL outputs), addmm_
+            otherwise; True forces the kernel (CPU tensors need Triton's interpreter,
+            TRITON_INTERPRET=1); False forces addmm_.
     Returns:
         y, updated.
     """
