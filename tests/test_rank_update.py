@@ -10,7 +10,7 @@ ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}  # x max
 CPU_SHAPES = [  # (M, N, R)
     (16, 32, 16),     # one tile, the rank of one dot
     (37, 70, 4),      # odd rows and columns, a rank under the dot's minimum (masked up to 16)
-    (19, 45, 80),     # a rank over one 64-wide rank block (loop of two)
+    (19, 45, 80),     # a rank over one rank block (GPU: 64 wide, a loop of two; interpreter: 16 wide, five)
     (3, 1, 1),        # one column, rank 1
 ]
 GPU_SHAPES = [
@@ -89,9 +89,53 @@ def test_default_path_on_cpu_is_addmm():
     assert torch.equal(rank_update_(y.clone(), a, b, 0.5), y.clone().addmm_(a, b.t(), alpha=0.5))
 
 
-def test_large_rank_goes_to_addmm(device):
-    y, a, b = _inputs(4, 8, MAX_R + 1, torch.float32, device)
-    assert torch.equal(rank_update_(y.clone(), a, b, 2.0), y.clone().addmm_(a, b.t(), alpha=2.0))
+def test_forced_kernel_takes_any_rank(device):
+    """kernel=True runs the kernel even above MAX_R (the default rule sends those to cuBLAS)."""
+    _run(5, 9, MAX_R + 3, torch.float32, device)
+
+
+def test_autograd_and_dispatch_go_through_the_op(device):
+    """An input that requires grad (with grad mode on) or an active dispatch mode takes the registered op, not the
+    direct launch: the op is visible to autograd's version check and to the mode."""
+    import triton_ops.rank_update as ru
+
+    y, a, b = _inputs(8, 16, 4, torch.float32, device)
+    assert ru._plain_call(y, a, b)
+    a.requires_grad_()
+    assert not ru._plain_call(y, a, b)
+    with torch.no_grad():
+        assert ru._plain_call(y, a, b)
+    a.requires_grad_(False)
+    seen = []
+
+    class Log(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        rank_update_(y, a, b, 1.0, kernel=True)
+    assert "rank_update_" in seen, seen
+
+
+def test_version_counter_bumps(device):
+    y, a, b = _inputs(8, 16, 4, torch.float32, device)
+    v = y._version
+    rank_update_(y, a, b, 1.0, kernel=True)
+    assert y._version > v
+
+
+def test_wrapper_under_compile(device):
+    """The public function inside torch.compile(fullgraph=True) (the wrapper's compiling branch)."""
+    y, a, b = _inputs(37, 70, 4, torch.float32, device)
+    want = y.clone().addmm_(a, b.t(), alpha=0.5)
+
+    def f(y, a, b):
+        rank_update_(y, a, b, 0.5, kernel=True)
+        return y * 2
+
+    got = torch.compile(f, fullgraph=True)(y.clone(), a, b)
+    check("compiled rank_update_ wrapper", got / 2, want, rank_update_ref(y, a, b, 0.5), ATOL[torch.float32])
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -101,6 +145,7 @@ def test_large_rank_goes_to_addmm(device):
     (lambda y, a, b: (y.t(), a, b), "expected y"),
     (lambda y, a, b: (y.int(), a, b), "float16, bfloat16 or float32"),
     (lambda y, a, b: (y[0], a, b), "2-D"),
+    (lambda y, a, b: (y[:1].expand(6, 10), a, b), "rows overlap"),
 ])
 def test_errors(bad, match, device):
     y, a, b = _inputs(6, 10, 4, torch.bfloat16, device)

@@ -5,7 +5,7 @@ Formula for one adapted projection (PEFT's layout: A = lora_A.weight (R, K), B =
     drop(x) = x·keep/(1-p)                      keep: a bool mask of x's shape (LoRA dropout p)
 Backward (W and b frozen), small matrices first, B·A never formed:
     dyB = dy·B                                   (M, R)
-    dx  = dy·W + s·(dyB·A)·keep/(1-p)            dx accumulates into ONE buffer with addmm_
+    dx  = dy·W + s·(dyB·A)·keep/(1-p)            dx accumulates into ONE buffer (in-place adds)
     dA  = s·dyBᵀ·drop(x)                         (R, K)
     dB  = s·dyᵀ·xa,  xa = drop(x)·Aᵀ             (N, R); xa (M, R) is the forward's, saved (SAVE_XA)
 The MLP: y = down(silu(gate(x)) · up(x)); its backward runs
@@ -168,6 +168,7 @@ RANK_UPDATE_KERNEL = os.environ.get("MINITRAIN_LORA_RANK_UPDATE", "1") != "0"
 def _add_update(y, a, b, alpha):
     """y += alpha·a·bᵀ in place (the adapter term); the kernel per ``RANK_UPDATE_KERNEL``."""
     return rank_update_(y, a, b, alpha, kernel=None if RANK_UPDATE_KERNEL else False)
+
 
 class _Proj(NamedTuple):
     base: Any          # tensor or object with dequantize()

@@ -6,10 +6,10 @@ which is exactly cuBLAS's ``y.addmm_(a, b.t(), alpha=alpha)`` (beta = 1) up to t
 
 Why a kernel: LoRA adds its term to an output the base GEMM already wrote (y = x W^T, then y += s xa B^T;
 in backward dx += s (dy B) A). The work is 2 M N R FLOPs (tiny) and one read and one write of y, so the
-op is memory-bound; cuBLAS's K = 16 GEMM with beta = 1 reached ~60% of copy bandwidth on the 8B MLP's
-(4096, 14336) bf16 outputs on an H100 (131 µs against a 78 µs floor; bench.lora_passes). This kernel streams
-y in (BLOCK_M, BLOCK_N) tiles, each program loading its a rows and b rows (R columns, from L2 after the
-first touch) and doing one tl.dot.
+op is memory-bound; cuBLAS's K = 16 GEMM with beta = 1 reached 61% of copy bandwidth on the 8B MLP's
+(4096, 14336) bf16 outputs on an H100 (127 µs against a 78 µs floor), this kernel 89% (87 µs; bench.rank_update).
+It streams y in (BLOCK_M, BLOCK_N) tiles, each program loading its a rows and b rows (R columns, from L2 after
+the first touch) and doing one tl.dot.
 
 Layouts: y with unit column stride and any row stride (a column slice of a wider output works); a and b with
 any strides (b may be a transposed view, e.g. A_cat.t() for the dx term dx += dyB @ A_cat). Bytes per
@@ -110,6 +110,9 @@ def _check(y, a, b, where: str) -> None:
         raise ValueError(f"{where}: y, a and b must be on one device, got {y.device}, {a.device}, {b.device}")
     if N > 1 and y.stride(1) != 1:
         raise ValueError(f"{where}: y needs unit column stride, got strides {tuple(y.stride())}")
+    if M > 1 and y.stride(0) < N:
+        raise ValueError(f"{where}: y's rows overlap (row stride {y.stride(0)} < {N} columns); the update writes "
+                         f"every element once")
 
 
 def _launch(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, config: dict | None = None) -> None:
@@ -132,6 +135,20 @@ def _(y, a, b, alpha):
     return None
 
 
+def _plain_call(*ts: torch.Tensor) -> bool:
+    """True when a direct launch is what the dispatcher would do: eager (not tracing), no autograd on the inputs,
+    no dispatch mode active, plain tensors."""
+    if torch.compiler.is_compiling() or _dispatch_modes():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    return all(type(t) is torch.Tensor for t in ts)
+
+
+def _dispatch_modes() -> int:
+    return torch._C._len_torch_dispatch_stack()
+
+
 def uses_kernel(y: torch.Tensor, R: int) -> bool:
     """Whether ``rank_update_`` takes the Triton kernel by default for this output and rank (else addmm_): on
     CUDA for 0 < R <= MAX_R and outputs of ``MIN_NUMEL`` elements or more."""
@@ -152,14 +169,18 @@ def rank_update_(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float
     Returns:
         y, updated.
     """
-    _check(y, a, b, "rank_update_")
     if kernel is None:
-        kernel = uses_kernel(y, a.shape[1])
-    if not kernel or y.numel() == 0 or a.shape[1] == 0:
+        kernel = uses_kernel(y, a.shape[1]) if isinstance(y, torch.Tensor) and isinstance(a, torch.Tensor) else False
+    if not kernel:
+        return y.addmm_(a, b.t(), alpha=alpha)  # validates its own inputs
+    _check(y, a, b, "rank_update_")
+    if y.numel() == 0 or a.shape[1] == 0:
         return y.addmm_(a, b.t(), alpha=alpha)
-    if torch.compiler.is_compiling():
-        torch.ops.minitrain.rank_update_(y, a, b, float(alpha))  # an opaque op to the compiler
-    else:
-        _launch(y, a, b, alpha)  # eager: the launch itself; the custom op's dispatch cost more host time than
-        # the whole GPU pass at these sizes (~100 µs per call on a slow host)
+    if _plain_call(y, a, b):
+        # the launch itself: the custom op's dispatch cost more host time than the whole GPU pass at these sizes
+        # (~100 µs per eager call on an H100 machine's host); what the dispatcher would do, done by hand
+        _launch(y, a, b, alpha)
+        torch.autograd.graph.increment_version(y)
+    else:  # compiling, autograd on an input, a dispatch mode or a tensor subclass: the registered op
+        torch.ops.minitrain.rank_update_(y, a, b, float(alpha))
     return y
