@@ -15,10 +15,11 @@ from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .lora import LoRAWeights, lora_linear, lora_mlp, lora_qkv, lora_scale
 from .nf4_dequant import nf4_dequantize
 from .nf4_matmul import nf4_matmul
+from .rank_update import rank_update_
 from .rms_norm import rms_norm
 from .rope import packed_position_ids, rope, rope_cos_sin
 from .swiglu import swiglu
 
 __all__ = ["cross_entropy", "fused_linear_cross_entropy", "LoRAWeights", "lora_linear", "lora_mlp", "lora_qkv",
-           "lora_scale", "nf4_dequantize", "nf4_matmul", "rms_norm", "packed_position_ids", "rope", "rope_cos_sin",
+           "lora_scale", "nf4_dequantize", "nf4_matmul", "rank_update_", "rms_norm", "packed_position_ids", "rope", "rope_cos_sin",
            "swiglu"]
