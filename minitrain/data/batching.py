@@ -164,6 +164,11 @@ class Batches:
                 [order[j: j + self.batch_size].tolist() for j in range(0, len(order), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches = batches[:-1]
+            if not batches:  # every epoch would be empty: a training loop would wait forever for a batch
+                what = "packed rows" if self.packing else "examples"
+                raise ValueError(f"drop_last=True leaves no batch: the {self.split} split gives only "
+                                 f"{len(order) if not self.packing else len(rows)} {what} per epoch, fewer than "
+                                 f"batch_size={self.batch_size}; lower batch_size or pass drop_last=False")
         self._plan_epoch, self._plan = epoch, batches
         return batches
 
@@ -194,7 +199,10 @@ class Batches:
             yield self.collate(b)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "fingerprint": self._fingerprint()}
+        epoch, index = self.epoch, self.index
+        if index >= len(self.plan(epoch)):  # after the epoch's last batch: the next one is the next epoch's first
+            epoch, index = epoch + 1, 0
+        return {"epoch": epoch, "index": index, "fingerprint": self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("fingerprint") != self._fingerprint():

@@ -484,6 +484,10 @@ class Dataset:
                 reps = -(-want // len(own))
                 pool = np.concatenate([rng.permutation(own) if shuffle else own for _ in range(reps)])
                 parts.append(pool[:want])
+            if not parts:
+                raise DataError(f"the mixing weights {weights} give no training example per epoch: each source's "
+                                f"share of the {len(idx)} training examples rounds to 0 or holds none of them; "
+                                f"add data, lower eval_split or give no weights")
             idx = np.concatenate(parts)
         return rng.permutation(idx) if shuffle else idx.copy()
 

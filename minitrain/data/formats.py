@@ -59,6 +59,8 @@ def _field(record: dict, key: str, loc: str, fmt: str, optional: bool = False):
 
 def _string(record: dict, key: str, loc: str, fmt: str, optional: bool = False) -> str | None:
     v = _field(record, key, loc, fmt, optional)
+    if v is None and not optional:  # JSON null in a required field: never the text "None"
+        raise DataError(f"{loc}: field '{key}' should be a string, got null (format '{fmt}' expects {EXPECTED[fmt]})")
     if v is not None and not isinstance(v, str):
         raise DataError(f"{loc}: field '{key}' should be a string, got {type(v).__name__}: {str(v)[:60]!r}")
     return v
@@ -86,24 +88,40 @@ def _messages(v, key: str, loc: str, sharegpt: bool) -> list[dict]:
             raise DataError(f"{loc}: {key}[{j}] should be an object with '{rk}' and '{ck}', got {str(m)[:80]!r}")
         role, content = m[rk], m[ck]
         if sharegpt:
-            if role not in SHAREGPT_ROLES:
+            if not isinstance(role, str) or role not in SHAREGPT_ROLES:
                 raise DataError(f"{loc}: {key}[{j}]: unknown ShareGPT 'from' {role!r}; known: "
                                 f"{', '.join(f'{a}->{b}' for a, b in SHAREGPT_ROLES.items())}")
             role = SHAREGPT_ROLES[role]
         elif role not in ROLES:
             raise DataError(f"{loc}: {key}[{j}]: unknown role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise DataError(f"{loc}: {key}[{j}].{ck} should be a string, got {type(content).__name__}")
+            raise DataError(f"{loc}: {key}[{j}].{ck} should be a string, got "
+                            f"{'null' if content is None else type(content).__name__}")
         out.append({"role": role, "content": content})
     return out
 
 
 def _turns(v, key: str, loc: str, default_role: str) -> list[dict]:
-    """A preference field: a plain string (one message of ``default_role``) or a list of messages."""
-    v = _maybe_json(v, key, loc)
+    """A preference field: a plain string (one message of ``default_role``) or a list of messages. A string is
+    taken as a list of messages only when it is the JSON text of a list of objects (a CSV cell); any other
+    string, "[INST] ..." or "[1, 2, 3]" included, is the message's text."""
     if isinstance(v, str):
-        return [{"role": default_role, "content": v}]
-    return _messages(v, key, loc, sharegpt=bool(v) and isinstance(v[0], dict) and "from" in v[0])
+        t = v.lstrip()
+        parsed = None
+        if t.startswith("["):
+            try:
+                parsed = json.loads(t)
+            except json.JSONDecodeError as e:
+                if t[1:].lstrip().startswith("{"):  # meant as messages: say why it does not parse
+                    raise DataError(f"{loc}: field '{key}' looks like a JSON list of messages but does not parse "
+                                    f"({e.msg})") from None
+        if not (isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed)):
+            return [{"role": default_role, "content": v}]
+        v = parsed
+    if not isinstance(v, list) or not v:
+        raise DataError(f"{loc}: field '{key}' should be a string or a non-empty list of messages, got "
+                        f"{'null' if v is None else type(v).__name__}: {str(v)[:60]!r}")
+    return _messages(v, key, loc, sharegpt=isinstance(v[0], dict) and "from" in v[0])
 
 
 def normalize(record: dict, fmt: str, loc: str, system_prompt: str | None = None) -> dict:
