@@ -157,3 +157,16 @@ def test_resume_state_at_an_epoch_boundary(tmp_path, tok, packing):
         fresh.load_state_dict(state)
         first = [str(b) for b in fresh.raw()]  # before: the first pass after such a resume was empty
         assert first == epochs[cut // n][cut % n:] and first
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_batch_api": False}, {"num_proc": 2}])
+def test_lone_surrogate_names_the_record(tmp_path, tok, kw):
+    # json accepts "\ud800"; before, tokenizers failed with "TextInputSequence must be str" and no location
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": "a\\ud800b"}\n')
+    with pytest.raises(DataError, match=r"s.jsonl:2: text is not valid Unicode: lone surrogate '\\ud800' at "
+                                        r"character 1"):
+        load_dataset(f, tok, **kw)
+    f.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x\\udfffy"}]}\n')
+    with pytest.raises(DataError, match=r"s.jsonl:1: messages\[1\].content is not valid Unicode"):
+        load_dataset(f, tok, **kw)

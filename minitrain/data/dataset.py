@@ -338,21 +338,45 @@ def _submit(pending, encoder, pool):
     """Start encoding a batch; returns a function giving ``(flat, encoded)``: the batch's concatenated
     ``(ids, mask, lengths)`` or, for batches with rejected sequences or mixed formats, per-example triples."""
     if pool is None:
-        flat = _encode_flat(encoder, pending)
-        out = (flat, None if flat is not None else _encode_examples(encoder, pending))
+        try:
+            flat = _encode_flat(encoder, pending)
+            out = (flat, None if flat is not None else _encode_examples(encoder, pending))
+        except (TypeError, UnicodeError):
+            _raise_unencodable(pending)
+            raise
         return lambda: out
     # imap, not map: results come back in order, so an error names the first bad record, whichever worker
     pool, n = pool
+    pending = list(pending)  # the caller clears its list: an error found later must still see the batch
     step = -(-len(pending) // n)
     it = pool.imap(_WorkerEncoder.run, [pending[s: s + step] for s in range(0, len(pending), step)])
 
     def result():
-        parts = list(it)
+        try:
+            parts = list(it)
+        except (TypeError, UnicodeError):
+            _raise_unencodable(pending)
+            raise
         if all(p[3] is None for p in parts):
             return tuple(np.concatenate([p[j] for p in parts]) for j in range(3)), None
         return None, [e for part in parts for e in _WorkerEncoder.unpack(part)]
 
     return result
+
+
+def _raise_unencodable(pending) -> None:
+    """After the tokenizer failed on a batch: a DataError naming the first record holding a string that is not
+    valid Unicode (a lone surrogate such as JSON's "\\ud800", which json accepts and UTF-8 cannot encode)."""
+    for _, ex, loc in pending:
+        texts = [("text", ex["text"])] if "text" in ex else []
+        for key in ("messages", "rejected_messages"):
+            texts += [(f"{key}[{j}].content", m["content"]) for j, m in enumerate(ex.get(key, ()))]
+        for where, t in texts:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{loc}: {where} is not valid Unicode: lone surrogate {t[e.start]!r} at character "
+                                f"{e.start}; fix the \\u escape in the file") from None
 
 
 def _store_encoded(pending, result, store, rej, info, k, src_of, fmt_of, locs, max_len, overflow):

@@ -168,6 +168,13 @@ class Encoder:
         try:
             return self.tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=tokenize)
         except Exception as e:  # noqa: BLE001 - template errors (raise_exception, bad roles) become data errors
+            for j, m in enumerate(msgs):  # a lone surrogate ("\\ud800" in the JSON) fails the tokenizer obscurely
+                try:
+                    m["content"].encode("utf-8")
+                except UnicodeEncodeError as u:
+                    raise DataError(f"{loc}: messages[{j}].content is not valid Unicode: lone surrogate "
+                                    f"{m['content'][u.start]!r} at character {u.start}; fix the \\u escape in "
+                                    f"the file") from None
             raise DataError(f"{loc}: the chat template failed on this conversation: {e}") from None
 
     def _char_spans(self, msgs, loc, fast=True) -> tuple[str, list[tuple[int, int]]]:
