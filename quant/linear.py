@@ -11,7 +11,8 @@ from .nf4 import NF4Weight, quantize_nf4
 class NF4Linear(nn.Module):
     """y = x @ dequant(W).T (+ bias) with W held as an :class:`NF4Weight` (frozen; not a Parameter).
 
-    The quantized tensors are registered as buffers so ``.to()``/``.cuda()`` move them; ``state_dict``
+    The quantized tensors are not buffers: ``_apply`` moves them with the module (``.to(device)``/``.cuda()``; a
+    dtype cast leaves the 4-bit bytes as they are and changes only the bias), and ``state_dict``
     uses bitsandbytes' keys (``weight``, ``weight.absmax``, ...), so a module prefix such as
     ``model.layers.0.mlp.down_proj.`` gives exactly the keys of a "-bnb-4bit" checkpoint.
     """
@@ -51,15 +52,30 @@ class NF4Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        mine = {k: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        w = prefix + "weight"
+        mine = {k: v for k, v in state_dict.items() if k == w or k.startswith(w + ".")}
         if mine:
-            self.weight = NF4Weight.from_state_dict(mine, prefix, device=self.weight.device)
-        if self.bias is not None and prefix + "bias" in state_dict:
-            self.bias.data.copy_(state_dict[prefix + "bias"])
+            q = NF4Weight.from_state_dict(mine, prefix, device=self.weight.device)
+            known_weight = set(q.state_dict(prefix))
+            if q.shape != self.weight.shape:  # nn.Linear's rule: a checkpoint never changes the module's shape
+                error_msgs.append(f"size mismatch for {w}: the checkpoint's quant_state has shape {tuple(q.shape)}, "
+                                  f"the module expects {tuple(self.weight.shape)} (out_features, in_features)")
+            else:
+                self.weight = q
+        elif strict:
+            missing_keys.append(w)
+        b = prefix + "bias"
+        if self.bias is not None and b in state_dict:
+            if state_dict[b].shape != self.bias.shape:
+                error_msgs.append(f"size mismatch for {b}: copying a tensor of shape {tuple(state_dict[b].shape)}, "
+                                  f"the module expects {tuple(self.bias.shape)}")
+            else:
+                self.bias.data.copy_(state_dict[b])
         elif self.bias is not None and strict:
-            missing_keys.append(prefix + "bias")
-        elif prefix + "weight" not in state_dict and strict:
-            missing_keys.append(prefix + "weight")
+            missing_keys.append(b)
+        if strict:  # nn.Module's rule: keys under this prefix that name nothing this module holds
+            known = (known_weight if mine else set()) | ({b} if self.bias is not None else set())
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"

@@ -533,8 +533,13 @@ def matmul_nf4(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None, 
             x.requires_grad or (bias is not None and bias.requires_grad)))
         if y is not None:
             return y
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"matmul_nf4: expected an NF4Weight, got {type(q).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"matmul_nf4: x must be (..., K) with K = {q.shape[1]}, got a 0-d tensor")
     if x.shape[-1] != q.shape[1]:
-        raise ValueError(f"matmul_nf4: x has {x.shape[-1]} features but the weight is {tuple(q.shape)} (N, K)")
+        raise ValueError(f"matmul_nf4: x of shape {tuple(x.shape)} has {x.shape[-1]} features but the weight is "
+                         f"{tuple(q.shape)} (N, K)")
     if x.device != q.device:
         raise ValueError(f"matmul_nf4: x is on {x.device} but the weight is on {q.device}")
     if backend not in BACKENDS:

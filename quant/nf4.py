@@ -193,6 +193,9 @@ class NF4Weight:
         if self.double_quant:
             if self.absmax.dtype != torch.uint8:
                 raise ValueError(f"{where}: with nested quantization absmax must be uint8, got {self.absmax.dtype}")
+            if self.nested_blocksize < 1 or self.nested_blocksize & (self.nested_blocksize - 1):
+                raise ValueError(f"{where}: nested_blocksize must be a positive power of two (bitsandbytes writes "
+                                 f"256), got {self.nested_blocksize}")
             nnb = -(-nb // self.nested_blocksize)
             if self.nested_absmax.numel() != nnb:
                 raise ValueError(f"{where}: nested_absmax must hold {nnb} values (one per {self.nested_blocksize} "
@@ -219,6 +222,12 @@ class NF4Weight:
         return self.nested_code[self.absmax.long()] * self.nested_absmax[idx] + self.offset
 
     def to(self, device=None) -> "NF4Weight":
+        """A copy on ``device``. Only devices: the packed bytes have no float dtype to cast (the output dtype is
+        ``dequantize``'s ``dtype=`` argument)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"NF4Weight.to: expected a device, got the dtype {device}; NF4Weight moves between devices "
+                            f"only (choose the output dtype with dequantize(dtype=...))")
+
         def mv(t):
             return None if t is None else t.to(device)
 
@@ -308,7 +317,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     """Quantize a 2-D float weight (N, K) to NF4, byte-identical to bitsandbytes' ``quantize_4bit(w,
     blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)``.
 
-    Any element count works (a partial last block included). The math is fp32 on w's device.
+    Any element count works (a partial last block included). The math is fp32 on w's device. A weight holding
+    inf or NaN is refused (ValueError naming the first such element): bitsandbytes quantizes it silently, and the
+    double-quantization offset (the mean of all block scales) then turns every element of the weight into NaN.
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"quantize_nf4: expected a torch.Tensor, got {type(w).__name__}")
@@ -323,6 +334,13 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     flat = w.detach().reshape(-1).float()
     code = nf4_code(w.device)
     absmax, scaled = _scale_blocks(flat, blocksize)
+    if not bool(torch.isfinite(absmax).all()):  # amax propagates NaN, so this sees every inf and NaN
+        bad = ~torch.isfinite(flat)
+        first = int(bad.nonzero()[0, 0])
+        row, col = divmod(first, w.shape[1])
+        raise ValueError(f"quantize_nf4: weight of shape {tuple(w.shape)} has {int(bad.sum())} non-finite values "
+                         f"(first: {flat[first].item()} at [{row}, {col}]); NF4 cannot store inf or "
+                         f"NaN (with double quantization one would make every block NaN)")
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))  # 0.0 quantizes to PAD_CODE
     q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
