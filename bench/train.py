@@ -369,8 +369,13 @@ def profile_steps(step, batches, device, steps: int = 2) -> dict:
         top = [{"name": e.key, "calls": e.count // steps, "ms": e.self_cpu_time_total / 1e3 / steps} for e in ops[:25]]
         top_ops = []
     host_ms = sum(e.self_cpu_time_total for e in avgs) / 1e3 / steps
+    # where the host's time goes (an eager step is host-bound when wall >> GPU busy): ops by self CPU time,
+    # CUDA runtime calls (kernel launches) included
+    by_host = sorted((e for e in avgs if not on_device(e)), key=lambda e: e.self_cpu_time_total, reverse=True)
+    host_ops = [{"name": e.key, "calls": e.count // steps, "ms": e.self_cpu_time_total / 1e3 / steps,
+                 "us_per_call": e.self_cpu_time_total / max(e.count, 1)} for e in by_host[:20]]
     return {"steps": steps, "wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "host_op_ms": host_ms, "kernels": top,
-            "ops": top_ops, "timed": "cuda" if cuda else "cpu"}
+            "ops": top_ops, "host_ops": host_ops, "timed": "cuda" if cuda else "cpu"}
 
 
 def run_row(spec: dict) -> dict:
@@ -652,7 +657,12 @@ def render(records: list, tflops: float | None) -> list[tuple[str, str]]:
         ot = hw_table([{"op (inclusive GPU time)": k["name"][:100].replace("|", "/"), "calls/step": k["calls"],
                         "ms/step": f"{k['ms']:.2f}", "% of step": f"{100 * k['ms'] / p['wall_ms']:.1f}%"}
                        for k in p["ops"]]) if p["ops"] else ""
-        sections.append((f"Profile: {r['row']} {r['model']} T={r['seq']}", head + kt + ("\n" + ot if ot else "")))
+        ht = hw_table([{"op (self host time)": k["name"][:100].replace("|", "/"), "calls/step": k["calls"],
+                        "ms/step": f"{k['ms']:.2f}", "µs/call": f"{k['us_per_call']:.1f}",
+                        "% of step": f"{100 * k['ms'] / p['wall_ms']:.1f}%"}
+                       for k in p.get("host_ops", [])]) if p["timed"] == "cuda" and p.get("host_ops") else ""
+        sections.append((f"Profile: {r['row']} {r['model']} T={r['seq']}",
+                         head + kt + ("\n" + ot if ot else "") + ("\n" + ht if ht else "")))
     vers = {}
     for r in records:
         for k, v in (r.get("result") or {}).get("versions", {}).items():

@@ -74,6 +74,9 @@ def test_tiny_run_through_the_gpu_code_path(tmp_path):
 
     prof = [r for r in records if r["kind"] == "profile"]
     assert len(prof) == 1 and prof[0]["row"] == "ours" and len(prof[0]["result"]["profile"]["kernels"]) > 5
+    host = prof[0]["result"]["profile"]["host_ops"]
+    assert len(host) > 5 and all(h["us_per_call"] >= 0 and h["calls"] >= 1 for h in host)
+    assert host == sorted(host, key=lambda h: h["ms"], reverse=True)
     assert "| ours | nf4 | 32 | 2 |" in out and "| peft-bnb | nf4 | 32 | 2 |" in out, out[-3000:]
     assert "| ours-16bit | bf16 | 32 | 2 | 123 | 520.3 |" in out, out[-3000:]
     assert "## Profile: ours tiny-L1 T=32" in out
