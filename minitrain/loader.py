@@ -183,7 +183,10 @@ def load_model(path: str | Path, max_seq_length: int = 2048, dtype=None, load_in
                                      f"expected {tuple(p.shape)} from config.json")
                 used.update(keys)
             else:
-                q = quantize_nf4(read(name, p.shape), double_quant=True)
+                try:
+                    q = quantize_nf4(read(name, p.shape), double_quant=True)
+                except ValueError as e:  # e.g. inf/NaN in the weight: say which tensor of which file
+                    raise ValueError(f"{wmap[name]}: tensor '{name}': {e}") from None
             _set(model, mod_name, NF4Linear(q, bias))
             used.update({name, mod_name + ".bias"})
         else:

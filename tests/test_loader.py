@@ -236,6 +236,16 @@ def test_error_shape_mismatch_names_tensor(ckpt):
         load_model(ckpt, tokenizer=False)
 
 
+def test_error_nan_weight_names_tensor_when_quantizing(tmp_path):
+    """load_in_4bit on a checkpoint with a NaN in one projection: the error names the file and the tensor."""
+    hf = make_hf()
+    with torch.no_grad():
+        hf.model.layers[1].self_attn.v_proj.weight[3, 5] = float("nan")
+    save(hf, tmp_path)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.1.self_attn.v_proj.weight': .*"):
+        load_model(tmp_path, tokenizer=False, load_in_4bit=True)
+
+
 def test_error_truncated_safetensors_names_file(ckpt):
     f = ckpt / "model.safetensors"
     data = f.read_bytes()
