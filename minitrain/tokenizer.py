@@ -49,7 +49,7 @@ class TemplateError(ValueError):
 def _compile(source: str):
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
     class GenerationTag(jinja2.ext.Extension):
         # transformers' {% generation %}...{% endgeneration %} marks assistant text; it renders its body.
@@ -70,12 +70,29 @@ def _compile(source: str):
         # like transformers: plain json.dumps (jinja's own tojson escapes HTML characters)
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    class Sandbox(ImmutableSandboxedEnvironment):
+        # jinja2's sandbox answers an unsafe attribute (``''.__class__``) with an Undefined that prints as ''
+        # (transformers renders that silently); a template reaching for one is refused instead.
+        def unsafe_undefined(self, obj, attribute):
+            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe "
+                                "(chat templates run in jinja2's sandbox)")
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
+
+
+def _template_line(exc: BaseException) -> int | None:
+    """The template line an exception raised from while rendering: jinja2 rewrites the traceback so that
+    template code shows as frames of the file "<template>" at template line numbers; the innermost wins."""
+    line, tb = None, exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 def _read_json(path: Path) -> dict:
@@ -222,6 +239,8 @@ class Tokenizer:
             type(tok.model).__name__ == "WordPiece"
         self.model_max_length = config.get("model_max_length")
         self.chat_template = chat_template
+        # the file in the checkpoint directory (``name``) the template came from, for error messages
+        self.chat_template_origin: str | None = None
 
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -245,15 +264,20 @@ class Tokenizer:
         template = None
         if (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            origin = "chat_template.jinja"
         elif (d / "chat_template.json").is_file():
             template = _read_json(d / "chat_template.json").get("chat_template")
+            origin = "chat_template.json key 'chat_template'"
         else:
             template = config.get("chat_template")
+            origin = "tokenizer_config.json key 'chat_template'"
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         out = cls(tok, config, gen, template, name=str(d))
         out.source_dir = str(d)
+        if template is not None:
+            out.chat_template_origin = origin
         return out
 
     # -- special tokens ----------------------------------------------------------------------------
@@ -341,6 +365,7 @@ class Tokenizer:
     def set_chat_template(self, template: str) -> None:
         """Use a built-in template by name ("llama-3", "chatml", "alpaca") or a Jinja source string."""
         self.chat_template = BUILTIN_TEMPLATES.get(template, template)
+        self.chat_template_origin = None
 
     def default_template_name(self) -> str:
         """The built-in template that fits this vocabulary: llama-3 or chatml if their markers exist."""
@@ -358,7 +383,10 @@ class Tokenizer:
         if source is None:
             name = self.default_template_name()
             return f"built-in template {name!r}", BUILTIN_TEMPLATES[name]
-        return ("the given chat template" if chat_template is not None else "the checkpoint's chat template"), source
+        if chat_template is not None:
+            return "the given chat template", source
+        origin = getattr(self, "chat_template_origin", None)
+        return "the checkpoint's chat template" + (f" ({origin})" if origin else ""), source
 
     def fast_chat_renderer(self, chat_template: str | None = None):
         """A plain-Python renderer ``f(messages, add_generation_prompt=False) -> str`` for the template, when it
@@ -395,16 +423,20 @@ class Tokenizer:
         try:
             tmpl = _compile(source)
         except jinja2.TemplateSyntaxError as e:
-            raise TemplateError(f"{self.name}: {label} does not compile (line {e.lineno}): {e.message}") from None
+            raise TemplateError(f"{self.name}: {label} does not compile (template line {e.lineno}): {e.message}") \
+                from None
         context = {"tools": None, "documents": None}  # always defined, as transformers passes them
         context.update(self.special_tokens)
         context.update(kwargs)
         try:
             return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **context)
-        except jinja2.TemplateError as e:
-            raise TemplateError(f"{self.name}: {label} raised while rendering: {e}") from None
-        except Exception as e:  # a template error surfacing as a Python error (KeyError, TypeError, ...)
-            raise TemplateError(f"{self.name}: {label} failed while rendering: {type(e).__name__}: {e}") from None
+        except Exception as e:
+            line = _template_line(e)
+            at = "" if line is None else f" at template line {line}"
+            if isinstance(e, jinja2.TemplateError):
+                raise TemplateError(f"{self.name}: {label} raised while rendering{at}: {e}") from None
+            # a template error surfacing as a Python error (KeyError, TypeError, ...)
+            raise TemplateError(f"{self.name}: {label} failed while rendering{at}: {type(e).__name__}: {e}") from None
 
     def apply_chat_template(self, messages: list[dict] | list[list[dict]], add_generation_prompt: bool = False,
                             tokenize: bool = True, chat_template: str | None = None, **kwargs: Any):
