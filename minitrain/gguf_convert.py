@@ -291,17 +291,16 @@ def _write_weights(tensors: dict, out: Path, max_shard_bytes: int, save_file) ->
         cur[k] = v
         size += nbytes
     shards.append(cur)
+    from minitrain.lora import atomic_save_safetensors  # keeps the umask's mode (safetensors writes 0o600)
+
     meta = {"format": "pt"}
     if len(shards) == 1:
-        tmp = out / "model.safetensors.tmp"
-        save_file(shards[0], str(tmp), metadata=meta)
-        os.replace(tmp, out / "model.safetensors")
+        atomic_save_safetensors(shards[0], out / "model.safetensors", metadata=meta)
         return
     weight_map = {}
     for i, sh in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(sh, str(out / (fname + ".tmp")), metadata=meta)
-        os.replace(out / (fname + ".tmp"), out / fname)
+        atomic_save_safetensors(sh, out / fname, metadata=meta)
         weight_map.update({k: fname for k in sh})
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     _atomic_write_text(out / "model.safetensors.index.json",

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -285,32 +284,56 @@ def load_adapter(model: nn.Module, directory, trainable: bool = True) -> nn.Modu
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError) as e:
         raise LoRAError(f"load_adapter: cannot read {wpath}: {e}") from None
-    if not lora_layers(model):
-        add_lora(model, r=int(cfg["r"]), alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
-                 target_modules=cfg["target_modules"], use_rslora=bool(cfg.get("use_rslora", False)))
-    layers = lora_layers(model)
     pat = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight$")
-    seen = set()
-    for key, value in tensors.items():
+    parsed = []
+    for key in tensors:
         m = pat.match(key)
         if m is None:
             raise LoRAError(f"load_adapter: {wpath}: unexpected tensor '{key}' (only lora_A/lora_B weights of "
                             "linear layers are supported)")
-        module, which = m.group(1), m.group(2)
+        parsed.append((key, m.group(1), m.group(2)))
+    if not parsed:
+        raise LoRAError(f"load_adapter: {wpath} holds no tensors (expected lora_A/lora_B weights)")
+    alpha, use_rslora = cfg["lora_alpha"], bool(cfg.get("use_rslora", False))
+    if not lora_layers(model):
+        # Wrap exactly the modules the file holds. peft matches target_modules as name suffixes
+        # ("self_attn.q_proj") and may narrow them (exclude_modules); its saved keys are the ground truth.
+        targets = cfg["target_modules"]
+        in_file = {module for _, module, _ in parsed}
+        match = _target_matcher(targets)
+        picked = {n for n, mod in model.named_modules()
+                  if n and match(n) and n.rsplit(".", 1)[-1] != "lm_head" and _is_linear_like(mod)}
+        if picked != in_file:
+            targets = "|".join(re.escape(n) for n in sorted(in_file))
+        add_lora(model, r=int(cfg["r"]), alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0),
+                 target_modules=targets, use_rslora=use_rslora)
+        model.lora_settings["target_modules"] = cfg["target_modules"]
+    layers = lora_layers(model)
+    seen = set()
+    for key, module, which in parsed:  # check everything before changing anything
         layer = layers.get(module)
         if layer is None:
             raise LoRAError(f"load_adapter: {wpath}: '{key}' is for module '{module}', which has no LoRA layer here")
-        param = getattr(layer, which)
-        if tuple(value.shape) != tuple(param.shape):
-            raise LoRAError(f"load_adapter: {wpath}: '{key}' has shape {tuple(value.shape)}, expected "
-                            f"{tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(value)
-        param.requires_grad_(trainable)
+        shape = tuple(getattr(layer, which).shape)
+        if tuple(tensors[key].shape) != shape:
+            raise LoRAError(f"load_adapter: {wpath}: '{key}' has shape {tuple(tensors[key].shape)}, expected "
+                            f"{shape}")
         seen.add((module, which))
     missing = [f"{n}.{w}" for n in layers for w in ("lora_A", "lora_B") if (n, w) not in seen]
     if missing:
         raise LoRAError(f"load_adapter: {wpath} lacks {len(missing)} adapter matrices, e.g. {missing[:2]}")
+    for key, module, which in parsed:
+        param = getattr(layers[module], which)
+        with torch.no_grad():
+            param.copy_(tensors[key])
+        param.requires_grad_(trainable)
+    # The file's alpha / rsLoRA define its scaling, whatever adapters the model already had (dropout, a
+    # training setting, stays the model's).
+    for layer in layers.values():
+        layer.alpha, layer.use_rslora = float(alpha), use_rslora
+        layer.scale = layer.alpha / (math.sqrt(layer.r) if use_rslora else layer.r)
+    if getattr(model, "lora_settings", None) is not None:
+        model.lora_settings.update(lora_alpha=alpha, use_rslora=use_rslora)
     return model
 
 
@@ -456,9 +479,16 @@ def save_merged(model: nn.Module, tokenizer, directory, dtype: torch.dtype = tor
 # Atomic writes
 # ---------------------------------------------------------------------------------------------------------
 def _tmp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    """A new empty file beside ``path`` under a unique hidden name. Created with mode 0o666 less the umask,
+    as a plain open() would be (tempfile.mkstemp's 0o600 would make every export unreadable to others)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
 def _fsync_replace(tmp: Path, path: Path) -> None:
@@ -484,7 +514,9 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: di
     path = Path(path)
     tmp = _tmp_path(path)
     try:
+        mode = tmp.stat().st_mode & 0o777
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors (0.8) writes its files 0o600 whatever the umask
         _fsync_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
