@@ -10,9 +10,8 @@ import torch
 def _eos_set(eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    return [int(e) for e in eos_token_id]
+    # an int, a list, a tensor or a numpy integer (0-d or not) alike
+    return [int(e) for e in torch.as_tensor(eos_token_id).flatten().tolist()]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,

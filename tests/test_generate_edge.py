@@ -91,3 +91,15 @@ def test_past_max_position_embeddings_is_an_error(pair):
         generate(ours, torch.tensor([[1] * 30]), 3)
     with pytest.raises(ValueError, match=r"prompt length 40 \+ max_new_tokens 0 = 40 positions exceed"):
         generate(ours, torch.tensor([[1] * 40]), 0)
+
+
+def test_eos_given_as_int_list_tensor_or_numpy(pair):
+    import numpy as np
+
+    _, ours = pair
+    ids = torch.tensor([[5, 6, 7]])
+    eos = int(generate(ours, ids, 4)[0, 4])  # the 2nd new token
+    want = generate(ours, ids, 4, eos_token_id=[eos])
+    assert want.shape == (1, 5)
+    for given in (eos, torch.tensor(eos), torch.tensor([eos, 96]), np.int64(eos), (eos,)):
+        assert torch.equal(generate(ours, ids, 4, eos_token_id=given), want), given

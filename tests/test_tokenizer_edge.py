@@ -142,3 +142,12 @@ def test_syntax_error_names_the_template_file_and_line(tmp_path, where):
     tok.set_chat_template("{{ x")  # replaced: no longer the file's template
     with pytest.raises(TemplateError, match=r"the checkpoint's chat template does not compile \(template line 1\)"):
         tok.apply_chat_template(MESSAGES)
+
+
+def test_batch_with_a_non_string_names_its_index(tmp_path):
+    tok = Tokenizer.from_pretrained(build_tokenizer(tmp_path))
+    assert tok(["a", ""])["input_ids"] == [tok.encode("a"), tok.encode("")]
+    with pytest.raises(TypeError, match=r"encode_batch: texts\[1\] is a NoneType, expected a str"):
+        tok(["a", None])
+    with pytest.raises(TypeError, match=r"encode_batch: texts\[0\] is a int, expected a str"):
+        tok.encode_batch([3])
