@@ -41,6 +41,13 @@ BUILTIN_TEMPLATES = {
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+# transformers' apply_chat_template options not implemented here, with the value that means "off" (accepted).
+_UNSUPPORTED_CHAT_OPTIONS = {"continue_final_message": False, "return_dict": False, "return_tensors": None,
+                             "padding": False, "truncation": False, "max_length": None,
+                             "return_assistant_tokens_mask": False, "sanitize_control_tokens": False,
+                             "tokenizer_kwargs": None}
+
+
 class TemplateError(ValueError):
     """A chat template failed to compile or raised while rendering."""
 
@@ -458,6 +465,15 @@ class Tokenizer:
         Raises:
             TemplateError naming the template when it does not compile or raises.
         """
+        # transformers' options that change what comes back; passed on they would only be template variables
+        # and the result would silently differ from transformers'
+        unsupported = {k: v for k, v in kwargs.items() if k in _UNSUPPORTED_CHAT_OPTIONS and
+                       v != _UNSUPPORTED_CHAT_OPTIONS[k]}
+        if unsupported:
+            raise TypeError(f"apply_chat_template: {', '.join(f'{k}={v!r}' for k, v in unsupported.items())} is not "
+                            "supported here (it returns the text or a list of token ids; pad, truncate or continue the "
+                            "final message separately)")
+        kwargs = {k: v for k, v in kwargs.items() if k not in _UNSUPPORTED_CHAT_OPTIONS}
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         convs = messages if batched else [messages]
         texts = [self.render_chat(c, add_generation_prompt, chat_template, **kwargs) for c in convs]

@@ -151,3 +151,17 @@ def test_batch_with_a_non_string_names_its_index(tmp_path):
         tok(["a", None])
     with pytest.raises(TypeError, match=r"encode_batch: texts\[0\] is a int, expected a str"):
         tok.encode_batch([3])
+
+
+def test_transformers_only_options_are_refused_not_ignored(tmp_path):
+    # each would change transformers' result; before, it became an unused template variable and was ignored
+    tok = Tokenizer.from_pretrained(build_tokenizer(tmp_path))
+    msgs = MESSAGES[1:3]
+    for kw in ({"continue_final_message": True}, {"return_dict": True}, {"return_tensors": "pt"},
+               {"padding": "max_length", "max_length": 64}, {"truncation": True},
+               {"return_assistant_tokens_mask": True}):
+        with pytest.raises(TypeError, match=rf"apply_chat_template: {next(iter(kw))}=.* is not supported here"):
+            tok.apply_chat_template(msgs, **kw)
+    # their "off" values are accepted, so calls written for transformers still work
+    assert tok.apply_chat_template(msgs, return_dict=False, continue_final_message=False, padding=False) == \
+        tok.apply_chat_template(msgs)
