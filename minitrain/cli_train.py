@@ -18,7 +18,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from .config import SECTIONS, ConfigError, build, field_types, load_toml
+from .config import SECTIONS, ConfigError, build, default_of, field_types, load_toml
 
 _HELP = {}  # field name -> the comment in config.py (filled lazily from the source)
 
@@ -52,7 +52,9 @@ def _add_field_flags(p: argparse.ArgumentParser, skip=()) -> None:
                 flags.append(f"--{f.name}")
             if f.name == "r":
                 flags.append("--lora-r")
-            kw = dict(dest=f"{section}.{f.name}", default=None, help=helps.get(f.name, ""))
+            default = default_of(cls, f.name)  # argparse's own default stays None: a flag given beats the file
+            shown = " ".join(default) if isinstance(default, list) else default
+            kw = dict(dest=f"{section}.{f.name}", default=None, help=f"{helps.get(f.name, '')} (default: {shown})")
             if base is bool:
                 g.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
             elif typing.get_origin(base) is list:
@@ -61,23 +63,29 @@ def _add_field_flags(p: argparse.ArgumentParser, skip=()) -> None:
                 g.add_argument(*flags, metavar=f.name.upper() if base is str else base.__name__.upper(), **kw)
 
 
-def _settings(args: argparse.Namespace) -> tuple[dict, dict]:
-    """Sections from --config, overridden by the flags given on the command line."""
-    sections, extra = ({name: {} for name in SECTIONS}, {})
+def _settings(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """Sections from --config, overridden by the flags given on the command line; and where each value came from
+    (field name -> the file or the flag), for error messages."""
+    sections, extra, origins = ({name: {} for name in SECTIONS}, {}, {})
     if getattr(args, "config", None):
         sections, extra = load_toml(args.config)
+        origins = {name: str(args.config) for values in sections.values() for name in values}
     from .config import coerce
 
     for key, value in vars(args).items():
         if value is None or "." not in key:
             continue
         section, name = key.split(".", 1)
-        sections[section][name] = coerce(SECTIONS[section], name, value, f"--{name.replace('_', '-')}")
-    return sections, extra
+        flag = f"--{name.replace('_', '-')}"
+        sections[section][name] = coerce(SECTIONS[section], name, value, flag)
+        origins[name] = flag
+    return sections, extra, origins
 
 
 def _parse_data(specs) -> list[dict]:
     """FILE or FILE:WEIGHT (e.g. chat.jsonl:0.3) -> load_dataset sources."""
+    from .data.sources import list_files
+
     out = []
     for spec in specs:
         path, weight = spec, None
@@ -90,11 +98,39 @@ def _parse_data(specs) -> list[dict]:
                 pass
         if not Path(path).exists():
             raise ConfigError(f"--data {spec}: {path} not found")
+        list_files(path)  # an unknown file type is an error now, not after the model has loaded
         out.append({"path": path, "weight": weight})
     if any(s["weight"] is not None for s in out) and len(out) > 1:
         for s in out:
             s["weight"] = 1.0 if s["weight"] is None else s["weight"]
     return out
+
+
+# What a finished or interrupted run leaves in its output directory (Trainer and save_adapter).
+RUN_OUTPUTS = ("adapter", "metrics.jsonl", "loss_curve.png", "checkpoint-*", ".checkpoint-*.tmp")
+
+
+def _check_output_dir(out: Path, resuming: bool, overwrite: bool, main: bool) -> None:
+    """Refuse to start a fresh run over a previous run's outputs: its checkpoints would be replaced (and, with
+    save_total_limit, the new run's early checkpoints deleted as the "oldest") and metrics.jsonl would mix two
+    runs. --resume continues that run; --overwrite-output-dir deletes those outputs first (rank 0 only)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {out} is a file, not a directory")
+    if resuming or not out.is_dir():
+        return
+    found = sorted({p for pattern in RUN_OUTPUTS for p in out.glob(pattern)})
+    if not found:
+        return
+    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    if not overwrite:
+        raise ConfigError(f"output directory {out} holds a previous run ({names}); use --resume to continue it, "
+                          f"another --output, or --overwrite-output-dir to delete those files and start afresh")
+    if main:
+        import shutil
+
+        for p in found:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        print(f"--overwrite-output-dir: deleted the previous run's {names} in {out}", flush=True)
 
 
 def allocator_defaults(environ=os.environ) -> None:
@@ -130,11 +166,12 @@ def _train(args: argparse.Namespace, env) -> int:
     from .lora import add_lora, load_adapter
     from .trainer import Trainer
 
-    sections, extra = _settings(args)
+    sections, extra, origins = _settings(args)
     model_name = args.model or sections["model"].get("model") or extra.get("model")
     sections["model"]["model"] = model_name
     if args.output or extra.get("output"):
         sections["train"]["output_dir"] = args.output or extra["output"]
+        origins["output_dir"] = "--output" if args.output else str(args.config)
     if args.resume:
         sections["train"]["resume_from_checkpoint"] = args.resume
     data = args.data or extra.get("data")
@@ -142,11 +179,11 @@ def _train(args: argparse.Namespace, env) -> int:
         raise ConfigError("--model DIR is required (a checkpoint directory with config.json)")
     if not data:
         raise ConfigError("--data FILE is required (JSONL/JSON/CSV/TXT; repeat it to mix datasets: --data b.jsonl:0.3)")
-    mcfg, lcfg, tcfg = build(sections)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}.get(mcfg.dtype, "bad")
-    if dtype == "bad":
-        raise ConfigError(f"--dtype must be bf16, fp16 or fp32, got {mcfg.dtype!r}")
+    mcfg, lcfg, tcfg = build(sections, origins)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[mcfg.dtype]
     sources = _parse_data([data] if isinstance(data, str) else data)  # check the files before the slow load
+    _check_output_dir(Path(tcfg.output_dir), resuming=bool(tcfg.resume_from_checkpoint),
+                      overwrite=args.overwrite_output_dir, main=env is None or env.is_main)
     fsdp = bool(args.fsdp) or os.environ.get("MINITRAIN_FSDP") == "1"
     if fsdp and (env is None or env.world_size < 2):
         raise ConfigError("--fsdp shards the model over several processes: launch with "
@@ -218,10 +255,16 @@ def add_subcommands(subparsers) -> None:
     t.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer files)")
     t.add_argument("--data", action="append", metavar="FILE[:WEIGHT]",
                    help="dataset file or directory; repeat to mix several, with optional weights (b.jsonl:0.3)")
-    t.add_argument("--output", help="output directory: adapter/, metrics.jsonl, loss_curve.png, checkpoints")
-    t.add_argument("--config", help="a TOML file with the same settings (flags win)")
+    t.add_argument("--output", "--output-dir", "--output_dir",
+                   help="output directory: adapter/, metrics.jsonl, loss_curve.png, checkpoints (default: outputs)")
+    t.add_argument("--overwrite-output-dir", "--overwrite_output_dir", action="store_true",
+                   help="delete a previous run's adapter, checkpoints and metrics in --output before training "
+                        "(without it, such a directory is refused unless --resume)")
+    t.add_argument("--config", help="a TOML file with the same settings: top-level keys or [model]/[lora]/[train] "
+                                    "tables, plus data and output. Precedence: flag > file > default")
     t.add_argument("--adapter", help="continue training this adapter directory (ours or peft's)")
-    t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+    t.add_argument("--resume", "--resume-from-checkpoint", "--resume_from_checkpoint", nargs="?", const="latest",
+                   default=None, metavar="CHECKPOINT",
                    help="resume from the latest checkpoint in --output (or the one given)")
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model (NF4 weights, adapters) over the ranks with FSDP2 "
@@ -229,14 +272,18 @@ def add_subcommands(subparsers) -> None:
     _add_field_flags(t, skip=("model", "output_dir", "resume_from_checkpoint"))
     t.set_defaults(func=_guarded(cmd_train, "train"))
 
-    m = subparsers.add_parser("merge", help="merge an adapter into its base model (a plain 16-bit checkpoint)")
+    from .cli import DefaultsFormatter
+
+    fmt = dict(formatter_class=DefaultsFormatter)
+    m = subparsers.add_parser("merge", help="merge an adapter into its base model (a plain 16-bit checkpoint)", **fmt)
     m.add_argument("--model", required=True, help="base checkpoint directory")
     m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + safetensors)")
     m.add_argument("--output", required=True, help="directory for the merged checkpoint")
     m.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     m.set_defaults(func=_guarded(cmd_merge, "merge"))
 
-    d = subparsers.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct on a headline task, before/after accuracy")
+    d = subparsers.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct on a headline task, before/after accuracy",
+                              **fmt)
     d.add_argument("--model", default=None, help="use this checkpoint instead of the cached SmolLM2 conversion")
     d.add_argument("--output", default="runs/demo", help="where the adapter, metrics and loss curve go")
     d.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one epoch)")
@@ -259,7 +306,7 @@ def _guarded(fn, name: str):
 
         try:
             return fn(args)
-        except (ConfigError, LoRAError, TrainingError, ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        except (ConfigError, LoRAError, TrainingError, ValueError, KeyError, OSError, RuntimeError) as e:
             msg = str(e).strip().strip('"') or type(e).__name__
             where = f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})" if "WORLD_SIZE" in os.environ else ""
             print(f"minitrain {name}: error{where}: {msg}", file=sys.stderr)

@@ -6,16 +6,31 @@ top-level keys, or ``[train]``, ``[lora]`` and ``[model]`` tables. An unknown ke
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .lora import DEFAULT_TARGETS
+from .lora import DEFAULT_TARGETS, INITS
 
 
 class ConfigError(ValueError):
-    """A bad setting: names the key (and file) and what was expected."""
+    """A bad setting: names the key (and file) and what was expected. ``key``: the field it concerns, so that
+    ``build`` can say which file or flag the value came from."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def _check(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {expected}, got {value!r}", key=name)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 @dataclass
@@ -25,6 +40,11 @@ class ModelConfig:
     max_seq_length: int = 2048  # longer sequences are truncated (with a count)
     dtype: str | None = None  # "bf16" | "fp16" | "fp32"; None: bf16 where supported, else fp16 (fp32 on CPU)
 
+    def __post_init__(self):
+        _check(self.max_seq_length >= 1, "max_seq_length", self.max_seq_length, ">= 1")
+        if self.dtype is not None:
+            check_choice("dtype", self.dtype, ("bf16", "fp16", "fp32"))
+
 
 @dataclass
 class LoRAConfig:
@@ -33,7 +53,15 @@ class LoRAConfig:
     lora_dropout: float = 0.0  # dropout on the adapter input
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # layers that get adapters
     use_rslora: bool = False  # scale alpha / sqrt(r) (rank-stabilized LoRA)
-    init: str = "default"  # "default" (PEFT: A kaiming-uniform, B zero) | "gaussian"
+    init: str = "default"  # "default" (PEFT: A kaiming-uniform, B zero) | "gaussian" | "zeros"
+
+    def __post_init__(self):  # the same rules as LoRALinear, checked before the (slow) model load
+        _check(isinstance(self.r, int) and self.r >= 1, "r", self.r, "a positive integer (the adapter rank)")
+        _check(_finite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a number > 0")
+        _check(_finite(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout,
+               "in [0, 1)")
+        _check(len(self.target_modules) > 0, "target_modules", self.target_modules, "at least one module name")
+        check_choice("init", self.init, INITS)
 
 
 @dataclass
@@ -84,21 +112,33 @@ class TrainConfig:
         check_choice("optim", self.optim, ("adamw", "sgd"))
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.learning_rate < 0:
-            raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate!r}")
+            _check(int(getattr(self, name)) >= 1, name, getattr(self, name), ">= 1")
+        _check(_finite(self.learning_rate) and self.learning_rate >= 0, "learning_rate", self.learning_rate,
+               "a finite number >= 0")
+        _check(_finite(self.num_train_epochs) and self.num_train_epochs >= 0, "num_train_epochs",
+               self.num_train_epochs, "a finite number >= 0")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+            raise ConfigError("set max_steps > 0 or num_train_epochs > 0", key="max_steps")
+        _check(_finite(self.warmup_ratio) and 0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio,
+               "in [0, 1)")
+        for name in ("warmup_steps", "eval_steps", "save_steps"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        for name in ("weight_decay", "adam_epsilon", "max_grad_norm"):  # max_grad_norm 0: no clipping
+            _check(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, getattr(self, name),
+                   "a finite number >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(_finite(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, getattr(self, name),
+                   "in [0, 1)")
+        es = self.eval_split
+        _check(_finite(es) and es >= 0 and (es < 1 or float(es).is_integer()), "eval_split", es,
+               "a fraction in [0, 1) or a whole example count >= 1")
         if self.bf16 and self.fp16:
-            raise ConfigError("bf16 and fp16 are both set; choose one")
+            raise ConfigError("bf16 and fp16 are both set; choose one", key="fp16")
 
 
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}", key=name)
 
 
 SECTIONS = {"model": ModelConfig, "lora": LoRAConfig, "train": TrainConfig}
@@ -163,8 +203,23 @@ def _owner(key: str):
     return None
 
 
+# Names people bring from other tools, for the "did you mean" hint where spelling is no help.
+_SYNONYMS = {"rank": "r", "lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate",
+             "epochs": "num_train_epochs", "steps": "max_steps", "batch_size": "per_device_train_batch_size",
+             "grad_accum": "gradient_accumulation_steps", "output": "output_dir", "scheduler": "lr_scheduler_type",
+             "seq_len": "max_seq_length", "max_length": "max_seq_length", "model_name": "model"}
+
+
 def _unknown(key: str, where: str, candidates) -> ConfigError:
-    close = difflib.get_close_matches(key, list(candidates), n=1)
+    candidates = list(candidates)
+    owner = _owner(key)
+    if owner is not None and key not in candidates:  # a real setting in the wrong table
+        section = next(n for n, c in SECTIONS.items() if c is owner)
+        return ConfigError(f"{where}: unknown key '{key}' (it is a [{section}] setting, or a top-level key)")
+    if key == "eval_data":
+        return ConfigError(f"{where}: 'eval_data' is not supported; hold out part of the data with eval_split "
+                           f"(a fraction, or an example count)")
+    close = [_SYNONYMS[key]] if _SYNONYMS.get(key) in candidates else difflib.get_close_matches(key, candidates, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
@@ -173,25 +228,40 @@ def all_field_names() -> list[str]:
     return [f.name for cls in SECTIONS.values() for f in fields(cls)]
 
 
-def settings_from_dict(data: dict, where: str = "config", extra_keys=("data", "eval_data", "output")) -> tuple[dict, dict]:
+def _check_extra(key: str, value, where: str):
+    """The run keys beside the settings: ``data`` (a path or a list of paths, FILE[:WEIGHT]), ``output`` (a path)."""
+    if key == "data":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"{where}: 'data' must be a path or a list of paths (FILE or FILE:WEIGHT), got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: '{key}' must be str (a path), got {value!r}")
+    return value
+
+
+def settings_from_dict(data: dict, where: str = "config", extra_keys=("data", "output")) -> tuple[dict, dict]:
     """Split a flat-or-sectioned dict into {section: {field: value}} (checked) and the extra run keys."""
     out: dict[str, dict] = {name: {} for name in SECTIONS}
     extra: dict = {}
     for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in SECTIONS and (isinstance(value, dict) or _owner(key) is None):  # 'model' is a key too
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{key}' must be a table ([{key}] followed by its settings), got {value!r}")
             cls = SECTIONS[key]
             names = {f.name for f in fields(cls)}
             for k, v in value.items():
                 if k not in names:
                     raise _unknown(k, f"{where} [{key}]", names)
-                out[key][k] = coerce(cls, k, v, where)
+                out[key][k] = coerce(cls, k, v, f"{where} [{key}]")
             continue
         if key in extra_keys:
-            extra[key] = value
+            extra[key] = _check_extra(key, value, where)
             continue
         cls = _owner(key)
         if cls is None:
-            raise _unknown(key, where, all_field_names() + list(extra_keys))
+            raise _unknown(key, where, all_field_names() + list(extra_keys) + list(SECTIONS))
         section = next(n for n, c in SECTIONS.items() if c is cls)
         out[section][key] = coerce(cls, key, value, where)
     return out, extra
@@ -203,19 +273,29 @@ def load_toml(path) -> tuple[dict, dict]:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
+        raise ConfigError(f"config file {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return settings_from_dict(data, str(path))
 
 
-def build(section_values: dict) -> tuple[ModelConfig, LoRAConfig, TrainConfig]:
-    """Dataclass instances from {section: {field: value}}."""
+def build(section_values: dict, origins: dict | None = None) -> tuple[ModelConfig, LoRAConfig, TrainConfig]:
+    """Dataclass instances from {section: {field: value}}. ``origins`` maps a field name to where its value
+    came from (a TOML file, a --flag); a value the dataclass refuses is reported with that origin."""
     try:
         return (ModelConfig(**section_values.get("model", {})), LoRAConfig(**section_values.get("lora", {})),
                 TrainConfig(**section_values.get("train", {})))
+    except ConfigError as e:
+        where = (origins or {}).get(e.key)
+        if where is None:
+            raise
+        raise ConfigError(f"{where}: {e}", key=e.key) from None
     except TypeError as e:
         raise ConfigError(str(e)) from None
 
