@@ -77,6 +77,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         raise ValueError(f"generate: prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} "
                          f"positions exceed the model's max_position_embeddings {max_pos} (config.json); shorten "
                          f"the prompt or lower max_new_tokens")
+    if max_new_tokens == 0:  # nothing to add: no prefill
+        return ids[0] if squeeze else ids
     eos = _eos_set(eos_token_id)
     was_training = model.training
     model.eval()

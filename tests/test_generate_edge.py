@@ -44,12 +44,12 @@ def test_stops_at_eos_like_transformers(pair):
 
 
 def test_no_forward_pass_after_the_last_token(pair):
-    # n new tokens need the prefill and n - 1 decode steps; the n-th token's logits are never read
+    # n new tokens need the prefill and n - 1 decode steps; the n-th token's logits are never read; 0 needs none
     _, ours = pair
     calls = []
     handle = ours.register_forward_hook(lambda *a: calls.append(1))
     try:
-        for n in (1, 4):
+        for n in (0, 1, 4):
             calls.clear()
             out = generate(ours, torch.tensor([[3, 4, 5]]), n)
             assert out.shape == (1, 3 + n) and len(calls) == n, (n, len(calls))
