@@ -102,6 +102,20 @@ def _template_line(exc: BaseException) -> int | None:
     return line
 
 
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(messages) -> list[dict]:
+    """The messages as transformers 5 gives them to templates: a message's reasoning, under whichever of
+    ``_REASONING_FIELDS`` it comes first, also as ``reasoning_content`` and (unless set) ``thinking``, so
+    Qwen3-style and gpt-oss-style templates both see it. The caller's dicts are not changed."""
+    out = []
+    for m in messages:
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        out.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+    return out
+
+
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -440,7 +454,8 @@ class Tokenizer:
         context.update(self.special_tokens)
         context.update(kwargs)
         try:
-            return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **context)
+            return tmpl.render(messages=_alias_reasoning(messages), add_generation_prompt=add_generation_prompt,
+                               **context)
         except Exception as e:
             line = _template_line(e)
             at = "" if line is None else f" at template line {line}"

@@ -165,3 +165,17 @@ def test_transformers_only_options_are_refused_not_ignored(tmp_path):
     # their "off" values are accepted, so calls written for transformers still work
     assert tok.apply_chat_template(msgs, return_dict=False, continue_final_message=False, padding=False) == \
         tok.apply_chat_template(msgs)
+
+
+def test_reasoning_fields_aliased_like_transformers(tmp_path):
+    # transformers 5 gives templates a message's reasoning as reasoning_content and thinking, whichever the
+    # data used (Qwen3 templates read the first, gpt-oss the second)
+    d = build_tokenizer(tmp_path)
+    ours, ref = Tokenizer.from_pretrained(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    source = ("{% for m in messages %}[{{ m.role }}|{{ m.reasoning_content }}|{{ m.thinking }}|{{ m.reasoning }}]"
+              "{{ m.content }}{% endfor %}")
+    for field in ("reasoning_content", "thinking", "reasoning"):
+        msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", field: "add them"}]
+        want = ref.apply_chat_template(msgs, chat_template=source, tokenize=False)
+        assert ours.apply_chat_template(msgs, chat_template=source, tokenize=False) == want, field
+        assert "add them|add them" in want and list(msgs[1]) == ["role", "content", field]  # caller's dict kept
