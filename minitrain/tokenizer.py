@@ -376,7 +376,12 @@ class Tokenizer:
             ids = ids.tolist()
         if isinstance(ids, int):
             ids = [ids]
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        if ids and min(ids) < 0:  # tokenizers: "OverflowError: number too small to fit in target type"
+            i = next(i for i, t in enumerate(ids) if t < 0)
+            raise ValueError(f"decode: token ids must be >= 0, got {ids[i]} at position {i}"
+                             + (" (-100 is the labels' ignore index; decode input_ids instead)" if ids[i] == -100 else ""))
+        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         if self.clean_up_tokenization_spaces:
             for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):

@@ -179,3 +179,16 @@ def test_reasoning_fields_aliased_like_transformers(tmp_path):
         want = ref.apply_chat_template(msgs, chat_template=source, tokenize=False)
         assert ours.apply_chat_template(msgs, chat_template=source, tokenize=False) == want, field
         assert "add them|add them" in want and list(msgs[1]) == ["role", "content", field]  # caller's dict kept
+
+
+def test_decode_negative_id_is_a_clear_error(tmp_path):
+    import torch
+
+    tok = Tokenizer.from_pretrained(build_tokenizer(tmp_path))
+    ids = tok.encode("hello there")
+    assert tok.decode(torch.tensor(ids)) == tok.decode(ids) == "hello there"
+    with pytest.raises(ValueError, match=r"decode: token ids must be >= 0, got -100 at position 2 \(-100 is the "
+                                         r"labels' ignore index; decode input_ids instead\)"):
+        tok.decode(torch.tensor(ids[:2] + [-100]))
+    with pytest.raises(ValueError, match=r"got -1 at position 0$"):
+        tok.batch_decode([ids, [-1]])
