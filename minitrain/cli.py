@@ -83,7 +83,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return 0
         messages.append({"role": "user", "content": text})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
-        out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+        max_pos = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+        room = args.max_new_tokens if max_pos is None else min(args.max_new_tokens, max_pos - len(ids))
+        if room <= 0:  # the conversation fills the context: say so instead of ending the session
+            print(f"minitrain chat: the conversation is {len(ids)} tokens, the model's context is {max_pos} "
+                  f"(max_position_embeddings); this message was dropped", file=sys.stderr)
+            messages.pop()
+            if prompts is not None:
+                return 1
+            continue
+        out = model.generate(torch.tensor([ids]), room, temperature=args.temperature,
                              top_p=args.top_p, eos_token_id=tok.eos_token_ids or None, generator=gen)[0, len(ids):]
         reply = tok.decode(out, skip_special_tokens=True).strip()
         print(reply, flush=True)

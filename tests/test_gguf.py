@@ -156,6 +156,22 @@ def test_cli_chat_on_converted_model(tiny_gguf, tmp_path, capsys):
     assert rc == 2 and "adapter" in capsys.readouterr().err
 
 
+def test_cli_chat_stays_inside_the_context(tiny_gguf, tmp_path, capsys):
+    """max_new_tokens is clipped to the context left; a prompt that fills the context is dropped with a message
+    (exit code 1 for a one-shot --prompt) instead of generate's error ending the session."""
+    import json
+
+    path, _, _ = tiny_gguf
+    out = convert_gguf(path, tmp_path / "conv")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["max_position_embeddings"] = 24
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert cli_main(["chat", "--model", str(out), "--prompt", "hi", "--max-new-tokens", "500"]) == 0
+    capsys.readouterr()
+    assert cli_main(["chat", "--model", str(out), "--prompt", "hi " * 60, "--max-new-tokens", "4"]) == 1
+    assert "context is 24" in capsys.readouterr().err
+
+
 def test_non_llama_gguf_is_refused(tmp_path):
     tok = tiny_bpe()
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**BASE, "vocab_size": tok.get_vocab_size()}))
