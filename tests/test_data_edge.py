@@ -7,19 +7,12 @@ import warnings
 import pytest
 
 from minitrain.data import DataError, load_dataset
-from test_data import CORPUS, SPECIALS, TinyTok, write_jsonl
+from test_data import TinyTok, backend, write_jsonl  # noqa: F401 (backend: the shared tokenizer fixture)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return TinyTok(tk)
+def tok(backend):
+    return TinyTok(backend)
 
 
 def test_odd_but_valid_jsonl_loads(tmp_path, tok):
