@@ -127,6 +127,32 @@ def accuracy(model, tok, examples: list[dict], batch_size: int = 16) -> float:
     return correct / len(examples)
 
 
+DEMO_MARKER = ".minitrain-demo"  # written into every demo output folder: the next demo run may delete it
+# what a demo run writes (older versions wrote no marker): a folder holding only these is a previous demo run
+_DEMO_FILES = {"train.jsonl", "eval.jsonl", "metrics.jsonl", "loss_curve.png", "adapter", DEMO_MARKER}
+
+
+def fresh_output_dir(output_dir) -> Path:
+    """An empty ``output_dir`` for a new demo run (a fresh run each time: old checkpoints would be resumed).
+    Deletes only a folder a previous demo run wrote (its marker inside, or nothing but a demo's files and
+    checkpoints) or an empty one; any other existing path is refused, so ``--output`` never wipes user data."""
+    out = Path(output_dir)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise ValueError(f"demo: --output {out} exists and is not a folder; choose another --output")
+        names = {p.name for p in out.iterdir()}
+        demo_run = DEMO_MARKER in names or all(n in _DEMO_FILES or n.startswith("checkpoint-") for n in names)
+        if not demo_run:
+            raise ValueError(f"demo: --output {out} holds files a demo run did not write (e.g. "
+                             f"{sorted(n for n in names if n not in _DEMO_FILES)[0]!r}); refusing to delete it: "
+                             f"choose another --output or empty it yourself")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / DEMO_MARKER).write_text("written by `minitrain demo`: the next demo run with this --output deletes "
+                                   "this folder\n")
+    return out
+
+
 def run_demo(model_dir=None, output_dir="runs/demo", max_steps: int | None = None, n_train: int = 400,
              n_eval: int = 120, learning_rate: float = 5e-4, batch_size: int = 8, seed: int = 0,
              device: str | None = None, progress: bool = True, r: int = 16) -> dict:
@@ -149,10 +175,7 @@ def run_demo(model_dir=None, output_dir="runs/demo", max_steps: int | None = Non
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = Path(model_dir) if model_dir else prepare_model()
     t0 = time.perf_counter()  # the one-time conversion is not counted
-    out = Path(output_dir)
-    if out.exists():
-        shutil.rmtree(out)  # a fresh run each time: old checkpoints would be resumed otherwise
-    out.mkdir(parents=True)
+    out = fresh_output_dir(output_dir)
     cuda = device == "cuda"
     model, tok = load_model(model_dir, max_seq_length=256, dtype=torch.bfloat16 if cuda else torch.float32,
                             load_in_4bit=cuda, device=device)

@@ -67,6 +67,32 @@ def test_demo_pipeline_learns_on_a_tiny_model(tmp_path, capsys):
     assert train_acc >= 0.75, train_acc
 
 
+def test_demo_output_dir_never_wipes_other_data(tmp_path, capsys):
+    """A previous demo run's folder (marker, or only demo files as older versions left them) or an empty one is
+    replaced; a folder with anything else, or a file, is refused with one line and nothing is deleted."""
+    old = tmp_path / "old"
+    (old / "adapter").mkdir(parents=True)
+    for n in ("train.jsonl", "metrics.jsonl", "loss_curve.png"):
+        (old / n).write_text("x")
+    assert demo.fresh_output_dir(old) == old and sorted(p.name for p in old.iterdir()) == [demo.DEMO_MARKER]
+    (old / "metrics.jsonl").write_text("x")
+    (old / "notes.txt").write_text("keep?")  # the marker is there: a demo folder, replaced whole
+    demo.fresh_output_dir(old)
+    assert sorted(p.name for p in old.iterdir()) == [demo.DEMO_MARKER]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="holds files a demo run did not write .*'thesis.tex'"):
+        demo.fresh_output_dir(mine)
+    assert (mine / "thesis.tex").read_text() == "precious"
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(ValueError, match="is not a folder"):
+        demo.fresh_output_dir(tmp_path / "f")
+    assert cli(["demo", "--output", str(mine), "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "thesis.tex" in err and len(err.splitlines()) == 1 and (mine / "thesis.tex").is_file(), err
+
+
 def test_cli_train_then_merge(tmp_path, capsys):
     ckpt = tiny_chat_checkpoint(tmp_path / "tiny")
     data = tmp_path / "d.jsonl"
