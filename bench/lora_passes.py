@@ -92,7 +92,8 @@ def measure(block):
             t = hw.bench_us(step, warmup=25, rep=300)
             us[v] = min(us.get(v, t), t)
             g = hw.graph_us(step)  # one CUDA-graph replay: GPU time without the host's launch costs
-            gpu[v] = g if gpu.get(v) is None else (gpu[v] if g is None else min(gpu[v], g))
+            if g is not None:
+                gpu[v] = min(gpu.get(v, g), g)
     for v in VARIANTS:
         _set(v)
         peak[v] = hw.peak_mib(step)
@@ -120,10 +121,10 @@ def main():
                              "% of ceiling": f"{100 * tf / ceiling:.0f}%",
                              "peak MiB": f"{peak[v]:.0f}",
                              "vs default": "—" if v == "default" else f"{d:+.0f} µs ({us['default'] / us[v]:.3f}x)",
-                             "GPU-only µs": "—" if gpu[v] is None else f"{gpu[v]:.0f}",
-                             "GPU-only vs default": "—" if v == "default" or None in (gpu[v], gpu["default"]) else
+                             "GPU-only µs": "—" if v not in gpu else f"{gpu[v]:.0f}",
+                             "GPU-only vs default": "—" if v == "default" or not {v, "default"} <= gpu.keys() else
                              f"{gpu[v] - gpu['default']:+.0f} µs ({gpu['default'] / gpu[v]:.3f}x)"})
-                print(f"{block} {v}: {us[v]:.0f} us, GPU-only {gpu[v]} us, peak {peak[v]:.0f} MiB", flush=True)
+                print(f"{block} {v}: {us[v]:.0f} us, GPU-only {gpu.get(v)} us, peak {peak[v]:.0f} MiB", flush=True)
     finally:
         tlora.SAVE_XA, tlora.RANK_UPDATE_KERNEL = saved
     body = hw.markdown_table(rows, COLUMNS)

@@ -73,14 +73,19 @@ except ImportError:  # pragma: no cover
 
 
 
+def env_switch(name: str) -> bool:
+    """An on/off switch read from the environment: False when ``name`` is 0 (or false/off/no), else True."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def grouped_lora_default() -> bool:
     """False when MINITRAIN_GROUPED_LORA is 0 (or false/off/no), else True."""
-    return os.environ.get("MINITRAIN_GROUPED_LORA", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("MINITRAIN_GROUPED_LORA")
 
 
 # GQA handed to SDPA (enable_gqa) on CUDA instead of repeating k and v (see attention). Off with
 # MINITRAIN_SDPA_GQA=0 (read at import) or by setting this to False (read at every call).
-SDPA_GQA = os.environ.get("MINITRAIN_SDPA_GQA", "1").strip().lower() not in ("0", "false", "off", "no")
+SDPA_GQA = env_switch("MINITRAIN_SDPA_GQA")
 
 # Attention's q/k/v and the MLP's gate/up/down through one grouped LoRA call each (see _grouped_projections).
 # Off with MINITRAIN_GROUPED_LORA=0 (read at import) or by setting this to False (read at every forward).

@@ -39,7 +39,7 @@ from torch import nn
 from . import distributed as dist_
 from .config import TrainConfig
 from .lora import LoRALinear, atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
-from .model import LlamaAttention, LlamaDecoderLayer, LlamaMLP, has_global_hooks, has_hooks
+from .model import LlamaAttention, LlamaDecoderLayer, LlamaMLP, env_switch, has_global_hooks, has_hooks
 
 try:
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -309,14 +309,12 @@ class HostOffload:
 # The recomputation of a minitrain LlamaDecoderLayer skips its LoRA down projection's forward output, and with
 # the split below also o_proj's (see CheckpointedLayer). Off with MINITRAIN_RECOMPUTE_SKIP=0 (read at import) or
 # by setting this to False; read at each recomputation (a CUDA graph keeps what its capture did).
-RECOMPUTE_SKIPS_UNUSED_OUTPUT = os.environ.get("MINITRAIN_RECOMPUTE_SKIP", "1").strip().lower() not in (
-    "0", "false", "off", "no")
+RECOMPUTE_SKIPS_UNUSED_OUTPUT = env_switch("MINITRAIN_RECOMPUTE_SKIP")
 
 # gradient_checkpointing="offload" checkpoints a minitrain LlamaDecoderLayer as two segments (attention half,
 # MLP half; see CheckpointedLayer). Off with MINITRAIN_SPLIT_CHECKPOINT=0 (read at import) or by setting this
 # to False; read at each checkpointed forward (a CUDA graph keeps what its capture did).
-SPLIT_OFFLOAD_SEGMENTS = os.environ.get("MINITRAIN_SPLIT_CHECKPOINT", "1").strip().lower() not in (
-    "0", "false", "off", "no")
+SPLIT_OFFLOAD_SEGMENTS = env_switch("MINITRAIN_SPLIT_CHECKPOINT")
 
 # The forwards whose code the checks below rely on, as minitrain.model defines them (a later class-level patch
 # replaces the class attribute, not these)

@@ -708,11 +708,13 @@ def test_lora_mlp_gpu_llama():
 
 @pytest.mark.gpu
 def test_compile_gpu():
-    """Inductor on the GPU (the CPU tests trace the same graphs with aot_eager)."""
+    """Inductor on the GPU around the Functions at real shapes (the CPU tests trace the same graphs with
+    aot_eager)."""
     _mlp_case((523,), 4096, 14336, 16, torch.bfloat16, "cuda", True, "all+dropout+bias", backend="auto",
               compile_=True)
     _qkv_case((2, 523), 4096, 4096, 1024, 16, torch.bfloat16, "cuda", True, backend="auto", compile_=True,
               q_dropout=0.0)
+    _linear_case((1037,), 4100, 4100, 16, torch.bfloat16, "cuda", True, "plain", backend="auto", compile_=True)
 
 
 @pytest.mark.gpu
@@ -765,13 +767,3 @@ def test_down_xa_under_output_unused_gpu(variant, monkeypatch):
     """The compiled forward and backward SwiGLU kernels give the same h bits, so down's xa computed in
     backward equals the saved one."""
     test_down_xa_under_output_unused_is_computed_in_backward(variant, torch.bfloat16, "cuda", monkeypatch)
-
-
-@pytest.mark.gpu
-def test_compile_gpu_llama():
-    """Inductor around the Functions at real shapes, the rank-update kernel's custom op inside."""
-    _mlp_case((523,), 4096, 14336, 16, torch.bfloat16, "cuda", True, "all+dropout+bias", backend="auto",
-              compile_=True)
-    _qkv_case((2, 523), 4096, 4096, 1024, 16, torch.bfloat16, "cuda", True, backend="auto", compile_=True,
-              q_dropout=0.0)
-    _linear_case((1037,), 4100, 4100, 16, torch.bfloat16, "cuda", True, "plain", backend="auto", compile_=True)

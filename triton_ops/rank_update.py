@@ -84,8 +84,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config(M: int, N: int, R: int) -> dict:
-    if _interpreting():
+def _config(R: int, interpreting: bool) -> dict:
+    if interpreting:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=16, GROUP_M=2, num_warps=1)
     # H100 sweep (bench.rank_update --sweep, bf16, M=4096): 64x128 tiles with 4 warps were fastest at N=14336
     # (87.7 µs, 89% of copy; 128x128 with 8 warps: 106 µs), N=6144 R=48 and N=4096, and within 8% at N=1024
@@ -118,10 +118,11 @@ def _check(y, a, b, where: str) -> None:
 def _launch(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, config: dict | None = None) -> None:
     M, N = y.shape
     R = a.shape[1]
-    cfg = dict(_config(M, N, R), **(config or {}))
+    interpreting = _interpreting()
+    cfg = dict(_config(R, interpreting), **(config or {}))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _rank_update_kernel[grid](y, a, b, M, N, R, float(alpha), y.stride(0), a.stride(0), a.stride(1),
-                              b.stride(0), b.stride(1), UPCAST=_interpreting() and y.dtype != torch.float32,
+                              b.stride(0), b.stride(1), UPCAST=interpreting and y.dtype != torch.float32,
                               IEEE=y.dtype == torch.float32, **cfg)
 
 
@@ -138,15 +139,11 @@ def _(y, a, b, alpha):
 def _plain_call(*ts: torch.Tensor) -> bool:
     """True when a direct launch is what the dispatcher would do: eager (not tracing), no autograd on the inputs,
     no dispatch mode active, plain tensors."""
-    if torch.compiler.is_compiling() or _dispatch_modes():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return False
     return all(type(t) is torch.Tensor for t in ts)
-
-
-def _dispatch_modes() -> int:
-    return torch._C._len_torch_dispatch_stack()
 
 
 def uses_kernel(y: torch.Tensor, R: int) -> bool:
