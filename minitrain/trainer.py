@@ -51,7 +51,38 @@ except ImportError:
     output_unused = None
 
 
-MAX_GRAPHS = 4  # CUDA graphs (batch shapes) captured per run; further shapes run eagerly
+MAX_GRAPHS = 40  # CUDA graphs (batch shapes) captured per run; further shapes run eagerly
+GRAPH_MIN_LEN = 64  # padded batches run from graphs at graph_length(T) tokens per row
+
+
+def graph_length(T: int, limit: int | None = None) -> int:
+    """Tokens per row at which a right-padded batch of longest row ``T`` runs from a CUDA graph: the smallest
+    m * 2^k >= T with m in 4..7, at least GRAPH_MIN_LEN. Four lengths per doubling (64, 80, 96, 112, 128, 160,
+    ..., 2048: 21 lengths up to 2048), so a few graphs serve batches of every length, for at most 25% more
+    tokens (about 11% on average over lengths). ``limit`` (the model's context) caps it (never below T)."""
+    if T <= GRAPH_MIN_LEN:
+        n = GRAPH_MIN_LEN
+    else:
+        base = 1 << max(0, T.bit_length() - 3)  # 2^k with 4 * 2^k <= T < 8 * 2^k
+        n = -(-T // base) * base
+    return n if limit is None or n <= limit else max(T, limit)
+
+
+def pad_batch(batch: dict, T: int, pad_id: int) -> dict:
+    """A right-padded host batch extended to ``T`` tokens per row (pad ids, -100 labels, mask 0; position ids
+    counting on). Other entries (n_items) stay as they are."""
+    B, T0 = batch["input_ids"].shape
+    if T == T0:
+        return batch
+    fill = {"input_ids": pad_id, "labels": -100, "attention_mask": 0}
+    out = dict(batch)
+    for k, v in fill.items():
+        if k in batch:
+            out[k] = torch.cat([batch[k], batch[k].new_full((B, T - T0), v)], dim=1)
+    if "position_ids" in batch:
+        pos = batch["position_ids"]
+        out["position_ids"] = torch.cat([pos, pos[:, -1:] + torch.arange(1, T - T0 + 1, dtype=pos.dtype)], dim=1)
+    return out
 
 
 class TrainingError(RuntimeError):
@@ -61,10 +92,22 @@ class TrainingError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------------------
+def is_padded(batch: dict) -> bool:
+    """A right-padded batch (an ``attention_mask``, no packed documents): every row is one sequence at positions
+    0..n-1 followed by padding."""
+    return "attention_mask" in batch and "cu_seqlens" not in batch
+
+
 def final_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
-    """(B, T, C) final normed hidden states: minitrain's ``hidden_states`` or a transformers model's body."""
+    """(B, T, C) final normed hidden states: minitrain's ``hidden_states`` or a transformers model's body.
+
+    minitrain's model gets no position ids for a right-padded batch: under causal attention a real token only
+    sees the tokens before it, all real, at positions 0..t, which is what no position ids mean; the padding's
+    outputs are never trained. Passing the batch's ids (0 on the padding, a restart) would make the model take
+    the rows for packed documents: an explicit (B, 1, T, T) mask instead of the flash path, and a host sync."""
     if hasattr(model, "hidden_states"):
-        return model.hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"))
+        return model.hidden_states(batch["input_ids"],
+                                   position_ids=None if is_padded(batch) else batch.get("position_ids"))
     out = model.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch.get("position_ids"))
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -669,6 +712,7 @@ class Trainer:
         pad = getattr(tokenizer, "pad_token_id", None)
         pad = getattr(tokenizer, "eos_token_id", 0) if pad is None else pad
         cfg = self.cfg
+        self.pad_id = pad or 0
         self.batches = make_batches(dataset, "train", cfg.per_device_train_batch_size, cfg.packing, cfg.seed, pad or 0)
         self.eval_batches = make_batches(eval_dataset if eval_dataset is not None else dataset, "eval",
                                          cfg.per_device_eval_batch_size, False, cfg.seed, pad or 0)
@@ -692,6 +736,7 @@ class Trainer:
         self.graphs_off_because = self._graph_blockers()
         self._graphs: dict[tuple, object] = {}  # (B, T, packed) -> cuda_graphs.GraphedLoss
         self._graph_pool = None
+        self.graphs_captured = 0  # after train(): how many batch shapes ran from a CUDA graph
 
     # -- CUDA graphs -----------------------------------------------------------------------------------------
     def _graph_blockers(self) -> list[str]:
@@ -704,9 +749,6 @@ class Trainer:
         why = graph_blockers(self.model)
         if cfg.gradient_checkpointing != "off" and not CHECKPOINT_IN_GRAPHS:
             why.append(CHECKPOINT_TOO_OLD)
-        if cfg.cuda_graphs == "auto" and not cfg.packing:
-            why.append("packing is off (batches change shape; cuda_graphs='on' captures one graph per shape, "
-                       f"up to {MAX_GRAPHS})")
         if self.amp_dtype == torch.float16:
             why.append("fp16 loss scaling runs eagerly")
         if self.fsdp:
@@ -721,7 +763,7 @@ class Trainer:
         """The GraphedLoss for this batch's shape (created on first sight), or None to run eagerly."""
         if self.graphs_off_because:
             return None
-        packed = batch.get("position_ids") is not None
+        packed = not is_padded(batch) and batch.get("position_ids") is not None
         key = (*batch["input_ids"].shape, packed)
         g = self._graphs.get(key)
         if g is None and len(self._graphs) < MAX_GRAPHS:
@@ -732,6 +774,14 @@ class Trainer:
             g = self._graphs[key] = GraphedLoss(self.model, key[0], key[1], packed=packed, amp_dtype=self.amp_dtype,
                                                 pool=self._graph_pool)
         return g
+
+    def _graph_shape(self, batch: dict) -> dict:
+        """A right-padded batch padded further to ``graph_length`` when graphs are on (a few shapes, a few graphs);
+        anything else unchanged."""
+        if self.graphs_off_because or not is_padded(batch):
+            return batch
+        limit = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
+        return pad_batch(batch, graph_length(batch["input_ids"].shape[1], limit), self.pad_id)
 
     def _amp_dtype(self):
         cfg = self.cfg
@@ -761,13 +811,15 @@ class Trainer:
         progress, metrics = Progress(self.total_steps, cfg.progress, self.main), {}
         if self.device.type == "cuda":
             why = self.graphs_off_because
-            progress.say("CUDA graphs: " + ("on (forward + backward replayed per batch shape)" if not why else
-                                            "off: " + "; ".join(why)))
+            on = "on (forward + backward replayed per batch shape" + (
+                ")" if cfg.packing else "; padded batches run at one of a few lengths: 64, 80, 96, 112, 128, "
+                "160, ... tokens, up to 25% padding added)")
+            progress.say("CUDA graphs: " + (on if not why else "off: " + "; ".join(why)))
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 data_state, good_rng = self.batches.state_dict(), rng_state()
-                host = self._next_micro_batches()
+                host = [self._graph_shape(b) for b in self._next_micro_batches()]
                 counts = [n_items(b) for b in host]  # on the host before the copy: no device sync per batch
                 micro = [self._to_device(b) for b in host]
                 lr = lr_at(self.step, self.total_steps, cfg)
@@ -786,6 +838,7 @@ class Trainer:
                 self._evaluate(progress)
             self._advise(progress, done=True)
         finally:
+            self.graphs_captured = sum(getattr(g, "graph", None) is not None for g in self._graphs.values())
             self._graphs.clear()  # captured for this run's model setup; a later train() captures anew
             set_gradient_checkpointing(self.model, "off")
             self.model.eval()

@@ -231,6 +231,37 @@ def test_graph_rejects_a_batch_of_another_shape():
 
 
 @pytest.mark.gpu
+def test_trainer_graphs_padded_batches_of_many_lengths_by_default(tmp_path):
+    """Default settings (packing off, cuda_graphs "auto"): examples of many lengths run from a few graphs, one per
+    graph length, and the per-step losses follow the eager trainer (cuda_graphs="off")."""
+    from minitrain.config import TrainConfig
+    from minitrain.trainer import Trainer, graph_length
+
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(40):
+        n = int(torch.randint(12, 150, (), generator=g))
+        ids = torch.randint(1, ARGS["vocab_size"], (n,), generator=g).tolist()
+        data.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+    curves, trainers = [], []
+    for mode in ("off", "auto"):
+        model = model_with_lora("cuda", torch.bfloat16, nf4=True)
+        cfg = TrainConfig(output_dir=str(tmp_path / mode), max_steps=10, learning_rate=1e-3,
+                          per_device_train_batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing="on",
+                          save_steps=0, progress=False, lr_scheduler_type="constant", cuda_graphs=mode, seed=1)
+        tr = Trainer(model, None, data, cfg)
+        tr.train()
+        curves.append(tr.history["loss"])
+        trainers.append(tr)
+    assert trainers[0].graphs_off_because and not trainers[1].graphs_off_because
+    lengths = {graph_length(max(len(data[i]["input_ids"]) for i in b)) for e in range(2)
+               for b in trainers[1].batches.plan(e)}
+    assert 1 <= trainers[1].graphs_captured <= 2 * len(lengths) and trainers[0].graphs_captured == 0
+    for a, b in zip(*curves):
+        assert abs(a - b) <= 2e-2 * abs(a), curves
+
+
+@pytest.mark.gpu
 def test_trainer_with_cuda_graphs_follows_the_eager_trainer(tmp_path):
     """Trainer(cuda_graphs="on") against cuda_graphs="off": same data, same init, AdamW with clipping and
     accumulation; per-step losses within bf16 tolerance, and the graphs were really used."""
@@ -259,6 +290,82 @@ def test_trainer_with_cuda_graphs_follows_the_eager_trainer(tmp_path):
     assert used == [False, True]
     for a, b in zip(*curves):
         assert abs(a - b) <= 1e-2 * abs(a), curves
+
+
+def test_graph_lengths_are_few_and_pad_at_most_a_quarter():
+    from minitrain.trainer import GRAPH_MIN_LEN, graph_length
+
+    lengths = [graph_length(t) for t in range(1, 2049)]
+    assert sorted(set(lengths)) == [64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896,
+                                    1024, 1280, 1536, 1792, 2048]
+    for t, n in zip(range(1, 2049), lengths):
+        assert n >= t and n % 16 == 0
+        assert t <= GRAPH_MIN_LEN or n <= 1.25 * t, (t, n)
+    assert lengths == sorted(lengths)  # a longer batch never runs at a shorter length
+    assert graph_length(4097) == 5120 and graph_length(130_000) == 131_072
+    assert graph_length(2000, limit=2000) == 2000 and graph_length(1900, limit=2000) == 2000  # capped: T as is
+    assert graph_length(1700, limit=2000) == 1792
+
+
+def test_pad_batch_extends_a_padded_batch():
+    from minitrain.trainer import pad_batch
+
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    batch = {"input_ids": ids, "labels": torch.tensor([[-100, 6, 7], [-100, 9, -100]]),
+             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]), "position_ids": torch.tensor([[0, 1, 2], [0, 1, 0]]),
+             "n_items": torch.tensor(3)}
+    out = pad_batch(batch, 5, pad_id=1)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 1, 1], [8, 9, 0, 1, 1]]
+    assert out["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, 9, -100, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+    assert out["position_ids"][:, 3:].tolist() == [[3, 4], [1, 2]]
+    assert int(out["n_items"]) == 3 and pad_batch(batch, 3, 1) is batch
+
+
+def test_padded_batches_reach_the_model_without_position_ids():
+    """A right-padded batch is plain causal attention for its real tokens: minitrain's model gets no position ids
+    (the flash path, no host sync); the loss equals that of each row alone, unpadded."""
+    from minitrain.data.batching import collate_padded
+    from minitrain.trainer import is_padded
+
+    class Store:
+        def __init__(self, seqs):
+            self.seqs = seqs
+
+        def get(self, i, rejected=False):
+            import numpy as np
+            ids = np.asarray(self.seqs[i], dtype=np.int64)
+            return ids, np.ones(len(ids), dtype=bool)
+
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, ARGS["vocab_size"], (n,), generator=g).tolist() for n in (40, 23)]
+    batch = collate_padded(Store(seqs), [0, 1], pad_id=0)
+    assert is_padded(batch) and batch["position_ids"][1, 23:].eq(0).all()
+    model = model_with_lora("cpu", torch.float32)
+    seen = []
+    orig = model.hidden_states
+    model.hidden_states = lambda ids, position_ids=None, **kw: (seen.append(position_ids), orig(ids, position_ids, **kw))[1]
+    with torch.no_grad():
+        both = token_loss_sum(model, batch, fused=False)
+        alone = sum(token_loss_sum(model, collate_padded(Store(seqs), [i], pad_id=0), fused=False) for i in (0, 1))
+    assert seen and all(p is None for p in seen)
+    torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_pads_batches_to_graph_lengths_only_when_graphs_run(tmp_path):
+    from minitrain.config import TrainConfig
+    from minitrain.trainer import Trainer
+
+    model = model_with_lora("cpu", torch.float32)
+    data = [{"input_ids": list(range(1, n + 1))} for n in (70, 30, 65, 9)]
+    tr = Trainer(model, None, data, TrainConfig(output_dir=str(tmp_path), max_steps=1, progress=False,
+                                                per_device_train_batch_size=2, seed=0))
+    b = tr.batches.collate([0, 2])
+    assert tr.graphs_off_because and tr._graph_shape(b) is b  # CPU: eager, nothing added
+    tr.graphs_off_because = []  # as on CUDA
+    out = tr._graph_shape(b)
+    assert out["input_ids"].shape == (2, 80) and int(out["attention_mask"].sum()) == 135
+    assert tr._graph_shape({"input_ids": torch.zeros(1, 70, dtype=torch.long)})["input_ids"].shape == (1, 70)
 
 
 def test_trainer_says_why_graphs_are_off(tmp_path):
