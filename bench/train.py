@@ -322,7 +322,12 @@ def build_unsloth(spec, device, dtype):
         FastLanguageModel.for_training(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return params, lambda ids: model(input_ids=ids, labels=ids).loss, ""
+
+    def loss_fn(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    loss_fn.model = model  # bench/trainer.py trains it on its own batches
+    return params, loss_fn, ""
 
 
 BUILDERS = {"ours": build_ours, "hf": build_hf, "unsloth": build_unsloth}

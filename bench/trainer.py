@@ -14,6 +14,11 @@ launches) and ``graphs`` (the default, cuda_graphs="auto": each padded batch is 
 lengths, and each (batch, length) shape runs from a CUDA graph from its third sighting on; the first two run
 eagerly, they train normally).
 
+``unsloth`` (only with PEERS_UNSLOTH=1, see PEERS.md): FastLanguageModel + get_peft_model (its gradient
+checkpointing), trained on the very same micro-batches (minitrain's batch plan for the same examples and seed,
+right-padded, attention mask given) by a plain loop: loss = its mean loss x (trained tokens of the micro-batch /
+trained tokens of the step), accumulated over the 4 micro-batches, clip 1.0, fused AdamW, lr 2e-4 constant.
+
 Reported per row: real (unpadded) tokens per second over the whole run (what the user waits for, warm-up,
 compilation and graph captures included) and over the steps after ``--steady-from`` (steady state); padding the
 graph lengths added; graphs captured; peak memory allocated / reserved (torch) and the device memory in use at
@@ -32,9 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.train import SEVEN, model_config, write_checkpoint
+from bench.train import SEVEN, child_env, model_config, write_checkpoint
 
-ROWS = {"eager": "off", "graphs": "auto"}
+ROWS = {"eager": "off", "graphs": "auto", "unsloth": None}
 
 
 def make_examples(n: int, median: int, max_len: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -49,8 +54,67 @@ def make_examples(n: int, median: int, max_len: int, vocab: int, seed: int = 0) 
     return out
 
 
+def run_unsloth(spec: dict) -> dict:
+    import torch
+
+    from bench.train import build_unsloth
+    from minitrain.trainer import ExampleBatches, n_items
+
+    write_checkpoint(Path(spec["ckpt"]), spec["config"], torch.device("cuda"))
+    t0 = time.perf_counter()
+    params, loss_fn, _ = build_unsloth({"ckpt": spec["ckpt"], "seq": spec["max_len"], "quant": True}, "cuda",
+                                       torch.bfloat16)
+    model = loss_fn.model
+    load_s = time.perf_counter() - t0
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    data = make_examples(spec["examples"], spec["median_len"], spec["max_len"], spec["config"]["vocab_size"])
+    batches = ExampleBatches(data, 2, shuffle=True, seed=0, pad_id=3)
+    it = iter(())
+    times, tokens, losses = [], [], []
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t_run = time.perf_counter()
+    for step in range(spec["steps"]):
+        t0 = time.perf_counter()
+        micro = []
+        while len(micro) < 4:
+            b = next(it, None)
+            if b is None:
+                it = iter(batches)
+                continue
+            micro.append(b)
+        counts = [n_items(b) for b in micro]
+        total = sum(counts)
+        step_loss = 0.0
+        for b, n in zip(micro, counts):
+            b = {k: b[k].cuda(non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
+            loss = model(**b).loss * (n / total)
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        tokens.append(sum(int(b["attention_mask"].sum()) for b in micro))
+        losses.append(step_loss)
+    wall = time.perf_counter() - t_run
+    steady = [(t, s) for i, (t, s) in enumerate(zip(tokens, times)) if i + 1 > spec["steady_from"]]
+    free, total_mem = torch.cuda.mem_get_info()
+    return {"ok": True, "card": torch.cuda.get_device_name(), "load_s": load_s, "wall_s": wall,
+            "tok_s_run": sum(tokens) / sum(times),
+            "tok_s_steady": sum(t for t, _ in steady) / sum(s for _, s in steady) if steady else None,
+            "loss_first": losses[0], "loss_last": losses[-1], "graphs": 0, "pad_fraction": None,
+            "graph_pad_fraction": None, "off_because": ["unsloth"],
+            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "in_use_gib": (total_mem - free) / 2**30}
+
+
 def run_row(spec: dict) -> dict:
     import torch
+
+    if spec["cuda_graphs"] is None:
+        return run_unsloth(spec)
 
     from minitrain import Trainer, TrainConfig, add_lora, load_model
     from minitrain.trainer import graph_length
@@ -102,7 +166,7 @@ def spawn(spec: dict, timeout: float) -> dict:
         res = Path(td) / "r.json"
         cmd = [sys.executable, "-m", "bench.trainer", "--child", json.dumps(spec), "--result", str(res)]
         root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        env = child_env(spec["cuda_graphs"] is None)  # unsloth's wheels only on its own row's path
         try:
             p = subprocess.run(cmd, cwd=root, env=env, timeout=timeout, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
@@ -152,6 +216,9 @@ def main(argv=None):
     ckpt = a.ckpt_dir or (f"/tmp/mt-tiny-L{layers}" if a.tiny else f"/tmp/mt-8b{'' if layers == 32 else f'-L{layers}'}")
     results = []
     for name in a.rows.split(","):
+        if name == "unsloth" and os.environ.get("PEERS_UNSLOTH") != "1":
+            print("unsloth row skipped: run under PEERS_UNSLOTH=1 (see bench/train.py)", flush=True)
+            continue
         spec = {"ckpt": ckpt, "config": cfg, "tiny": a.tiny, "cuda_graphs": ROWS[name], "steps": a.steps,
                 "steady_from": a.steady_from, "examples": a.examples, "median_len": a.median_len,
                 "max_len": a.max_len}
@@ -169,8 +236,10 @@ def main(argv=None):
             continue
         table.append({"row": r["row"], "tok/s whole run": fmt(r["tok_s_run"]),
                       f"tok/s steps > {a.steady_from}": fmt(r["tok_s_steady"]), "run s": fmt(r["wall_s"], ".1f"),
-                      "graphs": r["graphs"], "padding (batch)": f"{100 * r['pad_fraction']:.1f}%",
-                      "padding (graph lengths)": f"{100 * r['graph_pad_fraction']:.1f}%",
+                      "graphs": r["graphs"],
+                      "padding (batch)": "—" if r["pad_fraction"] is None else f"{100 * r['pad_fraction']:.1f}%",
+                      "padding (graph lengths)": "—" if r["graph_pad_fraction"] is None or r["row"] != "graphs"
+                      else f"{100 * r['graph_pad_fraction']:.1f}%",
                       "loss first → last": f"{r['loss_first']:.3f} → {r['loss_last']:.3f}",
                       "peak alloc GiB": fmt(r.get("peak_alloc_gib"), ".2f"),
                       "peak reserved GiB": fmt(r.get("peak_reserved_gib"), ".2f"),

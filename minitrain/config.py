@@ -87,7 +87,8 @@ class TrainConfig:
     eval_steps: int = 50  # eval loss every N steps (when there is an eval set); 0: only at the end
     save_steps: int = 100  # checkpoint every N steps; 0: only the final adapter
     save_total_limit: int = 2  # checkpoints kept (oldest deleted first)
-    gradient_checkpointing: str = "off"  # "off" | "on" (recompute each layer) | "offload" (+ inputs on host)
+    # "auto" (on for CUDA, off on the CPU) | "off" | "on" (recompute each layer) | "offload" (+ inputs on host)
+    gradient_checkpointing: str = "auto"
     eval_split: float = 0.0  # held-out share of the data (< 1) or example count (>= 1) for eval loss
     packing: bool = False  # pack several short examples into one max_seq_length row
     train_on_responses_only: bool = False  # loss only on assistant turns of chat data
@@ -104,7 +105,7 @@ class TrainConfig:
             self.gradient_checkpointing = "on"
         elif gc is False or gc in (None, "false"):
             self.gradient_checkpointing = "off"
-        check_choice("gradient_checkpointing", self.gradient_checkpointing, ("off", "on", "offload"))
+        check_choice("gradient_checkpointing", self.gradient_checkpointing, ("auto", "off", "on", "offload"))
         check_choice("lr_scheduler_type", self.lr_scheduler_type, ("linear", "cosine", "constant"))
         if self.cuda_graphs is True or self.cuda_graphs is False:
             self.cuda_graphs = "on" if self.cuda_graphs else "off"

@@ -59,6 +59,20 @@ def zero_grads(params) -> None:
         torch._foreach_zero_(grads)
 
 
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream every GraphedLoss warms up on (one per card). The caching allocator keeps freed blocks
+    per stream: a new stream per warm-up left each eager step's memory cached under a stream never used again,
+    and a Trainer warming up 12 batch shapes reached 63.6 GiB reserved against 20.8 GiB eagerly (8B QLoRA, H100)."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[index] = torch.cuda.Stream(index)
+    return _WARMUP_STREAMS[index]
+
+
 def graph_blockers(model: nn.Module) -> list[str]:
     """Why ``model`` cannot train from a CUDA graph ([] when it can)."""
     why = []
@@ -166,7 +180,7 @@ class GraphedLoss:
             return self.loss
         if self.warmup_left > 0:  # eager, on a side stream as capture wants its warm-up
             self.warmup_left -= 1
-            side = torch.cuda.Stream(self.device)
+            side = warmup_stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 loss = self._run()

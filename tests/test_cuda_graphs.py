@@ -231,6 +231,22 @@ def test_graph_rejects_a_batch_of_another_shape():
 
 
 @pytest.mark.gpu
+def test_warmups_of_many_shapes_reuse_their_memory():
+    """Eager warm-ups of several shapes run on one side stream, so the blocks one frees serve the next (a new
+    stream each left every warm-up's memory cached under a stream never used again)."""
+    from minitrain.cuda_graphs import warmup_stream
+
+    assert warmup_stream(torch.device("cuda")) is warmup_stream(torch.device("cuda", torch.cuda.current_device()))
+    model = model_with_lora("cuda", torch.bfloat16)
+    reserved = []
+    for T in (256, 224, 192, 160, 128, 112):  # each needs no more than the one before
+        GraphedLoss(model, 2, T, warmup=2)(random_batch(2, T, "cuda"), 100)
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[-1] <= reserved[0] + 8 * 2**20, [r / 2**20 for r in reserved]
+
+
+@pytest.mark.gpu
 def test_trainer_graphs_padded_batches_of_many_lengths_by_default(tmp_path):
     """Default settings (packing off, cuda_graphs "auto"): examples of many lengths run from a few graphs, one per
     graph length, and the per-step losses follow the eager trainer (cuda_graphs="off")."""
