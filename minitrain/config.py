@@ -95,7 +95,9 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast; None: on when the GPU supports it
     fp16: bool = False  # fp16 autocast with dynamic loss scaling (GPUs without bf16)
     fused_cross_entropy: bool = True  # loss from hidden states without materializing (tokens x vocab) logits
-    cuda_graphs: str = "auto"  # replay forward+backward from CUDA graphs: "auto" (packing on CUDA) | "on" | "off"
+    # replay forward+backward from CUDA graphs, one per batch shape: "auto" (on CUDA when the model allows it;
+    # padded batches then run at a few lengths, see Trainer) | "on" (the same, an error where impossible) | "off"
+    cuda_graphs: str = "auto"
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
     progress: bool = True  # the progress line on stderr
 

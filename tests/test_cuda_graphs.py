@@ -394,3 +394,20 @@ def test_trainer_says_why_graphs_are_off(tmp_path):
     assert any("CUDA" in w for w in tr.graphs_off_because)
     with pytest.raises(TrainingError, match="cuda_graphs='on' is not possible"):
         Trainer(model, None, data, TrainConfig(output_dir=str(tmp_path), max_steps=1, cuda_graphs="on"))
+
+
+def test_gradient_checkpointing_auto_is_on_for_cuda_only(tmp_path):
+    from minitrain.config import TrainConfig
+    from minitrain.trainer import Trainer
+
+    assert TrainConfig().gradient_checkpointing == "auto"
+    data = [{"input_ids": list(range(1, 12))}] * 4
+    model = model_with_lora("cpu", torch.float32)
+    assert Trainer(model, None, data, TrainConfig(output_dir=str(tmp_path), progress=False)).gc_mode == "off"
+    assert Trainer(model, None, data, TrainConfig(output_dir=str(tmp_path), progress=False,
+                                                  gradient_checkpointing="offload")).gc_mode == "offload"
+    if torch.cuda.is_available():
+        model = model_with_lora("cuda", torch.bfloat16)
+        assert Trainer(model, None, data, TrainConfig(output_dir=str(tmp_path), progress=False)).gc_mode == "on"
+    with pytest.raises(ValueError, match="auto"):
+        TrainConfig(gradient_checkpointing="sometimes")
