@@ -48,6 +48,15 @@ class GraphError(RuntimeError):
     """The model or the batch cannot be run from a CUDA graph (the message says why)."""
 
 
+class GraphOutOfMemory(GraphError):
+    """A capture ran out of GPU memory. Nothing was trained by it (a capture records, it computes nothing), so the
+    caller may run the same batch eagerly."""
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -193,7 +202,14 @@ class GraphedLoss:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.pool):  # records, computes nothing
-            self.loss = self._run()
+        try:
+            with torch.cuda.graph(self.graph, pool=self.pool):  # records, computes nothing
+                self.loss = self._run()
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            self.graph = self.loss = None
+            if not _is_oom(e):
+                raise
+            raise GraphOutOfMemory(f"capturing the CUDA graph for batches of shape {self.shape} ran out of GPU "
+                                   f"memory ({str(e).splitlines()[0][:200]})") from e
         self.graph.replay()  # this batch's forward and backward
         return self.loss

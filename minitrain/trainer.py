@@ -732,6 +732,7 @@ class Trainer:
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
         self.step, self.history = 0, {"step": [], "loss": [], "eval": []}
         self.warned: set[str] = set()
+        self.notes: list[tuple[str, str]] = []  # (kind, sentence) said on the progress line at the next log
         self._iter = None
         # "auto": recompute each layer in the backward on CUDA (8B QLoRA Trainer on padded batches of up to 2048
         # tokens, bench/trainer.py on an H100: 7.56 GiB allocated at peak against 19.20 GiB without), plain on the
@@ -776,9 +777,29 @@ class Trainer:
 
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()  # the graphs share one memory pool
+            # the first graph warms up twice (compilation, lazily built state, autotuning); later shapes once:
+            # only shape-specific work (kernel specializations, cuBLAS heuristics) is left for them
+            warmup = 1 if any(getattr(x, "graph", None) is not None for x in self._graphs.values()) else 2
             g = self._graphs[key] = GraphedLoss(self.model, key[0], key[1], packed=packed, amp_dtype=self.amp_dtype,
-                                                pool=self._graph_pool)
+                                                pool=self._graph_pool, warmup=warmup)
         return g
+
+    def _replay(self, graph, batch: dict, total_items):
+        """The graph's loss for this batch, or None when capturing it ran out of GPU memory: then graphs are off for
+        the rest of the run (all of them dropped: their shared pool is freed) and the caller runs the batch eagerly
+        (the failed capture trained nothing). Said once on the progress line and in metrics.jsonl."""
+        from .cuda_graphs import GraphOutOfMemory
+
+        try:
+            return graph(batch, total_items)
+        except GraphOutOfMemory as e:
+            self._graphs.clear()
+            self._graph_pool = None
+            self.graphs_off_because = [str(e)]
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            self.notes.append(("cuda_graphs_off", f"{e}; continuing without CUDA graphs (eagerly, slower)"))
+            return None
 
     def _graph_shape(self, batch: dict) -> dict:
         """A right-padded batch padded further to ``graph_length`` when graphs are on (a few shapes, a few graphs);
@@ -891,8 +912,9 @@ class Trainer:
                 continue
             graph = self._graph_for(batch)
             if graph is not None:  # forward and backward replayed; the update has not happened yet
-                loss = graph(batch, total_items)
-            else:
+                loss = self._replay(graph, batch, total_items)
+                graph = None if loss is None else graph
+            if graph is None:
                 with self.autocast():
                     loss = token_loss_sum(self.model, batch, self.cfg.fused_cross_entropy) / total_items
             value = loss.item()
@@ -917,8 +939,10 @@ class Trainer:
                 continue
             graph = self._graph_for(batch) if counts[i] else None
             if graph is not None:  # forward and backward replayed (DDP: gradients are summed after the loop)
-                value = graph(batch, total_items).item()
-            else:
+                loss = self._replay(graph, batch, total_items)
+                graph = None if loss is None else graph
+                value = None if loss is None else loss.item()
+            if graph is None:
                 with self.autocast():
                     # FSDP2: a rank without trained tokens runs the loss too (0 over no rows): every rank must
                     # make the same all-gathers, the lm_head's included
@@ -968,6 +992,10 @@ class Trainer:
                 "n_items": int(items), "peak_mem_mib": peak, "step_time": dt}
 
     def _log(self, m: dict, progress: Progress) -> None:
+        while self.notes:
+            kind, sentence = self.notes.pop(0)
+            progress.say(f"warning: {sentence}")
+            self._append_metrics({"step": m["step"], "warning": kind, "message": sentence})
         self.history["step"].append(m["step"])
         self.history["loss"].append(m["loss"])
         if m["step"] % self.cfg.logging_steps == 0 or m["step"] == self.total_steps:

@@ -411,3 +411,63 @@ def test_gradient_checkpointing_auto_is_on_for_cuda_only(tmp_path):
         assert Trainer(model, None, data, TrainConfig(output_dir=str(tmp_path), progress=False)).gc_mode == "on"
     with pytest.raises(ValueError, match="auto"):
         TrainConfig(gradient_checkpointing="sometimes")
+
+
+def test_trainer_runs_on_eagerly_when_a_capture_runs_out_of_memory(tmp_path, monkeypatch):
+    """A capture that runs out of GPU memory trained nothing: the trainer drops its graphs, says so once, and
+    trains that batch and the rest eagerly, as an eager run would (simulated on the CPU)."""
+    import json
+
+    from minitrain.config import TrainConfig
+    from minitrain.cuda_graphs import GraphOutOfMemory
+    from minitrain.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, ARGS["vocab_size"], (int(n),), generator=g).tolist()} for n in
+            torch.randint(10, 60, (12,), generator=g)]
+    cfg = dict(max_steps=3, learning_rate=1e-3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+               save_steps=0, progress=False, lr_scheduler_type="constant", seed=1)
+    ref = Trainer(model_with_lora("cpu", torch.float32), None, data, TrainConfig(output_dir=str(tmp_path / "a"), **cfg))
+    ref.train()
+    tr = Trainer(model_with_lora("cpu", torch.float32), None, data, TrainConfig(output_dir=str(tmp_path / "b"), **cfg))
+    tr.graphs_off_because = []  # as on CUDA: the first batch is padded to a graph length and "captured"
+    calls = []
+
+    def capture_fails(batch, n_total):
+        calls.append(batch["input_ids"].shape)
+        raise GraphOutOfMemory("capturing the CUDA graph for batches of shape (2, 64) ran out of GPU memory (test)")
+
+    tr._graph_for = lambda batch: None if tr.graphs_off_because else capture_fails
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    tr.train()
+    assert len(calls) == 1 and "ran out of GPU memory" in tr.graphs_off_because[0]
+    for a, b in zip(ref.history["loss"], tr.history["loss"]):
+        assert abs(a - b) <= 1e-5 * abs(a), (ref.history["loss"], tr.history["loss"])
+    warnings = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if "warning" in l]
+    assert [w["warning"] for w in warnings] == ["cuda_graphs_off"] and "eagerly" in warnings[0]["message"]
+
+
+@pytest.mark.gpu
+def test_capture_out_of_memory_on_cuda_falls_back_to_eager(tmp_path, monkeypatch):
+    from minitrain.config import TrainConfig
+    from minitrain.trainer import Trainer
+
+    class NoMemory:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (test)")
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "graph", NoMemory)
+    data = [{"input_ids": list(range(1, 40 + i))} for i in range(8)]
+    tr = Trainer(model_with_lora("cuda", torch.bfloat16), None, data,
+                 TrainConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, save_steps=0,
+                             progress=False, seed=0))
+    tr.train()
+    assert "ran out of GPU memory" in tr.graphs_off_because[0] and tr.graphs_captured == 0
+    assert all(torch.isfinite(torch.tensor(tr.history["loss"])))
