@@ -944,3 +944,22 @@ def test_cli_allocator_defaults_respect_the_user():
         env = dict(user)
         allocator_defaults(env)
         assert env == user, env
+
+
+def test_example_batches_are_length_bucketed_and_cover_each_example_once():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lens = np.clip(np.exp(rng.normal(np.log(300), 0.6, 1000)), 8, 2048).astype(int)
+    data = [{"input_ids": [1] * int(n)} for n in lens]
+    eb = ExampleBatches(data, 2, shuffle=True, seed=3)
+    p0, p1 = eb.plan(0), eb.plan(1)
+    assert sorted(i for b in p0 for i in b) == list(range(1000)) and p0 != p1 and p0 == eb.plan(0)
+
+    def padding(plan):
+        real = sum(lens[i] for b in plan for i in b)
+        return 1 - real / sum(len(b) * max(lens[i] for i in b) for b in plan)
+
+    random_pairs = [list(map(int, rng.permutation(1000)[i:i + 2])) for i in range(0, 1000, 2)]
+    assert padding(p0) < 0.05 < 0.15 < padding(random_pairs), (padding(p0), padding(random_pairs))
+    assert ExampleBatches(data, 2, shuffle=False, seed=3).plan(0)[:2] == [[0, 1], [2, 3]]
