@@ -1121,8 +1121,9 @@ class Trainer:
             path = found[-1] if found else None
             if self.dist is not None:  # rank 0's view of the directory decides
                 path = dist_.broadcast_object(path)
-            if path is None:
-                return  # nothing saved yet: a fresh start
+            if path is None:  # nothing saved yet: a fresh start, whose metrics replace the killed run's
+                self._truncate_metrics(0)
+                return
         else:
             path = Path(where)
             if not (path / "trainer_state.json").is_file():
@@ -1163,7 +1164,14 @@ class Trainer:
         f = self.out / "metrics.jsonl"
         if not self.main or not f.exists():
             return
-        lines = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        lines = []
+        for line in f.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line torn by the kill (or anything not JSON): dropped, never fatal to a resume
+                continue
+            if isinstance(entry, dict) and entry.get("step", 0) <= step:
+                lines.append(line)
         atomic_write_text(f, "".join(l + "\n" for l in lines))
 
 

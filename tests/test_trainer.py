@@ -963,3 +963,29 @@ def test_example_batches_are_length_bucketed_and_cover_each_example_once():
     random_pairs = [list(map(int, rng.permutation(1000)[i:i + 2])) for i in range(0, 1000, 2)]
     assert padding(p0) < 0.05 < 0.15 < padding(random_pairs), (padding(p0), padding(random_pairs))
     assert ExampleBatches(data, 2, shuffle=False, seed=3).plan(0)[:2] == [[0, 1], [2, 3]]
+
+
+def test_resume_without_a_checkpoint_starts_fresh_metrics_and_survives_a_torn_line(tmp_path):
+    data = examples(8)
+    out = tmp_path / "run"
+    out.mkdir()
+    killed = [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in killed) + '{"step": 3, "lo')
+    make_tiny_checkpoint(tmp_path / "base")
+    cfg = quiet(tmp_path, output_dir=str(out), max_steps=2, per_device_train_batch_size=2,
+                resume_from_checkpoint="latest")
+    tr = Trainer(adapted(tmp_path / "base"), None, data, cfg)
+    tr.train()
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2] and all(r.get("loss") not in (9.0, 8.0) for r in rows), rows
+
+    # a torn last line after a checkpoint: the resume drops it and replays from the checkpoint
+    tr.save_checkpoint()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    cfg = quiet(tmp_path, output_dir=str(out), max_steps=3, per_device_train_batch_size=2,
+                resume_from_checkpoint="latest")
+    Trainer(adapted(tmp_path / "base"), None, data, cfg).train()
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
