@@ -9,6 +9,10 @@ Packed batches: when ``position_ids`` restart (a position that is not the previo
 of consecutive positions is one document and attention stays inside it (a block-diagonal causal mask).
 ``cu_seqlens`` (cumulative document lengths of a B=1 packed row) gives the same mask directly.
 
+Padded batches (generate's left-padded prompts): ``attention_mask`` (B, cached + new tokens), 1 on real tokens;
+each row's real tokens take positions 0, 1, ... as if unpadded and padding keys are masked out, with the KV cache
+too. Without it no mask is built (SDPA's causal path), as before.
+
 The four ops (``rms_norm``, ``apply_rope``, ``attention``, ``swiglu``) are small module-level functions so
 fused kernels can be put behind one switch without touching the modules.
 
@@ -448,14 +452,27 @@ def cu_seqlens_to_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Te
 
 
 def build_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | None, k_doc: torch.Tensor | None,
-               sliding_window: int | None) -> torch.Tensor:
-    """bool (B, 1, T, S): key j visible to query i if k_pos <= q_pos, same document, inside the window."""
+               sliding_window: int | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """bool (B, 1, T, S): key j visible to query i if k_pos <= q_pos, same document, inside the window.
+
+    ``keep`` (B, S) bool, True on real tokens: padding keys are visible to no query. With the positions of
+    :func:`padding_positions` no query row is empty (a padding query, at position 0, sees its row's first real
+    token, at 0): an empty row would give NaN in some SDPA kernels, which would reach the real rows through the
+    padding's keys and values in the next layer (0 * NaN). The padding queries' own outputs are never read."""
     m = k_pos[:, None, :] <= q_pos[:, :, None]  # (B, T, S)
     if q_doc is not None:
         m = m & (k_doc[:, None, :] == q_doc[:, :, None])
     if sliding_window is not None:
         m = m & (q_pos[:, :, None] - k_pos[:, None, :] < sliding_window)
+    if keep is not None:
+        m = m & keep[:, None, :]
     return m[:, None]
+
+
+def padding_positions(keep: torch.Tensor) -> torch.Tensor:
+    """(B, S) position ids from an attention mask (B, S) bool: each row's real tokens at 0, 1, 2, ... in order
+    (as if unpadded), the padding at 0 (its positions are never seen by a real token)."""
+    return (keep.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -606,19 +623,37 @@ class LlamaModel(KernelSwitch, nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, T, C) of input ids (B, T).
+
+        ``attention_mask`` (B, past + T), 1 on real tokens and 0 on padding, covers the cached tokens and the
+        new ones (as in transformers): padding keys are never attended to and each row's real tokens get the
+        positions 0, 1, ... as if unpadded (so no ``position_ids`` or ``cu_seqlens`` with it). The padding's own
+        outputs are meaningless. Without it (the default) no mask is built for plain causal attention."""
         B, T = input_ids.shape
         past = 0 if cache is None else cache.length
-        if cu_seqlens is not None:
-            if B != 1 or position_ids is not None or cache is not None:
-                raise ValueError("cu_seqlens needs B=1 packed input ids, no position_ids and no cache")
-            position_ids = cu_seqlens_to_position_ids(cu_seqlens.to(input_ids.device), T)
-        plain = position_ids is None  # positions 0..T-1 in every row: one document each, nothing to inspect
-        if plain:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
-        elif position_ids.shape != (B, T):
-            raise ValueError(f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}")
-        mask = self._mask(position_ids, past, T, plain)
+        if attention_mask is not None:
+            if position_ids is not None or cu_seqlens is not None:
+                raise ValueError("attention_mask: position_ids and cu_seqlens cannot be given with it (the "
+                                 "positions are counted from the mask's 1s in each row)")
+            if tuple(attention_mask.shape) != (B, past + T):
+                raise ValueError(f"attention_mask must be (B, cached + new tokens) = {(B, past + T)} of 0/1, got "
+                                 f"{tuple(attention_mask.shape)}")
+            keep = attention_mask.to(input_ids.device).bool()  # (B, S)
+            position_ids = padding_positions(keep)[:, past:]  # (B, T)
+            mask = self._mask(position_ids, past, T, keep=keep)
+        else:
+            if cu_seqlens is not None:
+                if B != 1 or position_ids is not None or cache is not None:
+                    raise ValueError("cu_seqlens needs B=1 packed input ids, no position_ids and no cache")
+                position_ids = cu_seqlens_to_position_ids(cu_seqlens.to(input_ids.device), T)
+            plain = position_ids is None  # positions 0..T-1 in every row: one document each, nothing to inspect
+            if plain:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+            elif position_ids.shape != (B, T):
+                raise ValueError(f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}")
+            mask = self._mask(position_ids, past, T, plain)
         lookup = getattr(self.embed_tokens, "minitrain_lookup", None)  # FSDP2: vocabulary-parallel (distributed.py)
         x = lookup(input_ids) if lookup is not None else self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)  # (B, T, D)
@@ -628,12 +663,17 @@ class LlamaModel(KernelSwitch, nn.Module):
             cache.length += T
         return self.norm(x)
 
-    def _mask(self, position_ids: torch.Tensor, past: int, T: int, plain: bool = False) -> torch.Tensor | None:
+    def _mask(self, position_ids: torch.Tensor, past: int, T: int, plain: bool = False,
+              keep: torch.Tensor | None = None) -> torch.Tensor | None:
         """None where plain causal attention is right (SDPA's fast path), else an explicit bool mask.
 
         Whether given position ids restart (packed documents) is read from their values, a host sync; while a
-        CUDA graph is captured (no sync allowed) or compiled, given position ids are taken as packed."""
+        CUDA graph is captured (no sync allowed) or compiled, given position ids are taken as packed.
+        ``keep`` (B, past + T) bool, True on real tokens (a padded batch): always an explicit mask, built
+        without a host sync, in the prefill and in every decoding step, that hides the padding keys."""
         window = self.args.sliding_window
+        if keep is not None:
+            return build_mask(position_ids, padding_positions(keep), None, None, window, keep)
         if plain and not past and (window is None or T <= window):
             return None
         if past:  # decoding after a prefill: keys are the cache (one document) plus the new tokens
@@ -652,7 +692,8 @@ class LlamaModel(KernelSwitch, nn.Module):
 
 
 class LlamaForCausalLM(KernelSwitch, nn.Module):
-    """The causal LM: ``forward(input_ids, position_ids=None, cu_seqlens=None)`` -> logits (B, T, V).
+    """The causal LM: ``forward(input_ids, position_ids=None, cu_seqlens=None, cache=None, attention_mask=None)``
+    -> logits (B, T, V); ``attention_mask`` as in :meth:`LlamaModel.forward` (padded batches, e.g. generate's).
 
     ``hidden_states(...)`` (same arguments) returns the final normed hidden states (B, T, C) without the
     (B, T, V) logits, for a fused linear cross-entropy against ``lm_head.weight``.
@@ -669,20 +710,24 @@ class LlamaForCausalLM(KernelSwitch, nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None, cache=None) -> torch.Tensor:
-        return self.model(input_ids, position_ids, cu_seqlens, cache)
+    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None, cache=None,
+                      attention_mask=None) -> torch.Tensor:
+        return self.model(input_ids, position_ids, cu_seqlens, cache, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids, position_ids, cu_seqlens, cache))  # (B, T, V)
+                cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids, position_ids, cu_seqlens, cache, attention_mask))  # (B, T, V)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         emb = self.model.embed_tokens.weight
         return KVCache(self.args, batch, max_len, emb.device, emb.dtype)
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 eos_token_id=None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 eos_token_id=None, generator: torch.Generator | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """See :func:`minitrain.generate.generate`."""
         from .generate import generate
 
-        return generate(self, input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator)
+        return generate(self, input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator,
+                        attention_mask=attention_mask)
