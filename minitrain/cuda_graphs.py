@@ -125,13 +125,17 @@ class GraphedLoss:
         warmup: eager calls before the capture (at least 1; they train normally).
         pool: a ``torch.cuda.graph_pool_handle()`` shared with other GraphedLoss objects of the same model (their
             replays run one after another, so they can share memory), or None for a private pool.
+        loss_scale: fp16 loss scaling: a 0-dim CUDA tensor (a ``torch.amp.GradScaler``'s scale) that the loss is
+            multiplied by before the backward, read at every replay, so the scaler may change it in place between
+            steps; None for no scaling. The returned loss is unscaled.
     Call ``gl(batch, n_total)`` with a dict of (B, T) ``input_ids``, ``labels`` (-100 = not trained) and, when
     packed, ``position_ids``; returns the loss (0-dim fp32 CUDA tensor, already divided by n_total) after its
     gradients were added into ``.grad``.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, seq_len: int, packed: bool = False,
-                 amp_dtype: torch.dtype | None = torch.bfloat16, warmup: int = 2, pool=None):
+                 amp_dtype: torch.dtype | None = torch.bfloat16, warmup: int = 2, pool=None,
+                 loss_scale: torch.Tensor | None = None):
         why = graph_blockers(model)
         if why:
             raise GraphError("CUDA graph training is not possible: " + "; ".join(why))
@@ -143,6 +147,10 @@ class GraphedLoss:
         self.warmup_left = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.pool = pool
+        if loss_scale is not None and (loss_scale.dim() != 0 or loss_scale.device != self.device):
+            raise GraphError(f"loss_scale must be a 0-dim tensor on {self.device}, got {tuple(loss_scale.shape)} on "
+                             f"{loss_scale.device}")
+        self.loss_scale = loss_scale
         dev = self.device
         self.ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=dev)
         self.labels = torch.full((batch_size, seq_len), -100, dtype=torch.long, device=dev)
@@ -158,7 +166,7 @@ class GraphedLoss:
     def _run(self) -> torch.Tensor:
         with self._autocast():
             loss = summed_token_loss(self.model, self.ids, self.labels, self.pos, self.n)
-        loss.backward()
+        (loss if self.loss_scale is None else loss * self.loss_scale).backward()
         return loss.detach()
 
     def _load(self, batch: dict, n_total) -> None:

@@ -765,8 +765,8 @@ class Trainer:
         why = graph_blockers(self.model)
         if self.gc_mode != "off" and not CHECKPOINT_IN_GRAPHS:
             why.append(CHECKPOINT_TOO_OLD)
-        if self.amp_dtype == torch.float16:
-            why.append("fp16 loss scaling runs eagerly")
+        if self.amp_dtype == torch.float16 and not isinstance(self._loss_scale(), torch.Tensor):
+            why.append("fp16 loss scaling: this torch's GradScaler keeps no scale tensor to replay")
         if self.fsdp:
             why.append("FSDP2 runs eagerly")
         if not cfg.fused_cross_entropy:
@@ -791,8 +791,17 @@ class Trainer:
             # only shape-specific work (kernel specializations, cuBLAS heuristics) is left for them
             warmup = 1 if any(getattr(x, "graph", None) is not None for x in self._graphs.values()) else 2
             g = self._graphs[key] = GraphedLoss(self.model, key[0], key[1], packed=packed, amp_dtype=self.amp_dtype,
-                                                pool=self._graph_pool, warmup=warmup)
+                                                pool=self._graph_pool, warmup=warmup, loss_scale=self._loss_scale())
         return g
+
+    def _loss_scale(self):
+        """The GradScaler's scale tensor (created now if needed) when fp16 scaling is on, else None. Graphs multiply
+        the loss by it on the device at every replay; the scaler updates it in place, so replays follow it."""
+        if not self.scaler.is_enabled():
+            return None
+        if getattr(self.scaler, "_scale", None) is None:
+            self.scaler.scale(torch.zeros((), device=self.device))  # the scaler creates its scale lazily
+        return getattr(self.scaler, "_scale", None)
 
     def _replay(self, graph, batch: dict, total_items):
         """The graph's loss for this batch, or None when capturing it ran out of GPU memory: then graphs are off for

@@ -278,9 +278,11 @@ def test_trainer_graphs_padded_batches_of_many_lengths_by_default(tmp_path):
 
 
 @pytest.mark.gpu
-def test_trainer_with_cuda_graphs_follows_the_eager_trainer(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True])
+def test_trainer_with_cuda_graphs_follows_the_eager_trainer(tmp_path, fp16):
     """Trainer(cuda_graphs="on") against cuda_graphs="off": same data, same init, AdamW with clipping and
-    accumulation; per-step losses within bf16 tolerance, and the graphs were really used."""
+    accumulation; per-step losses within bf16 tolerance, and the graphs were really used. fp16: loss scaling by
+    the GradScaler's scale tensor inside the graph, the same scale at the end."""
     from minitrain.config import TrainConfig
     from minitrain.trainer import Trainer
 
@@ -290,12 +292,12 @@ def test_trainer_with_cuda_graphs_follows_the_eager_trainer(tmp_path):
     for _ in range(24):
         ids = torch.randint(0, ARGS["vocab_size"], (T,), generator=g).tolist()
         data.append({"input_ids": ids, "labels": [-100] * 20 + ids[20:]})
-    curves, used = [], []
+    curves, used, scales = [], [], []
     for mode in ("off", "on"):
-        model = model_with_lora("cuda", torch.bfloat16, nf4=True)
+        model = model_with_lora("cuda", torch.float16 if fp16 else torch.bfloat16, nf4=True)
         cfg = TrainConfig(output_dir=str(tmp_path / mode), max_steps=6, learning_rate=1e-3, per_device_train_batch_size=2,
                           gradient_accumulation_steps=2, gradient_checkpointing="on", save_steps=0, progress=False,
-                          lr_scheduler_type="constant", cuda_graphs=mode, seed=1)
+                          lr_scheduler_type="constant", cuda_graphs=mode, seed=1, fp16=fp16, bf16=not fp16)
         tr = Trainer(model, None, data, cfg)
         calls = []
         orig = tr._graph_for
@@ -303,7 +305,8 @@ def test_trainer_with_cuda_graphs_follows_the_eager_trainer(tmp_path):
         tr.train()
         curves.append(tr.history["loss"])
         used.append(bool(tr.graphs_off_because) is False and len(calls) > 0)
-    assert used == [False, True]
+        scales.append(tr.scaler.get_scale() if fp16 else None)
+    assert used == [False, True] and scales[0] == scales[1]
     for a, b in zip(*curves):
         assert abs(a - b) <= 1e-2 * abs(a), curves
 
@@ -471,3 +474,18 @@ def test_capture_out_of_memory_on_cuda_falls_back_to_eager(tmp_path, monkeypatch
     tr.train()
     assert "ran out of GPU memory" in tr.graphs_off_because[0] and tr.graphs_captured == 0
     assert all(torch.isfinite(torch.tensor(tr.history["loss"])))
+
+
+def test_fp16_graphs_scale_the_loss_by_the_scalers_own_tensor(tmp_path):
+    from minitrain.config import TrainConfig
+    from minitrain.trainer import Trainer
+
+    data = [{"input_ids": list(range(1, 12))}] * 4
+    tr = Trainer(model_with_lora("cpu", torch.float32), None, data,
+                 TrainConfig(output_dir=str(tmp_path), progress=False, fp16=True, bf16=False))
+    s = tr._loss_scale()
+    assert s is not None and s.dim() == 0 and s is tr._loss_scale() and float(s) == tr.scaler.get_scale()
+    tr.scaler.load_state_dict({**tr.scaler.state_dict(), "scale": 1024.0})
+    assert float(s) == 1024.0  # updated in place: a captured graph reads the new value
+    assert Trainer(model_with_lora("cpu", torch.float32), None, data,
+                   TrainConfig(output_dir=str(tmp_path), progress=False))._loss_scale() is None
