@@ -222,3 +222,28 @@ def test_build_mask_hides_padding_keys_and_leaves_no_row_empty():
         q_real = keep[:, past:]
         causal = torch.ones(5, 5, dtype=torch.bool).tril()[past:]  # (T, S)
         assert torch.equal(m[q_real], (causal[None] & keep[:, None, :])[q_real])  # the real ones: causal
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_batch_on_cuda(pair, dtype):
+    """The masked path through CUDA attention (SDPA with an explicit mask, then the KV cache): fp32 gives each
+    prompt's own greedy tokens; bf16 the same tokens where the unpadded run's top-2 logits are not near a tie."""
+    _, ours = pair
+    model = copy.deepcopy(ours).to("cuda", dtype)
+    rows = [r.cuda() for r in prompts([3, 7, 1, 5], seed=1)]
+    ids, mask = left_pad([r.cpu() for r in rows], 2)
+    out = generate(model, ids.cuda(), 8, attention_mask=mask.cuda())
+    T = ids.shape[1]
+    for i, r in enumerate(rows):
+        want = alone(model, r, 8)
+        if dtype == torch.float32:
+            assert torch.equal(out[i, T:], want), (i, out[i, T:].tolist(), want.tolist())
+        else:  # bf16: compare up to the first step whose unpadded top-2 margin is within bf16 noise
+            seq = torch.cat([r, want])
+            with torch.no_grad():
+                logits = model(seq[None]).float()[0, len(r) - 1:-1]
+            top2 = logits.topk(2, dim=-1).values
+            close = ((top2[:, 0] - top2[:, 1]) < 0.05 * top2[:, 0].abs().clamp(min=1)).nonzero()
+            k = int(close[0]) if len(close) else 8
+            assert torch.equal(out[i, T:T + k], want[:k]), (i, k, out[i, T:].tolist(), want.tolist())
