@@ -86,6 +86,19 @@ def pad_batch(batch: dict, T: int, pad_id: int) -> dict:
     return out
 
 
+def auto_checkpointing(device, cuda_graphs: str) -> str:
+    """What gradient_checkpointing "auto" means: recompute each layer in the backward on CUDA (8B QLoRA Trainer on
+    padded batches of up to 2048 tokens, bench/trainer.py on an H100: 7.56 GiB allocated at peak against 19.20 GiB
+    without), plain on the CPU (small models; the recomputation would only cost time). Off where
+    ``cuda_graphs="on"`` asks for graphs and this torch cannot capture checkpointing (< 2.10): "auto" must not
+    turn a run that asked for graphs into an error."""
+    from . import cuda_graphs as cg
+
+    if torch.device(device).type != "cuda":
+        return "off"
+    return "off" if cuda_graphs == "on" and not cg.CHECKPOINT_IN_GRAPHS else "on"
+
+
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user must act on (the message says which)."""
 
@@ -109,8 +122,10 @@ def final_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
     if hasattr(model, "hidden_states"):
         return model.hidden_states(batch["input_ids"],
                                    position_ids=None if is_padded(batch) else batch.get("position_ids"))
+    # use_cache=False: a transformers model otherwise fills a KV cache in the forward, and a checkpointed layer's
+    # recomputation in the backward appends its keys again (twice the keys: a shape error at the first backward)
     out = model.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      position_ids=batch.get("position_ids"))
+                      position_ids=batch.get("position_ids"), use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -744,11 +759,8 @@ class Trainer:
         self.warned: set[str] = set()
         self.notes: list[tuple[str, str]] = []  # (kind, sentence) said on the progress line at the next log
         self._iter = None
-        # "auto": recompute each layer in the backward on CUDA (8B QLoRA Trainer on padded batches of up to 2048
-        # tokens, bench/trainer.py on an H100: 7.56 GiB allocated at peak against 19.20 GiB without), plain on the
-        # CPU (small models; the recomputation would only cost time)
         gc = cfg.gradient_checkpointing
-        self.gc_mode = gc if gc != "auto" else ("on" if self.device.type == "cuda" else "off")
+        self.gc_mode = gc if gc != "auto" else auto_checkpointing(self.device, cfg.cuda_graphs)
         self.graphs_off_because = self._graph_blockers()
         self._graphs: dict[tuple, object] = {}  # (B, T, packed) -> cuda_graphs.GraphedLoss
         self._graph_pool = None

@@ -489,3 +489,20 @@ def test_fp16_graphs_scale_the_loss_by_the_scalers_own_tensor(tmp_path):
     assert float(s) == 1024.0  # updated in place: a captured graph reads the new value
     assert Trainer(model_with_lora("cpu", torch.float32), None, data,
                    TrainConfig(output_dir=str(tmp_path), progress=False))._loss_scale() is None
+
+
+def test_gradient_checkpointing_auto_never_blocks_requested_graphs(tmp_path, monkeypatch):
+    """torch < 2.10 cannot capture checkpointing: there "auto" must leave it off when cuda_graphs="on" asks for
+    graphs (on by default, it made Trainer(cuda_graphs="on") fail where it used to run); "auto" graphs keep
+    checkpointing (the graphs are then off, the progress line says why). Checked through the Trainer's decision
+    for a CUDA device, on the CPU."""
+    import minitrain.cuda_graphs as cg
+    from minitrain import trainer as trainer_mod
+
+    cuda = torch.device("cuda", 0)
+    decide = getattr(trainer_mod, "auto_checkpointing", None)
+    assert decide is not None, "minitrain/trainer.py: no auto_checkpointing(device, cuda_graphs) deciding 'auto'"
+    assert decide(torch.device("cpu"), "auto") == "off" and decide(cuda, "auto") == "on"
+    monkeypatch.setattr(cg, "CHECKPOINT_IN_GRAPHS", False)
+    assert decide(cuda, "on") == "off", "gradient_checkpointing='auto' with cuda_graphs='on' on torch < 2.10"
+    assert decide(cuda, "auto") == "on" and decide(cuda, "off") == "on"

@@ -989,3 +989,30 @@ def test_resume_without_a_checkpoint_starts_fresh_metrics_and_survives_a_torn_li
     Trainer(adapted(tmp_path / "base"), None, data, cfg).train()
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_transformers_model_trains_with_gradient_checkpointing(tmp_path):
+    """gradient_checkpointing "auto" is on for CUDA, so a transformers model gets it by default there: its forward
+    must not fill a KV cache (the checkpointed layer's recomputation appended its keys again: a shape error at the
+    first backward). Same losses as without checkpointing (checked on the CPU with "on")."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    assert base.config.use_cache  # the transformers default: a cache unless told otherwise
+    curves = []
+    for gc in ("off", "on"):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        add_lora(model, r=4, alpha=8)
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+        tr = Trainer(model, None, examples(8), quiet(tmp_path, output_dir=str(tmp_path / gc), max_steps=3,
+                                                     per_device_train_batch_size=2, gradient_checkpointing=gc))
+        assert tr.gc_mode == gc
+        tr.train()
+        curves.append(tr.history["loss"])
+    assert len(curves[1]) == 3 and max(abs(a - b) for a, b in zip(*curves)) <= 1e-5, curves
