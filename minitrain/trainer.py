@@ -827,6 +827,8 @@ class Trainer:
             self._graphs.clear()
             self._graph_pool = None
             self.graphs_off_because = [str(e)]
+            # fresh checkpointing wrappers: "offload" keeps stashes and events of the aborted capture otherwise
+            set_gradient_checkpointing(self.model, self.gc_mode)
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             self.notes.append(("cuda_graphs_off", f"{e}; continuing without CUDA graphs (eagerly, slower)"))

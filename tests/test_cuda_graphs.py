@@ -429,7 +429,7 @@ def test_trainer_runs_on_eagerly_when_a_capture_runs_out_of_memory(tmp_path, mon
     data = [{"input_ids": torch.randint(1, ARGS["vocab_size"], (int(n),), generator=g).tolist()} for n in
             torch.randint(10, 60, (12,), generator=g)]
     cfg = dict(max_steps=3, learning_rate=1e-3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-               save_steps=0, progress=False, lr_scheduler_type="constant", seed=1)
+               save_steps=0, progress=False, lr_scheduler_type="constant", seed=1, gradient_checkpointing="offload")
     ref = Trainer(model_with_lora("cpu", torch.float32), None, data, TrainConfig(output_dir=str(tmp_path / "a"), **cfg))
     ref.train()
     tr = Trainer(model_with_lora("cpu", torch.float32), None, data, TrainConfig(output_dir=str(tmp_path / "b"), **cfg))
@@ -443,8 +443,14 @@ def test_trainer_runs_on_eagerly_when_a_capture_runs_out_of_memory(tmp_path, mon
     tr._graph_for = lambda batch: None if tr.graphs_off_because else capture_fails
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    import minitrain.trainer as trainer_mod
+
+    modes, orig = [], trainer_mod.set_gradient_checkpointing
+    monkeypatch.setattr(trainer_mod, "set_gradient_checkpointing", lambda m, mode: (modes.append(mode), orig(m, mode)))
     tr.train()
     assert len(calls) == 1 and "ran out of GPU memory" in tr.graphs_off_because[0]
+    # the fallback rebuilds the checkpointing wrappers (an "offload" run drops the aborted capture's stashes)
+    assert modes == ["offload", "offload", "off"], modes
     for a, b in zip(ref.history["loss"], tr.history["loss"]):
         assert abs(a - b) <= 1e-5 * abs(a), (ref.history["loss"], tr.history["loss"])
     warnings = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if "warning" in l]
