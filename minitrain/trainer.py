@@ -175,12 +175,16 @@ class ExampleBatches:
         self.examples, self.batch_size, self.shuffle, self.seed, self.pad_id = examples, batch_size, shuffle, seed, pad_id
         self.epoch, self.index = 0, 0
         self._lengths = None  # example lengths, read at the first shuffled plan
+        self.bucketed = True  # False only when resuming a run saved before length bucketing
 
     def plan(self, epoch: int) -> list[list[int]]:
         n = len(self.examples)
         if not self.shuffle:
             return [list(range(i, min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
         rng = np.random.default_rng([self.seed, epoch])
+        if not self.bucketed:  # the order of runs saved before bucketing (their checkpoints resume exactly)
+            order = rng.permutation(n)
+            return [order[i:i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
         if self._lengths is None:
             self._lengths = np.array([len(e["input_ids"]) for e in self.examples])
         return bucket_batches(rng.permutation(n), self._lengths, self.batch_size, rng)
@@ -215,10 +219,13 @@ class ExampleBatches:
             yield self.collate(b)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "order": "bucketed" if self.bucketed else "random"}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        # a checkpoint without "order" comes from before length bucketing: keep its order, so the resumed run
+        # sees exactly the batches the interrupted one would have (no example repeated or skipped)
+        self.bucketed = state.get("order", "random") == "bucketed"
 
 
 def make_batches(dataset, split: str, batch_size: int, packing: bool, seed: int, pad_id: int = 0):
@@ -1027,6 +1034,8 @@ class Trainer:
     def _log(self, m: dict, progress: Progress) -> None:
         while self.notes:
             kind, sentence = self.notes.pop(0)
+            if not self.main:  # rank 0 prints the progress line; other ranks' warnings go to their stderr
+                print(f"rank {self.rank}: warning: {sentence}", file=sys.stderr, flush=True)
             progress.say(f"warning: {sentence}")
             self._append_metrics({"step": m["step"], "warning": kind, "message": sentence})
         self.history["step"].append(m["step"])

@@ -1016,3 +1016,34 @@ def test_transformers_model_trains_with_gradient_checkpointing(tmp_path):
         tr.train()
         curves.append(tr.history["loss"])
     assert len(curves[1]) == 3 and max(abs(a - b) for a, b in zip(*curves)) <= 1e-5, curves
+
+
+def test_example_batches_resume_a_run_saved_before_bucketing_in_its_own_order():
+    data = [{"input_ids": [1] * n} for n in range(3, 43)]
+    old = ExampleBatches(data, 2, shuffle=True, seed=3)
+    old.bucketed = False  # what runs before length bucketing drew
+    it = old.raw()
+    for _ in range(5):
+        next(it)
+    saved = {"epoch": old.epoch, "index": old.index}  # such checkpoints carry no "order"
+    rest = list(it)
+    new = ExampleBatches(data, 2, shuffle=True, seed=3)
+    new.load_state_dict(saved)
+    assert list(new.raw()) == rest and not new.bucketed
+    fresh = ExampleBatches(data, 2, shuffle=True, seed=3)
+    assert fresh.state_dict()["order"] == "bucketed"
+    again = ExampleBatches(data, 2, shuffle=True, seed=3)
+    again.load_state_dict(fresh.state_dict())
+    assert again.bucketed and again.plan(0) == fresh.plan(0) != old.plan(0)
+
+
+def test_a_warning_on_another_rank_reaches_that_ranks_stderr(tmp_path, capsys):
+    from minitrain.trainer import Progress
+
+    make_tiny_checkpoint(tmp_path / "base")
+    tr = Trainer(adapted(tmp_path / "base"), None, examples(4), quiet(tmp_path, max_steps=1))
+    tr.main, tr.rank = False, 3  # as on data-parallel rank 3: no progress line, no metrics file
+    tr.notes.append(("cuda_graphs_off", "capturing ran out of GPU memory (test)"))
+    tr._log({"step": 1, "loss": 1.0}, Progress(1, True, main=False))
+    err = capsys.readouterr().err
+    assert "rank 3: warning: capturing ran out of GPU memory (test)" in err and not tr.notes
