@@ -226,7 +226,8 @@ def test_nan_loss_stops_after_saving_the_last_good_state(tmp_path):
             for w in ("lora_A", "lora_B")}
     assert all(torch.equal(saved[k], good[k]) for k in good)
     state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["data"] == {"epoch": 0, "index": 4}  # the failing step's batches come next
+    # the failing step's batches come next
+    assert state["step"] == 2 and state["data"] == {"epoch": 0, "index": 4, "order": "bucketed"}
 
 
 def test_non_finite_gradient_stops_before_the_update(tmp_path):
