@@ -504,14 +504,14 @@ def child_env(unsloth: bool, expandable: bool = False) -> dict:
     return env
 
 
-def spawn(spec: dict, timeout: float, label: str) -> dict:
-    """Run one child (``python -m bench.train --child SPEC``) in its own process group, echoing its output with
+def spawn(spec: dict, timeout: float, label: str, module: str = "bench.train") -> dict:
+    """Run one child (``python -m <module> --child SPEC``) in its own process group, echoing its output with
     a prefix; on timeout the whole group is killed (compile workers too, so no GPU memory stays held)."""
     import signal
 
     with tempfile.TemporaryDirectory() as td:
         res = Path(td) / "result.json"
-        cmd = [sys.executable, "-m", "bench.train", "--child", json.dumps(spec), "--result", str(res)]
+        cmd = [sys.executable, "-m", module, "--child", json.dumps(spec), "--result", str(res)]
         t0 = time.perf_counter()
         env = child_env(spec.get("impl") == "unsloth", spec.get("expandable", False))
         root = str(Path(__file__).resolve().parent.parent)

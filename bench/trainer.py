@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.train import SEVEN, child_env, model_config, write_checkpoint
+from bench.train import SEVEN, model_config, spawn, write_checkpoint
 
 ROWS = {"eager": "off", "graphs": "auto", "unsloth": None}
 
@@ -161,23 +160,6 @@ def run_row(spec: dict) -> dict:
     return out
 
 
-def spawn(spec: dict, timeout: float) -> dict:
-    with tempfile.TemporaryDirectory() as td:
-        res = Path(td) / "r.json"
-        cmd = [sys.executable, "-m", "bench.trainer", "--child", json.dumps(spec), "--result", str(res)]
-        root = str(Path(__file__).resolve().parent.parent)
-        env = child_env(spec["cuda_graphs"] is None)  # unsloth's wheels only on its own row's path
-        try:
-            p = subprocess.run(cmd, cwd=root, env=env, timeout=timeout, capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-        if res.is_file():
-            return json.loads(res.read_text())
-        tail = (p.stdout + p.stderr).strip().splitlines()[-15:]
-        print("\n".join(tail), flush=True)
-        return {"ok": False, "error": f"exit {p.returncode}: {tail[-1][:150] if tail else ''}"}
-
-
 def fmt(x, f=",.0f"):
     return "—" if x is None else format(x, f)
 
@@ -220,10 +202,11 @@ def main(argv=None):
             print("unsloth row skipped: run under PEERS_UNSLOTH=1 (see bench/train.py)", flush=True)
             continue
         spec = {"ckpt": ckpt, "config": cfg, "tiny": a.tiny, "cuda_graphs": ROWS[name], "steps": a.steps,
+                "impl": "unsloth" if name == "unsloth" else "ours",  # unsloth's wheels only on its row's path
                 "steady_from": a.steady_from, "examples": a.examples, "median_len": a.median_len,
                 "max_len": a.max_len}
         t0 = time.perf_counter()
-        r = spawn(spec, a.timeout)
+        r = spawn(spec, a.timeout, name, module="bench.trainer")
         r["row"], r["process_s"] = name, time.perf_counter() - t0
         print(json.dumps(r), flush=True)
         results.append(r)

@@ -213,7 +213,7 @@ class GraphedLoss:
         try:
             with torch.cuda.graph(self.graph, pool=self.pool):  # records, computes nothing
                 self.loss = self._run()
-        except (torch.OutOfMemoryError, RuntimeError) as e:
+        except RuntimeError as e:  # torch.OutOfMemoryError is one; the driver's own OOM may come as a plain one
             self.graph = self.loss = None
             if not _is_oom(e):
                 raise

@@ -179,15 +179,14 @@ class ExampleBatches:
 
     def plan(self, epoch: int) -> list[list[int]]:
         n = len(self.examples)
-        if not self.shuffle:
-            return [list(range(i, min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
         rng = np.random.default_rng([self.seed, epoch])
-        if not self.bucketed:  # the order of runs saved before bucketing (their checkpoints resume exactly)
-            order = rng.permutation(n)
-            return [order[i:i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
-        if self._lengths is None:
-            self._lengths = np.array([len(e["input_ids"]) for e in self.examples])
-        return bucket_batches(rng.permutation(n), self._lengths, self.batch_size, rng)
+        if self.shuffle and self.bucketed:
+            if self._lengths is None:
+                self._lengths = np.array([len(e["input_ids"]) for e in self.examples])
+            return bucket_batches(rng.permutation(n), self._lengths, self.batch_size, rng)
+        # in order, or shuffled as runs saved before bucketing were (their checkpoints resume exactly)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        return [order[i:i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
 
     def __len__(self) -> int:
         return len(self.plan(self.epoch))
@@ -745,9 +744,10 @@ class Trainer:
         pad = getattr(tokenizer, "eos_token_id", 0) if pad is None else pad
         cfg = self.cfg
         self.pad_id = pad or 0
-        self.batches = make_batches(dataset, "train", cfg.per_device_train_batch_size, cfg.packing, cfg.seed, pad or 0)
+        self.batches = make_batches(dataset, "train", cfg.per_device_train_batch_size, cfg.packing, cfg.seed,
+                                    self.pad_id)
         self.eval_batches = make_batches(eval_dataset if eval_dataset is not None else dataset, "eval",
-                                         cfg.per_device_eval_batch_size, False, cfg.seed, pad or 0)
+                                         cfg.per_device_eval_batch_size, False, cfg.seed, self.pad_id)
         if eval_dataset is None and not hasattr(dataset, "batches"):
             self.eval_batches = None
         self.out = Path(cfg.output_dir)
@@ -808,7 +808,7 @@ class Trainer:
                 self._graph_pool = torch.cuda.graph_pool_handle()  # the graphs share one memory pool
             # the first graph warms up twice (compilation, lazily built state, autotuning); later shapes once:
             # only shape-specific work (kernel specializations, cuBLAS heuristics) is left for them
-            warmup = 1 if any(getattr(x, "graph", None) is not None for x in self._graphs.values()) else 2
+            warmup = 1 if any(x.graph is not None for x in self._graphs.values()) else 2
             g = self._graphs[key] = GraphedLoss(self.model, key[0], key[1], packed=packed, amp_dtype=self.amp_dtype,
                                                 pool=self._graph_pool, warmup=warmup, loss_scale=self._loss_scale())
         return g
@@ -904,7 +904,7 @@ class Trainer:
                 self._evaluate(progress)
             self._advise(progress, done=True)
         finally:
-            self.graphs_captured = sum(getattr(g, "graph", None) is not None for g in self._graphs.values())
+            self.graphs_captured = sum(g.graph is not None for g in self._graphs.values())
             self._graphs.clear()  # captured for this run's model setup; a later train() captures anew
             set_gradient_checkpointing(self.model, "off")
             self.model.eval()
@@ -1036,8 +1036,7 @@ class Trainer:
             kind, sentence = self.notes.pop(0)
             if not self.main:  # rank 0 prints the progress line; other ranks' warnings go to their stderr
                 print(f"rank {self.rank}: warning: {sentence}", file=sys.stderr, flush=True)
-            progress.say(f"warning: {sentence}")
-            self._append_metrics({"step": m["step"], "warning": kind, "message": sentence})
+            self._warn(progress, kind, sentence, m["step"])
         self.history["step"].append(m["step"])
         self.history["loss"].append(m["loss"])
         if m["step"] % self.cfg.logging_steps == 0 or m["step"] == self.total_steps:
@@ -1091,8 +1090,12 @@ class Trainer:
                                        expect_eval=self.eval_batches is not None):
             if kind not in self.warned:
                 self.warned.add(kind)
-                progress.say(f"warning: {sentence}")
-                self._append_metrics({"step": self.step, "warning": kind, "message": sentence})
+                self._warn(progress, kind, sentence, self.step)
+
+    def _warn(self, progress: Progress, kind: str, sentence: str, step: int) -> None:
+        """One warning: on the progress line and as a metrics.jsonl entry."""
+        progress.say(f"warning: {sentence}")
+        self._append_metrics({"step": step, "warning": kind, "message": sentence})
 
     def _stop_non_finite(self, value: float, i: int | None, data_state, good_rng, rank: int | None = None) -> None:
         """Save the state before this step (the adapter is not yet updated) and stop, naming step and batch."""
