@@ -28,6 +28,11 @@ backward to the activations only: the base weights are frozen; LoRA FLOPs, ~1%, 
 ``--longest ROWS``: the longest sequence that trains one step at batch 1, each probe a fresh process; the
 next probe is extrapolated from the peak memory of passing probes (else doubled / bisected) at a granularity
 of ``--longest-step`` tokens; probes are cached, so repeated invocations continue the search.
+``--longest-cap-gib G`` runs that search with every probe's device memory limited to G GiB (torch's
+``set_per_process_memory_fraction``, the same limit for every row): on a large card the uncapped limit lies
+at several hundred thousand tokens, where one step takes minutes of attention alone and host memory for
+offloaded activations can bind first; a common cap compares the rows' memory per token at affordable lengths.
+Capped and uncapped searches are cached apart.
 ``--profile``: the ours row under torch.profiler for 2 steps after warm-up: top kernels by GPU time, top ops,
 and GPU-busy vs wall time per step.
 
@@ -393,6 +398,12 @@ def run_row(spec: dict) -> dict:
     out = {"ok": False, "versions": versions(), "card": torch.cuda.get_device_name() if cuda else "cpu"}
     if cuda:
         out["total_gib"] = torch.cuda.mem_get_info()[1] / 2**30
+        cap = spec.get("cap_gib")
+        if cap:  # the same device-memory limit for every row: torch's allocator refuses to reserve beyond it
+            if cap > out["total_gib"]:
+                raise ValueError(f"--longest-cap-gib {cap} is more than the card's {out['total_gib']:.1f} GiB")
+            torch.cuda.set_per_process_memory_fraction(cap / out["total_gib"])
+            out["total_gib"] = out["cap_gib"] = cap
     t0 = time.perf_counter()
     params, loss_fn, out["note"] = BUILDERS[spec["impl"]](spec, device, dtype)
     opt = torch.optim.AdamW(params, lr=LR, fused=cuda)
@@ -637,13 +648,16 @@ def render(records: list, tflops: float | None) -> list[tuple[str, str]]:
     longest = [r for r in records if r["kind"] == "longest"]
     if longest:
         out = []
-        for r in sorted(longest, key=lambda r: (r["model"], r["row"])):
+        for r in sorted(longest, key=lambda r: (r["model"], r.get("cap_gib") or 1e9, r["row"])):
             pr = {int(k): v for k, v in r["probes"].items()}
             passes = [T for T, p in pr.items() if p["ok"]]
             fails = [T for T, p in pr.items() if not p["ok"]]
             best = max(passes, default=None)
             above = min([f for f in fails if best is None or f > best], default=None)
-            out.append({"model": r["model"], "row": r["row"], "longest seq (batch 1)": fmt(best),
+            cap = r.get("cap_gib")
+            out.append({"model": r["model"], "row": r["row"],
+                        "device memory": f"capped at {cap:g} GiB" if cap else "whole card",
+                        "longest seq (batch 1)": fmt(best),
                         "shortest failing": fmt(above),
                         "peak reserved GiB at longest": fmt(pr[best].get("peak_reserved_gib") if best else None, ".1f"),
                         "done": "yes" if r.get("done") else "no (run again to continue)",
@@ -726,6 +740,8 @@ def main(argv=None):
     ap.add_argument("--longest-start", type=int, default=32768, help="first probe")
     ap.add_argument("--longest-step", type=int, default=1024, help="granularity")
     ap.add_argument("--longest-probes", type=int, default=4, help="probes per row in this invocation")
+    ap.add_argument("--longest-cap-gib", type=float, default=None,
+                    help="limit each probe's device memory to this many GiB (the same for every row)")
     ap.add_argument("--probe-timeout", type=float, default=420)
     ap.add_argument("--profile", action="store_true", help="profile the ours row (first --seq) for 2 steps")
     ap.add_argument("--cache", default=None, help="JSON of accumulated rows (default bench/results/"
@@ -824,7 +840,7 @@ def main(argv=None):
         if why:
             print(f"longest {name}: {why}", flush=True)
             continue
-        key = {"kind": "longest", "model": tag, "row": name, "seq": 0, "batch": 1}
+        key = {"kind": "longest", "model": tag, "row": name, "seq": 0, "batch": 1, "cap_gib": a.longest_cap_gib}
         old = next((r for r in records if all(r.get(k) == v for k, v in key.items())), None)
         probes = {int(k): v for k, v in (old or {}).get("probes", {}).items()}
         for _ in range(a.longest_probes):
@@ -834,7 +850,8 @@ def main(argv=None):
             if remaining() < 120:
                 print(f"longest {name}: stopping (time budget)", flush=True)
                 break
-            spec = {"kind": "row", **base, **ROWS[name], "row": name, "seq": T, "batch": 1, "warmup": 0, "steps": 1}
+            spec = {"kind": "row", **base, **ROWS[name], "row": name, "seq": T, "batch": 1, "warmup": 0, "steps": 1,
+                    "cap_gib": a.longest_cap_gib}
             print(f"== longest {name}: probe T={T}", flush=True)
             limit = min(a.probe_timeout, remaining())
             res = spawn(spec, limit, f"{name} probe T={T}")
@@ -852,7 +869,7 @@ def main(argv=None):
         done = next_probe(probes, lo_bound, hi_bound, a.longest_step, a.longest_start) is None
         seen = next((p["versions"] for p in probes.values() if p.get("versions")), {})
         upsert(records, {**key, "probes": {str(k): v for k, v in probes.items()}, "done": done,
-                         "result": {"versions": seen}})
+                         "result": {"versions": seen}}, keys=tuple(key))
         save_cache(cache, records)
 
     save_cache(cache, records)

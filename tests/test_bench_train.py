@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.train import ROWS, checkpoint_complete, checkpoint_tensors, flops_per_token, model_config, next_probe
+from bench.train import (ROWS, checkpoint_complete, checkpoint_tensors, flops_per_token, model_config, next_probe,
+                         render, upsert)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,3 +130,20 @@ def test_gpu_preflight_one_layer(tmp_path):
                                                                                     rows["peft-bnb"]["losses"])
     prof = [r["result"]["profile"] for r in records if r["kind"] == "profile"]
     assert prof and prof[0]["timed"] == "cuda" and prof[0]["kernels"] and prof[0]["gpu_busy_ms"] > 0, prof
+
+
+def test_longest_table_keeps_capped_and_whole_card_searches_apart():
+    """A search under --longest-cap-gib is cached and shown apart from the uncapped one of the same row."""
+    records = []
+    probe = lambda ok, peak: {"ok": ok, "why": "ok" if ok else "oom", "peak_reserved_gib": peak, "total_gib": 24}  # noqa: E731
+    for cap, probes in ((None, {"65536": probe(True, 70.0), "131072": probe(False, None)}),
+                        (24.0, {"32768": probe(True, 20.5), "40960": probe(True, 23.1), "43008": probe(False, None)})):
+        key = {"kind": "longest", "model": "m", "row": "ours-offload", "seq": 0, "batch": 1, "cap_gib": cap}
+        upsert(records, {**key, "probes": probes, "done": cap is not None, "result": {"versions": {}}},
+               keys=tuple(key))
+    assert len(records) == 2
+    (title, table), = [s for s in render(records, None) if s[0].startswith("Longest")]
+    lines = [l for l in table.splitlines() if l.startswith("| m |")]
+    assert len(lines) == 2, table
+    assert "capped at 24 GiB" in lines[0] and "| 40,960 | 43,008 |" in lines[0], table
+    assert "whole card" in lines[1] and "| 65,536 | 131,072 |" in lines[1], table
