@@ -87,7 +87,8 @@ class TrainConfig:
     eval_steps: int = 50  # eval loss every N steps (when there is an eval set); 0: only at the end
     save_steps: int = 100  # checkpoint every N steps; 0: only the final adapter
     save_total_limit: int = 2  # checkpoints kept (oldest deleted first)
-    # "auto" (on for CUDA, off on the CPU) | "off" | "on" (recompute each layer) | "offload" (+ inputs on host)
+    # "auto" (on for CUDA, off on the CPU) | "off" | "on" (recompute each layer) | "offload" (+ inputs on host,
+    # within a host-memory budget: MINITRAIN_OFFLOAD_HOST_GIB, default 75% of the memory available)
     gradient_checkpointing: str = "auto"
     eval_split: float = 0.0  # held-out share of the data (< 1) or example count (>= 1) for eval loss
     packing: bool = False  # pack several short examples into one max_seq_length row

@@ -244,13 +244,46 @@ class _Stash:
     """One checkpointed layer's input, between the layer's forward and its recomputation in the backward."""
 
     __slots__ = ("index", "x", "host", "d2h", "dev", "h2d", "prev", "requires_grad", "used", "device", "key",
-                 "fetched", "reused", "__weakref__")
+                 "fetched", "reused", "kept", "__weakref__")
 
-    def __init__(self, index: int, x: torch.Tensor, host: torch.Tensor, d2h, prev, key):
+    def __init__(self, index: int, x: torch.Tensor, host: torch.Tensor | None, d2h, prev, key):
         self.index, self.x, self.host, self.d2h, self.prev, self.key = index, x, host, d2h, prev, key
         self.dev = self.h2d = None
         self.device = x.device
         self.requires_grad, self.used, self.fetched, self.reused = x.requires_grad, False, False, False
+        self.kept = host is None  # over the host budget: the input stays on its device, no copies
+
+
+HOST_BUDGET_ENV = "MINITRAIN_OFFLOAD_HOST_GIB"
+HOST_BUDGET_FRACTION = 0.75  # of the memory available when the first layer input is offloaded
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_host_budget() -> float:
+    """Bytes of host memory gradient_checkpointing='offload' may hold: ``MINITRAIN_OFFLOAD_HOST_GIB`` GiB when
+    set, else 75% of the memory available now (no limit where that is unknown)."""
+    env = os.environ.get(HOST_BUDGET_ENV, "").strip()
+    if env:
+        try:
+            gib = float(env)
+        except ValueError:
+            gib = -1.0
+        if not gib >= 0:
+            raise ValueError(f"{HOST_BUDGET_ENV}={env!r}: expected a number of GiB >= 0")
+        return gib * 2**30
+    avail = available_host_bytes()
+    return math.inf if avail is None else HOST_BUDGET_FRACTION * avail
 
 
 class HostOffload:
@@ -284,28 +317,58 @@ class HostOffload:
     batch replaces it. On CPU tensors the same buffers are plain host memory and the copies synchronous (the
     logic the tests check)."""
 
-    def __init__(self):
+    def __init__(self, host_budget: float | None = None):
         self.stream = None
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.holders: dict[tuple, weakref.ref] = {}  # the stash using each buffer
         self.captured: list[torch.Tensor] = []  # buffers whose addresses a CUDA graph holds
         self.pending: list[_Stash] = []
         self.last: _Stash | None = None
+        self.host_budget = host_budget  # bytes; None: default_host_budget() at the first stash
+        self.kept_last_step = 0  # stashes kept on the device by the budget (counted per forward, see stash)
+        self.warned = False
+
+    def host_bytes(self) -> int:
+        """Bytes of the host buffers this offload holds (reused ones and those a CUDA graph keeps)."""
+        seen = {id(b): b for b in list(self.buffers.values()) + self.captured}
+        return sum(b.numel() * b.element_size() for b in seen.values())
+
+    def _fits(self, key: tuple, x: torch.Tensor, reuse: bool) -> bool:
+        """Whether x's host copy stays within the budget: a fresh buffer counts whole, the layer's reused buffer
+        only by its growth (as ``_host_buffer`` grows it; a buffer a CUDA graph holds stays alive beside it)."""
+        if self.host_budget is None:
+            self.host_budget = default_host_budget()
+        n, size = x.numel(), x.element_size()
+        buf = self.buffers.get(key) if reuse else None
+        if buf is not None and buf.numel() >= n:
+            return True  # the layer's existing buffer holds it
+        need = (n if buf is None else max(n, buf.numel() + buf.numel() // 4)) * size
+        if buf is not None and not any(b is buf for b in self.captured):
+            need -= buf.numel() * buf.element_size()
+        return self.host_bytes() + need <= self.host_budget
 
     def _release_pending(self, main, keep: _Stash | None = None) -> None:
+        rest = []
         for s in self.pending:
-            if s is not keep:
+            if s is keep:
+                rest.append(s)
+            else:
                 main.wait_event(s.d2h)  # the host copy is complete before the device tensor's memory is reused
                 s.x = None
-        self.pending = [keep] if keep is not None and keep.x is not None else []
+        self.pending = rest
 
-    def _host_buffer(self, key: tuple, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(host tensor of x's shape, whether it is the layer's reused buffer)."""
+    def _host_buffer(self, key: tuple, x: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """(host tensor of x's shape, whether it is the layer's reused buffer); (None, False) when the copy
+        would take the host memory beyond the budget."""
         pin = x.device.type == "cuda"
         ref = self.holders.get(key)
         holder = None if ref is None else ref()
         if holder is not None and not holder.fetched:  # still needed by a pending recomputation
+            if not self._fits(key, x, reuse=False):
+                return None, False
             return torch.empty(x.shape, dtype=x.dtype, pin_memory=pin), False
+        if not self._fits(key, x, reuse=True):
+            return None, False
         n = x.numel()
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < n:
@@ -320,15 +383,23 @@ class HostOffload:
         for the earlier copies yet (x's copy may still run beside the attention half), since releasing the
         layer input now frees nothing (its caller holds it until the layer returns); the next stash does."""
         prev = self.last if self.last is not None and self.last.index < index else None
+        if prev is None:
+            self.kept_last_step = 0  # a new forward (the first stash, or indices starting over)
         key = (index, x.dtype)
         host, reused = self._host_buffer(key, x)
+        if x.device.type == "cuda" and release:
+            self._release_pending(torch.cuda.current_stream(x.device))
+        if host is None:  # over the host budget: x stays where it is (device memory instead of host memory)
+            self.kept_last_step += 1
+            self._warn_budget(x)
+            s = _Stash(index, x, None, None, prev, key)
+            self.last = s
+            return s
         if x.device.type != "cuda":
             host.copy_(x.detach())
             s = _Stash(index, x, host, None, prev, key)  # x is dropped once the forward used it
         else:
             main = torch.cuda.current_stream(x.device)
-            if release:
-                self._release_pending(main)
             if self.stream is None:
                 self.stream = torch.cuda.Stream(x.device)
             self.stream.wait_stream(main)
@@ -343,6 +414,19 @@ class HostOffload:
             self.holders[key] = weakref.ref(s)
         self.last = s
         return s
+
+    def _warn_budget(self, x: torch.Tensor) -> None:
+        if self.warned:
+            return
+        self.warned = True
+        import warnings
+
+        warnings.warn(f"gradient_checkpointing='offload': the host copies of the checkpointed layer inputs would "
+                      f"exceed the budget of {self.host_budget / 2**30:.1f} GiB of host memory "
+                      f"({self.host_bytes() / 2**30:.1f} GiB held); further inputs of "
+                      f"{x.numel() * x.element_size() / 2**30:.2f} GiB each stay on {x.device} (more device memory, "
+                      f"no copies). Set {HOST_BUDGET_ENV} to change the budget (default: "
+                      f"{HOST_BUDGET_FRACTION:.0%} of the memory available at the first offload).", stacklevel=4)
 
     def _bring_back(self, s: _Stash, main) -> None:
         s.dev = torch.empty(s.host.shape, dtype=s.host.dtype, device=main.device)  # allocated on the main stream
@@ -360,13 +444,13 @@ class HostOffload:
                 raise RuntimeError("gradient_checkpointing='offload': this layer's host buffer was reused by a "
                                    "later forward before this second backward; recompute the loss instead")
         s.fetched = True
-        if s.d2h is None:  # CPU
-            return s.host.clone().requires_grad_(s.requires_grad)
+        if s.device.type != "cuda":  # CPU: a copy of the host buffer, or the input itself (over the budget)
+            return (s.x if s.kept else s.host.clone()).detach().requires_grad_(s.requires_grad)
         main = torch.cuda.current_stream(s.device)
         p = s.prev
         # the segment recomputed next may still be on the device too (x of a split last layer): kept, no copy back
         keep = p if p is not None and p.x is not None else None
-        if s.x is not None:  # still on the device (the last layer): use it, no copy back
+        if s.x is not None:  # still on the device (the last layer, or kept by the budget): use it, no copy back
             out = s.x.detach()
             self._release_pending(main, keep)
         else:
@@ -559,7 +643,7 @@ class CheckpointedLayer:
     def _take(stash: _Stash) -> torch.Tensor:
         # the forward: the input itself, so autograd links this segment to the one before
         stash.used, x = True, stash.x
-        if stash.d2h is None:  # CPU: only the clone stays
+        if stash.d2h is None and not stash.kept:  # CPU: only the clone stays
             stash.x = None
         return x
 

@@ -5,6 +5,7 @@ Oracles: transformers' LlamaForCausalLM wrapped by peft (same checkpoint, same a
 same optimizer) for the per-step losses; transformers' LR schedulers for the learning rates.
 """
 import json
+import math
 import os
 import runpy
 import signal
@@ -749,6 +750,93 @@ def test_split_switch_is_read_from_the_environment():
     env = dict(os.environ, MINITRAIN_SPLIT_CHECKPOINT=" Off ")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", (out.stdout, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one-segment"])
+@pytest.mark.parametrize("fit", [0, 3], ids=["nothing-fits", "three-fit"])
+def test_offload_over_the_host_budget_keeps_inputs_on_the_device(fused_lora_on_cpu, monkeypatch, split, fit):
+    """Layer inputs whose host copies would take the offload beyond its host-memory budget stay where they are
+    (device memory instead of host memory, no copies): the same loss and adapter gradients bit for bit, the
+    host buffers within the budget, one warning naming the budget and the variable that sets it."""
+    import warnings
+
+    import minitrain.trainer as mt
+
+    model = tiny_lora_model(True, 0.1)
+    want = offload_run(model, monkeypatch, split, fused_lora_on_cpu)
+    x_bytes = 2 * 11 * TINY["hidden_size"] * 4  # one stash: (B, T, C) fp32
+    monkeypatch.setenv(mt.HOST_BUDGET_ENV, str((fit + 0.5) * x_bytes / 2**30))
+    made, init = [], mt.HostOffload.__init__
+    monkeypatch.setattr(mt.HostOffload, "__init__", lambda self, *a, **kw: (made.append(self), init(self, *a, **kw))[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = offload_run(model, monkeypatch, split, fused_lora_on_cpu)
+    assert_same_bits(got, want)
+    off = made[-1]
+    n_stash = len(got[4])  # 2 per layer split, 1 per layer whole
+    host = min(fit, n_stash)
+    assert off.host_bytes() == host * x_bytes <= off.host_budget, (off.host_bytes(), off.host_budget)
+    assert off.kept_last_step == n_stash - host, (off.kept_last_step, n_stash)
+    msgs = [str(w.message) for w in caught if "host memory" in str(w.message)]
+    if host == n_stash:
+        assert msgs == []
+    else:
+        assert len(msgs) == 1 and mt.HOST_BUDGET_ENV in msgs[0] and "stay on cpu" in msgs[0], msgs
+
+
+def test_offload_host_budget_default_and_setting(monkeypatch):
+    import minitrain.trainer as mt
+
+    monkeypatch.setenv(mt.HOST_BUDGET_ENV, "2.5")
+    assert mt.default_host_budget() == 2.5 * 2**30
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv(mt.HOST_BUDGET_ENV, bad)
+        with pytest.raises(ValueError, match=f"{mt.HOST_BUDGET_ENV}='{bad}': expected a number of GiB"):
+            mt.default_host_budget()
+    monkeypatch.delenv(mt.HOST_BUDGET_ENV)
+    avail = mt.available_host_bytes()
+    if avail is None:
+        assert mt.default_host_budget() == math.inf
+    else:  # 75% of what is available now (it moves a little between the two reads)
+        assert mt.default_host_budget() == pytest.approx(0.75 * avail, rel=0.05)
+
+
+@pytest.mark.gpu
+def test_offload_over_the_host_budget_is_exact_on_cuda_eager_and_graphed(monkeypatch):
+    """bf16 QLoRA on CUDA with gradient_checkpointing="offload" (two segments per layer): a host budget that
+    holds two of the four layer inputs leaves the others on the GPU, eagerly and inside the trainer's CUDA
+    graph, with the same loss and adapter gradients (within the run-to-run spread of the attention backward)."""
+    import minitrain.trainer as mt
+    from minitrain.trainer import n_items, set_gradient_checkpointing
+    from test_cuda_graphs import ARGS, model_with_lora, random_batch
+
+    B, T, C = 2, 200, ARGS["hidden_size"]
+    batch = random_batch(B, T, "cuda", seed=5)
+    n = n_items(batch)
+    made, init = [], mt.HostOffload.__init__
+    monkeypatch.setattr(mt.HostOffload, "__init__", lambda self, *a, **kw: (made.append(self), init(self, *a, **kw))[1])
+
+    def build(limited):
+        if limited:
+            monkeypatch.setenv(mt.HOST_BUDGET_ENV, str(2.5 * B * T * C * 2 / 2**30))
+        else:
+            monkeypatch.delenv(mt.HOST_BUDGET_ENV, raising=False)
+        model = model_with_lora("cuda", torch.bfloat16, nf4=True)
+        set_gradient_checkpointing(model.train(), "offload")
+        return model
+
+    def eager(limited):
+        loss, g = _eager_loss_and_grads(build(limited), batch, n)
+        return loss, g, made[-1].kept_last_step
+
+    def graphed(limited):
+        return _graphed_loss_and_grads(build(limited), batch, n, B, T)
+
+    for run in (eager, graphed):
+        base, alt = _within_run_to_run(run, "host budget vs none")
+        if run is eager:
+            assert base[2] == 0 and alt[2] == 2 * len(build(False).model.layers) - 2, (base[2], alt[2])
+        assert made[-1].host_bytes() <= 2.5 * B * T * C * 2, made[-1].host_bytes()
 
 
 @pytest.mark.gpu
