@@ -39,6 +39,7 @@ V vocab.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -572,6 +573,98 @@ class LlamaAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
+def mlp_tile_default() -> int:
+    """Tokens per tile of a checkpointed MLP (``MINITRAIN_MLP_TILE``, default 4096; 0 turns tiling off)."""
+    env = os.environ.get("MINITRAIN_MLP_TILE", "").strip()
+    try:
+        tile = int(env) if env else 4096
+    except ValueError:
+        tile = -1
+    if tile < 0:
+        raise ValueError(f"MINITRAIN_MLP_TILE={env!r}: expected a whole number of tokens >= 0 (0: no tiling)")
+    return tile
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
+class _TiledMLP(torch.autograd.Function):
+    """``mlp(x)`` over the tokens in tiles: the forward runs tile by tile without a graph and keeps only x; the
+    backward recomputes one tile at a time with a graph and takes its gradients (x's and the MLP's trainable
+    parameters', summed over tiles), so the (tokens x intermediate) activations and their gradients exist for
+    one tile at a time. What a long sequence saves: at F=14336 about 200 KB per token of MLP working set.
+
+    Inside a checkpoint recomputation that discards the MLP's output (``output_unused(down's base)``, which
+    the trainer's checkpointing sets) the forward computes nothing, as the untiled MLP would skip its output;
+    and the backward's tile recomputation runs under that same flag when the down projection honours it (a
+    ``LoRALinear`` running its own forward, no forward hook, its base weight held by no other projection of
+    the MLP): down's output is never read by the backward (gate/up and the adapters' saved tensors are), so
+    the tiled MLP costs the same GEMMs as the untiled checkpointed one. The forward's tiles share one dequantize
+    of each NF4 base, and so do the backward's (``triton_ops.lora.weight_cache``; the dense copies, 3 x F x C
+    elements, live for that loop): fewer than the untiled checkpointed MLP's, which dequantizes gate and up
+    again for the recomputation.
+
+    Not tiled (the plain MLP runs): no grad mode, fewer than two tiles of tokens, LoRA dropout active (the tiles'
+    recomputation would draw other masks), FSDP-sharded parameters, or under torch.compile."""
+
+    @staticmethod
+    def forward(ctx, x, mlp, tile, skip, *params):
+        dev = x.device.type
+        skip_base = skip[0]  # in a list: a tensor argument would count as an input of the Function
+        ctx.mlp, ctx.tile, ctx.skip_base, ctx.params = mlp, tile, skip_base, params
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.save_for_backward(x)
+        C = x.shape[-1]
+        out_shape = x.shape[:-1] + (mlp.down_proj.out_features,)
+        if skip_base is not None and _tlora._output_unused(skip_base):  # a recomputation: the output is unused
+            return x.new_empty(out_shape, dtype=ctx.autocast[2] if ctx.autocast[1] else x.dtype)
+        x2 = x.reshape(-1, C)
+        out = None
+        with _tlora.weight_cache():  # each NF4 base dequantized once for all tiles
+            for s in range(0, x2.shape[0], tile):
+                y = mlp.untiled(x2[s:s + tile])
+                if out is None:
+                    out = y.new_empty((x2.shape[0], y.shape[-1]))
+                out[s:s + tile] = y
+                del y
+        return out.view(out_shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        mlp, tile, skip_base = ctx.mlp, ctx.tile, ctx.skip_base
+        params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[4:]) if need]
+        need_x = ctx.needs_input_grad[0]
+        C = x.shape[-1]
+        x2, dy2 = x.reshape(-1, C), dy.reshape(-1, dy.shape[-1])
+        dx = torch.empty_like(x2) if need_x else None
+        sums = [None] * len(params)
+        dev, on, dtype = ctx.autocast
+        with _tlora.weight_cache():  # one dequantize per base for the tiles' recomputation and backward
+            dx = _TiledMLP._tiles_backward(mlp, tile, skip_base, params, need_x, x2, dy2, dx, sums, dev, on, dtype)
+        it = iter(sums)
+        pgrads = [next(it) if need else None for need in ctx.needs_input_grad[4:]]
+        return (None if dx is None else dx.view(x.shape), None, None, None, *pgrads)
+
+    @staticmethod
+    def _tiles_backward(mlp, tile, skip_base, params, need_x, x2, dy2, dx, sums, dev, on, dtype):
+        for s in range(0, x2.shape[0], tile):
+            xt = x2[s:s + tile].detach().requires_grad_(need_x)
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=on), \
+                    (_tlora.output_unused(skip_base) if skip_base is not None else contextlib.nullcontext()):
+                y = mlp.untiled(xt)
+            grads = torch.autograd.grad(y, ([xt] if need_x else []) + params, dy2[s:s + tile], allow_unused=True)
+            del y
+            if need_x:
+                dx[s:s + tile] = grads[0]
+                grads = grads[1:]
+            for i, g in enumerate(grads):
+                if g is not None:
+                    sums[i] = g if sums[i] is None else sums[i].add_(g)
+        return dx
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -580,8 +673,44 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(c, f, bias=b)
         self.down_proj = nn.Linear(f, c, bias=b)
         self.kernel_backend = default_kernel_backend()
+        # tokens per tile when training (see _TiledMLP); 0: never tiled. The trainer's gradient checkpointing
+        # sets it (mlp_tile_default()); tiles are used from 2 tiles' worth of tokens on.
+        self.tile_tokens = 0
+
+    def _tiling(self, x):
+        """(tile, the down base whose output a recomputation may skip or None, the trainable parameters), or
+        None: not tiled."""
+        tile = self.tile_tokens
+        if not tile or not torch.is_grad_enabled() or _tlora is None or torch.compiler.is_compiling():
+            return None
+        n = x.numel() // max(x.shape[-1], 1)
+        if n < 2 * tile:
+            return None
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not (x.requires_grad or params) or any(_is_dtensor(p) for p in params):
+            return None  # nothing to differentiate, or FSDP-sharded parameters: untiled
+        projs = (self.gate_proj, self.up_proj, self.down_proj)
+        if any(m.training and getattr(m, "dropout", 0.0) > 0 for m in projs):
+            return None  # the tiles' recomputation would draw other dropout masks
+        tile = -(-n // -(-n // tile))  # equal tiles: ceil(n / ceil(n / tile))
+        down = self.down_proj
+        skip = None
+        if (isinstance(down, _mlora.LoRALinear) and type(down).forward is _LORA_FORWARD and "forward" not in vars(down)
+                and not down._forward_hooks and not getattr(nn.modules.module, "_global_forward_hooks", None)
+                and _mlora._fused_lora_linear is not None):
+            w = down.base_layer.weight
+            if not any(getattr(getattr(m, "base_layer", m), "weight", None) is w for m in projs[:2]):
+                skip = w
+        return tile, skip, params
 
     def forward(self, x):
+        tiling = self._tiling(x)
+        if tiling is not None:
+            tile, skip, params = tiling
+            return _TiledMLP.apply(x, self, tile, [skip], *params)
+        return self.untiled(x)
+
+    def untiled(self, x):
         # One lora_mlp call when the three projections can be grouped and SwiGLU runs the Triton kernel here
         # (what lora_mlp runs): it saves x, gate(x), up(x) but not the SwiGLU output, and under
         # triton_ops.lora.output_unused(down's base) skips SwiGLU and the down projection.

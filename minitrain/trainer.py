@@ -40,7 +40,8 @@ from . import distributed as dist_
 from .config import TrainConfig
 from .data.batching import bucket_batches
 from .lora import LoRALinear, atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
-from .model import LlamaAttention, LlamaDecoderLayer, LlamaMLP, env_switch, has_global_hooks, has_hooks
+from .model import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, env_switch, has_global_hooks, has_hooks,
+                    mlp_tile_default)
 
 try:
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -697,13 +698,18 @@ def decoder_layers(model: nn.Module):
 
 
 def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
-    """mode "off" | "on" | "offload" (see :class:`CheckpointedLayer`)."""
+    """mode "off" | "on" | "offload" (see :class:`CheckpointedLayer`). Checkpointed minitrain MLPs also run in
+    token tiles on long inputs (``MINITRAIN_MLP_TILE`` tokens per tile, default 4096, from two tiles' worth;
+    see ``minitrain.model._TiledMLP``): the same GEMMs as the checkpointed MLP, its working set for one tile."""
     offload = HostOffload() if mode == "offload" else None
+    tile = mlp_tile_default() if mode != "off" else 0
     for i, layer in enumerate(decoder_layers(model)):
         if isinstance(layer.__dict__.get("forward"), CheckpointedLayer):
             del layer.forward  # back to the class's forward
         if mode != "off":
             layer.forward = CheckpointedLayer(layer, offload, i)
+        if isinstance(getattr(layer, "mlp", None), LlamaMLP):
+            layer.mlp.tile_tokens = tile
 
 
 # ---------------------------------------------------------------------------------------------------------

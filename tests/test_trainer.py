@@ -752,6 +752,136 @@ def test_split_switch_is_read_from_the_environment():
     assert out.stdout.strip() == "False", (out.stdout, out.stderr[-2000:])
 
 
+# ---- checkpointed MLPs in token tiles (minitrain.model._TiledMLP) ------------------------------------------
+def _gate_down_dequants(model, calls):
+    layers = model.model.layers
+    return ([calls.get(id(l.mlp.gate_proj.base_layer.weight), 0) for l in layers],
+            [calls.get(id(l.mlp.down_proj.base_layer.weight), 0) for l in layers])
+
+
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early-stop", "full-recompute"])
+@pytest.mark.parametrize("mode", ["on", "offload", "offload-one-segment"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["module-by-module", "grouped-mlp"])
+def test_tiled_mlp_matches_untiled_with_fewer_dequantizes(fused_lora_on_cpu, monkeypatch, mode, early_stop, grouped):
+    """With checkpointing, an MLP over >= 2 tiles of tokens runs tile by tile (MINITRAIN_MLP_TILE=4: 22 tokens
+    in 6 tiles of 4): the same loss and adapter gradients as untiled (fp32 GEMMs of other row counts: 1e-5),
+    each NF4 base dequantized once in the forward and once in the backward for all tiles (untiled: gate's 3
+    times, with the recomputation's), no MLP work in the recomputation; the tile's own recomputation skips down."""
+    import minitrain.model as mm
+    import minitrain.trainer as mt
+    import triton_ops.lora as tlora
+
+    model = tiny_lora_model(True, 0.0)
+    for name, p in model.named_parameters():  # non-zero B: every adapter gradient is exercised
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    if grouped:
+        for layer in model.model.layers:
+            layer.mlp.kernel_backend = "triton"
+    n = len(model.model.layers)
+    monkeypatch.setattr(mt, "SPLIT_OFFLOAD_SEGMENTS", mode == "offload")
+    gm = "on" if mode == "on" else "offload"
+    tiled_calls, down_gemms = [], []
+    apply, proj_out = mm._TiledMLP.apply, tlora._proj_out
+    monkeypatch.setattr(mm._TiledMLP, "apply", lambda *a: (tiled_calls.append(a[2]), apply(*a))[1])
+    downs = {id(layer.mlp.down_proj.base_layer.weight) for layer in model.model.layers}
+    monkeypatch.setattr(tlora, "_proj_out", lambda x2, pr, *a: (down_gemms.append(id(pr.base) in downs),
+                                                                proj_out(x2, pr, *a))[1])
+
+    monkeypatch.setenv("MINITRAIN_MLP_TILE", "0")
+    want = loss_and_grads(model, gm, fused_lora_on_cpu, early_stop=early_stop)
+    assert sum(down_gemms) == n  # the forward's only
+    down_gemms.clear()
+    want_counts = _gate_down_dequants(model, fused_lora_on_cpu)
+    assert tiled_calls == []
+    monkeypatch.setenv("MINITRAIN_MLP_TILE", "4")
+    got = loss_and_grads(model, gm, fused_lora_on_cpu, early_stop=early_stop)
+    got_counts = _gate_down_dequants(model, fused_lora_on_cpu)
+    assert tiled_calls == [4] * (2 * n), tiled_calls  # the forward and the recomputation, 4 tokens per tile
+    assert sum(down_gemms) == 6 * n, down_gemms  # the forward's 6 tiles; none in the tiles' recomputation
+    assert got[0].item() == pytest.approx(want[0].item(), abs=1e-6)
+    for name, g in want[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+    assert want_counts == ([3] * n, [2] * n), want_counts
+    assert got_counts == ([2] * n, [2] * n), got_counts
+    for layer in model.model.layers:
+        assert layer.mlp.tile_tokens == 0  # "off" again after loss_and_grads
+    assert getattr(tlora._cache, "d", None) is None  # the weight cache is gone after the backward
+
+
+def test_tiled_mlp_only_where_the_tiles_recompute_the_same(fused_lora_on_cpu, monkeypatch):
+    """Not tiled: checkpointing off, fewer than two tiles of tokens, LoRA dropout active (other masks in the
+    tiles' recomputation), no grad; the tile default and its errors."""
+    import minitrain.model as mm
+
+    tiled_calls = []
+    apply = mm._TiledMLP.apply
+    monkeypatch.setattr(mm._TiledMLP, "apply", lambda *a: (tiled_calls.append(a[2]), apply(*a))[1])
+    monkeypatch.setenv("MINITRAIN_MLP_TILE", "4")
+    model = tiny_lora_model(True, 0.0)
+    loss_and_grads(model, "off", fused_lora_on_cpu)
+    assert tiled_calls == []
+    monkeypatch.setenv("MINITRAIN_MLP_TILE", "12")  # 22 tokens: not two tiles' worth
+    loss_and_grads(model, "on", fused_lora_on_cpu)
+    assert tiled_calls == []
+    monkeypatch.setenv("MINITRAIN_MLP_TILE", "11")  # exactly two tiles
+    loss_and_grads(model, "on", fused_lora_on_cpu)
+    assert tiled_calls == [11] * 4, tiled_calls
+    tiled_calls.clear()
+    dropped = tiny_lora_model(True, 0.1)
+    loss_and_grads(dropped, "on", fused_lora_on_cpu)
+    assert tiled_calls == []
+    mlp = model.model.layers[0].mlp
+    mlp.tile_tokens = 4
+    with torch.no_grad():
+        mlp(torch.randn(2, 11, TINY["hidden_size"]))
+    assert tiled_calls == []
+    mlp.tile_tokens = 0
+    monkeypatch.delenv("MINITRAIN_MLP_TILE")
+    assert mm.mlp_tile_default() == 4096
+    for bad in ("-3", "lots", "1.5"):
+        monkeypatch.setenv("MINITRAIN_MLP_TILE", bad)
+        with pytest.raises(ValueError, match="MINITRAIN_MLP_TILE"):
+            mm.mlp_tile_default()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_tiled_mlp_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
+    """bf16 QLoRA on CUDA with checkpointing: MLPs in tiles of 128 tokens (2 x 200 tokens: 4 tiles) give the
+    loss and adapter gradients of untiled MLPs, eagerly and replayed from the trainer's CUDA graph, within the
+    run-to-run spread of two untiled runs (bf16 GEMMs over other row counts may round differently)."""
+    import minitrain.model as mm
+    from minitrain.trainer import n_items, set_gradient_checkpointing
+    from test_cuda_graphs import model_with_lora, random_batch
+
+    B, T = 2, 200
+    batch = random_batch(B, T, "cuda", seed=5)
+    n = n_items(batch)
+    tiled_calls = []
+    apply = mm._TiledMLP.apply
+    monkeypatch.setattr(mm._TiledMLP, "apply", lambda *a: (tiled_calls.append(a[2]), apply(*a))[1])
+
+    def build(tiled):
+        monkeypatch.setenv("MINITRAIN_MLP_TILE", "128" if tiled else "0")
+        model = model_with_lora("cuda", torch.bfloat16, nf4=True)
+        set_gradient_checkpointing(model.train(), mode)
+        return model
+
+    def eager(tiled):
+        tiled_calls.clear()
+        loss, g = _eager_loss_and_grads(build(tiled), batch, n)
+        return loss, g, list(tiled_calls)
+
+    def graphed(tiled):
+        return _graphed_loss_and_grads(build(tiled), batch, n, B, T)
+
+    for run in (eager, graphed):
+        base, alt = _within_run_to_run(run, "tiled vs untiled MLP")
+        if run is eager:
+            assert base[2] == [] and alt[2] and set(alt[2]) == {100}, alt[2]  # 400 tokens: 4 equal tiles
+
+
 @pytest.mark.parametrize("split", [True, False], ids=["split", "one-segment"])
 @pytest.mark.parametrize("fit", [0, 3], ids=["nothing-fits", "three-fit"])
 def test_offload_over_the_host_budget_keeps_inputs_on_the_device(fused_lora_on_cpu, monkeypatch, split, fit):

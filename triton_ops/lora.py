@@ -123,6 +123,36 @@ def _dense(base, dtype: torch.dtype) -> torch.Tensor:
     return base.dequantize(dtype=dtype)
 
 
+_cache = threading.local()
+
+
+@contextmanager
+def weight_cache():
+    """Within the block, the hand-written backend dequantizes (or casts) each base weight once per dtype and
+    reuses the dense copy: for callers that run the same projections several times in a row (a tiled MLP's
+    tiles, forward and backward). Memory: the dense copies until the block exits. Nestable (the outermost
+    block's cache is used); restored on every exit."""
+    prev = getattr(_cache, "d", None)
+    _cache.d = {} if prev is None else prev
+    try:
+        yield
+    finally:
+        _cache.d = prev
+
+
+def _weight(base, dtype: torch.dtype) -> torch.Tensor:
+    """_dense(base, dtype), from the cache of an enclosing ``weight_cache`` block when there is one."""
+    d = getattr(_cache, "d", None)
+    if d is None or isinstance(base, torch.Tensor) and base.dtype == dtype:
+        return _dense(base, dtype)
+    hit = d.get((id(base), dtype))
+    if hit is not None and hit[0] is base:
+        return hit[1]
+    w = _dense(base, dtype)
+    d[(id(base), dtype)] = (base, w)
+    return w
+
+
 def _drop_ref(x: torch.Tensor, p: float, keep: torch.Tensor | None) -> torch.Tensor:
     return x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
 
@@ -191,7 +221,7 @@ def _proj_out(x2, pr: _Proj, xa, B_):
     dequantized weight lives for its one GEMM."""
     dtype = x2.dtype
     bias = _cast(pr.bias, dtype)
-    W = _dense(pr.base, dtype)
+    W = _weight(pr.base, dtype)
     y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
     del W
     if xa is not None:
@@ -207,7 +237,7 @@ def _proj_forward(x2, pr: _Proj, A_, B_, keep):
 
 def _dx_base(dx, dy2, pr: _Proj):
     """dx += dy·W (dx None: a fresh buffer); W re-dequantized, the forward did not keep it."""
-    W = _dense(pr.base, dy2.dtype)
+    W = _weight(pr.base, dy2.dtype)
     return dy2 @ W if dx is None else dx.addmm_(dy2, W)
 
 
