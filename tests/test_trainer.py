@@ -847,13 +847,14 @@ def test_tiled_mlp_only_where_the_tiles_recompute_the_same(fused_lora_on_cpu, mo
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["on", "offload"])
-def test_tiled_mlp_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
-    """bf16 QLoRA on CUDA with checkpointing: MLPs in tiles of 128 tokens (2 x 200 tokens: 4 tiles) give the
-    loss and adapter gradients of untiled MLPs, eagerly and replayed from the trainer's CUDA graph, within the
-    run-to-run spread of two untiled runs (bf16 GEMMs over other row counts may round differently)."""
+def test_tiled_mlp_meets_the_tolerance_rule_on_cuda_eager_and_graphed(mode, monkeypatch):
+    """bf16 QLoRA on CUDA with checkpointing, MLPs in tiles of 100 tokens (MINITRAIN_MLP_TILE=128, 2 x 200
+    tokens: 4 equal tiles), eagerly and replayed from the trainer's CUDA graph: loss and adapter gradients within
+    STYLE.md's rule against the fp32 run of the same weights (untiled): error <= 2 x the untiled bf16 run's error
+    + 1e-3 of the tensor's scale. Tiles change GEMM row counts, so bits may differ."""
     import minitrain.model as mm
-    from minitrain.trainer import n_items, set_gradient_checkpointing
-    from test_cuda_graphs import model_with_lora, random_batch
+    from minitrain.trainer import n_items, set_gradient_checkpointing, token_loss_sum
+    from test_cuda_graphs import grads, model_with_lora, random_batch
 
     B, T = 2, 200
     batch = random_batch(B, T, "cuda", seed=5)
@@ -862,24 +863,33 @@ def test_tiled_mlp_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
     apply = mm._TiledMLP.apply
     monkeypatch.setattr(mm._TiledMLP, "apply", lambda *a: (tiled_calls.append(a[2]), apply(*a))[1])
 
-    def build(tiled):
+    def run(tiled, graphed=False, fp32=False):
         monkeypatch.setenv("MINITRAIN_MLP_TILE", "128" if tiled else "0")
         model = model_with_lora("cuda", torch.bfloat16, nf4=True)
+        if fp32:
+            model.float()
         set_gradient_checkpointing(model.train(), mode)
-        return model
-
-    def eager(tiled):
         tiled_calls.clear()
-        loss, g = _eager_loss_and_grads(build(tiled), batch, n)
-        return loss, g, list(tiled_calls)
+        if graphed:
+            loss, g, _ = _graphed_loss_and_grads(model, batch, n, B, T)
+        elif fp32:
+            loss = token_loss_sum(model, batch) / n
+            loss.backward()
+            loss, g = loss.detach().float(), grads(model)
+        else:
+            loss, g = _eager_loss_and_grads(model, batch, n)
+        return loss, {k: v.float() for k, v in g.items()}, list(tiled_calls)
 
-    def graphed(tiled):
-        return _graphed_loss_and_grads(build(tiled), batch, n, B, T)
-
-    for run in (eager, graphed):
-        base, alt = _within_run_to_run(run, "tiled vs untiled MLP")
-        if run is eager:
-            assert base[2] == [] and alt[2] and set(alt[2]) == {100}, alt[2]  # 400 tokens: 4 equal tiles
+    ref = run(False, fp32=True)
+    assert ref[2] == []
+    for graphed in (False, True):
+        base, alt = run(False, graphed), run(True, graphed)
+        assert base[2] == [] and alt[2] and set(alt[2]) == {100}, (base[2], alt[2])
+        pairs = [("loss", alt[0], base[0], ref[0])] + [(k, alt[1][k], base[1][k], ref[1][k]) for k in ref[1]]
+        for name, a, b, r in pairs:
+            err_a, err_b = (a - r).abs().max().item(), (b - r).abs().max().item()
+            bound = 2 * err_b + 1e-3 * r.abs().max().item()
+            assert err_a <= bound, f"{'graphed' if graphed else 'eager'} {name}: tiled error {err_a:.3g} > {bound:.3g} (untiled {err_b:.3g})"
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["split", "one-segment"])
