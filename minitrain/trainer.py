@@ -699,7 +699,7 @@ def decoder_layers(model: nn.Module):
 
 def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
     """mode "off" | "on" | "offload" (see :class:`CheckpointedLayer`). Checkpointed minitrain MLPs also run in
-    token tiles on long inputs (``MINITRAIN_MLP_TILE`` tokens per tile, default 4096, from two tiles' worth;
+    token tiles on long inputs (``MINITRAIN_MLP_TILE`` tokens per tile, default 4096, above four tiles' worth;
     see ``minitrain.model._TiledMLP``): the same GEMMs as the checkpointed MLP, its working set for one tile."""
     offload = HostOffload() if mode == "offload" else None
     tile = mlp_tile_default() if mode != "off" else 0
