@@ -764,8 +764,8 @@ def _gate_down_dequants(model, calls):
 @pytest.mark.parametrize("grouped", [False, True], ids=["module-by-module", "grouped-mlp"])
 def test_tiled_mlp_matches_untiled_with_fewer_dequantizes(fused_lora_on_cpu, monkeypatch, mode, early_stop, grouped):
     """With checkpointing, an MLP over more than 4 tiles' worth of tokens runs tile by tile
-    (MINITRAIN_MLP_TILE=4: 22 tokens in 6 tiles of 4): the same loss and adapter gradients as untiled (fp32 GEMMs of other row counts: 1e-5),
-    each NF4 base dequantized once in the forward and once in the backward for all tiles (untiled: gate's 3
+    (MINITRAIN_MLP_TILE=4: 22 tokens in 6 tiles of 4): the same loss and adapter gradients as untiled (fp32
+    GEMMs of other row counts: 1e-5), each NF4 base dequantized once in the forward and once in the backward for all tiles (untiled: gate's 3
     times, with the recomputation's), no MLP work in the recomputation; the tile's own recomputation skips down."""
     import minitrain.model as mm
     import minitrain.trainer as mt
