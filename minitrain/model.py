@@ -682,6 +682,9 @@ class LlamaMLP(nn.Module):
         # tokens per tile when training (see _TiledMLP); 0: never tiled. The trainer's gradient checkpointing
         # sets it (mlp_tile_default()); tiles are used above MLP_TILE_FROM tiles' worth of tokens.
         self.tile_tokens = 0
+        # True: never tiled, as for DTensor parameters. The trainer sets it for FSDP2-sharded layers, whose forward
+        # sees plain unsharded parameters (FSDP2 swaps them in), so _tiling cannot tell from the parameters.
+        self.tile_sharded = False
 
     def _tiling(self, x):
         """(tile, the down base whose output a recomputation may skip or None, the trainable parameters), or
@@ -693,7 +696,8 @@ class LlamaMLP(nn.Module):
         if n <= MLP_TILE_FROM * tile:
             return None
         params = [p for p in self.parameters() if p.requires_grad]
-        if not (x.requires_grad or params) or any(_is_dtensor(p) for p in params):
+        sharded = getattr(self, "tile_sharded", False) or any(_is_dtensor(p) for p in params)
+        if not (x.requires_grad or params) or sharded:
             return None  # nothing to differentiate, or FSDP-sharded parameters: untiled
         projs = (self.gate_proj, self.up_proj, self.down_proj)
         if any(m.training and getattr(m, "dropout", 0.0) > 0 for m in projs):

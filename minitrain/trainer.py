@@ -710,6 +710,8 @@ def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
             layer.forward = CheckpointedLayer(layer, offload, i)
         if isinstance(getattr(layer, "mlp", None), LlamaMLP):
             layer.mlp.tile_tokens = tile
+            # FSDP2 (distributed.shard_model): DTensors here, but plain unsharded tensors inside the forward
+            layer.mlp.tile_sharded = any(type(p).__name__ == "DTensor" for p in layer.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -360,3 +360,77 @@ def test_unsharded_tensors_move_once_and_ties_survive():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
     assert not model.model.norm.weight.requires_grad and frozen.device.type == "cpu"
+
+
+TILE_WORKER = r'''
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+import minitrain.model as mm
+from minitrain import distributed
+from minitrain.config import TrainConfig
+from minitrain.loader import load_model
+from minitrain.lora import add_lora
+from minitrain.trainer import Trainer
+
+ckpt, out = sys.argv[1], sys.argv[2]
+env = distributed.init_distributed("cpu")
+r = env.rank
+calls = []  # the tile size of each _TiledMLP.apply
+apply = mm._TiledMLP.apply
+mm._TiledMLP.apply = lambda *a: (calls.append(a[2]), apply(*a))[1]
+seen = set()  # the tile_tokens of the MLPs' forwards (the trainer sets them for train() only)
+tiling = mm.LlamaMLP._tiling
+mm.LlamaMLP._tiling = lambda self, x: (seen.add(self.tile_tokens), tiling(self, x))[1]
+
+def examples():
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 64, (int(torch.randint(3, 16, (), generator=g)),), generator=g).tolist()}
+            for _ in range(12)]
+
+def run(mode, tile):
+    os.environ["MINITRAIN_MLP_TILE"] = str(tile)  # read by set_gradient_checkpointing
+    model, _ = load_model(ckpt, dtype=torch.float32, device=env.device, tokenizer=False, load_in_4bit=mode == "fsdp")
+    torch.manual_seed(1 + r)
+    add_lora(model, r=4, alpha=8, dropout=0.0)
+    if mode == "fsdp":
+        distributed.shard_model(model)
+    cfg = TrainConfig(output_dir=f"{out}/{mode}/tile{tile}/rank{r}", optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
+                      lr_scheduler_type="constant", progress=False, seed=5, per_device_train_batch_size=1,
+                      gradient_accumulation_steps=2, save_steps=0, max_steps=3, gradient_checkpointing="on")
+    n0 = len(calls)
+    seen.clear()
+    tr = Trainer(model, None, examples(), cfg)
+    tr.train()
+    return {"loss": tr.history["loss"], "calls": len(calls) - n0, "tile_tokens": sorted(seen)}
+
+res = {f"{mode}{tile}": run(mode, tile) for mode in ("ddp", "fsdp") for tile in (0, 2)}
+with open(f"{out}/tiles{r}.json", "w") as f:
+    json.dump(res, f)
+distributed.shutdown()
+'''
+
+
+def test_two_ranks_tiled_mlp_trains_like_untiled_and_fsdp_stays_untiled(tmp_path):
+    """Gradient checkpointing "on" with MINITRAIN_MLP_TILE=2 (micro-batches of 3..15 tokens: those over 8 tokens
+    run _TiledMLP): 2 ranks (gloo) give the same per-step losses (SGD, no clipping) and adapter as the untiled
+    2-rank run. Under FSDP2 (NF4 base) tile_tokens is set but _TiledMLP.apply is never called (sharded parameters),
+    and training matches the untiled FSDP2 run."""
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    script = tmp_path / "tile_worker.py"
+    script.write_text(TILE_WORKER)
+    out = tmp_path / "runs"
+    out.mkdir()
+    torchrun([str(script), str(ckpt), str(out)])
+    for r in (0, 1):
+        res = json.loads((out / f"tiles{r}.json").read_text())
+        assert res["ddp0"]["calls"] == 0 and res["ddp0"]["tile_tokens"] == [0], (r, res["ddp0"])
+        assert res["ddp2"]["calls"] > 0 and res["ddp2"]["tile_tokens"] == [2], \
+            f"rank {r}: MINITRAIN_MLP_TILE=2 never tiled the MLP: {res['ddp2']}"
+        check_losses(res["ddp2"]["loss"], res["ddp0"]["loss"], f"rank {r}: DDP tiled vs untiled")
+        assert res["fsdp2"]["tile_tokens"] == [2], (r, res["fsdp2"])
+        assert res["fsdp2"]["calls"] == 0, f"rank {r}: FSDP2 ran _TiledMLP.apply {res['fsdp2']['calls']} times"
+        check_losses(res["fsdp2"]["loss"], res["fsdp0"]["loss"], f"rank {r}: FSDP2 with tiles set vs untiled")
+    compare_adapters(out / "ddp" / "tile2" / "rank0" / "adapter", out / "ddp" / "tile0" / "rank0" / "adapter")
+    compare_adapters(out / "fsdp" / "tile2" / "rank0" / "adapter", out / "fsdp" / "tile0" / "rank0" / "adapter")
