@@ -323,6 +323,7 @@ class HostOffload:
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.holders: dict[tuple, weakref.ref] = {}  # the stash using each buffer
         self.captured: list[torch.Tensor] = []  # buffers whose addresses a CUDA graph holds
+        self.fresh: list[weakref.ref] = []  # one-off buffers (the layer's buffer still pending), alive with their stash
         self.pending: list[_Stash] = []
         self.last: _Stash | None = None
         self.host_budget = host_budget  # bytes; None: default_host_budget() at the first stash
@@ -330,8 +331,11 @@ class HostOffload:
         self.warned = False
 
     def host_bytes(self) -> int:
-        """Bytes of the host buffers this offload holds (reused ones and those a CUDA graph keeps)."""
-        seen = {id(b): b for b in list(self.buffers.values()) + self.captured}
+        """Bytes of the host buffers this offload holds (reused ones, those a CUDA graph keeps, and the one-off
+        buffers of later forwards while their stashes live)."""
+        self.fresh = [r for r in self.fresh if r() is not None]
+        seen = {id(b): b for b in list(self.buffers.values()) + self.captured + [r() for r in self.fresh]
+                if b is not None}
         return sum(b.numel() * b.element_size() for b in seen.values())
 
     def _fits(self, key: tuple, x: torch.Tensor, reuse: bool) -> bool:
@@ -367,7 +371,9 @@ class HostOffload:
         if holder is not None and not holder.fetched:  # still needed by a pending recomputation
             if not self._fits(key, x, reuse=False):
                 return None, False
-            return torch.empty(x.shape, dtype=x.dtype, pin_memory=pin), False
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=pin)
+            self.fresh.append(weakref.ref(host))
+            return host, False
         if not self._fits(key, x, reuse=True):
             return None, False
         n = x.numel()

@@ -1277,3 +1277,23 @@ def test_a_warning_on_another_rank_reaches_that_ranks_stderr(tmp_path, capsys):
     tr._log({"step": 1, "loss": 1.0}, Progress(1, True, main=False))
     err = capsys.readouterr().err
     assert "rank 3: warning: capturing ran out of GPU memory (test)" in err and not tr.notes
+
+
+def test_offload_host_budget_counts_fresh_buffers_of_later_forwards():
+    """Three forwards before a backward: the layer's reused buffer is still needed, so the later forwards' copies
+    go to fresh buffers. With a budget of two copies the third must stay on the device: the fresh buffers count
+    towards the budget too (before, host_bytes() saw only the reused buffer and all three were copied)."""
+    import minitrain.trainer as mt
+
+    x = torch.randn(4, 8)
+    nbytes = x.numel() * x.element_size()
+    off = mt.HostOffload(host_budget=2 * nbytes)
+    stashes = [off.stash(0, x.clone().requires_grad_()) for _ in range(3)]  # index 0 each time: three forwards
+    copied = [s.host is not None for s in stashes]
+    held = sum(s.host.numel() * s.host.element_size() for s in stashes if s.host is not None)
+    assert copied == [True, True, False], f"host copies of three forwards' inputs (budget: two): {copied}"
+    assert off.host_bytes() == held <= off.host_budget, (off.host_bytes(), held, off.host_budget)
+    for s in stashes:  # each forward's recomputation still gets its own input back
+        assert torch.equal(off.fetch(s), x)
+    del stashes, s
+    assert off.host_bytes() == nbytes, off.host_bytes()  # the fresh copies went with their stashes
