@@ -591,10 +591,6 @@ def mlp_tile_default() -> int:
     return tile
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
-
-
 class _TiledMLP(torch.autograd.Function):
     """``mlp(x)`` over the tokens in tiles: the forward runs tile by tile without a graph and keeps only x; the
     backward recomputes one tile at a time with a graph and takes its gradients (x's and the MLP's trainable
@@ -647,28 +643,24 @@ class _TiledMLP(torch.autograd.Function):
         dx = torch.empty_like(x2) if need_x else None
         sums = [None] * len(params)
         dev, on, dtype = ctx.autocast
+        # (a fresh context per tile: output_unused is a one-shot generator context)
+        skip = (lambda: _tlora.output_unused(skip_base)) if skip_base is not None else contextlib.nullcontext
         with _tlora.weight_cache():  # one dequantize per base for the tiles' recomputation and backward
-            dx = _TiledMLP._tiles_backward(mlp, tile, skip_base, params, need_x, x2, dy2, dx, sums, dev, on, dtype)
+            for s in range(0, x2.shape[0], tile):
+                xt = x2[s:s + tile].detach().requires_grad_(need_x)
+                with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=on), skip():
+                    y = mlp.untiled(xt)
+                grads = torch.autograd.grad(y, ([xt] if need_x else []) + params, dy2[s:s + tile], allow_unused=True)
+                del y
+                if need_x:
+                    dx[s:s + tile] = grads[0]
+                    grads = grads[1:]
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        sums[i] = g if sums[i] is None else sums[i].add_(g)
         it = iter(sums)
         pgrads = [next(it) if need else None for need in ctx.needs_input_grad[4:]]
         return (None if dx is None else dx.view(x.shape), None, None, None, *pgrads)
-
-    @staticmethod
-    def _tiles_backward(mlp, tile, skip_base, params, need_x, x2, dy2, dx, sums, dev, on, dtype):
-        for s in range(0, x2.shape[0], tile):
-            xt = x2[s:s + tile].detach().requires_grad_(need_x)
-            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=on), \
-                    (_tlora.output_unused(skip_base) if skip_base is not None else contextlib.nullcontext()):
-                y = mlp.untiled(xt)
-            grads = torch.autograd.grad(y, ([xt] if need_x else []) + params, dy2[s:s + tile], allow_unused=True)
-            del y
-            if need_x:
-                dx[s:s + tile] = grads[0]
-                grads = grads[1:]
-            for i, g in enumerate(grads):
-                if g is not None:
-                    sums[i] = g if sums[i] is None else sums[i].add_(g)
-        return dx
 
 
 class LlamaMLP(nn.Module):
@@ -682,8 +674,8 @@ class LlamaMLP(nn.Module):
         # tokens per tile when training (see _TiledMLP); 0: never tiled. The trainer's gradient checkpointing
         # sets it (mlp_tile_default()); tiles are used above MLP_TILE_FROM tiles' worth of tokens.
         self.tile_tokens = 0
-        # True: never tiled, as for DTensor parameters. The trainer sets it for FSDP2-sharded layers, whose forward
-        # sees plain unsharded parameters (FSDP2 swaps them in), so _tiling cannot tell from the parameters.
+        # True: never tiled. The trainer sets it for FSDP2-sharded layers, whose forward sees plain unsharded
+        # parameters (FSDP2 swaps them in), so _tiling cannot tell from the parameters.
         self.tile_sharded = False
 
     def _tiling(self, x):
@@ -696,8 +688,7 @@ class LlamaMLP(nn.Module):
         if n <= MLP_TILE_FROM * tile:
             return None
         params = [p for p in self.parameters() if p.requires_grad]
-        sharded = getattr(self, "tile_sharded", False) or any(_is_dtensor(p) for p in params)
-        if not (x.requires_grad or params) or sharded:
+        if not (x.requires_grad or params) or self.tile_sharded:
             return None  # nothing to differentiate, or FSDP-sharded parameters: untiled
         projs = (self.gate_proj, self.up_proj, self.down_proj)
         if any(m.training and getattr(m, "dropout", 0.0) > 0 for m in projs):

@@ -287,6 +287,12 @@ def default_host_budget() -> float:
     return math.inf if avail is None else HOST_BUDGET_FRACTION * avail
 
 
+def _grown(buf: torch.Tensor | None, n: int) -> int:
+    """Elements of a layer's host buffer that must hold n: n for a new one, else grown by at least a quarter (batches
+    of slowly rising length do not reallocate every step)."""
+    return n if buf is None else max(n, buf.numel() + buf.numel() // 4)
+
+
 class HostOffload:
     """Keeps checkpointed layer inputs in pinned host memory, the copies overlapped with compute.
 
@@ -347,7 +353,7 @@ class HostOffload:
         buf = self.buffers.get(key) if reuse else None
         if buf is not None and buf.numel() >= n:
             return True  # the layer's existing buffer holds it
-        need = (n if buf is None else max(n, buf.numel() + buf.numel() // 4)) * size
+        need = _grown(buf, n) * size
         if buf is not None and not any(b is buf for b in self.captured):
             need -= buf.numel() * buf.element_size()
         return self.host_bytes() + need <= self.host_budget
@@ -379,8 +385,7 @@ class HostOffload:
         n = x.numel()
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < n:
-            cap = n if buf is None else max(n, buf.numel() + buf.numel() // 4)
-            buf = self.buffers[key] = torch.empty(cap, dtype=x.dtype, pin_memory=pin)
+            buf = self.buffers[key] = torch.empty(_grown(buf, n), dtype=x.dtype, pin_memory=pin)
         if pin and torch.cuda.is_current_stream_capturing() and not any(b is buf for b in self.captured):
             self.captured.append(buf)
         return buf[:n].view(x.shape), True
