@@ -33,8 +33,9 @@ of ``--longest-step`` tokens; probes are cached, so repeated invocations continu
 at several hundred thousand tokens, where one step takes minutes of attention alone and host memory for
 offloaded activations can bind first; a common cap compares the rows' memory per token at affordable lengths.
 Capped and uncapped searches are cached apart.
-``--profile``: the ours row under torch.profiler for 2 steps after warm-up: top kernels by GPU time, top ops,
-and GPU-busy vs wall time per step.
+``--profile [ROW]``: that row (default ours) under torch.profiler for 2 steps after warm-up: kernel time by
+kind (GEMM, attention, NF4 dequantize, ...), top kernels by GPU time, top ops, and GPU-busy vs wall time per
+step (kernels replayed from a CUDA graph are reported one by one).
 
 Results accumulate across invocations in ``bench/results/.train-rows-<card>.json`` (``--cache``) and every
 invocation rewrites ``bench/results/<date>-<card>-train.md`` with all cached rows.
@@ -338,6 +339,20 @@ def build_unsloth(spec, device, dtype):
 BUILDERS = {"ours": build_ours, "hf": build_hf, "unsloth": build_unsloth}
 
 
+# Kernel kinds for the profile summary: the first pattern found (lower case) in the kernel's name
+KERNEL_KINDS = (("memcpy", ("memcpy", "memset")), ("attention", ("sdpa", "flash", "fmha", "attn")),
+                ("gemm (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
+                ("nf4 dequantize / matmul", ("nf4",)), ("rms_norm", ("rms_norm",)), ("rope", ("rope",)),
+                ("swiglu", ("swiglu",)), ("cross-entropy", ("_ce_", "cross_entropy", "flce", "_scale_kernel")),
+                ("lora (Triton)", ("lora", "rank_update")), ("optimizer", ("adam", "multi_tensor", "foreach")),
+                ("elementwise / copy (torch)", ("elementwise", "copy_kernel", "reduce_kernel", "fill")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, pats in KERNEL_KINDS if any(p in low for p in pats)), "other")
+
+
 def profile_steps(step, batches, device, steps: int = 2) -> dict:
     """Run ``steps`` steps under torch.profiler: top kernels (GPU time), top ops (inclusive GPU time, or CPU
     time without CUDA), and GPU-busy vs host wall time per step."""
@@ -369,8 +384,11 @@ def profile_steps(step, batches, device, steps: int = 2) -> dict:
     kernels = sorted((e for e in avgs if on_device(e) and dev_us(e) > 0), key=dev_us, reverse=True)
     busy_ms = sum(dev_us(e) for e in kernels) / 1e3 / steps
     wall_ms = statistics.median(walls)
+    kinds = collections.Counter()
+    for e in kernels:
+        kinds[kernel_kind(e.key)] += dev_us(e) / 1e3 / steps
     if cuda:
-        top = [{"name": e.key, "calls": e.count // steps, "ms": dev_us(e) / 1e3 / steps} for e in kernels[:25]]
+        top = [{"name": e.key, "calls": e.count // steps, "ms": dev_us(e) / 1e3 / steps} for e in kernels[:40]]
         ops = sorted((e for e in avgs if not on_device(e) and dev_us(e, False) > 0), key=lambda e: dev_us(e, False),
                      reverse=True)
         top_ops = [{"name": e.key, "calls": e.count // steps, "ms": dev_us(e, False) / 1e3 / steps} for e in ops[:15]]
@@ -385,6 +403,7 @@ def profile_steps(step, batches, device, steps: int = 2) -> dict:
     host_ops = [{"name": e.key, "calls": e.count // steps, "ms": e.self_cpu_time_total / 1e3 / steps,
                  "us_per_call": e.self_cpu_time_total / max(e.count, 1)} for e in by_host[:20]]
     return {"steps": steps, "wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "host_op_ms": host_ms, "kernels": top,
+            "kinds": [{"kind": k, "ms": v} for k, v in kinds.most_common()],
             "ops": top_ops, "host_ops": host_ops, "timed": "cuda" if cuda else "cpu"}
 
 
@@ -670,6 +689,9 @@ def render(records: list, tflops: float | None) -> list[tuple[str, str]]:
                 f"(after warm-up): wall {p['wall_ms']:.1f} ms/step, GPU busy (sum of kernel time) "
                 f"{p['gpu_busy_ms']:.1f} ms/step ({100 * p['gpu_busy_ms'] / p['wall_ms']:.0f}% of wall), host time "
                 f"inside profiled ops {p['host_op_ms']:.1f} ms/step (profiler overhead included).\n\n")
+        kk = hw_table([{"kernel kind": k["kind"], "ms/step": f"{k['ms']:.2f}",
+                        "% of GPU busy": f"{100 * k['ms'] / max(p['gpu_busy_ms'], 1e-9):.1f}%"}
+                       for k in p.get("kinds", [])]) + "\n" if p["timed"] == "cuda" and p.get("kinds") else ""
         kt = hw_table([{"kernel" if p["timed"] == "cuda" else "op (CPU time)": k["name"][:100].replace("|", "/"),
                         "calls/step": k["calls"], "ms/step": f"{k['ms']:.2f}",
                         "% of step": f"{100 * k['ms'] / p['wall_ms']:.1f}%"} for k in p["kernels"]])
@@ -681,7 +703,7 @@ def render(records: list, tflops: float | None) -> list[tuple[str, str]]:
                         "% of step": f"{100 * k['ms'] / p['wall_ms']:.1f}%"}
                        for k in p.get("host_ops", [])]) if p["timed"] == "cuda" and p.get("host_ops") else ""
         sections.append((f"Profile: {r['row']} {r['model']} T={r['seq']}",
-                         head + kt + ("\n" + ot if ot else "") + ("\n" + ht if ht else "")))
+                         head + kk + kt + ("\n" + ot if ot else "") + ("\n" + ht if ht else "")))
     vers = {}
     for r in records:
         for k, v in (r.get("result") or {}).get("versions", {}).items():
@@ -743,7 +765,8 @@ def main(argv=None):
     ap.add_argument("--longest-cap-gib", type=float, default=None,
                     help="limit each probe's device memory to this many GiB (the same for every row)")
     ap.add_argument("--probe-timeout", type=float, default=420)
-    ap.add_argument("--profile", action="store_true", help="profile the ours row (first --seq) for 2 steps")
+    ap.add_argument("--profile", nargs="?", const="ours", default=None, metavar="ROW",
+                    help="profile ROW (default ours; first --seq) for 2 steps")
     ap.add_argument("--cache", default=None, help="JSON of accumulated rows (default bench/results/"
                     ".train-rows-<card>.json)")
     ap.add_argument("--fresh", action="store_true", help="forget the cached rows first")
@@ -811,8 +834,8 @@ def main(argv=None):
                        and r["batch"] == a.batch for r in records):  # never hide an earlier measurement
                 upsert(records, {**rec, "result": {"ok": False, "error": why}})
             continue
-        # --profile: the ours row at the first --seq also runs 2 steps under torch.profiler after its timed steps
-        prof = a.profile and name == "ours" and T == seqs[0]
+        # --profile ROW: that row at the first --seq also runs 2 steps under torch.profiler after its timed steps
+        prof = a.profile == name and T == seqs[0]
         spec = {"kind": "row", **base, **ROWS[name], "row": name, "seq": T, "batch": a.batch, "profile": prof}
         print(f"== {name} T={T} B={a.batch}", flush=True)
         limit = min(a.timeout, remaining())
@@ -831,8 +854,8 @@ def main(argv=None):
                              "result": {"profile": res.pop("profile")}})
         upsert(records, {**rec, "result": res})
         save_cache(cache, records)
-    if a.profile and "ours" not in rows:
-        print("--profile profiles the ours row: add it to --rows", flush=True)
+    if a.profile and a.profile not in rows:
+        print(f"--profile {a.profile}: that row is not in --rows, nothing profiled", flush=True)
 
     lo_bound, hi_bound = (int(x) for x in a.longest_range.split(":"))
     for name in longest:

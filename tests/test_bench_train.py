@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.train import (ROWS, checkpoint_complete, checkpoint_tensors, flops_per_token, model_config, next_probe,
+from bench.train import (ROWS, checkpoint_complete, kernel_kind, checkpoint_tensors, flops_per_token, model_config, next_probe,
                          render, upsert)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +103,18 @@ def test_rows_and_flops():
     assert {"ours", "ours-16bit", "peft-bnb", "peft-bnb-liger", "peft-16bit", "unsloth", "unsloth-16bit"} <= set(ROWS)
     # issue 9: about 32 GFLOP per token for the 8B step at T=2048 without recomputation
     assert flops_per_token(model_config(False, 32), 2048) == pytest.approx(31.6e9, rel=0.02)
+
+
+def test_profile_kernel_kinds():
+    # names as torch.profiler reports them on an H100/H200 (cuBLAS, cuDNN attention, our Triton/CUDA kernels)
+    assert kernel_kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == "gemm (cuBLAS)"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attention"
+    assert kernel_kind("nf4_dequant_bf16_u1") == "nf4 dequantize / matmul"
+    assert kernel_kind("_rms_norm_bwd_kernel") == "rms_norm" and kernel_kind("_swiglu_kernel") == "swiglu"
+    assert kernel_kind("Memcpy DtoH (Device -> Pinned)") == "memcpy"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>") == \
+        "elementwise / copy (torch)"
+    assert kernel_kind("some_new_kernel") == "other"
 
 
 @pytest.mark.gpu
