@@ -201,22 +201,21 @@ SWEEP_FWD = [
     {"chunking": "pow2"},                       # the previous launch: one masked 8192 block for C = 4100
 ]
 SWEEP_BWD_DW = [
-    {},                                         # default: 1 row x 16 warps, 2 programs per SM, stages=2
-                                                # (C = 4100: 8 warps, 4 programs per SM)
+    {},                                         # default: 1 row x 16 warps, 2 programs per SM, 3 stages
+                                                # (C = 4100: 8 warps, 4 programs per SM; stages as smem allows)
     {"stages": 1},
-    {"stages": 3},
-    {"stages": 2, "evict": "evict_first"},
-    {"per_sm": 1, "stages": 2},
-    {"per_sm": 3, "stages": 2},                 # more programs than the registers let be resident
-    {"block_m": 1, "num_warps": 16, "per_sm": 2, "stages": 2},   # C = 4096's default, for C = 4100
-    {"block_m": 1, "num_warps": 16, "per_sm": 2, "stages": 1},
-    {"block_m": 1, "num_warps": 32, "per_sm": 1, "stages": 1},
-    {"block_m": 1, "num_warps": 32, "per_sm": 1, "stages": 2},
+    {"stages": 2},
+    {"stages": 4},
+    {"stages": 3, "evict": "evict_first"},
+    {"per_sm": 1, "stages": 3},
+    {"per_sm": 3, "stages": 3},                 # more programs than the registers let be resident
+    {"block_m": 1, "num_warps": 16, "per_sm": 2, "stages": 3},   # C = 4096's default, for C = 4100
+    {"block_m": 1, "num_warps": 32, "per_sm": 1, "stages": 3},
     {"block_m": 2, "num_warps": 32, "per_sm": 1, "stages": 1},
-    {"block_m": 2, "num_warps": 32, "per_sm": 1, "stages": 2},
-    {"block_m": 1, "num_warps": 8, "per_sm": 2, "stages": 2},
-    {"block_m": 1, "num_warps": 8, "per_sm": 4, "stages": 2},
-    {"chunking": "pow2", "stages": 1},          # the previous launch for C = 4100
+    {"block_m": 1, "num_warps": 8, "per_sm": 2, "stages": 3},
+    {"block_m": 1, "num_warps": 8, "per_sm": 4, "stages": 3},
+    {"block_m": 1, "num_warps": 8, "per_sm": 4, "stages": 4},
+    {"block_m": 2, "num_warps": 16, "per_sm": 2, "stages": 3},
 ]
 SWEEP_BWD_NODW = [
     {},                                         # default: 1 row x 16 warps (32 for 4100), one per row block

@@ -324,6 +324,57 @@ for kind, C in (("fwd", 4096), ("fwd", 4100), ("bwd", 4096), ("bwd", 4100), ("bw
 """
 
 
+SM90_SMEM = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton_ops.rms_norm import _align, _bwd_config, _rms_norm_bwd_kernel
+
+for C, dt, elem in json.loads(sys.argv[1]):
+    cfg = _bwd_config(C, None, True, elem)
+    per_sm, warps = cfg.pop("per_sm"), cfg.pop("num_warps")
+    sig = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "rstd_ptr": "*fp32", "dx_ptr": f"*{dt}",
+           "dw_part_ptr": "*fp32", "N": "i32", "C": "i32", "inv_c": "fp32", "sdy": "i32", "sx": "i32", "sdx": "i32"}
+    constexprs = dict(cfg, MASK_C=cfg["BLOCK_C"] > C, ALIGN=_align(C), HAS_DW=True)
+    sig.update({k: "constexpr" for k in constexprs})
+    names = list(sig)
+    aligned = [n for n, t in sig.items() if t.startswith("*")] + (["sdy", "sx", "sdx", "C"] if C % 16 == 0 else [])
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}  # as a real launch specializes
+    k = triton.compile(ASTSource(_rms_norm_bwd_kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps})
+    print(json.dumps([C, dt, cfg["NUM_STAGES"], per_sm, k.metadata.shared]), flush=True)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the kernels themselves")
+def test_rms_norm_dw_pipeline_fits_shared_memory():
+    # the dw backward's software pipeline stages rows through shared memory: the default stages must fit the
+    # programs resident per SM (228 KB on sm_90) at every width up to MAX_C, in 16 and 32-bit dtypes; a fixed
+    # 2 stages needed 262 KB per program at C = 65536 bf16 (no launch possible), a fixed 3 256 KB at 16384 fp32
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from triton_ops.rms_norm import MAX_C
+
+    cases = [(4096, "bf16", 2), (4100, "bf16", 2), (8192, "fp16", 2), (16384, "fp32", 4), (32768, "fp32", 4),
+             (MAX_C, "bf16", 2)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", SM90_SMEM, json.dumps(cases)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {(c, dt): (stages, per_sm, smem) for c, dt, stages, per_sm, smem in map(json.loads, r.stdout.splitlines())}
+    assert len(got) == len(cases), r.stdout
+    for key, (stages, per_sm, smem) in got.items():
+        assert smem * per_sm <= 228 * 1024, (key, got[key])
+    assert got[(4096, "bf16")][0] == 3 and got[(4100, "bf16")][0] == 3, got  # the sweep's fastest where it fits
+    assert got[(MAX_C, "bf16")][0] == 1, got
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the kernels themselves")
 def test_rms_norm_kernels_compile_for_sm90():
     # the interpreter never compiles; this compiles for sm_90 without a GPU (Triton's bundled ptxas) in a

@@ -229,8 +229,8 @@ def _align(*strides: int) -> int:
 #     4096: 1 row, 16 warps, ~63 registers with w and the dw partial in fp32), otherwise ~16 (8 warps: fewer,
 #     wider programs measured faster, see _bwd_config). With dw: persistent programs, as many
 #     per SM as the registers allow (2 of 16 warps), each looping over rows with the loop software-pipelined
-#     (stages=2: the next row's x and dy load into shared memory while this one reduces; no loop-carried
-#     latency between rows). Without dw: one program per row block, like the forward.
+#     (up to 3 stages, as shared memory allows: the next rows' x and dy load into shared memory while this one
+#     reduces; no loop-carried latency between rows). Without dw: one program per row block, like the forward.
 # `config` (a dict with any of FWD_KEYS / BWD_KEYS) overrides them, for bench.rms_norm --sweep; per_sm=0 means
 # one program per row block (accepted only without dw).
 FWD_KEYS = ("block_m", "num_warps", "chunking", "evict")
@@ -253,7 +253,22 @@ def _fwd_config(C: int, config: dict | None = None) -> dict:
             "num_warps": num_warps}
 
 
-def _bwd_config(C: int, config: dict | None = None, need_dw: bool = True) -> dict:
+# Shared memory of one H100/H200 SM (228 KB; at most 227 KB for one program). The persistent dw loop's
+# software pipeline stages each row's x and dy through shared memory: (stages - 1) buffers of
+# 2 * BLOCK_M * (BLOCK_C + TAIL_C) elements (compiled for sm_90: 16.4 KB per extra stage at C = 4096 bf16,
+# 262 KB at C = 65536 bf16, where 2 stages cannot launch at all)
+SMEM_PER_SM = 227 * 1024
+MAX_STAGES = 3
+
+
+def _stages(block_m: int, width: int, elem: int, per_sm: int) -> int:
+    """Pipeline stages for the persistent dw loop: up to MAX_STAGES, as many as fit ``per_sm`` programs' stage
+    buffers in one SM's shared memory (1: no pipelining, for rows too wide to buffer)."""
+    stage = 2 * block_m * width * elem
+    return 1 + min(MAX_STAGES - 1, SMEM_PER_SM // max(1, per_sm) // stage)
+
+
+def _bwd_config(C: int, config: dict | None = None, need_dw: bool = True, elem: int = 2) -> dict:
     cfg = dict(config or {})
     _check_keys(cfg, BWD_KEYS, "backward")
     block_c, tail_c = _blocks(C, cfg.get("chunking", "tail"))
@@ -271,9 +286,10 @@ def _bwd_config(C: int, config: dict | None = None, need_dw: bool = True) -> dic
         raise ValueError("rms_norm: per_sm=0 (one program per row block) would write one dw partial per block; "
                          "the dw backward needs persistent programs (per_sm >= 1)")
     # H100 sweep (bench/results/2026-11-27-h100-80gb-hbm3-rms_norm-sweep.md), x (16384, 4096) bf16 with dw:
-    # 3 stages 150.6 us, 2 stages 161.4, 1 stage 155.9. 3 stays opt-in: as the default it failed
-    # test_rms_norm_gpu[fp32] on the H100 with a Triton runtime error (more shared memory per stage in fp32).
-    stages = cfg.get("stages") or (2 if per_sm > 0 else 1)
+    # 3 stages 150.6 us, 2 stages 161.4, 1 stage 155.9; at C = 4100, 3 stages 189.4 vs 288.5 (32 warps).
+    # A fixed 3 failed test_rms_norm_gpu's (64, 16384) fp32 shape (2 x 128 KB of stage buffers), and a fixed 2
+    # could not launch C = 65536 bf16 (256 KB): the stages that fit, from the element size (``elem`` bytes).
+    stages = cfg.get("stages") or (_stages(block_m, block_c + tail_c, elem, per_sm) if per_sm > 0 else 1)
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "TAIL_C": tail_c, "EVICT": cfg.get("evict", ""),
             "NUM_STAGES": stages, "num_warps": num_warps, "per_sm": per_sm}
 
@@ -323,7 +339,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     except ValueError:  # incoming gradients may be expanded or transposed: one copy is the cheapest fix
         dy2 = _rows(dy.contiguous(), "dy")
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    cfg = _bwd_config(C, config, need_dw)
+    cfg = _bwd_config(C, config, need_dw, max(x.element_size(), dy2.element_size()))
     per_sm = cfg.pop("per_sm")
     n_blocks = triton.cdiv(N, cfg["BLOCK_M"])
     if _interpreting() or x.device.type != "cuda":
