@@ -43,6 +43,7 @@ import contextlib
 import functools
 import math
 import os
+import threading
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -303,8 +304,136 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+class SavedAttention:
+    """The causal attention's output and softmax log-sum-exp of one forward, kept by a checkpoint's forward so
+    that its recomputation can skip the attention kernel (see :func:`attention_outputs`): ``out`` (B, H, T, D)
+    and ``lse`` (B, H, T, 1) fp32 as the forward computed them, plus the kernel's RNG state tensors (unused
+    without dropout, passed back unchanged)."""
+
+    __slots__ = ("out", "lse", "rng")
+
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor, rng: tuple = ()):
+        self.out, self.lse, self.rng = out, lse, rng
+
+
+_attn = threading.local()
+# The CPU path of _SavedAttentionFn (fp32 math instead of SDPA) is for tests of the checkpoint logic only: off by
+# default, so CPU training computes attention as without attention_outputs.
+SAVED_ATTENTION_ON_CPU = False
+
+
+@contextlib.contextmanager
+def attention_outputs(keep=None, saved: SavedAttention | None = None, active: bool = True):
+    """Within the block (when ``active``), a causal attention without mask (the training forward of a
+    checkpointed layer) runs through :class:`_SavedAttentionFn`: with ``keep`` (a callable), it passes a
+    :class:`SavedAttention` of its output to ``keep``; with ``saved``, it returns ``saved.out`` instead of
+    computing it (a recomputation: the tensors the backward needs are q, k, v, which the recomputation makes
+    anyway, and out and lse, given); with neither, it computes as usual. A checkpoint's recomputation must take
+    the same path as its forward (the Function's node saves its own tensors): ``active`` when ``keep`` was
+    called in the forward. The backward is the same either way (cuDNN's SDPA backward on CUDA, the math one on
+    CPU), so gradients are bit-identical with and without ``saved``. One attention call per block; restored on
+    every exit."""
+    prev = getattr(_attn, "state", None)
+    _attn.state = (keep, saved) if active else None
+    try:
+        yield
+    finally:
+        _attn.state = prev
+
+
+def _repeat_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return t if n_rep == 1 else t.repeat_interleave(n_rep, dim=1)
+
+
+def _reduce_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
+    B, H, S, D = t.shape
+    return t if n_rep == 1 else t.view(B, H // n_rep, n_rep, S, D).sum(2)
+
+
+def _attention_math(q, k, v, scale):
+    """Causal softmax attention in fp32 (the CPU path of _SavedAttentionFn): out (input dtype) and lse."""
+    n_rep = q.shape[1] // k.shape[1]
+    s = (q.float() @ _repeat_kv(k, n_rep).float().transpose(-1, -2)) * scale
+    T, S = s.shape[-2:]
+    s = s.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1), float("-inf"))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    out = (torch.exp(s - lse) @ _repeat_kv(v, n_rep).float()).to(q.dtype)
+    return out, lse
+
+
+class _SavedAttentionFn(torch.autograd.Function):
+    """Causal GQA attention whose forward can be skipped by giving its output (see :func:`attention_outputs`).
+    CUDA: cuDNN's SDPA forward and backward ops (the kernels ``F.scaled_dot_product_attention`` picks for this
+    call on an H100/H200, the same output and gradient bits); CPU: fp32 math (tests)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, keep, saved):
+        if saved is not None:
+            out, lse, rng = saved.out, saved.lse, saved.rng
+        elif q.is_cuda:
+            r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
+                                                                  scale=scale)
+            out, lse, rng = r[0], r[1], (r[6], r[7])
+        else:
+            out, lse = _attention_math(q, k, v, scale)
+            rng = ()
+        if keep is not None and saved is None:
+            keep(SavedAttention(out, lse, rng))
+        ctx.scale, ctx.rng = scale, rng
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        if q.is_cuda:
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                dout, q, k, v, out, lse, ctx.rng[0], ctx.rng[1], None, None, None, q.shape[2], k.shape[2], 0.0,
+                True, scale=scale)
+            return dq, dk, dv, None, None, None
+        n_rep = q.shape[1] // k.shape[1]
+        kf, vf, do = _repeat_kv(k, n_rep).float(), _repeat_kv(v, n_rep).float(), dout.float()
+        s = (q.float() @ kf.transpose(-1, -2)) * scale
+        T, S = s.shape[-2:]
+        s = s.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1), float("-inf"))
+        p = torch.exp(s - lse)
+        dv = _reduce_kv(p.transpose(-1, -2) @ do, n_rep)
+        dp = do @ vf.transpose(-1, -2)
+        ds = p * (dp - (do * out.float()).sum(-1, keepdim=True)) * scale
+        dq = ds @ kf
+        dk = _reduce_kv(ds.transpose(-1, -2) @ q.float(), n_rep)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _saved_attention_call(q, k, v, mask):
+    """The attention through _SavedAttentionFn when an ``attention_outputs`` block asks for it and the call is
+    the causal training case it covers; else None (the caller runs SDPA as usual)."""
+    state = getattr(_attn, "state", None)
+    if state is None or mask is not None or not torch.is_grad_enabled():
+        return None
+    if q.shape[2] != k.shape[2] or q.shape[2] < 2 or q.shape[1] % k.shape[1] or torch.compiler.is_compiling():
+        return None
+    if (q.dtype not in (torch.bfloat16, torch.float16) if q.is_cuda else not SAVED_ATTENTION_ON_CPU):
+        return None
+    keep, saved = state
+    if saved is not None and (saved.out.shape != q.shape or saved.out.dtype != q.dtype):
+        raise RuntimeError(f"attention_outputs: the saved output is {tuple(saved.out.shape)} {saved.out.dtype}, "
+                           f"this call's {tuple(q.shape)} {q.dtype}; the recomputation differs from the forward")
+    _attn.state = None  # one call per block
+    if saved is None and q.is_cuda:
+        try:
+            return _SavedAttentionFn.apply(q, k, v, q.shape[-1] ** -0.5, keep, None)
+        except RuntimeError:  # no cuDNN kernel for these inputs here: plain SDPA, nothing kept
+            return None
+    return _SavedAttentionFn.apply(q, k, v, q.shape[-1] ** -0.5, keep, saved)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA over q (B, H, T, D), k/v (B, KV, S, D); mask None = causal (S == T), else bool (B, 1, T, S)."""
+    out = _saved_attention_call(q, k, v, mask)
+    if out is not None:
+        return out
     n_rep = q.shape[1] // k.shape[1]
     causal = mask is None and q.shape[2] > 1
     if n_rep > 1 and SDPA_GQA and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 0):

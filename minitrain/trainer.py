@@ -40,8 +40,8 @@ from . import distributed as dist_
 from .config import TrainConfig
 from .data.batching import bucket_batches
 from .lora import LoRALinear, atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
-from .model import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, env_switch, has_global_hooks, has_hooks,
-                    mlp_tile_default)
+from .model import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, SavedAttention, attention_outputs, env_switch,
+                    has_global_hooks, has_hooks, mlp_tile_default)
 
 try:
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -245,7 +245,7 @@ class _Stash:
     """One checkpointed layer's input, between the layer's forward and its recomputation in the backward."""
 
     __slots__ = ("index", "x", "host", "d2h", "dev", "h2d", "prev", "requires_grad", "used", "device", "key",
-                 "fetched", "reused", "kept", "__weakref__")
+                 "fetched", "reused", "kept", "attn", "attn_host", "attn_dev", "attn_fn", "__weakref__")
 
     def __init__(self, index: int, x: torch.Tensor, host: torch.Tensor | None, d2h, prev, key):
         self.index, self.x, self.host, self.d2h, self.prev, self.key = index, x, host, d2h, prev, key
@@ -253,6 +253,26 @@ class _Stash:
         self.device = x.device
         self.requires_grad, self.used, self.fetched, self.reused = x.requires_grad, False, False, False
         self.kept = host is None  # over the host budget: the input stays on its device, no copies
+        # the segment's attention output and log-sum-exp (see HostOffload.keep_attention): the forward's
+        # SavedAttention while its copies run (and for good where the input stays on the device), their host
+        # copies (storage order), and the SavedAttention brought back for the recomputation
+        self.attn = self.attn_host = self.attn_dev = None
+        self.attn_fn = False  # the forward's attention ran as model._SavedAttentionFn (so must the recomputation)
+
+
+def _storage_order(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(t with its dims permuted into memory order, so contiguous, the permutation); a dense non-contiguous
+    view (the attention output's (B, H, T, D) view of (B, T, H, D) memory) is copied in its own layout."""
+    perm = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+    p = t.permute(perm)
+    return (p, perm) if p.is_contiguous() else (t.contiguous(), tuple(range(t.dim())))
+
+
+def _unpermute(t: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
+    inv = [0] * len(perm)
+    for i, d in enumerate(perm):
+        inv[d] = i
+    return t.permute(inv)
 
 
 HOST_BUDGET_ENV = "MINITRAIN_OFFLOAD_HOST_GIB"
@@ -366,6 +386,8 @@ class HostOffload:
             else:
                 main.wait_event(s.d2h)  # the host copy is complete before the device tensor's memory is reused
                 s.x = None
+                if s.attn_host is not None:
+                    s.attn = None
         self.pending = rest
 
     def _host_buffer(self, key: tuple, x: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
@@ -442,11 +464,66 @@ class HostOffload:
 
     def _bring_back(self, s: _Stash, main) -> None:
         s.dev = torch.empty(s.host.shape, dtype=s.host.dtype, device=main.device)  # allocated on the main stream
+        attn = None
+        if s.attn_host is not None:
+            attn = [(torch.empty(h.shape, dtype=h.dtype, device=main.device), h, perm) for h, perm in s.attn_host[0]]
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
             s.dev.copy_(s.host, non_blocking=True)
+            for d, h, _ in attn or ():
+                d.copy_(h, non_blocking=True)
             s.h2d = torch.cuda.Event()
             s.h2d.record(self.stream)
+        if attn is not None:
+            out, lse = (_unpermute(d, perm) for d, _, perm in attn)
+            s.attn_dev = SavedAttention(out, lse, s.attn_host[1])
+
+    def keep_attention(self, s: _Stash, saved: SavedAttention) -> None:
+        """Called by the attention of the segment whose input ``s`` holds, in its forward: the attention output
+        and log-sum-exp go to host with the input (the copy stream, after the kernel) and come back with it
+        for the recomputation, which then skips the attention kernel (``minitrain.model.attention_outputs``).
+        They stay on the device where the input does (the budget; the last segment) and are not kept at all
+        when their host copies would exceed the budget."""
+        s.attn, s.attn_fn = saved, True
+        if s.kept or s.host is None:
+            return
+        parts = [_storage_order(t) for t in (saved.out, saved.lse)]
+        hosts = []
+        for slot, (t, perm) in enumerate(parts):
+            host, reused = self._host_buffer((s.index, "attn", slot, t.dtype), t)
+            if host is None:  # over the host budget: recompute the attention instead (no device memory spent)
+                s.attn = None
+                return
+            if reused:
+                self.holders[(s.index, "attn", slot, t.dtype)] = weakref.ref(s)
+            hosts.append((host, perm))
+        s.attn_host = (hosts, saved.rng)
+        if s.device.type != "cuda":
+            for (host, _), (t, _) in zip(hosts, parts):
+                host.copy_(t.detach())
+            s.attn = None
+            return
+        main = torch.cuda.current_stream(s.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            for (host, _), (t, _) in zip(hosts, parts):
+                host.copy_(t.detach(), non_blocking=True)
+            s.d2h = torch.cuda.Event()  # after x's copy on the same stream: one event for both
+            s.d2h.record(self.stream)
+
+    def saved_attention(self, s: _Stash) -> SavedAttention | None:
+        """What ``keep_attention`` kept for this stash, on its device, for the recomputation (after ``fetch``,
+        which waited for the copies), or None."""
+        if s.attn is not None:  # still on the device
+            return s.attn
+        if s.attn_host is None:
+            return None
+        if s.device.type != "cuda":
+            (out_h, out_p), (lse_h, lse_p) = s.attn_host[0]
+            return SavedAttention(_unpermute(out_h.clone(), out_p), _unpermute(lse_h.clone(), lse_p),
+                                  s.attn_host[1])
+        saved, s.attn_dev = s.attn_dev, None
+        return saved
 
     def fetch(self, s: _Stash) -> torch.Tensor:
         """The layer input again, on its device, for the recomputation."""
@@ -485,6 +562,12 @@ RECOMPUTE_SKIPS_UNUSED_OUTPUT = env_switch("MINITRAIN_RECOMPUTE_SKIP")
 # MLP half; see CheckpointedLayer). Off with MINITRAIN_SPLIT_CHECKPOINT=0 (read at import) or by setting this
 # to False; read at each checkpointed forward (a CUDA graph keeps what its capture did).
 SPLIT_OFFLOAD_SEGMENTS = env_switch("MINITRAIN_SPLIT_CHECKPOINT")
+
+# gradient_checkpointing="offload" keeps the attention output and its log-sum-exp of a split layer's attention
+# half with the segment input in pinned host memory, so the recomputation skips the attention kernel (see
+# CheckpointedLayer). Off with MINITRAIN_ATTN_REUSE=0 (read at import) or by setting this to False; read at each
+# checkpointed forward (a CUDA graph keeps what its capture did).
+REUSE_ATTENTION_OUTPUT = env_switch("MINITRAIN_ATTN_REUSE")
 
 # The forwards whose code the checks below rely on, as minitrain.model defines them (a later class-level patch
 # replaces the class attribute, not these)
@@ -669,10 +752,14 @@ class CheckpointedLayer:
         layer = self.layer
         if stash.used:  # recomputation: h1 is discarded, so o_proj's output is never read
             x = self.offload.fetch(stash)
-            with _unused(unused_attention_output_base(layer)):
+            reuse = attention_outputs(saved=self.offload.saved_attention(stash), active=stash.attn_fn)
+            with _unused(unused_attention_output_base(layer)), reuse:
                 return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None)
         x = self._take(stash)
-        return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None)
+        if not REUSE_ATTENTION_OUTPUT or mask is not None:
+            return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None)
+        with attention_outputs(keep=lambda saved: self.offload.keep_attention(stash, saved)):
+            return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None)
 
     def _run_mlp(self, stash: _Stash):
         """Segment 2 of a split layer: h1 -> the layer output (the second line of ``LlamaDecoderLayer.forward``)."""

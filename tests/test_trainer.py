@@ -636,6 +636,80 @@ def test_offload_split_without_recompute_skip_and_two_forwards(fused_lora_on_cpu
     assert_same_bits(plain, want)
 
 
+ATTN_REUSE_CASES = ["reuse", "over-budget", "nothing-fits", "two-forwards", "full-recompute"]
+
+
+@pytest.mark.parametrize("case", ATTN_REUSE_CASES)
+def test_offload_split_reuses_the_attention_output(fused_lora_on_cpu, monkeypatch, case):
+    """The attention half's forward keeps the attention output and log-sum-exp with its input (host copies);
+    its recomputation then runs no attention kernel and gives the same loss and adapter gradients bit for bit
+    as recomputing the attention through the same Function (cuDNN's ops on CUDA, fp32 math on this CPU path),
+    also over the host budget (nothing kept: recomputed, the Function's path again), with two forwards before
+    one backward and without checkpoint's early stop; close to plain SDPA."""
+    import minitrain.model as mm
+    import minitrain.trainer as mt
+
+    monkeypatch.setattr(mm, "SAVED_ATTENTION_ON_CPU", True)
+    forwards = 2 if case == "two-forwards" else 1
+    early_stop = case != "full-recompute"
+    model = tiny_lora_model(True, 0.1)
+    n = len(model.model.layers)
+    kernels, math = [], mm._attention_math
+    monkeypatch.setattr(mm, "_attention_math", lambda *a: (kernels.append(1), math(*a))[1])
+    x_bytes = 2 * 11 * TINY["hidden_size"] * 4  # one stash: (B, T, C) fp32
+    if case == "over-budget":  # room for the first input only: its attention output is recomputed, the other
+        monkeypatch.setenv(mt.HOST_BUDGET_ENV, str(1.5 * x_bytes / 2**30))  # layers' stay on the device with it
+    if case == "nothing-fits":  # every input and attention output stays on the device: nothing recomputed
+        monkeypatch.setenv(mt.HOST_BUDGET_ENV, "0")
+    kept, keep = [], mt.HostOffload.keep_attention
+    monkeypatch.setattr(mt.HostOffload, "keep_attention", lambda self, s, saved: (kept.append(s.index),
+                                                                                keep(self, s, saved))[1])
+    got = offload_run(model, monkeypatch, True, fused_lora_on_cpu, early_stop=early_stop, forwards=forwards)
+    assert kept == list(range(0, 2 * n, 2)) * forwards, kept
+    # the attention kernel runs in the forward, and again only where its output was not kept
+    assert len(kernels) == (n + (case == "over-budget")) * forwards, (case, len(kernels))
+    kernels.clear()
+    monkeypatch.setattr(mt.HostOffload, "saved_attention", lambda self, s: None)  # recompute it, same Function
+    want = offload_run(model, monkeypatch, True, fused_lora_on_cpu, early_stop=early_stop, forwards=forwards)
+    assert len(kernels) == 2 * n * forwards, len(kernels)
+    assert_same_bits(got, want)
+    monkeypatch.setattr(mt, "REUSE_ATTENTION_OUTPUT", False)  # plain SDPA: the same up to rounding
+    kernels.clear()
+    sdpa = offload_run(model, monkeypatch, True, fused_lora_on_cpu, early_stop=early_stop, forwards=forwards)
+    assert kernels == []
+    assert got[0].item() == pytest.approx(sdpa[0].item(), abs=1e-5)
+    for name, g in got[1].items():
+        assert torch.allclose(g, sdpa[1][name], rtol=1e-4, atol=1e-5), name
+
+
+def test_saved_attention_math_matches_sdpa_and_autograd():
+    """The CPU path of _SavedAttentionFn: causal GQA output and its hand-written backward against SDPA with
+    repeated k/v and autograd, and the output handed to ``keep`` is the one returned."""
+    import torch.nn.functional as F
+
+    from minitrain.model import _SavedAttentionFn
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 6, 9, 8, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64).requires_grad_()
+    dout = torch.randn(2, 6, 9, 8, generator=g, dtype=torch.float64)
+    kept = []
+    out = _SavedAttentionFn.apply(q, k, v, 8 ** -0.5, kept.append, None)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    assert len(kept) == 1 and kept[0].out is out and kept[0].lse.shape == (2, 6, 9, 1)
+    torch.testing.assert_close(out, ref.to(out.dtype), rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # given the saved output, the forward computes nothing and the backward is the same
+    again = _SavedAttentionFn.apply(q, k, v, 8 ** -0.5, None, kept[0])
+    assert again.data_ptr() == out.data_ptr()
+    for a, b in zip(torch.autograd.grad(again, (q, k, v), dout), grads):
+        assert torch.equal(a, b)
+
+
 def test_offload_split_flags_each_recomputation_with_its_unused_projection(fused_lora_on_cpu):
     """Pre-hooks (which cannot read an output) on o_proj and down_proj see no flag in the forward; in the backward
     each half is recomputed (MLP half first) under its own projection's base, and the flag is reset after."""
@@ -1037,6 +1111,90 @@ def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
             layers = args.num_hidden_layers
             assert split[2] == ([2] * layers, list(range(2 * layers))), split[2]
             assert one[2] == ([3] * layers, list(range(0, 2 * layers, 2))), one[2]
+
+
+@pytest.mark.gpu
+def test_saved_attention_fn_is_sdpa_on_cuda():
+    """_SavedAttentionFn on CUDA (cuDNN's SDPA ops, GQA, q/k/v as views of one fused projection output) gives
+    F.scaled_dot_product_attention's output bit for bit and its gradients (those of the same cuDNN backward),
+    and with the saved output the same gradients again without a forward kernel."""
+    import torch.nn.functional as F
+
+    from minitrain.model import _SavedAttentionFn
+
+    torch.manual_seed(0)
+    B, T, H, KV, D = 2, 333, 8, 2, 128
+    qkv = torch.randn(B, T, (H + 2 * KV) * D, device="cuda", dtype=torch.bfloat16)
+    q = qkv[..., :H * D].view(B, T, H, D).transpose(1, 2)
+    k = qkv[..., H * D:(H + KV) * D].view(B, T, KV, D).transpose(1, 2)
+    v = qkv[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
+    dout = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # as o_proj's view gives
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=D ** -0.5, enable_gqa=True)
+    ref_grads = torch.autograd.grad(ref, (qs, ks, vs), dout)
+    kept = []
+    out = _SavedAttentionFn.apply(qs, ks, vs, D ** -0.5, kept.append, None)
+    grads = torch.autograd.grad(out, (qs, ks, vs), dout)
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-2)
+    again = _SavedAttentionFn.apply(qs, ks, vs, D ** -0.5, None, kept[0])
+    assert again.data_ptr() == out.data_ptr()
+    for a, b in zip(torch.autograd.grad(again, (qs, ks, vs), dout), grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_offload_attention_reuse_is_exact_on_cuda_eager_and_graphed(monkeypatch):
+    """bf16 autocast QLoRA on CUDA, C=1024, 2 layers, T=256, gradient_checkpointing="offload": keeping the
+    attention output with the segment input (the recomputation runs no attention kernel) gives the loss and
+    adapter gradients of recomputing it, eagerly and replayed from the trainer's CUDA graph, within the
+    run-to-run spread (bit for bit where runs agree); eagerly every layer's recomputation gets its output back."""
+    import minitrain.trainer as mt
+    from minitrain.cuda_graphs import graph_blockers
+    from minitrain.model import LlamaForCausalLM, ModelArgs, rope_inv_freq
+    from minitrain.trainer import n_items, set_gradient_checkpointing
+    from test_cuda_graphs import nf4_projections, random_batch
+
+    args = ModelArgs(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+    B, T = 2, 256
+    batch = random_batch(B, T, "cuda", seed=5)
+    n = n_items(batch)
+    got_back, saved_attention = [], mt.HostOffload.saved_attention
+    monkeypatch.setattr(mt.HostOffload, "saved_attention",
+                        lambda self, s: (lambda r: (got_back.append(r is not None), r)[1])(saved_attention(self, s)))
+
+    def build(reuse):
+        monkeypatch.setattr(mt, "REUSE_ATTENTION_OUTPUT", reuse)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(args).to(torch.bfloat16)
+        model.model.inv_freq = rope_inv_freq(args).cuda()
+        nf4_projections(model)
+        add_lora(model, r=16, alpha=32)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        set_gradient_checkpointing(model.train(), "offload")
+        return model
+
+    def eager(reuse):
+        model = build(reuse)
+        got_back.clear()
+        loss, g = _eager_loss_and_grads(model, batch, n)
+        return loss, g, list(got_back)
+
+    def graphed(reuse):
+        model = build(reuse)
+        assert graph_blockers(model) == [], graph_blockers(model)
+        return _graphed_loss_and_grads(model, batch, n, B, T)
+
+    for run in (eager, graphed):
+        plain, reuse = _within_run_to_run(run, "attention output kept vs recomputed")
+        if run is eager:
+            assert reuse[2] == [True] * args.num_hidden_layers and plain[2] == [False] * args.num_hidden_layers, \
+                (reuse[2], plain[2])
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
