@@ -512,16 +512,8 @@ class HostOffload:
             s.d2h.record(self.stream)
 
     def saved_attention(self, s: _Stash) -> SavedAttention | None:
-        """What ``keep_attention`` kept for this stash, on its device, for the recomputation (after ``fetch``,
-        which waited for the copies), or None."""
-        if s.attn is not None:  # still on the device
-            return s.attn
-        if s.attn_host is None:
-            return None
-        if s.device.type != "cuda":
-            (out_h, out_p), (lse_h, lse_p) = s.attn_host[0]
-            return SavedAttention(_unpermute(out_h.clone(), out_p), _unpermute(lse_h.clone(), lse_p),
-                                  s.attn_host[1])
+        """What ``keep_attention`` kept for this stash, on its device, for the recomputation, or None: set by
+        ``fetch`` (which waited for the copies back, or took what stayed on the device) and handed out once."""
         saved, s.attn_dev = s.attn_dev, None
         return saved
 
@@ -534,13 +526,19 @@ class HostOffload:
                                    "later forward before this second backward; recompute the loss instead")
         s.fetched = True
         if s.device.type != "cuda":  # CPU: a copy of the host buffer, or the input itself (over the budget)
+            if s.attn is not None or s.attn_host is None:
+                s.attn_dev = s.attn
+            else:
+                (out_h, out_p), (lse_h, lse_p) = s.attn_host[0]
+                s.attn_dev = SavedAttention(_unpermute(out_h.clone(), out_p), _unpermute(lse_h.clone(), lse_p),
+                                            s.attn_host[1])
             return (s.x if s.kept else s.host.clone()).detach().requires_grad_(s.requires_grad)
         main = torch.cuda.current_stream(s.device)
         p = s.prev
         # the segment recomputed next may still be on the device too (x of a split last layer): kept, no copy back
         keep = p if p is not None and p.x is not None else None
         if s.x is not None:  # still on the device (the last layer, or kept by the budget): use it, no copy back
-            out = s.x.detach()
+            out, s.attn_dev = s.x.detach(), s.attn
             self._release_pending(main, keep)
         else:
             self._release_pending(main, keep)
