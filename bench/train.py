@@ -71,6 +71,7 @@ ROWS = {
     "ours-graph": dict(impl="ours", quant=True, gc="on", graph=True, cuda=True),
     "ours-16bit-graph": dict(impl="ours", quant=False, gc="on", graph=True, cuda=True),
     "ours-offload-graph": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True),
+    "ours-16bit-offload-graph": dict(impl="ours", quant=False, gc="offload", graph=True, cuda=True),
     "peft-bnb": dict(impl="hf", quant=True, liger=False, cuda=False),  # bitsandbytes 0.50 runs NF4 on CPU too
     "peft-bnb-liger": dict(impl="hf", quant=True, liger=True, cuda=True),
     "peft-16bit": dict(impl="hf", quant=False, liger=False, cuda=False),

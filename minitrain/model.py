@@ -307,13 +307,17 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 class SavedAttention:
     """The causal attention's output and softmax log-sum-exp of one forward, kept by a checkpoint's forward so
     that its recomputation can skip the attention kernel (see :func:`attention_outputs`): ``out`` (B, H, T, D)
-    and ``lse`` (B, H, T, 1) fp32 as the forward computed them, plus the kernel's RNG state tensors (unused
-    without dropout, passed back unchanged)."""
+    and ``lse`` (B, H, T, 1) fp32 as the forward computed them, the kernel's RNG state tensors (unused without
+    dropout, passed back unchanged), and optionally its inputs ``q`` (B, H, T, D) and ``k``, ``v`` (B, KV, T, D)
+    (rotated, as the kernel saw them): given those too, the recomputation need not compute q, k and v at all."""
 
-    __slots__ = ("out", "lse", "rng")
+    __slots__ = ("out", "lse", "rng", "q", "k", "v")
 
-    def __init__(self, out: torch.Tensor, lse: torch.Tensor, rng: tuple = ()):
-        self.out, self.lse, self.rng = out, lse, rng
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor, rng: tuple = (), q=None, k=None, v=None):
+        self.out, self.lse, self.rng, self.q, self.k, self.v = out, lse, rng, q, k, v
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.out, self.lse] + ([self.q, self.k, self.v] if self.q is not None else [])
 
 
 _attn = threading.local()
@@ -370,6 +374,8 @@ class _SavedAttentionFn(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, keep, saved):
         if saved is not None:
             out, lse, rng = saved.out, saved.lse, saved.rng
+            if saved.q is not None:  # the forward's own q, k, v: this call's may be uninitialized (not computed)
+                q, k, v = saved.q, saved.k, saved.v
         elif q.is_cuda:
             r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
                                                                   scale=scale)
@@ -378,7 +384,7 @@ class _SavedAttentionFn(torch.autograd.Function):
             out, lse = _attention_math(q, k, v, scale)
             rng = ()
         if keep is not None and saved is None:
-            keep(SavedAttention(out, lse, rng))
+            keep(SavedAttention(out, lse, rng, q, k, v))
         ctx.scale, ctx.rng = scale, rng
         ctx.save_for_backward(q, k, v, out, lse)
         return out

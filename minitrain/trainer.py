@@ -268,6 +268,11 @@ def _storage_order(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return (p, perm) if p.is_contiguous() else (t.contiguous(), tuple(range(t.dim())))
 
 
+def _saved_attention(tensors: list[torch.Tensor], rng: tuple) -> SavedAttention:
+    """A SavedAttention from the list SavedAttention.tensors gave (out, lse[, q, k, v])."""
+    return SavedAttention(tensors[0], tensors[1], rng, *tensors[2:])
+
+
 def _unpermute(t: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
     inv = [0] * len(perm)
     for i, d in enumerate(perm):
@@ -467,16 +472,16 @@ class HostOffload:
         attn = None
         if s.attn_host is not None:
             attn = [(torch.empty(h.shape, dtype=h.dtype, device=main.device), h, perm) for h, perm in s.attn_host[0]]
+            attn = attn, [_unpermute(d, perm) for d, _, perm in attn]
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
             s.dev.copy_(s.host, non_blocking=True)
-            for d, h, _ in attn or ():
+            for d, h, _ in attn[0] if attn else ():
                 d.copy_(h, non_blocking=True)
             s.h2d = torch.cuda.Event()
             s.h2d.record(self.stream)
         if attn is not None:
-            out, lse = (_unpermute(d, perm) for d, _, perm in attn)
-            s.attn_dev = SavedAttention(out, lse, s.attn_host[1])
+            s.attn_dev = _saved_attention(attn[1], s.attn_host[1])
 
     def keep_attention(self, s: _Stash, saved: SavedAttention) -> None:
         """Called by the attention of the segment whose input ``s`` holds, in its forward: the attention output
@@ -484,10 +489,12 @@ class HostOffload:
         for the recomputation, which then skips the attention kernel (``minitrain.model.attention_outputs``).
         They stay on the device where the input does (the budget; the last segment) and are not kept at all
         when their host copies would exceed the budget."""
+        if not REUSE_ATTENTION_INPUTS:
+            saved.q = saved.k = saved.v = None
         s.attn, s.attn_fn = saved, True
         if s.kept or s.host is None:
             return
-        parts = [_storage_order(t) for t in (saved.out, saved.lse)]
+        parts = [_storage_order(t) for t in saved.tensors()]
         hosts = []
         for slot, (t, perm) in enumerate(parts):
             host, reused = self._host_buffer((s.index, "attn", slot, t.dtype), t)
@@ -529,9 +536,7 @@ class HostOffload:
             if s.attn is not None or s.attn_host is None:
                 s.attn_dev = s.attn
             else:
-                (out_h, out_p), (lse_h, lse_p) = s.attn_host[0]
-                s.attn_dev = SavedAttention(_unpermute(out_h.clone(), out_p), _unpermute(lse_h.clone(), lse_p),
-                                            s.attn_host[1])
+                s.attn_dev = _saved_attention([_unpermute(h.clone(), p) for h, p in s.attn_host[0]], s.attn_host[1])
             return (s.x if s.kept else s.host.clone()).detach().requires_grad_(s.requires_grad)
         main = torch.cuda.current_stream(s.device)
         p = s.prev
@@ -566,10 +571,14 @@ SPLIT_OFFLOAD_SEGMENTS = env_switch("MINITRAIN_SPLIT_CHECKPOINT")
 # CheckpointedLayer). Off with MINITRAIN_ATTN_REUSE=0 (read at import) or by setting this to False; read at each
 # checkpointed forward (a CUDA graph keeps what its capture did).
 REUSE_ATTENTION_OUTPUT = env_switch("MINITRAIN_ATTN_REUSE")
+# With it, the attention's inputs q, k, v (rotated) go to host as well, and the recomputation skips the q/k/v
+# projections' base GEMMs too (their outputs unused; see unused_qkv_bases). Off with MINITRAIN_QKV_REUSE=0.
+REUSE_ATTENTION_INPUTS = env_switch("MINITRAIN_QKV_REUSE")
 
 # The forwards whose code the checks below rely on, as minitrain.model defines them (a later class-level patch
 # replaces the class attribute, not these)
 _DECODER_FORWARD, _ATTENTION_FORWARD = LlamaDecoderLayer.forward, LlamaAttention.forward
+_ATTENTION_QKV = LlamaAttention.qkv
 _MLP_FORWARD, _LORA_FORWARD = LlamaMLP.forward, LoRALinear.forward
 
 
@@ -651,6 +660,30 @@ def unused_attention_output_base(layer: nn.Module):
     return w if _sole_holder(layer, w) else None
 
 
+def unused_qkv_bases(layer: nn.Module) -> list:
+    """The base weights of ``layer.self_attn``'s q_proj, k_proj and v_proj whose outputs the recomputation of
+    the attention segment provably discards when the attention gets the forward's own q, k, v back
+    (``model.SavedAttention`` with inputs): ``self_attn`` runs ``LlamaAttention.forward`` and ``qkv`` (whose
+    q, k, v go only through the rotary embedding, which saves cos and sin, never its inputs, into the
+    attention), each projection a ``LoRALinear`` running its own forward (``lora_linear`` / ``lora_qkv``
+    honour ``output_unused``: no dequantize, base GEMM or adapter term, the saved x and x·Aᵀ as always),
+    no forward hook that could read an output, no other module of the layer holding the weight. The others
+    (say, a frozen projection without adapter): computed as usual; nothing reads them either."""
+    attn = getattr(layer, "self_attn", None)
+    if output_unused is None or not _runs_own(attn, LlamaAttention, _ATTENTION_FORWARD):
+        return []
+    if type(attn).qkv is not _ATTENTION_QKV or "qkv" in vars(attn) or _output_hooks(attn):
+        return []
+    bases = []
+    for name in ("q_proj", "k_proj", "v_proj"):
+        m = getattr(attn, name, None)
+        if _runs_own(m, LoRALinear, _LORA_FORWARD) and not _output_hooks(m):
+            w = m.base_layer.weight
+            if _sole_holder(layer, w):
+                bases.append(w)
+    return bases
+
+
 def split_layer(forward, args: tuple, kwargs: dict):
     """The layer when its checkpoint with offload may be two segments (see :class:`CheckpointedLayer`), else None.
 
@@ -687,11 +720,12 @@ class _Call:
         self.used = False
 
 
-def _unused(base):
-    """``output_unused(base)``, or nothing when there is no base or the skip is switched off."""
-    if base is None or not RECOMPUTE_SKIPS_UNUSED_OUTPUT:
+def _unused(*bases):
+    """``output_unused(*bases)``, or nothing when there is no base or the skip is switched off."""
+    bases = [b for b in bases if b is not None]
+    if not bases or not RECOMPUTE_SKIPS_UNUSED_OUTPUT:
         return nullcontext()
-    return output_unused(base)
+    return output_unused(*bases)
 
 
 class CheckpointedLayer:
@@ -750,8 +784,11 @@ class CheckpointedLayer:
         layer = self.layer
         if stash.used:  # recomputation: h1 is discarded, so o_proj's output is never read
             x = self.offload.fetch(stash)
-            reuse = attention_outputs(saved=self.offload.saved_attention(stash), active=stash.attn_fn)
-            with _unused(unused_attention_output_base(layer)), reuse:
+            saved = self.offload.saved_attention(stash)
+            skip = [unused_attention_output_base(layer)]
+            if saved is not None and saved.q is not None:  # the attention gets its q, k, v back as well
+                skip += unused_qkv_bases(layer)
+            with _unused(*skip), attention_outputs(saved=saved, active=stash.attn_fn):
                 return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None)
         x = self._take(stash)
         if not REUSE_ATTENTION_OUTPUT or mask is not None:

@@ -479,8 +479,10 @@ def test_output_unused_nests_and_resets_after_an_error():
             with tlora.output_unused(b):
                 assert tlora._output_unused(b) and not tlora._output_unused(a)
             assert tlora._output_unused(a)
+            with tlora.output_unused(a, None, b):  # several bases at once (None ignored)
+                assert tlora._output_unused(a) and tlora._output_unused(b) and not tlora._output_unused(None)
             raise ValueError
-    assert not tlora._output_unused(a) and getattr(tlora._unused, "base", None) is None
+    assert not tlora._output_unused(a) and getattr(tlora._unused, "bases", ()) == ()
 
 
 # ---- fewer memory passes: saved xa, the one-pass adapter update ------------------------------------------

@@ -392,7 +392,8 @@ def test_recompute_skip_flag_is_set_only_in_the_recomputation_and_reset_on_error
     seen, fail = [], []
 
     def probe(mod, args):  # a pre-hook: it cannot read the MLP's output, so the skip stays allowed
-        seen.append(getattr(tlora._unused, "base", None))
+        marked = getattr(tlora._unused, "bases", ())
+        seen.append(marked[0] if len(marked) == 1 else (None if not marked else marked))
         if fail:
             raise RuntimeError("boom in the recomputation")
 
@@ -406,13 +407,13 @@ def test_recompute_skip_flag_is_set_only_in_the_recomputation_and_reset_on_error
         model(ids).square().mean().backward()
         assert seen[:2] == [None, None], "flag set during the forward"
         assert seen[2] is down[1] and seen[3] is down[0], "the recomputation (last layer first) is not flagged"
-        assert getattr(tlora._unused, "base", None) is None
+        assert getattr(tlora._unused, "bases", ()) == ()
         loss = model(ids).square().mean()
         fail.append(1)
         with pytest.raises(RuntimeError, match="boom in the recomputation"):
             loss.backward()
         fail.clear()
-        assert getattr(tlora._unused, "base", None) is None, "flag left set after an error"
+        assert getattr(tlora._unused, "bases", ()) == (), "flag left set after an error"
         model.zero_grad(set_to_none=True)
     set_gradient_checkpointing(model, "off")
 
@@ -636,7 +637,7 @@ def test_offload_split_without_recompute_skip_and_two_forwards(fused_lora_on_cpu
     assert_same_bits(plain, want)
 
 
-ATTN_REUSE_CASES = ["reuse", "over-budget", "nothing-fits", "two-forwards", "full-recompute"]
+ATTN_REUSE_CASES = ["reuse", "outputs-only", "over-budget", "nothing-fits", "two-forwards", "full-recompute"]
 
 
 @pytest.mark.parametrize("case", ATTN_REUSE_CASES)
@@ -661,11 +662,19 @@ def test_offload_split_reuses_the_attention_output(fused_lora_on_cpu, monkeypatc
         monkeypatch.setenv(mt.HOST_BUDGET_ENV, str(1.5 * x_bytes / 2**30))  # layers' stay on the device with it
     if case == "nothing-fits":  # every input and attention output stays on the device: nothing recomputed
         monkeypatch.setenv(mt.HOST_BUDGET_ENV, "0")
+    if case == "outputs-only":  # out and lse kept, q/k/v recomputed by their projections
+        monkeypatch.setattr(mt, "REUSE_ATTENTION_INPUTS", False)
     kept, keep = [], mt.HostOffload.keep_attention
     monkeypatch.setattr(mt.HostOffload, "keep_attention", lambda self, s, saved: (kept.append(s.index),
                                                                                 keep(self, s, saved))[1])
     got = offload_run(model, monkeypatch, True, fused_lora_on_cpu, early_stop=early_stop, forwards=forwards)
     assert kept == list(range(0, 2 * n, 2)) * forwards, kept
+    # q/k/v's base weights: dequantized in the forward and the backward (not layer 0's: its input, the embedding,
+    # needs no gradient), and in the recomputation only where the attention did not get its inputs back
+    qkv = [[fused_lora_on_cpu.get(id(getattr(layer.self_attn, p).base_layer.weight), 0) for p in ("q_proj", "k_proj",
+            "v_proj")] for layer in model.model.layers]
+    again = [case in ("outputs-only", "over-budget" if i == 0 else "") for i in range(n)]
+    assert qkv == [[(1 + (i > 0) + a) * forwards] * 3 for i, a in enumerate(again)], (case, qkv)
     # the attention kernel runs in the forward, and again only where its output was not kept
     assert len(kernels) == (n + (case == "over-budget")) * forwards, (case, len(kernels))
     kernels.clear()
@@ -680,6 +689,28 @@ def test_offload_split_reuses_the_attention_output(fused_lora_on_cpu, monkeypatc
     assert got[0].item() == pytest.approx(sdpa[0].item(), abs=1e-5)
     for name, g in got[1].items():
         assert torch.allclose(g, sdpa[1][name], rtol=1e-4, atol=1e-5), name
+
+
+def test_unused_qkv_bases_only_where_nothing_reads_the_outputs(fused_lora_on_cpu):
+    from minitrain.trainer import unused_qkv_bases
+
+    def bases(layer):
+        return [next(n for n in ("q_proj", "k_proj", "v_proj") if getattr(layer.self_attn, n).base_layer.weight is w)
+                for w in unused_qkv_bases(layer)]
+
+    layer = tiny_lora_model().model.layers[0]
+    assert bases(layer) == ["q_proj", "k_proj", "v_proj"]
+    h = layer.self_attn.k_proj.register_forward_hook(lambda *a: None)  # could read k's output: k computed
+    assert bases(layer) == ["q_proj", "v_proj"]
+    h.remove()
+    h = layer.self_attn.register_forward_hook(lambda *a: None)
+    assert bases(layer) == []
+    h.remove()
+    layer.self_attn.qkv = lambda x: (x, x, x)  # another qkv: its outputs may go anywhere
+    assert bases(layer) == []
+    del layer.self_attn.qkv
+    layer.self_attn.v_proj.base_layer.weight = layer.self_attn.q_proj.base_layer.weight  # one weight, two modules
+    assert bases(layer) == ["k_proj"]
 
 
 def test_saved_attention_math_matches_sdpa_and_autograd():
@@ -721,7 +752,7 @@ def test_offload_split_flags_each_recomputation_with_its_unused_projection(fused
     for i, layer in enumerate(model.model.layers):
         for name, m in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
             m.register_forward_pre_hook(
-                lambda mod, args, tag=(name, i): seen.append((tag, getattr(tlora._unused, "base", None))))
+                lambda mod, args, tag=(name, i): seen.append((tag, getattr(tlora._unused, "bases", ()))))
     set_gradient_checkpointing(model, "offload")
     model(torch.randint(0, TINY["vocab_size"], (2, 9))).square().mean().backward()
     set_gradient_checkpointing(model, "off")
@@ -730,9 +761,9 @@ def test_offload_split_flags_each_recomputation_with_its_unused_projection(fused
          for k in ("o", "down") for i in range(len(L))}
     order = [("o", 0), ("down", 0), ("o", 1), ("down", 1), ("down", 1), ("o", 1), ("down", 0), ("o", 0)]
     assert [t for t, _ in seen] == order, seen
-    assert all(b is None for _, b in seen[:4]), "flag set during the forward"
-    assert all(b is w[t] for t, b in seen[4:]), "a recomputation not flagged with its own projection"
-    assert getattr(tlora._unused, "base", None) is None
+    assert all(b == () for _, b in seen[:4]), "flag set during the forward"
+    assert all(len(b) == 1 and b[0] is w[t] for t, b in seen[4:]), "a recomputation not flagged with its own projection"
+    assert getattr(tlora._unused, "bases", ()) == ()
 
 
 def test_offload_split_only_where_it_is_the_same_computation(fused_lora_on_cpu, monkeypatch):

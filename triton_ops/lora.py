@@ -94,25 +94,25 @@ _unused = threading.local()
 
 
 @contextmanager
-def output_unused(base):
+def output_unused(*bases):
     """Within the block, ``lora_linear`` / ``lora_qkv`` / ``lora_mlp`` (the hand-written backend) skip computing
-    the forward output of any projection whose base weight *is* ``base`` (identity, not equality) and of any
-    MLP whose down projection's base it is, returning ``torch.empty`` of the output's shape, dtype and device;
-    the tensors they save for backward are computed exactly as without the block. Only for callers that can
-    prove nothing reads that output (a checkpoint recomputation). Nestable; restored on every exit."""
-    prev = getattr(_unused, "base", None)
-    _unused.base = base
+    the forward output of any projection whose base weight *is* one of ``bases`` (identity, not equality) and
+    of any MLP whose down projection's base it is, returning ``torch.empty`` of the output's shape, dtype and
+    device; the tensors they save for backward are computed exactly as without the block. Only for callers that
+    can prove nothing reads those outputs (a checkpoint recomputation). Nestable (the innermost block's bases
+    count); restored on every exit."""
+    prev = getattr(_unused, "bases", ())
+    _unused.bases = tuple(b for b in bases if b is not None)
     try:
         yield
     finally:
-        _unused.base = prev
+        _unused.bases = prev
 
 
 def _output_unused(base) -> bool:
     if torch.compiler.is_compiling():  # never inside a traced graph: the flag is host state of one eager call
         return False
-    marked = getattr(_unused, "base", None)
-    return marked is not None and marked is base
+    return any(marked is base for marked in getattr(_unused, "bases", ()))
 
 
 # ---- references (the specification; the CPU path) ------------------------------------------------------
