@@ -1088,6 +1088,25 @@ def test_offload_over_the_host_budget_is_exact_on_cuda_eager_and_graphed(monkeyp
         assert made[-1].host_bytes() <= 2.5 * B * T * C * 2, made[-1].host_bytes()
 
 
+def _offload_qlora_model(args):
+    """A bf16 QLoRA model on CUDA (NF4 bases, r=16 adapters with B != 0) with gradient_checkpointing="offload"."""
+    from minitrain.model import LlamaForCausalLM, rope_inv_freq
+    from minitrain.trainer import set_gradient_checkpointing
+    from test_cuda_graphs import nf4_projections
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(args).to(torch.bfloat16)
+    model.model.inv_freq = rope_inv_freq(args).cuda()
+    nf4_projections(model)
+    add_lora(model, r=16, alpha=32)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    set_gradient_checkpointing(model.train(), "offload")
+    return model
+
+
 @pytest.mark.gpu
 def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
     """bf16 autocast QLoRA (NF4 bases) on CUDA, C=1024, 2 layers, T=256: with gradient_checkpointing="offload"
@@ -1098,9 +1117,9 @@ def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
     import minitrain.trainer as mt
     import triton_ops.lora as tlora
     from minitrain.cuda_graphs import graph_blockers
-    from minitrain.model import LlamaForCausalLM, ModelArgs, rope_inv_freq
-    from minitrain.trainer import n_items, set_gradient_checkpointing
-    from test_cuda_graphs import nf4_projections, random_batch
+    from minitrain.model import ModelArgs
+    from minitrain.trainer import n_items
+    from test_cuda_graphs import random_batch
 
     args = ModelArgs(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
@@ -1114,17 +1133,7 @@ def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
 
     def build(split):
         monkeypatch.setattr(mt, "SPLIT_OFFLOAD_SEGMENTS", split)
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(args).to(torch.bfloat16)
-        model.model.inv_freq = rope_inv_freq(args).cuda()
-        nf4_projections(model)
-        add_lora(model, r=16, alpha=32)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
-        set_gradient_checkpointing(model.train(), "offload")
-        return model
+        return _offload_qlora_model(args)
 
     def eager(split):
         model = build(split)
@@ -1186,9 +1195,9 @@ def test_offload_attention_reuse_is_exact_on_cuda_eager_and_graphed(monkeypatch)
     run-to-run spread (bit for bit where runs agree); eagerly every layer's recomputation gets its output back."""
     import minitrain.trainer as mt
     from minitrain.cuda_graphs import graph_blockers
-    from minitrain.model import LlamaForCausalLM, ModelArgs, rope_inv_freq
-    from minitrain.trainer import n_items, set_gradient_checkpointing
-    from test_cuda_graphs import nf4_projections, random_batch
+    from minitrain.model import ModelArgs
+    from minitrain.trainer import n_items
+    from test_cuda_graphs import random_batch
 
     args = ModelArgs(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
@@ -1201,17 +1210,7 @@ def test_offload_attention_reuse_is_exact_on_cuda_eager_and_graphed(monkeypatch)
 
     def build(reuse):
         monkeypatch.setattr(mt, "REUSE_ATTENTION_OUTPUT", reuse)
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(args).to(torch.bfloat16)
-        model.model.inv_freq = rope_inv_freq(args).cuda()
-        nf4_projections(model)
-        add_lora(model, r=16, alpha=32)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
-        set_gradient_checkpointing(model.train(), "offload")
-        return model
+        return _offload_qlora_model(args)
 
     def eager(reuse):
         model = build(reuse)
