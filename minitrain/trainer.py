@@ -487,13 +487,15 @@ class HostOffload:
         """Called by the attention of the segment whose input ``s`` holds, in its forward: the attention output
         and log-sum-exp go to host with the input (the copy stream, after the kernel) and come back with it
         for the recomputation, which then skips the attention kernel (``minitrain.model.attention_outputs``).
-        They stay on the device where the input does (the budget; the last segment) and are not kept at all
-        when their host copies would exceed the budget."""
+        They are not kept where the input stays on the device by the host budget (they would take several
+        times its device memory) nor when their own host copies would exceed the budget; the last segment's,
+        like its input, are used from the device."""
+        s.attn_fn = True
+        if s.kept or s.host is None:  # the input itself stays on the device (host budget): recompute the attention
+            return                     # there rather than keep 3.5x its bytes of device memory beside it
         if not REUSE_ATTENTION_INPUTS:
             saved.q = saved.k = saved.v = None
-        s.attn, s.attn_fn = saved, True
-        if s.kept or s.host is None:
-            return
+        s.attn = saved
         parts = [_storage_order(t) for t in saved.tensors()]
         hosts = []
         for slot, (t, perm) in enumerate(parts):
