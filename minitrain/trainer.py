@@ -359,6 +359,7 @@ class HostOffload:
         self.last: _Stash | None = None
         self.host_budget = host_budget  # bytes; None: default_host_budget() at the first stash
         self.kept_last_step = 0  # stashes kept on the device by the budget (counted per forward, see stash)
+        self.segments = None  # stash indices of one forward (set_gradient_checkpointing: 2 per layer), if known
         self.warned = False
 
     def host_bytes(self) -> int:
@@ -382,6 +383,22 @@ class HostOffload:
         if buf is not None and not any(b is buf for b in self.captured):
             need -= buf.numel() * buf.element_size()
         return self.host_bytes() + need <= self.host_budget
+
+    def _extra_bytes(self, key: tuple, x: torch.Tensor) -> int:
+        """Bytes of host memory ``_host_buffer(key, x)`` would add: a fresh buffer whole, the layer's reused
+        buffer by its growth (0 when it holds x)."""
+        ref = self.holders.get(key)
+        holder = None if ref is None else ref()
+        n, size = x.numel(), x.element_size()
+        if holder is not None and not holder.fetched:
+            return n * size
+        buf = self.buffers.get(key)
+        if buf is not None and buf.numel() >= n:
+            return 0
+        need = _grown(buf, n) * size
+        if buf is not None and not any(b is buf for b in self.captured):
+            need -= buf.numel() * buf.element_size()
+        return need
 
     def _release_pending(self, main, keep: _Stash | None = None) -> None:
         rest = []
@@ -488,15 +505,23 @@ class HostOffload:
         and log-sum-exp go to host with the input (the copy stream, after the kernel) and come back with it
         for the recomputation, which then skips the attention kernel (``minitrain.model.attention_outputs``).
         They are not kept where the input stays on the device by the host budget (they would take several
-        times its device memory) nor when their own host copies would exceed the budget; the last segment's,
+        times its device memory) nor when their own host copies, with the inputs this forward stashes after them,
+        would exceed the budget (inputs first: one over the budget costs device memory); the last segment's,
         like its input, are used from the device."""
         s.attn_fn = True
         if s.kept or s.host is None:  # the input itself stays on the device (host budget): recompute the attention
             return                     # there rather than keep 3.5x its bytes of device memory beside it
         if not REUSE_ATTENTION_INPUTS:
             saved.q = saved.k = saved.v = None
-        s.attn = saved
         parts = [_storage_order(t) for t in saved.tensors()]
+        # all slots or none (no buffer allocated for nothing), and only where the budget still has room for the
+        # inputs this forward stashes after this one: an input over the budget costs device memory, a recomputed
+        # attention only time
+        need = sum(self._extra_bytes((s.index, "attn", slot, t.dtype), t) for slot, (t, _) in enumerate(parts))
+        need += sum(self._extra_bytes((k, s.host.dtype), s.host) for k in range(s.index + 1, self.segments or 0))
+        if self.host_bytes() + need > self.host_budget:
+            return
+        s.attn = saved
         hosts = []
         for slot, (t, perm) in enumerate(parts):
             host, reused = self._host_buffer((s.index, "attn", slot, t.dtype), t)
@@ -843,6 +868,8 @@ def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
             del layer.forward  # back to the class's forward
         if mode != "off":
             layer.forward = CheckpointedLayer(layer, offload, i)
+            if offload is not None:
+                offload.segments = 2 * (i + 1)
         if isinstance(getattr(layer, "mlp", None), LlamaMLP):
             layer.mlp.tile_tokens = tile
             # FSDP2 (distributed.shard_model): DTensors here, but plain unsharded tensors inside the forward

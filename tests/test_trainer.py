@@ -692,6 +692,33 @@ def test_offload_split_reuses_the_attention_output(fused_lora_on_cpu, monkeypatc
         assert torch.allclose(g, sdpa[1][name], rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.parametrize("room", [0, 1, 2], ids=["inputs-only", "one-attention", "all"])
+def test_offload_attention_copies_never_push_an_input_over_the_host_budget(fused_lora_on_cpu, monkeypatch, room):
+    """A host budget with room for every segment input (and ``room`` layers' attention tensors): every input goes
+    to host as without attention reuse; an attention's copies are kept only where the inputs stashed after them
+    still fit, all of its tensors or none (no host buffer allocated for an attention that is recomputed)."""
+    import minitrain.model as mm
+    import minitrain.trainer as mt
+
+    monkeypatch.setattr(mm, "SAVED_ATTENTION_ON_CPU", True)
+    model = tiny_lora_model(True, 0.1)
+    n = len(model.model.layers)
+    B, T, C, H, KV = 2, 11, TINY["hidden_size"], TINY["num_attention_heads"], TINY["num_key_value_heads"]
+    x_bytes = B * T * C * 4
+    attn_bytes = (2 * B * T * C + B * H * T + 2 * B * T * C // H * KV) * 4  # out, lse, q, k, v (fp32)
+    monkeypatch.setenv(mt.HOST_BUDGET_ENV, str((2 * n * x_bytes + room * attn_bytes) / 2**30))
+    offloads, init = [], mt.HostOffload.__init__
+    monkeypatch.setattr(mt.HostOffload, "__init__", lambda self, *a, **k: (offloads.append(self), init(self, *a, **k))[1])
+    got = offload_run(model, monkeypatch, True, fused_lora_on_cpu)
+    off = offloads[-1]
+    assert off.kept_last_step == 0, f"{off.kept_last_step} segment inputs left on the device by attention copies"
+    attn_keys = sorted({k[0] for k in off.buffers if "attn" in k})
+    assert attn_keys == list(range(0, 2 * room, 2)), f"attention host buffers of stashes {attn_keys}, room {room}"
+    assert off.host_bytes() == 2 * n * x_bytes + room * attn_bytes, (off.host_bytes(), x_bytes, attn_bytes)
+    monkeypatch.setattr(mt.HostOffload, "saved_attention", lambda self, s: None)  # recompute it, same Function
+    assert_same_bits(got, offload_run(model, monkeypatch, True, fused_lora_on_cpu))
+
+
 def test_unused_qkv_bases_only_where_nothing_reads_the_outputs(fused_lora_on_cpu):
     from minitrain.trainer import unused_qkv_bases
 
