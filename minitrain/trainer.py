@@ -245,7 +245,8 @@ class _Stash:
     """One checkpointed layer's input, between the layer's forward and its recomputation in the backward."""
 
     __slots__ = ("index", "x", "host", "d2h", "dev", "h2d", "prev", "requires_grad", "used", "device", "key",
-                 "fetched", "reused", "kept", "attn", "attn_host", "attn_dev", "attn_fn", "__weakref__")
+                 "fetched", "reused", "kept", "attn", "attn_host", "attn_dev", "attn_fn", "attn_src", "attn_keys",
+                 "__weakref__")
 
     def __init__(self, index: int, x: torch.Tensor, host: torch.Tensor | None, d2h, prev, key):
         self.index, self.x, self.host, self.d2h, self.prev, self.key = index, x, host, d2h, prev, key
@@ -258,6 +259,8 @@ class _Stash:
         # copies (storage order), and the SavedAttention brought back for the recomputation
         self.attn = self.attn_host = self.attn_dev = None
         self.attn_fn = False  # the forward's attention ran as model._SavedAttentionFn (so must the recomputation)
+        self.attn_src = None  # the device tensors the attention copies read (dense copies included) until done
+        self.attn_keys = []  # keys of the layer's reused host buffers holding them
 
 
 def _storage_order(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -375,14 +378,8 @@ class HostOffload:
         only by its growth (as ``_host_buffer`` grows it; a buffer a CUDA graph holds stays alive beside it)."""
         if self.host_budget is None:
             self.host_budget = default_host_budget()
-        n, size = x.numel(), x.element_size()
-        buf = self.buffers.get(key) if reuse else None
-        if buf is not None and buf.numel() >= n:
-            return True  # the layer's existing buffer holds it
-        need = _grown(buf, n) * size
-        if buf is not None and not any(b is buf for b in self.captured):
-            need -= buf.numel() * buf.element_size()
-        return self.host_bytes() + need <= self.host_budget
+        need = self._extra_bytes(key, x) if reuse else x.numel() * x.element_size()
+        return need == 0 or self.host_bytes() + need <= self.host_budget  # 0: the layer's buffer holds it
 
     def _extra_bytes(self, key: tuple, x: torch.Tensor) -> int:
         """Bytes of host memory ``_host_buffer(key, x)`` would add: a fresh buffer whole, the layer's reused
@@ -409,7 +406,7 @@ class HostOffload:
                 main.wait_event(s.d2h)  # the host copy is complete before the device tensor's memory is reused
                 s.x = None
                 if s.attn_host is not None:
-                    s.attn = None
+                    s.attn = s.attn_src = None
         self.pending = rest
 
     def _host_buffer(self, key: tuple, x: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
@@ -530,6 +527,7 @@ class HostOffload:
                 return
             if reused:
                 self.holders[(s.index, "attn", slot, t.dtype)] = weakref.ref(s)
+                s.attn_keys.append((s.index, "attn", slot, t.dtype))
             hosts.append((host, perm))
         s.attn_host = (hosts, saved.rng)
         if s.device.type != "cuda":
@@ -538,6 +536,7 @@ class HostOffload:
             s.attn = None
             return
         main = torch.cuda.current_stream(s.device)
+        s.attn_src = [t for t, _ in parts]  # a dense copy made above must outlive its read on the copy stream
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
             for (host, _), (t, _) in zip(hosts, parts):
@@ -553,9 +552,9 @@ class HostOffload:
 
     def fetch(self, s: _Stash) -> torch.Tensor:
         """The layer input again, on its device, for the recomputation."""
-        if s.fetched and s.reused:  # a second backward through the same graph (retain_graph=True)
-            ref = self.holders.get(s.key)
-            if ref is None or ref() is not s:
+        if s.fetched and (s.reused or s.attn_keys):  # a second backward through the same graph (retain_graph)
+            refs = ([self.holders.get(s.key)] if s.reused else []) + [self.holders.get(k) for k in s.attn_keys]
+            if any(ref is None or ref() is not s for ref in refs):
                 raise RuntimeError("gradient_checkpointing='offload': this layer's host buffer was reused by a "
                                    "later forward before this second backward; recompute the loss instead")
         s.fetched = True

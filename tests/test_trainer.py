@@ -741,6 +741,31 @@ def test_unused_qkv_bases_only_where_nothing_reads_the_outputs(fused_lora_on_cpu
     assert bases(layer) == ["k_proj"]
 
 
+def test_offload_second_backward_refuses_an_overwritten_attention_buffer(fused_lora_on_cpu, monkeypatch):
+    """retain_graph: a second backward must not read attention copies a later forward overwrote. Here forward A
+    keeps no attention (reuse off) and is still pending, so forward B's inputs get private host buffers but its
+    attention the layer's shared ones; after B's backward, forward C takes those again. B's second backward
+    refuses (before, only the input's buffer was checked: it read C's attention silently)."""
+    import minitrain.model as mm
+    import minitrain.trainer as mt
+
+    monkeypatch.setattr(mm, "SAVED_ATTENTION_ON_CPU", True)
+    model = tiny_lora_model(True, 0.0)
+    mt.set_gradient_checkpointing(model, "offload")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    try:
+        monkeypatch.setattr(mt, "REUSE_ATTENTION_OUTPUT", False)
+        loss_a = model(ids).square().mean()  # noqa: F841  (pending: its stashes hold the inputs' buffers)
+        monkeypatch.setattr(mt, "REUSE_ATTENTION_OUTPUT", True)
+        loss_b = model(ids).square().mean()
+        loss_b.backward(retain_graph=True)
+        model(ids).square().mean().backward()  # forward C reuses B's attention buffers
+        with pytest.raises(RuntimeError, match="reused by a later forward"):
+            loss_b.backward()
+    finally:
+        mt.set_gradient_checkpointing(model, "off")
+
+
 def test_saved_attention_math_matches_sdpa_and_autograd():
     """The CPU path of _SavedAttentionFn: causal GQA output and its hand-written backward against SDPA with
     repeated k/v and autograd, and the output handed to ``keep`` is the one returned."""
