@@ -777,7 +777,14 @@ class CheckpointedLayer:
     input values (h1 is the forward's own tensor, copied to host and back), and torch's checkpoint restores
     each segment's RNG state, so dropout masks repeat. Cost: one more 2 * B * T * C-byte stash per layer, in
     pinned host memory, so device memory does not grow. The "on" path keeps one segment (its h1 would stay on
-    the device), as do other layer classes, patched or hooked layers and calls with a KV cache."""
+    the device), as do other layer classes, patched or hooked layers and calls with a KV cache.
+
+    With the split, the attention half's forward also hands its causal attention's output, log-sum-exp and
+    rotated q, k, v to the offload (``REUSE_ATTENTION_OUTPUT``, ``REUSE_ATTENTION_INPUTS``;
+    :meth:`HostOffload.keep_attention`): they travel with x, and the recomputation gets them back through
+    ``model.attention_outputs``, so it runs no attention kernel and, under ``output_unused`` of the bases
+    :func:`unused_qkv_bases` allows, no q/k/v GEMMs. Exact: the attention node saves the forward's own tensors
+    (the same values a recomputation would make), and its backward is the same cuDNN op either way."""
 
     def __init__(self, layer: nn.Module, offload: HostOffload | None = None, index: int = 0):
         self.layer, self.forward, self.offload, self.index = layer, layer.forward, offload, index
