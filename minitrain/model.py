@@ -354,12 +354,17 @@ def _reduce_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
     return t if n_rep == 1 else t.view(B, H // n_rep, n_rep, S, D).sum(2)
 
 
+def _causal_scores(q: torch.Tensor, kf: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 q·kᵀ·scale (kf: k repeated to q's heads, fp32), -inf above the causal diagonal."""
+    s = (q.float() @ kf.transpose(-1, -2)) * scale
+    T, S = s.shape[-2:]
+    return s.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1), float("-inf"))
+
+
 def _attention_math(q, k, v, scale):
     """Causal softmax attention in fp32 (the CPU path of _SavedAttentionFn): out (input dtype) and lse."""
     n_rep = q.shape[1] // k.shape[1]
-    s = (q.float() @ _repeat_kv(k, n_rep).float().transpose(-1, -2)) * scale
-    T, S = s.shape[-2:]
-    s = s.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1), float("-inf"))
+    s = _causal_scores(q, _repeat_kv(k, n_rep).float(), scale)
     lse = torch.logsumexp(s, -1, keepdim=True)
     out = (torch.exp(s - lse) @ _repeat_kv(v, n_rep).float()).to(q.dtype)
     return out, lse
@@ -400,10 +405,7 @@ class _SavedAttentionFn(torch.autograd.Function):
             return dq, dk, dv, None, None, None
         n_rep = q.shape[1] // k.shape[1]
         kf, vf, do = _repeat_kv(k, n_rep).float(), _repeat_kv(v, n_rep).float(), dout.float()
-        s = (q.float() @ kf.transpose(-1, -2)) * scale
-        T, S = s.shape[-2:]
-        s = s.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1), float("-inf"))
-        p = torch.exp(s - lse)
+        p = torch.exp(_causal_scores(q, kf, scale) - lse)
         dv = _reduce_kv(p.transpose(-1, -2) @ do, n_rep)
         dp = do @ vf.transpose(-1, -2)
         ds = p * (dp - (do * out.float()).sum(-1, keepdim=True)) * scale

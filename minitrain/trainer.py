@@ -404,9 +404,7 @@ class HostOffload:
                 rest.append(s)
             else:
                 main.wait_event(s.d2h)  # the host copy is complete before the device tensor's memory is reused
-                s.x = None
-                if s.attn_host is not None:
-                    s.attn = s.attn_src = None
+                s.x = s.attn = s.attn_src = None
         self.pending = rest
 
     def _host_buffer(self, key: tuple, x: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
@@ -559,9 +557,7 @@ class HostOffload:
                                    "later forward before this second backward; recompute the loss instead")
         s.fetched = True
         if s.device.type != "cuda":  # CPU: a copy of the host buffer, or the input itself (over the budget)
-            if s.attn is not None or s.attn_host is None:
-                s.attn_dev = s.attn
-            else:
+            if s.attn_host is not None:  # (on CPU the copies are done at once: nothing stays on the "device")
                 s.attn_dev = _saved_attention([_unpermute(h.clone(), p) for h, p in s.attn_host[0]], s.attn_host[1])
             return (s.x if s.kept else s.host.clone()).detach().requires_grad_(s.requires_grad)
         main = torch.cuda.current_stream(s.device)
@@ -823,10 +819,10 @@ class CheckpointedLayer:
                 skip += unused_qkv_bases(layer)
             with _unused(*skip), attention_outputs(saved=saved, active=stash.attn_fn):
                 return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None)
-        x = self._take(stash)
-        if not REUSE_ATTENTION_OUTPUT or mask is not None:
-            return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None)
-        with attention_outputs(keep=lambda saved: self.offload.keep_attention(stash, saved)):
+        x = self._take(stash)  # (a masked attention keeps nothing: model.attention runs SDPA for it)
+        keep = attention_outputs(keep=lambda saved: self.offload.keep_attention(stash, saved),
+                                 active=REUSE_ATTENTION_OUTPUT)
+        with keep:
             return x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, None)
 
     def _run_mlp(self, stash: _Stash):
@@ -869,13 +865,14 @@ def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
     see ``minitrain.model._TiledMLP``): the same GEMMs as the checkpointed MLP, its working set for one tile."""
     offload = HostOffload() if mode == "offload" else None
     tile = mlp_tile_default() if mode != "off" else 0
-    for i, layer in enumerate(decoder_layers(model)):
+    layers = decoder_layers(model)
+    if offload is not None:
+        offload.segments = 2 * len(layers)
+    for i, layer in enumerate(layers):
         if isinstance(layer.__dict__.get("forward"), CheckpointedLayer):
             del layer.forward  # back to the class's forward
         if mode != "off":
             layer.forward = CheckpointedLayer(layer, offload, i)
-            if offload is not None:
-                offload.segments = 2 * (i + 1)
         if isinstance(getattr(layer, "mlp", None), LlamaMLP):
             layer.mlp.tile_tokens = tile
             # FSDP2 (distributed.shard_model): DTensors here, but plain unsharded tensors inside the forward
