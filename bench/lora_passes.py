@@ -5,9 +5,11 @@ Shapes: M = 4096 tokens (B=2, T=2048), C=4096, F=14336, QKV N = 4096 + 1024 + 10
 NF4 bases (quant.quantize_nf4), adapters on every projection, no dropout (q, k, v batched).
 
 Variants (module attributes of triton_ops.lora, set before each timed call):
-  * default: SAVE_XA on, RANK_UPDATE_KERNEL on (what ships): each adapter term added to the output the base
-    GEMM wrote (forward outputs, dx, dh) by triton_ops.rank_update's one-pass kernel;
-  * addmm adapter pass: RANK_UPDATE_KERNEL off: the same passes through cuBLAS's K=R addmm_ (beta = 1);
+  * default: SAVE_XA, RANK_UPDATE_KERNEL and FOLD_ADAPTERS on (what ships): the MLP's gate and up adapters
+    and down's dh term folded into their base GEMMs (one GEMM over K + R); every other adapter term added to the
+    output the base GEMM wrote (forward outputs, dx) by triton_ops.rank_update's one-pass kernel;
+  * no fold: FOLD_ADAPTERS off: the MLP's adapter terms through the rank-update pass as well;
+  * no fold, addmm adapter pass: also RANK_UPDATE_KERNEL off: those passes through cuBLAS's K=R addmm_;
   * recompute xa: SAVE_XA off: backward recomputes xa = x·Aᵀ (re-reads x per group, x twice and h once in
     the MLP); shows what saving xa gains.
 Bytes of the adapter passes (bf16, MiB = 2^20 bytes, one read and one write each): QKV forward 2·48, dx 2·32;
@@ -32,10 +34,11 @@ from bench import hw
 M, C, F, R, ALPHA = 4096, 4096, 14336, 16, 32
 NQ, NKV = 4096, 1024
 DT = torch.bfloat16
-VARIANTS = {  # name: (SAVE_XA, RANK_UPDATE_KERNEL)
-    "default": (True, True),
-    "addmm adapter pass": (True, False),
-    "recompute xa": (False, True),
+VARIANTS = {  # name: (SAVE_XA, RANK_UPDATE_KERNEL, FOLD_ADAPTERS)
+    "default": (True, True, True),
+    "no fold": (True, True, False),
+    "no fold, addmm adapter pass": (True, False, False),
+    "recompute xa": (False, True, True),
 }
 COLUMNS = ["op", "shape", "dtype", "provider", "µs", "TFLOP/s", "% of ceiling", "peak MiB", "vs default",
            "GPU-only µs", "GPU-only vs default"]
@@ -80,7 +83,7 @@ def make_step(block):
 def _set(variant):
     import triton_ops.lora as tlora
 
-    tlora.SAVE_XA, tlora.RANK_UPDATE_KERNEL = VARIANTS[variant]
+    tlora.SAVE_XA, tlora.RANK_UPDATE_KERNEL, tlora.FOLD_ADAPTERS = VARIANTS[variant]
 
 
 def measure(block):
@@ -106,7 +109,7 @@ def main():
         raise SystemExit("bench/lora_passes.py measures a CUDA device; none is available here")
     import triton_ops.lora as tlora
 
-    saved = (tlora.SAVE_XA, tlora.RANK_UPDATE_KERNEL)
+    saved = (tlora.SAVE_XA, tlora.RANK_UPDATE_KERNEL, tlora.FOLD_ADAPTERS)
     ceiling = hw.matmul_tflops()
     rows = []
     try:
@@ -126,10 +129,10 @@ def main():
                              f"{gpu[v] - gpu['default']:+.0f} µs ({gpu['default'] / gpu[v]:.3f}x)"})
                 print(f"{block} {v}: {us[v]:.0f} us, GPU-only {gpu.get(v)} us, peak {peak[v]:.0f} MiB", flush=True)
     finally:
-        tlora.SAVE_XA, tlora.RANK_UPDATE_KERNEL = saved
+        tlora.SAVE_XA, tlora.RANK_UPDATE_KERNEL, tlora.FOLD_ADAPTERS = saved
     body = hw.markdown_table(rows, COLUMNS)
     notes = ("\nvs default: µs difference (negative = faster than the default) and default µs / variant µs. "
-             "default = SAVE_XA on, RANK_UPDATE_KERNEL on; TFLOP/s over the base GEMMs' work (forward + dx), from "
+             "default = SAVE_XA, RANK_UPDATE_KERNEL and FOLD_ADAPTERS on; TFLOP/s over the base GEMMs' work (forward + dx), from "
              "the eager µs. Eager µs are do_bench medians of eager calls, which on a slow host measure launch "
              "costs as much as the GPU; GPU-only µs replay one captured forward + backward (hw.graph_us).\n")
     print(body + notes)

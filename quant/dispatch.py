@@ -21,13 +21,19 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "MINITRAIN_NF4_BACKEND"
 
 
-def _check_out(q: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None) -> None:
+def _check_out(q: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None, backend: str = "auto") -> None:
     if out is None:
         return
-    if out.shape != q.shape or out.dtype != dtype or out.device != q.device or not out.is_contiguous():
-        raise ValueError(f"dequantize_nf4: out must be a contiguous {dtype} tensor of shape {tuple(q.shape)} on "
-                         f"{q.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
-                         f"{'' if out.is_contiguous() else ' (non-contiguous)'}")
+    from triton_ops.nf4_dequant import out_layout_ok
+
+    if out.shape != q.shape or out.dtype != dtype or out.device != q.device or not out_layout_ok(out, q.blocksize):
+        raise ValueError(f"dequantize_nf4: out must be a {dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
+                         f"contiguous or with rows apart (unit column stride, K a multiple of the blocksize "
+                         f"{q.blocksize}), got {out.dtype} {tuple(out.shape)} on {out.device} with strides "
+                         f"{tuple(out.stride())}")
+    if backend == "cuda" and not out.is_contiguous():
+        raise ValueError("dequantize_nf4: the CUDA C++ kernel writes contiguous outputs only; for an out with rows "
+                         f"apart (strides {tuple(out.stride())}) use backend='triton' or 'auto'")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
@@ -215,7 +221,9 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
     Args:
         q: the quantized weight.
         dtype: output dtype, float32/float16/bfloat16 (default: the weight's original dtype).
-        out: optional contiguous (N, K) buffer of that dtype on q's device, reused instead of allocating.
+        out: optional (N, K) buffer of that dtype on q's device, reused instead of allocating: contiguous, or
+            rows apart with unit column stride and K a multiple of the blocksize (a column slice of a wider
+            matrix, e.g. [W | B] for one GEMM with an adapter's columns appended; "triton" and "torch" only).
         backend: "auto" | "torch" | "triton" | "cuda" (see module docstring).
     Returns:
         (N, K) tensor; every backend gives bit-identical values.
@@ -231,10 +239,14 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
         if out is None:
             out = torch.empty(e.rows, e.cols, dtype=dtype, device=e.device)
         elif not (out.dtype == dtype and out.is_contiguous() and out.shape == e.shape and out.device == e.device):
-            _check_out(q, dtype, out)
+            _check_out(q, dtype, out, backend)
+            if not out.is_contiguous() and backend == "auto":
+                backend = "triton"  # rows apart: only the Triton kernel writes them
         backend = resolve_backend(backend, e.device, dtype, e.numel)
         if backend != "torch":
             return _plan(backend, e.args, e.plans)(out)
         return dequantize_nf4_ref(q, dtype, out)
-    _check_out(q, dtype, out)
+    _check_out(q, dtype, out, backend)
+    if out is not None and not out.is_contiguous() and backend == "auto" and data.is_cuda:
+        backend = "triton"
     return _run(resolve_backend(backend, data.device, dtype, q.numel), q, dtype, out)

@@ -298,6 +298,7 @@ MLP_VARIANTS = {  # adapters on (gate, up, down), dropout on gate and down, bias
     "all+dropout+bias": ((True, True, True), 0.1, True),
     "down only": ((False, False, True), 0.0, False),
     "no down adapter": ((True, True, False), 0.0, False),
+    "all plain": ((True, True, True), 0.0, False),
 }
 
 
@@ -354,6 +355,50 @@ def test_lora_mlp_dtypes(dtype, device):
 
 def test_lora_mlp_small_batched(device):
     _mlp_case(*CPU_MLP[1], torch.bfloat16, device, True, "all+dropout+bias")
+
+
+def _count_folds(monkeypatch):
+    """Force the adapter folds on any device; returns {name: calls} of the two folded paths."""
+    import triton_ops.lora as tlora
+
+    calls = {"gate_up": 0, "dh": 0}
+    monkeypatch.setattr(tlora, "FOLD_ON_CPU", True)
+    for name, attr in (("gate_up", "_gate_up_folded"), ("dh", "_dh_folded")):
+        fn = getattr(tlora, attr)
+
+        def counted(*a, _fn=fn, _name=name):
+            calls[_name] += 1
+            return _fn(*a)
+        monkeypatch.setattr(tlora, attr, counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["all plain", "no down adapter", "all+dropout+bias"])
+def test_lora_mlp_folded_adapters(variant, dtype, device, monkeypatch):
+    """Adapters folded into the base GEMMs (gate/up forward over K + R, dh over C + R): outputs and every grad
+    within the tolerance rule of the fp32 reference and peft, on odd token counts; the folds run exactly where
+    allowed (not with dropout or bias, not on 16-bit bases, not with a rank that is not a multiple of 8)."""
+    calls = _count_folds(monkeypatch)
+    _mlp_case((37,), 128, 192, 8, dtype, device, True, variant)
+    adapters, p, bias = MLP_VARIANTS[variant]
+    assert calls == {"gate_up": int(p == 0 and not bias), "dh": int(adapters[2] and p == 0)}, calls
+    _mlp_case((2, 5), 64, 128, 16, dtype, device, False, variant)  # 16-bit bases: nothing is folded
+    _mlp_case((37,), 128, 192, 4, dtype, device, True, variant)    # rank 4: nothing is folded
+    assert calls == {"gate_up": int(p == 0 and not bias), "dh": int(adapters[2] and p == 0)}, calls
+
+
+def test_lora_mlp_fold_switch_and_tiles(device, monkeypatch):
+    """FOLD_ADAPTERS off folds nothing; inside weight_cache (the tiled MLP) nothing is folded either."""
+    import triton_ops.lora as tlora
+
+    calls = _count_folds(monkeypatch)
+    monkeypatch.setattr(tlora, "FOLD_ADAPTERS", False)
+    _mlp_case((37,), 128, 192, 8, torch.float32, device, True, "all plain")
+    monkeypatch.setattr(tlora, "FOLD_ADAPTERS", True)
+    with tlora.weight_cache():
+        _mlp_case((37,), 128, 192, 8, torch.float32, device, True, "all plain")
+    assert calls == {"gate_up": 0, "dh": 0}, calls
 
 
 def test_lora_mlp_reference_path(device):
@@ -754,6 +799,22 @@ def test_lora_blocks_gpu_llama(block, kernel, monkeypatch):
     else:
         _qkv_case((2, 2048), 4096, 4096, 1024, 16, torch.bfloat16, "cuda", True, backend="auto",
                   q_dropout=0.1 if block == "qkv-separate" else 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_lora_mlp_gpu_llama_folded(fold, monkeypatch):
+    """The 8B QLoRA step's MLP without dropout (M = 2x2048, R=16, NF4): with the adapters folded into the base
+    GEMMs (the default on CUDA) and without, against the fp32 reference and peft by the tolerance rule; the two
+    folds run on CUDA exactly when switched on. Odd token count and R=64 at the second shape."""
+    import triton_ops.lora as tlora
+
+    calls = _count_folds(monkeypatch)
+    monkeypatch.setattr(tlora, "FOLD_ON_CPU", False)
+    monkeypatch.setattr(tlora, "FOLD_ADAPTERS", fold)
+    _mlp_case((2, 2048), 4096, 14336, 16, torch.bfloat16, "cuda", True, "all plain", backend="auto")
+    _mlp_case((523,), 4096, 11008, 64, torch.float16, "cuda", True, "all plain", backend="auto")
+    assert calls == ({"gate_up": 2, "dh": 2} if fold else {"gate_up": 0, "dh": 0}), calls
 
 
 @pytest.mark.gpu

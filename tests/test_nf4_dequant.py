@@ -67,24 +67,27 @@ def test_triton_bit_exact_cpu(shape, double_quant):
 
 @pytest.mark.parametrize("byte_gather", [True, False])
 def test_triton_both_formulations_cpu(byte_gather):
-    """Both formulations of the kernel (the launcher picks one by size)."""
+    """Both formulations of the kernel (the launcher picks one by size), contiguous and rows-apart outputs."""
     import triton
 
     from triton_ops.nf4_dequant import _nf4_dequant_kernel
 
-    for shape, double_quant in (((130, 129), True), ((260, 66), False)):
+    for shape, double_quant, pad in (((130, 129), True, 0), ((260, 66), False, 0), ((70, 192), True, 24)):
         q = _quantized(shape, "cpu", double_quant)
         dummy = q.absmax
         for dtype in DTYPES:
-            out = torch.full(shape, float("nan"), dtype=dtype)
+            buf = torch.full((shape[0], shape[1] + pad), float("nan"), dtype=dtype)
+            out = buf[:, pad:]
             n = out.numel()
             _nf4_dequant_kernel[(triton.cdiv(triton.cdiv(n, 64), 4096 // 64),)](
                 q.data, q.absmax, q.nested_absmax if double_quant else dummy, q.nested_code if double_quant else dummy,
-                q.offset.reshape(1) if double_quant else dummy, q.code, out, n, q.data.numel(), BLOCKSIZE=64,
+                q.offset.reshape(1) if double_quant else dummy, q.code, out, n, q.data.numel(),
+                shape[1] if pad else 0, out.stride(0) if pad else 0, BLOCKSIZE=64,
                 NESTED_BLOCKSIZE=256, DOUBLE_QUANT=double_quant, INTERPRET_BF16=dtype == torch.bfloat16, TILE=4096,
-                BYTE_GATHER=byte_gather)
+                BYTE_GATHER=byte_gather, STRIDED=pad > 0)
             want = dequantize_nf4_ref(q, dtype)
             assert torch.equal(out, want), f"{dtype} {shape}: {_report(out, want)}"
+            assert torch.isnan(buf[:, :pad]).all()
 
 
 def test_triton_blocksize_128_cpu():
@@ -103,6 +106,21 @@ def test_triton_out_cpu():
     assert torch.equal(out, want), _report(out, want)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_rows_apart_cpu(dtype, backend):
+    """out = a column slice of a wider buffer (rows ld apart): the weight lands in those columns bit-exactly and
+    nothing else of the buffer is written; odd row counts, the last block partial across programs."""
+    for shape, lo, hi in (((33, 128), 16, 24), ((5, 64), 8, 0), ((130, 192), 0, 8)):
+        q = _quantized(shape, "cpu")
+        buf = torch.full((shape[0], lo + shape[1] + hi), float("nan"), dtype=dtype)
+        out = buf[:, lo:lo + shape[1]]
+        got = quant.dequantize_nf4(q, dtype, out=out, backend=backend)
+        want = dequantize_nf4_ref(q, dtype)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(out, want), _report(out, want)
+        assert torch.isnan(buf[:, :lo]).all() and torch.isnan(buf[:, lo + shape[1]:]).all(), "wrote outside out"
+
+
 def test_triton_compile_fullgraph_cpu():
     q = _quantized((20, 64), "cpu")
     out = torch.empty(20, 64, dtype=torch.bfloat16)
@@ -119,8 +137,13 @@ def test_triton_compile_fullgraph_cpu():
 
 def test_errors():
     q = _quantized((8, 64), "cpu")
-    with pytest.raises(ValueError, match="out must be a contiguous"):
+    with pytest.raises(ValueError, match="out must be a torch.float16 tensor"):
         quant.dequantize_nf4(q, torch.float16, out=torch.empty(8, 64, dtype=torch.float32), backend="triton")
+    q2 = _quantized((8, 96), "cpu")  # K = 96: blocks of 64 span rows, so rows apart cannot be written
+    with pytest.raises(ValueError, match="K a multiple of the blocksize 64"):
+        quant.dequantize_nf4(q2, torch.float16, out=torch.empty(8, 100, dtype=torch.float16)[:, :96], backend="triton")
+    with pytest.raises(ValueError, match="CUDA C.. kernel writes contiguous outputs only"):
+        quant.dequantize_nf4(q, torch.float16, out=torch.empty(8, 80, dtype=torch.float16)[:, 8:72], backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         quant.dequantize_nf4(q, backend="nope")
     from triton_ops.nf4_dequant import nf4_dequantize_tensors
@@ -217,6 +240,22 @@ def test_out_and_unaligned_gpu(backend):
         quant.dequantize_nf4(q, dtype, out=odd, backend=backend)
         assert torch.equal(odd, want), _report(odd, want)
         assert torch.isnan(base[0]) and torch.isnan(base[-1]), "wrote outside the output"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336), (1031, 192)])
+def test_out_rows_apart_gpu(shape):
+    """The Triton kernel writing rows ld apart (what triton_ops.lora's adapter fold uses): bit-exact, nothing
+    outside the slice written, through "auto" too (which must pick the Triton kernel for it)."""
+    q = _quantized(shape, "cuda")
+    for dtype in DTYPES:
+        want = dequantize_nf4_ref(q, dtype)
+        for backend, lo, hi in (("triton", 16, 0), ("auto", 0, 16), ("auto", 8, 24)):
+            buf = torch.full((shape[0], lo + shape[1] + hi), float("nan"), device="cuda", dtype=dtype)
+            out = buf[:, lo:lo + shape[1]]
+            quant.dequantize_nf4(q, dtype, out=out, backend=backend)
+            assert torch.equal(out, want), _report(out, want)
+            assert torch.isnan(buf[:, :lo]).all() and torch.isnan(buf[:, lo + shape[1]:]).all()
 
 
 @pytest.mark.gpu

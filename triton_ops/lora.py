@@ -49,6 +49,8 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from quant.nf4 import NF4Weight
+
 from .rank_update import rank_update_
 from .swiglu import _swiglu_bwd_inplace_op, _swiglu_fwd_op, swiglu_ref
 
@@ -233,6 +235,63 @@ def _proj_forward(x2, pr: _Proj, A_, B_, keep):
     """One projection: returns (y (M, N), xa = drop(x)·Aᵀ (M, R) or None without an adapter)."""
     xa = _drop(x2, keep, pr.p) @ A_.t() if pr.has_adapter else None
     return _proj_out(x2, pr, xa, B_), xa
+
+
+# Fold the gate and up adapters' up-projection into their base GEMMs on CUDA ("extended K"): with NF4 bases the
+# dense weight is written by the dequantize kernel anyway, so it is written into [W | s·B] (one more R columns)
+# and x into [xa_g | x | xa_u]; then g = [xa_g | x]·[s_g·B_g | W_g]ᵀ and u = [x | xa_u]·[W_u | s_u·B_u]ᵀ are
+# ONE GEMM each over K + R, instead of the base GEMM plus a read+write pass over the (M, F) output for the
+# adapter term (triton_ops.rank_update): on the 8B shape that pass moves 2·112 MiB per projection, the fold
+# adds one (M, K + 2R) copy of x (shared by both) and R/K more GEMM work. Same formula; the adapter term is
+# summed in the GEMM's fp32 accumulator with the base term (one rounding of y instead of two) and uses s·B
+# rounded to the compute dtype (exact when s is a power of two). Env MINITRAIN_LORA_FOLD=0 (read at import)
+# turns it off, e.g. for an A/B run of bench.lora_passes or bench.train.
+FOLD_ADAPTERS = os.environ.get("MINITRAIN_LORA_FOLD", "1") != "0"
+FOLD_ON_CPU = False  # the tests' switch: the same folded math on CPU tensors (fp32/bf16 GEMMs of torch)
+
+
+def _foldable(x2, projs, tensors) -> bool:
+    """Whether _gate_up_folded may compute the gate and up projections of ``x2``: CUDA, 16-bit, both adapted
+    without dropout or bias, NF4 bases whose K is whole quantization blocks, ranks multiples of 8 (16-byte
+    aligned column offsets for cuBLAS), outside a weight_cache block (the tiled MLP reuses plain dense weights)."""
+    if not (FOLD_ADAPTERS and (x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) or FOLD_ON_CPU)
+            and getattr(_cache, "d", None) is None):
+        return False
+    for i, pr in enumerate(projs):
+        if not (pr.has_adapter and pr.bias is None and tensors[3 * i + 2] is None and isinstance(pr.base, NF4Weight)
+                and pr.base.shape[1] % pr.base.blocksize == 0 and tensors[3 * i + 1].shape[1] % 8 == 0):
+            return False
+    return True
+
+
+def _gate_up_folded(x2, gate: _Proj, up: _Proj, Ag, Bg, Au, Bu):
+    """(g, u, xa_g, xa_u) as two _proj_forward calls give them, each output ONE GEMM over K + R columns (see
+    FOLD_ADAPTERS); xa_g, xa_u are column slices of one (M, Rg + Ru) GEMM."""
+    dtype, dev = x2.dtype, x2.device
+    K = x2.shape[1]
+    Rg, Ru = Bg.shape[1], Bu.shape[1]
+    xa = x2 @ torch.cat([Ag.to(dtype), Au.to(dtype)]).t()                       # (M, Rg + Ru)
+    xa_g, xa_u = xa[:, :Rg], xa[:, Rg:]
+    xe = torch.cat([xa_g, x2, xa_u], dim=1)                                    # (M, Rg + K + Ru)
+    We = torch.empty(gate.base.shape[0], Rg + K, dtype=dtype, device=dev)     # [s_g·B_g | W_g]
+    torch.mul(Bg, gate.scale, out=We[:, :Rg])
+    gate.base.dequantize(dtype=dtype, out=We[:, Rg:])
+    g = xe[:, :Rg + K] @ We.t()
+    We = torch.empty(up.base.shape[0], K + Ru, dtype=dtype, device=dev)       # [W_u | s_u·B_u]
+    up.base.dequantize(dtype=dtype, out=We[:, :K])
+    torch.mul(Bu, up.scale, out=We[:, K:])
+    u = xe[:, Rg:] @ We.t()
+    return g, u, xa_g, xa_u
+
+
+def _dh_folded(dy2, dyB, down: _Proj, Ad):
+    """dy·W + s·dyB·A (no dropout) as ONE GEMM over N + R: [dy | dyB]·[W ; s·A] (see FOLD_ADAPTERS; W's rows
+    are contiguous, so the dense weight is dequantized into the first N rows of the buffer)."""
+    N = dy2.shape[1]
+    We = torch.empty(N + dyB.shape[1], down.base.shape[1], dtype=dy2.dtype, device=dy2.device)
+    down.base.dequantize(dtype=dy2.dtype, out=We[:N])
+    torch.mul(Ad, down.scale, out=We[N:])
+    return torch.cat([dy2, dyB], dim=1) @ We
 
 
 def _dx_base(dx, dy2, pr: _Proj):
@@ -427,8 +486,11 @@ class _LoRAMLPFn(torch.autograd.Function):
         x2 = _flat(x, K)
         dtype = x2.dtype
         kg, ku, kd = (None if t is None else _flat(t, t.shape[-1]) for t in (tensors[2], tensors[5], tensors[8]))
-        g, xa_g = _proj_forward(x2, gate, _cast(tensors[0], dtype), _cast(tensors[1], dtype), kg)   # (M, F)
-        u, xa_u = _proj_forward(x2, up, _cast(tensors[3], dtype), _cast(tensors[4], dtype), ku)     # (M, F)
+        if _foldable(x2, (gate, up), tensors[:6]):
+            g, u, xa_g, xa_u = _gate_up_folded(x2, gate, up, tensors[0], tensors[1], tensors[3], tensors[4])
+        else:
+            g, xa_g = _proj_forward(x2, gate, _cast(tensors[0], dtype), _cast(tensors[1], dtype), kg)   # (M, F)
+            u, xa_u = _proj_forward(x2, up, _cast(tensors[3], dtype), _cast(tensors[4], dtype), ku)     # (M, F)
         if _output_unused(down.base):
             y = torch.empty(x2.shape[0], down.base.shape[0], dtype=dtype, device=x.device)
             xa_d = _absent(x2.shape[0], tensors[6].shape[0], x2) if down.has_adapter else None
@@ -457,9 +519,12 @@ class _LoRAMLPFn(torch.autograd.Function):
 
         # dh = dy·Wd (+ adapter); the base part is the dx of down's projection.
         dyB = dy2 @ Bd_ if down.has_adapter else None                # (M, R)
-        dh = _dx_base(None, dy2, down)                               # (M, F)
-        if down.has_adapter:
-            dh = _dx_adapter(dh, dyB, Ad_, kd, down.p, down.scale)
+        if down.has_adapter and kd is None and _foldable(dy2, (down._replace(bias=None),), (Ad, Bd, None)):
+            dh = _dh_folded(dy2, dyB, down, Ad)                       # (M, F), one GEMM over C + R
+        else:
+            dh = _dx_base(None, dy2, down)                           # (M, F)
+            if down.has_adapter:
+                dh = _dx_adapter(dh, dyB, Ad_, kd, down.p, down.scale)
         # One kernel: dh <- h (needed only for down's adapter grads), g <- dg, u <- du.
         _swiglu_bwd_inplace_op(dh, g, u, down.has_adapter, ctx.backend)
         dAd = dBd = None

@@ -11,7 +11,8 @@ or absmax[b] read directly as fp32 without double quantization. The result is bi
 
 Layouts: ``data`` uint8 ((n+1)//2,) with element 2j in the HIGH nibble of byte j and 2j+1 in the low nibble;
 ``absmax`` uint8 (ceil(n/B),) (or fp32 without double quantization); ``nested_absmax`` fp32 (ceil(n/B/G),);
-``nested_code`` fp32 (256,); ``offset`` fp32 0-d; ``code`` fp32 (16,); output (N, K) contiguous.
+``nested_code`` fp32 (256,); ``offset`` fp32 0-d; ``code`` fp32 (16,); output (N, K) contiguous, or its rows
+``ld`` elements apart (a column slice of a wider buffer, K a multiple of B: each block then lies in one row).
 
 Bytes moved per element: read 0.5 (codes) + 1/B (uint8 absmax; 4/B when fp32) + 4/(B*G) (nested absmax),
 write 2 (fp16/bf16) or 4 (fp32). The kernel is bandwidth-bound; its only work per element is a nibble
@@ -32,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["nf4_dequantize_ref", "nf4_dequantize", "nf4_dequantize_tensors", "BYTES_PER_ELEMENT", "DequantPlan"]
+__all__ = ["nf4_dequantize_ref", "nf4_dequantize", "nf4_dequantize_tensors", "BYTES_PER_ELEMENT", "DequantPlan",
+           "out_layout_ok"]
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -96,9 +98,10 @@ def _config(n: int) -> tuple[int, bool, int]:
 
 @triton.jit
 def _nf4_dequant_kernel(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
-                        n, nbytes,
+                        n, nbytes, K, ld,
                         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                        INTERPRET_BF16: tl.constexpr, TILE: tl.constexpr, BYTE_GATHER: tl.constexpr):
+                        INTERPRET_BF16: tl.constexpr, TILE: tl.constexpr, BYTE_GATHER: tl.constexpr,
+                        STRIDED: tl.constexpr):
     ROWS: tl.constexpr = TILE // BLOCKSIZE    # one quantization block per tile row (TILE >= BLOCKSIZE)
     ROW_BYTES: tl.constexpr = BLOCKSIZE // 2
     # int64: the element offsets of a 128256 x 4096 fp32 output pass 2^31 bytes.
@@ -116,12 +119,18 @@ def _nf4_dequant_kernel(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
         scale = tl.load(absmax_ptr + rows, mask=row_ok, other=0.0)
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
     elem_offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]    # (ROWS, B)
+    if STRIDED:
+        # out rows of K elements ld apart (K % BLOCKSIZE == 0: a quantization block never spans two rows)
+        first = rows * BLOCKSIZE
+        out_offs = ((first // K) * ld + first % K)[:, None] + tl.arange(0, BLOCKSIZE)[None, :]
+    else:
+        out_offs = elem_offs
     if BYTE_GATHER:
         elem_ok = elem_offs < n
         byte = tl.load(data_ptr + elem_offs // 2, mask=elem_ok, other=0, eviction_policy="evict_first")
         shift = (((elem_offs & 1) ^ 1) * 4).to(tl.uint8)                      # even k: high nibble
         w = tl.load(code_ptr + ((byte >> shift) & 0xF).to(tl.int32)) * scale[:, None]
-        tl.store(out_ptr + elem_offs, cast_rtne(w, out_ty, INTERPRET_BF16), mask=elem_ok)
+        tl.store(out_ptr + out_offs, cast_rtne(w, out_ty, INTERPRET_BF16), mask=elem_ok)
     else:
         byte_offs = rows[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]     # (ROWS, B/2)
         packed = tl.load(data_ptr + byte_offs, mask=byte_offs < nbytes, other=0, eviction_policy="evict_first")
@@ -129,7 +138,7 @@ def _nf4_dequant_kernel(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
         lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, None]
         w = tl.join(cast_rtne(hi, out_ty, INTERPRET_BF16), cast_rtne(lo, out_ty, INTERPRET_BF16))  # (ROWS, B/2, 2)
         w = tl.reshape(w, (ROWS, BLOCKSIZE))
-        tl.store(out_ptr + elem_offs, w, mask=elem_offs < n)
+        tl.store(out_ptr + out_offs, w, mask=elem_offs < n)
 
 
 def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, nested_blocksize, dtype,
@@ -170,10 +179,20 @@ def _check(data, absmax, nested_absmax, nested_code, offset, code, shape, blocks
         if t.device != dev:
             raise ValueError(f"{where}: {name} is on {t.device} but data is on {dev}")
     if out is not None and (out.shape != (shape[0], shape[1]) or out.dtype != dtype or out.device != dev
-                            or not out.is_contiguous()):
-        raise ValueError(f"{where}: out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {dev}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
+                            or not out_layout_ok(out, blocksize)):
+        raise ValueError(f"{where}: out must be a {dtype} tensor of shape {tuple(shape)} on {dev}, contiguous or "
+                         f"with rows apart (unit column stride, K a multiple of the blocksize {blocksize}), got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device} with strides {tuple(out.stride())}")
     return n
+
+
+def out_layout_ok(out: torch.Tensor, blocksize: int) -> bool:
+    """Whether the kernel can write ``out``: contiguous, or 2-D rows of K elements ``out.stride(0) >= K`` apart
+    with unit column stride and K a multiple of ``blocksize`` (e.g. the columns [c, c + K) of a wider buffer)."""
+    if out.is_contiguous():
+        return True
+    return (out.dim() == 2 and out.stride(1) == 1 and out.stride(0) >= out.shape[1]
+            and out.shape[1] % blocksize == 0)
 
 
 class DequantPlan:
@@ -191,15 +210,15 @@ class DequantPlan:
         self.nbytes = data.numel()
         self.launches: dict = {}  # (out dtype, n) -> (grid, keyword arguments)
 
-    def _launch_config(self, dtype: torch.dtype, n: int):
-        key = (dtype, n)
+    def _launch_config(self, dtype: torch.dtype, n: int, strided: bool = False):
+        key = (dtype, n, strided)
         cfg = self.launches.get(key)
         if cfg is None or CONFIG_OVERRIDE is not None:
             tile, byte_gather, warps = _config(n)
             tile = max(tile, self.blocksize)
             kw = dict(BLOCKSIZE=self.blocksize, NESTED_BLOCKSIZE=self.nested_blocksize, DOUBLE_QUANT=self.double,
                       INTERPRET_BF16=_INTERPRET and dtype == torch.bfloat16, TILE=tile, BYTE_GATHER=byte_gather,
-                      num_warps=warps,
+                      STRIDED=strided, num_warps=warps,
                       enable_fp_fusion=False)  # absmax = code2*absmax2 + offset must round twice, like the reference
             cfg = ((triton.cdiv(triton.cdiv(n, self.blocksize), tile // self.blocksize),), kw)
             if CONFIG_OVERRIDE is None:
@@ -209,10 +228,13 @@ class DequantPlan:
         return cfg
 
     def __call__(self, out: torch.Tensor) -> torch.Tensor:
-        """Dequantize into ``out`` (contiguous, the weight's element count; not checked here)."""
+        """Dequantize into ``out``: the weight's element count, contiguous or (N, K) rows ``out.stride(0)`` apart
+        (unit column stride, K a multiple of the blocksize; not checked here: ``check_out``)."""
         n = out.numel()
-        grid, kw = self._launch_config(out.dtype, n)
-        _nf4_dequant_kernel[grid](*self.tensors, out, n, self.nbytes, **kw)
+        strided = out.dim() == 2 and out.stride(0) != out.shape[1]
+        grid, kw = self._launch_config(out.dtype, n, strided)
+        K, ld = (out.shape[1], out.stride(0)) if strided else (0, 0)  # 0, 0: one specialization when unused
+        _nf4_dequant_kernel[grid](*self.tensors, out, n, self.nbytes, K, ld, **kw)
         return out
 
 
@@ -263,7 +285,8 @@ def nf4_dequantize_tensors(data, absmax, nested_absmax, nested_code, offset, cod
         absmax: uint8 (ceil(N*K/blocksize),) with double quantization (nested_* and offset given), else fp32.
         nested_absmax, nested_code, offset: fp32 (groups,), (256,), 0-d; or all None.
         code: fp32 (16,) the NF4 table. shape: (N, K). dtype: float32 | float16 | bfloat16.
-        out: optional contiguous (N, K) buffer of ``dtype`` to write into (returned).
+        out: optional (N, K) buffer of ``dtype`` to write into (returned): contiguous, or rows apart
+            (``out_layout_ok``), e.g. a column slice of a wider matrix.
     Returns:
         (N, K) tensor of ``dtype``, bit-identical to the fp32 reference cast once.
     """
