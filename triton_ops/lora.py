@@ -51,6 +51,7 @@ import torch
 
 from quant.nf4 import NF4Weight
 
+from .copy2d import copy2d_
 from .rank_update import rank_update_
 from .swiglu import _swiglu_bwd_inplace_op, _swiglu_fwd_op, swiglu_ref
 
@@ -253,9 +254,10 @@ FOLD_ON_CPU = False  # the tests' switch: the same folded math on CPU tensors (f
 def _foldable(x2, projs, tensors) -> bool:
     """Whether _gate_up_folded may compute the gate and up projections of ``x2``: CUDA, 16-bit, both adapted
     without dropout or bias, NF4 bases whose K is whole quantization blocks, ranks multiples of 8 (16-byte
-    aligned column offsets for cuBLAS), outside a weight_cache block (the tiled MLP reuses plain dense weights)."""
+    aligned column offsets for cuBLAS), outside a weight_cache block (the tiled MLP reuses plain dense weights)
+    and outside torch.compile's tracing (the traced graph keeps the plain ops)."""
     if not (FOLD_ADAPTERS and (x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) or FOLD_ON_CPU)
-            and getattr(_cache, "d", None) is None):
+            and getattr(_cache, "d", None) is None and not torch.compiler.is_compiling()):
         return False
     for i, pr in enumerate(projs):
         if not (pr.has_adapter and pr.bias is None and tensors[3 * i + 2] is None and isinstance(pr.base, NF4Weight)
@@ -268,30 +270,38 @@ def _gate_up_folded(x2, gate: _Proj, up: _Proj, Ag, Bg, Au, Bu):
     """(g, u, xa_g, xa_u) as two _proj_forward calls give them, each output ONE GEMM over K + R columns (see
     FOLD_ADAPTERS); xa_g, xa_u are column slices of one (M, Rg + Ru) GEMM."""
     dtype, dev = x2.dtype, x2.device
-    K = x2.shape[1]
+    M, K = x2.shape
     Rg, Ru = Bg.shape[1], Bu.shape[1]
     xa = x2 @ torch.cat([Ag.to(dtype), Au.to(dtype)]).t()                       # (M, Rg + Ru)
     xa_g, xa_u = xa[:, :Rg], xa[:, Rg:]
-    xe = torch.cat([xa_g, x2, xa_u], dim=1)                                    # (M, Rg + K + Ru)
+    xe = torch.empty(M, Rg + K + Ru, dtype=dtype, device=dev)                 # [xa_g | x | xa_u]
+    copy2d_(xe[:, :Rg], xa_g)
+    copy2d_(xe[:, Rg:Rg + K], x2)
+    copy2d_(xe[:, Rg + K:], xa_u)
     We = torch.empty(gate.base.shape[0], Rg + K, dtype=dtype, device=dev)     # [s_g·B_g | W_g]
-    torch.mul(Bg, gate.scale, out=We[:, :Rg])
+    copy2d_(We[:, :Rg], Bg, gate.scale)
     gate.base.dequantize(dtype=dtype, out=We[:, Rg:])
     g = xe[:, :Rg + K] @ We.t()
     We = torch.empty(up.base.shape[0], K + Ru, dtype=dtype, device=dev)       # [W_u | s_u·B_u]
     up.base.dequantize(dtype=dtype, out=We[:, :K])
-    torch.mul(Bu, up.scale, out=We[:, K:])
+    copy2d_(We[:, K:], Bu, up.scale)
     u = xe[:, Rg:] @ We.t()
     return g, u, xa_g, xa_u
 
 
-def _dh_folded(dy2, dyB, down: _Proj, Ad):
-    """dy·W + s·dyB·A (no dropout) as ONE GEMM over N + R: [dy | dyB]·[W ; s·A] (see FOLD_ADAPTERS; W's rows
-    are contiguous, so the dense weight is dequantized into the first N rows of the buffer)."""
-    N = dy2.shape[1]
-    We = torch.empty(N + dyB.shape[1], down.base.shape[1], dtype=dy2.dtype, device=dy2.device)
+def _dh_folded(dy2, Bd_, down: _Proj, Ad):
+    """(dh, dyB): dh = dy·W + s·dyB·A (no dropout) as ONE GEMM over N + R, [dy | dyB]·[W ; s·A] (see
+    FOLD_ADAPTERS; W's rows are contiguous, so the dense weight is dequantized into the first N rows of the
+    buffer); dyB = dy·B (M, R) is written into the last R columns of [dy | dyB] by its GEMM."""
+    M, N = dy2.shape
+    R = Bd_.shape[1]
+    de = torch.empty(M, N + R, dtype=dy2.dtype, device=dy2.device)
+    dyB = torch.mm(dy2, Bd_, out=de[:, N:])
+    copy2d_(de[:, :N], dy2)
+    We = torch.empty(N + R, down.base.shape[1], dtype=dy2.dtype, device=dy2.device)
     down.base.dequantize(dtype=dy2.dtype, out=We[:N])
-    torch.mul(Ad, down.scale, out=We[N:])
-    return torch.cat([dy2, dyB], dim=1) @ We
+    copy2d_(We[N:], Ad, down.scale)
+    return de @ We, dyB
 
 
 def _dx_base(dx, dy2, pr: _Proj):
@@ -518,10 +528,10 @@ class _LoRAMLPFn(torch.autograd.Function):
         Ag_, Bg_, Au_, Bu_, Ad_, Bd_ = (_cast(t, dtype) for t in (Ag, Bg, Au, Bu, Ad, Bd))
 
         # dh = dy·Wd (+ adapter); the base part is the dx of down's projection.
-        dyB = dy2 @ Bd_ if down.has_adapter else None                # (M, R)
         if down.has_adapter and kd is None and _foldable(dy2, (down._replace(bias=None),), (Ad, Bd, None)):
-            dh = _dh_folded(dy2, dyB, down, Ad)                       # (M, F), one GEMM over C + R
+            dh, dyB = _dh_folded(dy2, Bd_, down, Ad)                  # (M, F), one GEMM over C + R; (M, R)
         else:
+            dyB = dy2 @ Bd_ if down.has_adapter else None            # (M, R)
             dh = _dx_base(None, dy2, down)                           # (M, F)
             if down.has_adapter:
                 dh = _dx_adapter(dh, dyB, Ad_, kd, down.p, down.scale)

@@ -120,9 +120,13 @@ def _nf4_dequant_kernel(data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
     elem_offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]    # (ROWS, B)
     if STRIDED:
-        # out rows of K elements ld apart (K % BLOCKSIZE == 0: a quantization block never spans two rows)
-        first = rows * BLOCKSIZE
-        out_offs = ((first // K) * ld + first % K)[:, None] + tl.arange(0, BLOCKSIZE)[None, :]
+        # out rows of K elements ld apart (K % BLOCKSIZE == 0: a quantization block never spans two rows); the
+        # block index fits int32 (n < 2^37), whose division is far cheaper than int64's
+        KB = K // BLOCKSIZE
+        r32 = rows.to(tl.int32)
+        wrow = r32 // KB
+        first = wrow.to(tl.int64) * ld + ((r32 - wrow * KB) * BLOCKSIZE).to(tl.int64)
+        out_offs = first[:, None] + tl.arange(0, BLOCKSIZE)[None, :]
     else:
         out_offs = elem_offs
     if BYTE_GATHER:
