@@ -492,8 +492,9 @@ def test_recompute_skip_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
     batch = random_batch(B, T, "cuda", seed=5)
     n = n_items(batch)
     calls = []
-    dense = tlora._dense
+    dense, dense_into = tlora._dense, tlora._dense_into  # plain dequantizes, and those into a folded GEMM's buffer
     monkeypatch.setattr(tlora, "_dense", lambda base, dtype: (calls.append(base), dense(base, dtype))[1])
+    monkeypatch.setattr(tlora, "_dense_into", lambda base, out: (calls.append(base), dense_into(base, out))[1])
 
     def eager(skip):
         monkeypatch.setattr(mt, "RECOMPUTE_SKIPS_UNUSED_OUTPUT", skip)

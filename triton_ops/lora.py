@@ -266,6 +266,11 @@ def _foldable(x2, projs, tensors) -> bool:
     return True
 
 
+def _dense_into(base, out: torch.Tensor) -> torch.Tensor:
+    """NF4 base weight dequantized into ``out`` (rows apart allowed): the folds' counterpart of _dense."""
+    return base.dequantize(dtype=out.dtype, out=out)
+
+
 def _gate_up_folded(x2, gate: _Proj, up: _Proj, Ag, Bg, Au, Bu):
     """(g, u, xa_g, xa_u) as two _proj_forward calls give them, each output ONE GEMM over K + R columns (see
     FOLD_ADAPTERS); xa_g, xa_u are column slices of one (M, Rg + Ru) GEMM."""
@@ -280,10 +285,10 @@ def _gate_up_folded(x2, gate: _Proj, up: _Proj, Ag, Bg, Au, Bu):
     copy2d_(xe[:, Rg + K:], xa_u)
     We = torch.empty(gate.base.shape[0], Rg + K, dtype=dtype, device=dev)     # [s_g·B_g | W_g]
     copy2d_(We[:, :Rg], Bg, gate.scale)
-    gate.base.dequantize(dtype=dtype, out=We[:, Rg:])
+    _dense_into(gate.base, We[:, Rg:])
     g = xe[:, :Rg + K] @ We.t()
     We = torch.empty(up.base.shape[0], K + Ru, dtype=dtype, device=dev)       # [W_u | s_u·B_u]
-    up.base.dequantize(dtype=dtype, out=We[:, :K])
+    _dense_into(up.base, We[:, :K])
     copy2d_(We[:, K:], Bu, up.scale)
     u = xe[:, Rg:] @ We.t()
     return g, u, xa_g, xa_u
@@ -299,7 +304,7 @@ def _dh_folded(dy2, Bd_, down: _Proj, Ad):
     dyB = torch.mm(dy2, Bd_, out=de[:, N:])
     copy2d_(de[:, :N], dy2)
     We = torch.empty(N + R, down.base.shape[1], dtype=dy2.dtype, device=dy2.device)
-    down.base.dequantize(dtype=dy2.dtype, out=We[:N])
+    _dense_into(down.base, We[:N])
     copy2d_(We[N:], Ad, down.scale)
     return de @ We, dyB
 
