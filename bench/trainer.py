@@ -3,7 +3,7 @@
 bench/train.py times one fixed-shape step; this bench times the whole ``Trainer.train()`` a user starts with the
 defaults of USERS.md (batch 2, accumulation 4, packing off, so right-padded batches whose length changes every
 micro-batch), on the Llama-3.1-8B-shaped checkpoint of bench/train.py (random weights, NF4 on the fly, LoRA r=16
-alpha=16 on all seven projections, gradient checkpointing "on", bf16, AdamW lr 2e-4).
+alpha=16 on all seven projections, gradient checkpointing "auto", bf16, AdamW lr 2e-4).
 
 Data: ``--examples`` token-id examples whose lengths follow a log-normal law (median ``--median-len``, clipped
 to [32, ``--max-len``]), the first third of each a prompt (label -100). The same examples, seed and steps for
@@ -12,7 +12,8 @@ every row.
 Rows (each in a fresh process): ``eager`` (cuda_graphs="off": every micro-batch through Python and ~10k
 launches) and ``graphs`` (the default, cuda_graphs="auto": each padded batch is padded further to one of a few
 lengths, and each (batch, length) shape runs from a CUDA graph from its third sighting on; the first two run
-eagerly, they train normally).
+eagerly, they train normally), both with gradient checkpointing "auto" ("offload" on one CUDA device);
+``graphs-on``: the graphs row with gradient_checkpointing="on" (recompute each layer, no host copies).
 
 ``unsloth`` (only with PEERS_UNSLOTH=1, see PEERS.md): FastLanguageModel + get_peft_model (its gradient
 checkpointing), trained on the very same micro-batches (minitrain's batch plan for the same examples and seed,
@@ -38,7 +39,8 @@ from pathlib import Path
 
 from bench.train import SEVEN, model_config, spawn, write_checkpoint
 
-ROWS = {"eager": "off", "graphs": "auto", "unsloth": None}
+# row: (cuda_graphs, gradient_checkpointing); None: unsloth's own loop
+ROWS = {"eager": ("off", "auto"), "graphs": ("auto", "auto"), "graphs-on": ("auto", "on"), "unsloth": None}
 
 
 def make_examples(n: int, median: int, max_len: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -112,7 +114,7 @@ def run_unsloth(spec: dict) -> dict:
 def run_row(spec: dict) -> dict:
     import torch
 
-    if spec["cuda_graphs"] is None:
+    if spec["impl"] == "unsloth":
         return run_unsloth(spec)
 
     from minitrain import Trainer, TrainConfig, add_lora, load_model
@@ -130,7 +132,8 @@ def run_row(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(output_dir=out, max_steps=spec["steps"], per_device_train_batch_size=2,
                           gradient_accumulation_steps=4, learning_rate=2e-4, save_steps=0, progress=False,
-                          logging_steps=1, cuda_graphs=spec["cuda_graphs"], seed=0, warmup_steps=0)
+                          logging_steps=1, cuda_graphs=spec["cuda_graphs"], seed=0, warmup_steps=0,
+                          gradient_checkpointing=spec["gc"])
         tr = Trainer(model, tok, data, cfg)
         if cuda:
             torch.cuda.synchronize()
@@ -152,7 +155,7 @@ def run_row(spec: dict) -> dict:
            "tok_s_steady": sum(t for t, _ in steady) / sum(s for _, s in steady) if steady else None,
            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "graphs": tr.graphs_captured,
            "pad_fraction": 1 - real / padded, "graph_pad_fraction": 1 - real / graphed,
-           "off_because": tr.graphs_off_because}
+           "off_because": tr.graphs_off_because, "gc": tr.gc_mode}
     if cuda:
         free, total = torch.cuda.mem_get_info()
         out.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -201,7 +204,10 @@ def main(argv=None):
         if name == "unsloth" and os.environ.get("PEERS_UNSLOTH") != "1":
             print("unsloth row skipped: run under PEERS_UNSLOTH=1 (see bench/train.py)", flush=True)
             continue
-        spec = {"ckpt": ckpt, "config": cfg, "tiny": a.tiny, "cuda_graphs": ROWS[name], "steps": a.steps,
+        if name not in ROWS:
+            raise SystemExit(f"bench.trainer: unknown row {name!r}; rows: {', '.join(ROWS)}")
+        graphs, gc = ROWS[name] or (None, None)
+        spec = {"ckpt": ckpt, "config": cfg, "tiny": a.tiny, "cuda_graphs": graphs, "gc": gc, "steps": a.steps,
                 "impl": "unsloth" if name == "unsloth" else "ours",  # unsloth's wheels only on its row's path
                 "steady_from": a.steady_from, "examples": a.examples, "median_len": a.median_len,
                 "max_len": a.max_len}
@@ -210,19 +216,20 @@ def main(argv=None):
         r["row"], r["process_s"] = name, time.perf_counter() - t0
         print(json.dumps(r), flush=True)
         results.append(r)
-    cols = ["row", "tok/s whole run", f"tok/s steps > {a.steady_from}", "run s", "graphs", "padding (batch)",
+    cols = ["row", "checkpointing", "tok/s whole run", f"tok/s steps > {a.steady_from}", "run s", "graphs",
+            "padding (batch)",
             "padding (graph lengths)", "loss first → last", "peak alloc GiB", "peak reserved GiB", "in use GiB"]
     table = []
     for r in results:
         if not r.get("ok"):
             table.append({"row": r["row"], "tok/s whole run": r.get("error", "failed")})
             continue
-        table.append({"row": r["row"], "tok/s whole run": fmt(r["tok_s_run"]),
+        graphed = r["graph_pad_fraction"] is not None and r["row"].startswith("graphs")
+        table.append({"row": r["row"], "checkpointing": r.get("gc", "—"), "tok/s whole run": fmt(r["tok_s_run"]),
                       f"tok/s steps > {a.steady_from}": fmt(r["tok_s_steady"]), "run s": fmt(r["wall_s"], ".1f"),
                       "graphs": r["graphs"],
                       "padding (batch)": "—" if r["pad_fraction"] is None else f"{100 * r['pad_fraction']:.1f}%",
-                      "padding (graph lengths)": "—" if r["graph_pad_fraction"] is None or r["row"] != "graphs"
-                      else f"{100 * r['graph_pad_fraction']:.1f}%",
+                      "padding (graph lengths)": f"{100 * r['graph_pad_fraction']:.1f}%" if graphed else "—",
                       "loss first → last": f"{r['loss_first']:.3f} → {r['loss_last']:.3f}",
                       "peak alloc GiB": fmt(r.get("peak_alloc_gib"), ".2f"),
                       "peak reserved GiB": fmt(r.get("peak_reserved_gib"), ".2f"),

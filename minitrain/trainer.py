@@ -87,17 +87,30 @@ def pad_batch(batch: dict, T: int, pad_id: int) -> dict:
     return out
 
 
+def local_processes() -> int:
+    """Training processes on this host: torchrun's LOCAL_WORLD_SIZE, else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def auto_checkpointing(device, cuda_graphs: str) -> str:
-    """What gradient_checkpointing "auto" means: recompute each layer in the backward on CUDA (8B QLoRA Trainer on
-    padded batches of up to 2048 tokens, bench/trainer.py on an H100: 7.56 GiB allocated at peak against 19.20 GiB
-    without), plain on the CPU (small models; the recomputation would only cost time). Off where
-    ``cuda_graphs="on"`` asks for graphs and this torch cannot capture checkpointing (< 2.10): "auto" must not
-    turn a run that asked for graphs into an error."""
+    """What gradient_checkpointing "auto" means. On CUDA, "offload" for a process alone on its host: each layer's
+    input (and the attention's results) kept in pinned host memory, so the recomputation skips the attention and
+    the q/k/v projections; it is both faster and smaller than "on" (8B QLoRA, B=2 T=2048, H200: 12,954 tok/s at
+    6.79 GiB against 12,269 at 7.71 GiB; bench/results/2026-11-28-h200-train.md), and where the host budget runs
+    out the inputs simply stay on the device. "on" (recompute each layer) where several processes share the host
+    (LOCAL_WORLD_SIZE > 1): their copies would share one host's PCIe links and memory. Plain on the CPU (small
+    models; the recomputation would only cost time). Off where ``cuda_graphs="on"`` asks for graphs and this torch
+    cannot capture checkpointing (< 2.10): "auto" must not turn a run that asked for graphs into an error."""
     from . import cuda_graphs as cg
 
     if torch.device(device).type != "cuda":
         return "off"
-    return "off" if cuda_graphs == "on" and not cg.CHECKPOINT_IN_GRAPHS else "on"
+    if cuda_graphs == "on" and not cg.CHECKPOINT_IN_GRAPHS:
+        return "off"
+    return "offload" if local_processes() == 1 else "on"
 
 
 class TrainingError(RuntimeError):
@@ -301,7 +314,9 @@ def available_host_bytes() -> int | None:
 
 def default_host_budget() -> float:
     """Bytes of host memory gradient_checkpointing='offload' may hold: ``MINITRAIN_OFFLOAD_HOST_GIB`` GiB when
-    set, else 75% of the memory available now (no limit where that is unknown)."""
+    set, else 75% of the memory available now shared by the host's training processes (LOCAL_WORLD_SIZE; they
+    measure at about the same time, so each takes its share, not 75% of what is left), no limit where that is
+    unknown."""
     env = os.environ.get(HOST_BUDGET_ENV, "").strip()
     if env:
         try:
@@ -312,7 +327,7 @@ def default_host_budget() -> float:
             raise ValueError(f"{HOST_BUDGET_ENV}={env!r}: expected a number of GiB >= 0")
         return gib * 2**30
     avail = available_host_bytes()
-    return math.inf if avail is None else HOST_BUDGET_FRACTION * avail
+    return math.inf if avail is None else HOST_BUDGET_FRACTION * avail / local_processes()
 
 
 def _grown(buf: torch.Tensor | None, n: int) -> int:

@@ -25,10 +25,12 @@ def test_examples_follow_the_length_law():
 def test_tiny_trainer_rows(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-m", "bench.trainer", "--tiny", "--ckpt-dir", str(tmp_path / "ck"),
-                        "--no-write"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        "--no-write", "--rows", "eager,graphs,graphs-on"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = {r["row"]: r for r in (json.loads(l) for l in p.stdout.splitlines() if l.startswith("{"))}
-    assert sorted(rows) == ["eager", "graphs"] and all(r["ok"] for r in rows.values()), rows
+    assert sorted(rows) == ["eager", "graphs", "graphs-on"] and all(r["ok"] for r in rows.values()), rows
+    assert (rows["graphs"]["gc"], rows["graphs-on"]["gc"]) == ("off", "on")  # "auto" is off on the CPU
     assert rows["eager"]["loss_first"] == rows["graphs"]["loss_first"]  # CPU: both eager, the same run
     assert rows["graphs"]["off_because"] and rows["eager"]["graphs"] == 0
     assert 0 <= rows["eager"]["pad_fraction"] < rows["eager"]["graph_pad_fraction"] < 1

@@ -508,7 +508,12 @@ def test_gradient_checkpointing_auto_never_blocks_requested_graphs(tmp_path, mon
     cuda = torch.device("cuda", 0)
     decide = getattr(trainer_mod, "auto_checkpointing", None)
     assert decide is not None, "minitrain/trainer.py: no auto_checkpointing(device, cuda_graphs) deciding 'auto'"
-    assert decide(torch.device("cpu"), "auto") == "off" and decide(cuda, "auto") == "on"
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert decide(torch.device("cpu"), "auto") == "off" and decide(cuda, "auto") == "offload"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # several processes share the host: recompute, no host copies
+    assert decide(cuda, "auto") == "on" and decide(cuda, "on") == "on"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert decide(cuda, "auto") == "offload"
     monkeypatch.setattr(cg, "CHECKPOINT_IN_GRAPHS", False)
     assert decide(cuda, "on") == "off", "gradient_checkpointing='auto' with cuda_graphs='on' on torch < 2.10"
-    assert decide(cuda, "auto") == "on" and decide(cuda, "off") == "on"
+    assert decide(cuda, "auto") == "offload" and decide(cuda, "off") == "offload"

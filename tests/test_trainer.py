@@ -1099,6 +1099,11 @@ def test_offload_host_budget_default_and_setting(monkeypatch):
         assert mt.default_host_budget() == math.inf
     else:  # 75% of what is available now (it moves a little between the two reads)
         assert mt.default_host_budget() == pytest.approx(0.75 * avail, rel=0.05)
+    monkeypatch.setattr(mt, "available_host_bytes", lambda: 64 * 2**30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes on the host (torchrun): each takes its share
+    assert mt.default_host_budget() == 0.75 * 16 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "one")  # unreadable: taken as alone
+    assert mt.default_host_budget() == 0.75 * 64 * 2**30
 
 
 @pytest.mark.gpu
