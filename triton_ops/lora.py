@@ -14,7 +14,10 @@ The MLP: y = down(silu(gate(x)) · up(x)); its backward runs
 Where a base and an adapter term land in one buffer (y, dx, dh), the base GEMM writes it and the adapter term
 is added in one read+write pass (``triton_ops.rank_update`` on CUDA: cuBLAS's K=R addmm_ moved the same bytes
 at ~60% of copy bandwidth; the order "adapter first, base GEMM accumulating with beta=1" measured slower:
-bench/results/2026-11-28-h100-80gb-hbm3-lora-passes.md).
+bench/results/2026-11-28-h100-80gb-hbm3-lora-passes.md) — except in the MLP on CUDA with NF4 bases and no
+dropout, where the adapter is folded into the base GEMM instead (``FOLD_ADAPTERS``): g = [xa_g | x]·[s·B_g | W_g]ᵀ,
+u = [x | xa_u]·[W_u | s·B_u]ᵀ and dh = [dy | dy·B_d]·[W_d ; s·A_d], one GEMM over K + R each, the dense weight
+dequantized straight into the wider buffer (the extra pass over the output becomes one copy of x or dy).
 
 Layouts: x (..., K) with any leading shape (flattened to M = tokens rows); base W (N, K) is a tensor of any
 float dtype or any object with ``dequantize(dtype=None, out=None)`` (e.g. an NF4 weight); bias (N,) frozen.
@@ -476,7 +479,9 @@ def _offsets(batched, tensors) -> dict[int, tuple[int, int]]:
 class _LoRAMLPFn(torch.autograd.Function):
     """down(silu(gate(x)) · up(x)) with adapters on any of the three projections.
 
-    Forward keeps x, g = gate(x), u = up(x) (not h) and the adapters' xa = drop(·)·Aᵀ (M, R each, ``SAVE_XA``).
+    Forward keeps x, g = gate(x), u = up(x) (not h) and the adapters' xa = drop(·)·Aᵀ (M, R each, ``SAVE_XA``);
+    gate and up with their adapters folded into one GEMM each where ``_foldable`` allows (``_gate_up_folded``),
+    dh likewise in backward (``_dh_folded``).
     Backward:
         dh = dy·Wd + s_d·(dy·B_d)·A_d ⊙ keep_d/(1-p_d)
         one in-place kernel: dh <- h = silu(g)·u, g <- dg, u <- du   (g, u are this Function's own buffers)
