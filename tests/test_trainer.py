@@ -1084,6 +1084,27 @@ def test_offload_over_the_host_budget_keeps_inputs_on_the_device(fused_lora_on_c
         assert len(msgs) == 1 and mt.HOST_BUDGET_ENV in msgs[0] and "stay on cpu" in msgs[0], msgs
 
 
+def test_offload_host_buffers_grow_by_doubling():
+    """A layer's host buffer, fed the Trainer's rising graph lengths (2 x 64 ... 2 x 2048 tokens), is reallocated
+    only when it must at least double: 6 allocations in all (the quarter growth took 16), and the bytes ever
+    allocated stay under twice the final buffer's (pinning host memory is what costs)."""
+    import minitrain.trainer as mt
+
+    lengths = [64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
+               2048]
+    ho = mt.HostOffload(host_budget=math.inf)
+    seen, allocated = [], 0
+    for T in lengths + lengths[::-1]:
+        view, reused = ho._host_buffer((0, torch.float32), torch.empty(2, T, 8))
+        assert reused and view.shape == (2, T, 8)
+        buf = ho.buffers[(0, torch.float32)]
+        if not any(b is buf for b in seen):
+            seen.append(buf)
+            allocated += buf.numel()
+    assert len(seen) == 6, [b.numel() for b in seen]
+    assert allocated < 2 * seen[-1].numel()
+
+
 def test_offload_host_budget_default_and_setting(monkeypatch):
     import minitrain.trainer as mt
 
