@@ -121,6 +121,21 @@ def test_out_rows_apart_cpu(dtype, backend):
         assert torch.isnan(buf[:, :lo]).all() and torch.isnan(buf[:, lo + shape[1]:]).all(), "wrote outside out"
 
 
+@pytest.mark.parametrize("K", [100, 32, 192])
+def test_out_one_row_column_slice_cpu(K):
+    """A (1, K) column slice of a wider buffer is contiguous to torch (a size-1 dimension's stride is ignored), so
+    the checks accept it for any K; the kernel must write it as one row, not as rows stride(0) apart (K = 100, 32:
+    not whole blocks of 64, which wrote the second block into the next row or divided by K // 64 = 0)."""
+    q = _quantized((1, K), "cpu")
+    buf = torch.full((2, K + 20), float("nan"), dtype=torch.float32)
+    out = buf[:1, 10:10 + K]
+    quant.dequantize_nf4(q, torch.float32, out=out, backend="triton")
+    want = dequantize_nf4_ref(q, torch.float32)
+    assert torch.equal(out, want), f"(1, {K}) slice with strides {out.stride()}: {_report(out, want)}"
+    assert torch.isnan(buf[:, :10]).all() and torch.isnan(buf[:, 10 + K:]).all() and torch.isnan(buf[1]).all(), \
+        f"(1, {K}) slice: wrote outside out"
+
+
 def test_triton_compile_fullgraph_cpu():
     q = _quantized((20, 64), "cpu")
     out = torch.empty(20, 64, dtype=torch.bfloat16)

@@ -235,7 +235,9 @@ class DequantPlan:
         """Dequantize into ``out``: the weight's element count, contiguous or (N, K) rows ``out.stride(0)`` apart
         (unit column stride, K a multiple of the blocksize; not checked here: ``check_out``)."""
         n = out.numel()
-        strided = out.dim() == 2 and out.stride(0) != out.shape[1]
+        # not is_contiguous(), not stride(0) != K: a one-row column slice counts as contiguous (torch ignores the
+        # stride of a size-1 dimension) and is written linearly; its K need not be whole blocks
+        strided = not out.is_contiguous()
         grid, kw = self._launch_config(out.dtype, n, strided)
         K, ld = (out.shape[1], out.stride(0)) if strided else (0, 0)  # 0, 0: one specialization when unused
         _nf4_dequant_kernel[grid](*self.tensors, out, n, self.nbytes, K, ld, **kw)
