@@ -113,8 +113,12 @@ def test_dequantize_out_buffer_and_backend_errors():
     res = quant.dequantize_nf4(q, torch.bfloat16, out=out)
     assert res.data_ptr() == out.data_ptr()
     assert torch.equal(out, quant.dequantize_nf4_ref(q, torch.bfloat16))
-    with pytest.raises(ValueError, match="out must be a contiguous torch.bfloat16 tensor of shape \\(8, 64\\)"):
+    with pytest.raises(ValueError, match="out must be a torch.bfloat16 tensor of shape \\(8, 64\\) on cpu, contiguous or "
+                       "with rows apart .* got torch.bfloat16 \\(8, 63\\)"):
         quant.dequantize_nf4(q, torch.bfloat16, out=torch.empty(8, 63, dtype=torch.bfloat16))
+    wide = torch.zeros(8, 80, dtype=torch.bfloat16)  # a column slice of a wider buffer is a valid out
+    quant.dequantize_nf4(q, torch.bfloat16, out=wide[:, 16:])
+    assert torch.equal(wide[:, 16:], quant.dequantize_nf4_ref(q, torch.bfloat16)) and not wide[:, :16].any()
     with pytest.raises(ValueError, match="backend must be one of"):
         quant.dequantize_nf4(q, backend="fast")
     with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16"):

@@ -190,8 +190,9 @@ def test_matmul_row_counts(backend, m):
 def test_dequantize_out_of_the_wrong_dtype_or_layout():
     q = quant.quantize_nf4(torch.randn(8, 64))
     for out, why in ((torch.empty(8, 64, dtype=torch.float16), r"got torch.float16 \(8, 64\)"),
-                     (torch.empty(64, 8).t(), r"\(non-contiguous\)"),
+                     (torch.empty(64, 8).t(), r"got torch.float32 \(8, 64\) on cpu with strides \(1, 8\)"),
+                     (torch.empty(8, 128)[:, ::2], r"with strides \(128, 2\)"),
                      (torch.empty(512), r"got torch.float32 \(512,\)")):
-        want = r"out must be a contiguous torch.float32 tensor of shape \(8, 64\).*"
+        want = r"out must be a torch.float32 tensor of shape \(8, 64\) on cpu, contiguous or with rows apart.*"
         with pytest.raises(ValueError, match=want + why):
             quant.dequantize_nf4(q, torch.float32, out=out)
