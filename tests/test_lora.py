@@ -388,6 +388,34 @@ def test_lora_mlp_folded_adapters(variant, dtype, device, monkeypatch):
     assert calls == {"gate_up": int(p == 0 and not bias), "dh": int(adapters[2] and p == 0)}, calls
 
 
+def test_lora_mlp_fold_frees_dy_copy_before_dx(device, monkeypatch):
+    """The dh fold's dyB is a view of its (M, C + R) [dy | dyB] buffer; backward must drop it once down's adapter
+    grads are done, not hold the whole buffer through the gate/up dx GEMMs (the MLP backward's peak)."""
+    import weakref
+
+    import triton_ops.lora as tlora
+
+    calls = _count_folds(monkeypatch)
+    folded, dx_base = tlora._dh_folded, tlora._dx_base
+    refs, alive = [], []
+
+    def dh_folded(*a):
+        dh, dyB = folded(*a)
+        assert dyB._base is not None, "the fold's dyB is expected to be a view of [dy | dyB]"
+        refs.append(weakref.ref(dyB._base))
+        return dh, dyB
+
+    def counted_dx_base(*a):
+        alive.append(bool(refs) and refs[-1]() is not None)
+        return dx_base(*a)
+
+    monkeypatch.setattr(tlora, "_dh_folded", dh_folded)
+    monkeypatch.setattr(tlora, "_dx_base", counted_dx_base)
+    _mlp_case((37,), 128, 192, 8, torch.float32, device, True, "all plain")
+    assert calls["gate_up"] == 1 and refs, calls
+    assert alive and not any(alive), f"[dy | dyB] still alive at the gate/up dx GEMMs: {alive}"
+
+
 def test_lora_mlp_fold_switch_and_tiles(device, monkeypatch):
     """FOLD_ADAPTERS off folds nothing; inside weight_cache (the tiled MLP) nothing is folded either."""
     import triton_ops.lora as tlora

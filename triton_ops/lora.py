@@ -552,7 +552,8 @@ class _LoRAMLPFn(torch.autograd.Function):
             # xa_d is None when the forward ran under output_unused: recomputed from this h (same bits)
             dAd, dBd = _adapter_grads(dy2, dyB, dh, down, Ad_, kd, xa_d)
             dAd, dBd = dAd.to(Ad.dtype), dBd.to(Bd.dtype)
-        del dh
+        # dyB of the fold is a view of its (M, C + R) [dy | dyB]: freed here, not held through the dx GEMMs
+        del dh, dyB
         # dx = dg·Wg + du·Wu + the adapter terms, one buffer.
         terms = [(g, gate, Ag_, Bg_, kg), (u, up, Au_, Bu_, ku)]
         dyBs = [dd @ B_ if pr.has_adapter else None for dd, pr, _, B_, _ in terms]
