@@ -416,6 +416,34 @@ def test_lora_mlp_fold_frees_dy_copy_before_dx(device, monkeypatch):
     assert alive and not any(alive), f"[dy | dyB] still alive at the gate/up dx GEMMs: {alive}"
 
 
+def test_lora_mlp_fold_one_dense_weight_at_a_time(device, monkeypatch):
+    """The gate/up fold dequantizes each NF4 weight into its own [s·B | W] / [W | s·B] buffer; gate's must be freed
+    before up's is allocated (as the unfolded path frees each dense weight after its GEMM), not held while it is
+    (one more (F, K) dense weight at the forward's peak)."""
+    import weakref
+
+    import triton_ops.lora as tlora
+
+    calls = _count_folds(monkeypatch)
+    dense_into, empty = tlora._dense_into, torch.empty
+    refs, alive = [], []
+
+    def counted(base, out):
+        refs.append(weakref.ref(out._base if out._base is not None else out))
+        return dense_into(base, out)
+
+    def watched_empty(*a, **k):
+        if len(refs) == 1 and not alive:  # the first allocation after gate's dequantize: up's buffer
+            alive.append(refs[0]() is not None)
+        return empty(*a, **k)
+
+    monkeypatch.setattr(tlora, "_dense_into", counted)
+    monkeypatch.setattr(torch, "empty", watched_empty)
+    _mlp_case((37,), 128, 192, 8, torch.float32, device, True, "no down adapter")
+    assert calls == {"gate_up": 1, "dh": 0} and len(refs) == 2, (calls, len(refs))
+    assert alive == [False], "gate's [s·B | W] buffer still alive when up's buffer is allocated"
+
+
 def test_lora_mlp_fold_switch_and_tiles(device, monkeypatch):
     """FOLD_ADAPTERS off folds nothing; inside weight_cache (the tiled MLP) nothing is folded either."""
     import triton_ops.lora as tlora

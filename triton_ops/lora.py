@@ -290,6 +290,7 @@ def _gate_up_folded(x2, gate: _Proj, up: _Proj, Ag, Bg, Au, Bu):
     copy2d_(We[:, :Rg], Bg, gate.scale)
     _dense_into(gate.base, We[:, Rg:])
     g = xe[:, :Rg + K] @ We.t()
+    del We  # freed before up's buffer is allocated: one dense weight at a time, as the unfolded path
     We = torch.empty(up.base.shape[0], K + Ru, dtype=dtype, device=dev)       # [W_u | s_u·B_u]
     _dense_into(up.base, We[:, :K])
     copy2d_(We[:, K:], Bu, up.scale)
