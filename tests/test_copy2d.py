@@ -30,6 +30,39 @@ def test_copy_and_scale_into_a_column_slice(dtype, kernel, device):
         _case(M, N, lo, hi, dtype, dtype, 2.0, device, kernel, transposed=True)
 
 
+def test_source_offsets_past_int32(device):
+    """A transposed-like source whose column stride times the column index passes 2^31 elements (a 4 GiB fp16
+    allocation, touched only at the 6 elements read): the kernel's source offsets must not wrap in int32 (it
+    read out of bounds: a crash, hence the subprocess)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, torch\n"
+        "from triton_ops.copy2d import copy2d_\n"
+        "dev, s = sys.argv[1], 2**30 + 7\n"
+        "big = torch.empty(2 * s + 2, dtype=torch.float16, device=dev)\n"
+        "src = big.as_strided((2, 3), (1, s))\n"
+        "want = torch.tensor([[1., 2., 3.], [4., 5., 6.]], dtype=torch.float16, device=dev)\n"
+        "for m in range(2):\n"
+        "    for n in range(3):\n"
+        "        big[m + n * s] = want[m, n]\n"
+        "dst = torch.zeros(2, 3, dtype=torch.float16, device=dev)\n"
+        "copy2d_(dst, src, kernel=True)\n"
+        "assert torch.equal(dst, want), dst\n"
+        "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(root))
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    p = subprocess.run([sys.executable, "-c", code, device], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "ok" in p.stdout, \
+        f"triton_ops/copy2d.py: source offsets past 2^31 (rc {p.returncode}): {p.stdout[-1500:]} {p.stderr[-1500:]}"
+
+
 def test_errors():
     buf = torch.zeros(4, 10)
     with pytest.raises(ValueError, match="unit column stride"):

@@ -32,7 +32,10 @@ def _copy2d_kernel(src_ptr, dst_ptr, M, N, s_sm, s_sn, s_dm, alpha,
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     rm = rm.to(tl.int64)
-    v = tl.load(src_ptr + rm[:, None] * s_sm + rn[None, :] * s_sn, mask=mask, eviction_policy="evict_first")
+    # int64 column term too: a transposed source's rn·s_sn passes 2^31 past 2^31 elements (with s_sn == 1,
+    # specialized by Triton, there is no product)
+    v = tl.load(src_ptr + rm[:, None] * s_sm + rn.to(tl.int64)[None, :] * s_sn, mask=mask,
+                eviction_policy="evict_first")
     if CONVERT:
         v = cast_rtne(v.to(tl.float32) * alpha, dst_ptr.dtype.element_ty, INTERPRET_BF16)
     tl.store(dst_ptr + rm[:, None] * s_dm + rn[None, :], v, mask=mask)
