@@ -88,11 +88,16 @@ def pad_batch(batch: dict, T: int, pad_id: int) -> dict:
 
 
 def local_processes() -> int:
-    """Training processes on this host: torchrun's LOCAL_WORLD_SIZE, else 1."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    """Training processes on this host: torchrun's LOCAL_WORLD_SIZE; where a launcher sets only WORLD_SIZE (srun,
+    mpirun, a custom one), WORLD_SIZE as the upper bound (every process might share this host); else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                continue
+    return 1
 
 
 def auto_checkpointing(device, cuda_graphs: str) -> str:
@@ -100,8 +105,8 @@ def auto_checkpointing(device, cuda_graphs: str) -> str:
     input (and the attention's results) kept in pinned host memory, so the recomputation skips the attention and
     the q/k/v projections; it is both faster and smaller than "on" (8B QLoRA, B=2 T=2048, H200: 12,954 tok/s at
     6.79 GiB against 12,269 at 7.71 GiB; bench/results/2026-11-28-h200-train.md), and where the host budget runs
-    out the inputs simply stay on the device. "on" (recompute each layer) where several processes share the host
-    (LOCAL_WORLD_SIZE > 1): their copies would share one host's PCIe links and memory. Plain on the CPU (small
+    out the inputs simply stay on the device. "on" (recompute each layer) where several processes may share the
+    host (``local_processes()`` > 1): their copies would share one host's PCIe links and memory. Plain on the CPU (small
     models; the recomputation would only cost time). Off where ``cuda_graphs="on"`` asks for graphs and this torch
     cannot capture checkpointing (< 2.10): "auto" must not turn a run that asked for graphs into an error."""
     from . import cuda_graphs as cg

@@ -514,6 +514,12 @@ def test_gradient_checkpointing_auto_never_blocks_requested_graphs(tmp_path, mon
     assert decide(cuda, "auto") == "on" and decide(cuda, "on") == "on"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert decide(cuda, "auto") == "offload"
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # srun/mpirun-style: no local count, so assume the host is shared
+    assert decide(cuda, "auto") == "on"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun's local count wins
+    assert decide(cuda, "auto") == "offload"
+    monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setattr(cg, "CHECKPOINT_IN_GRAPHS", False)
     assert decide(cuda, "on") == "off", "gradient_checkpointing='auto' with cuda_graphs='on' on torch < 2.10"
     assert decide(cuda, "auto") == "offload" and decide(cuda, "off") == "offload"

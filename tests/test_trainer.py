@@ -1124,7 +1124,11 @@ def test_offload_host_budget_default_and_setting(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes on the host (torchrun): each takes its share
     assert mt.default_host_budget() == 0.75 * 16 * 2**30
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "one")  # unreadable: taken as alone
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert mt.default_host_budget() == 0.75 * 64 * 2**30
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # a launcher without a local count: at most 8 share the host
+    assert mt.default_host_budget() == 0.75 * 8 * 2**30
 
 
 @pytest.mark.gpu
