@@ -336,11 +336,11 @@ def default_host_budget() -> float:
 
 
 def _grown(buf: torch.Tensor | None, n: int) -> int:
-    """Elements of a layer's host buffer that must hold n: n for a new one, else at least doubled. Pinning host
-    memory is slow (the page-locking runs at a few GB/s), and the Trainer's padded batches arrive at rising graph
-    lengths (64, 80, 96, ... 2048 tokens): growing by a quarter reallocated each buffer ~15 times on the way up,
-    about 5x the final bytes pinned in all; doubling does it in ~5 times and at most 2x. A buffer a CUDA graph
-    captured stays alive beside its successor, so fewer steps also hold less host memory."""
+    """Elements of a layer's host buffer that must hold n: n for a new one, else at least doubled. The Trainer's
+    padded batches arrive at rising graph lengths (64, 80, 96, ... 2048 tokens): growing by a quarter reallocated
+    each buffer ~15 times on the way up, about 5x the final bytes pinned in all; doubling does it ~5 times and at
+    most 2x. A buffer a CUDA graph captured stays alive beside its successor, so fewer steps also hold less host
+    memory. (It did not shorten the offload Trainer's slower start: bench/results/2026-11-28-h200-trainer.md.)"""
     return n if buf is None else max(n, 2 * buf.numel())
 
 
