@@ -465,6 +465,27 @@ def test_lora_mlp_compile(device):
     _mlp_case((2, 3), 64, 96, 4, torch.float32, device, True, "all+dropout+bias", compile_=True)
 
 
+def test_lora_mlp_compile_keeps_the_plain_ops_where_the_fold_applies(device, monkeypatch):
+    """A foldable MLP (NF4, rank 8, no dropout) under torch.compile: the traced graph runs the unfolded ops (the
+    fold launches raw kernels into slices of its own buffers), and the results meet the tolerance rule; eagerly
+    the same case folds."""
+    calls = _count_folds(monkeypatch)
+    _mlp_case((2, 5), 128, 192, 8, torch.float32, device, True, "all plain", compile_=True)
+    assert calls == {"gate_up": 0, "dh": 0}, calls
+    _mlp_case((2, 5), 128, 192, 8, torch.float32, device, True, "all plain")
+    assert calls == {"gate_up": 1, "dh": 1}, calls
+
+
+def test_lora_mlp_dh_fold_needs_whole_16_bytes_of_columns(device, monkeypatch):
+    """dh is folded only where dyB's column offset in [dy | dyB], C, is a multiple of 8 elements. Gate and up
+    fold nowhere here (their K = C is not whole 64-element NF4 blocks); down's weight (C, F = 192) is."""
+    calls = _count_folds(monkeypatch)
+    _mlp_case((37,), 68, 192, 8, torch.float32, device, True, "all plain")    # C % 8 == 4: not folded
+    assert calls == {"gate_up": 0, "dh": 0}, calls
+    _mlp_case((37,), 136, 192, 8, torch.float32, device, True, "all plain")   # C % 8 == 0: folded
+    assert calls == {"gate_up": 0, "dh": 1}, calls
+
+
 def test_lora_mlp_backward_runs_once(device):
     """The in-place backward reuses the saved pre-activations; a second backward must refuse, not lie."""
     d = [_make_proj(n, k, 4, torch.float32, device, False, 0.0, False, (5,)) for n, k in ((96, 64), (96, 64), (64, 96))]

@@ -539,7 +539,9 @@ class _LoRAMLPFn(torch.autograd.Function):
         Ag_, Bg_, Au_, Bu_, Ad_, Bd_ = (_cast(t, dtype) for t in (Ag, Bg, Au, Bu, Ad, Bd))
 
         # dh = dy·Wd (+ adapter); the base part is the dx of down's projection.
-        if down.has_adapter and kd is None and _foldable(dy2, (down._replace(bias=None),), (Ad, Bd, None)):
+        # [dy | dyB] puts dyB's columns at offset C: a whole 16 bytes (C % 8 == 0) keeps cuBLAS's aligned kernels
+        if (down.has_adapter and kd is None and dy2.shape[1] % 8 == 0
+                and _foldable(dy2, (down._replace(bias=None),), (Ad, Bd, None))):
             dh, dyB = _dh_folded(dy2, Bd_, down, Ad)                  # (M, F), one GEMM over C + R; (M, R)
         else:
             dyB = dy2 @ Bd_ if down.has_adapter else None            # (M, R)
