@@ -59,10 +59,7 @@ def copy2d_(dst: torch.Tensor, src: torch.Tensor, alpha: float = 1.0, kernel: bo
     if kernel is None:
         kernel = dst.is_cuda
     if not kernel or dst.numel() == 0:
-        if convert:
-            return torch.mul(src, alpha, out=dst) if src.dtype == torch.float32 else \
-                torch.mul(src.float(), alpha, out=dst)
-        return dst.copy_(src)
+        return torch.mul(src.float(), alpha, out=dst) if convert else dst.copy_(src)  # .float(): fp32 product
     M, N = dst.shape
     BN = min(1024, triton.next_power_of_2(N))
     BM = max(1, min(512, 8192 // BN))

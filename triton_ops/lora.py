@@ -254,19 +254,19 @@ FOLD_ADAPTERS = os.environ.get("MINITRAIN_LORA_FOLD", "1") != "0"
 FOLD_ON_CPU = False  # the tests' switch: the same folded math on CPU tensors (fp32/bf16 GEMMs of torch)
 
 
-def _foldable(x2, projs, tensors) -> bool:
-    """Whether _gate_up_folded may compute the gate and up projections of ``x2``: CUDA, 16-bit, both adapted
-    without dropout or bias, NF4 bases whose K is whole quantization blocks, ranks multiples of 8 (16-byte
-    aligned column offsets for cuBLAS), outside a weight_cache block (the tiled MLP reuses plain dense weights)
-    and outside torch.compile's tracing (the traced graph keeps the plain ops)."""
-    if not (FOLD_ADAPTERS and (x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) or FOLD_ON_CPU)
-            and getattr(_cache, "d", None) is None and not torch.compiler.is_compiling()):
-        return False
-    for i, pr in enumerate(projs):
-        if not (pr.has_adapter and pr.bias is None and tensors[3 * i + 2] is None and isinstance(pr.base, NF4Weight)
-                and pr.base.shape[1] % pr.base.blocksize == 0 and tensors[3 * i + 1].shape[1] % 8 == 0):
-            return False
-    return True
+def _fold_on(t: torch.Tensor) -> bool:
+    """Whether folding may run on operand ``t`` at all: switched on, CUDA and 16-bit (or the tests' CPU switch),
+    outside a weight_cache block (the tiled MLP reuses plain dense weights) and outside torch.compile's tracing
+    (the traced graph keeps the plain ops)."""
+    return (FOLD_ADAPTERS and (t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) or FOLD_ON_CPU)
+            and getattr(_cache, "d", None) is None and not torch.compiler.is_compiling())
+
+
+def _fold_proj(pr: _Proj, B, keep) -> bool:
+    """Whether projection ``pr`` can be folded: adapted without dropout, an NF4 base whose K is whole
+    quantization blocks, a rank that is a multiple of 8 (16-byte aligned column offsets for cuBLAS)."""
+    return (pr.has_adapter and keep is None and isinstance(pr.base, NF4Weight)
+            and pr.base.shape[1] % pr.base.blocksize == 0 and B.shape[1] % 8 == 0)
 
 
 def _dense_into(base, out: torch.Tensor) -> torch.Tensor:
@@ -481,7 +481,7 @@ class _LoRAMLPFn(torch.autograd.Function):
     """down(silu(gate(x)) · up(x)) with adapters on any of the three projections.
 
     Forward keeps x, g = gate(x), u = up(x) (not h) and the adapters' xa = drop(·)·Aᵀ (M, R each, ``SAVE_XA``);
-    gate and up with their adapters folded into one GEMM each where ``_foldable`` allows (``_gate_up_folded``),
+    gate and up with their adapters folded into one GEMM each where ``_fold_on``/``_fold_proj`` allow (``_gate_up_folded``),
     dh likewise in backward (``_dh_folded``).
     Backward:
         dh = dy·Wd + s_d·(dy·B_d)·A_d ⊙ keep_d/(1-p_d)
@@ -507,7 +507,8 @@ class _LoRAMLPFn(torch.autograd.Function):
         x2 = _flat(x, K)
         dtype = x2.dtype
         kg, ku, kd = (None if t is None else _flat(t, t.shape[-1]) for t in (tensors[2], tensors[5], tensors[8]))
-        if _foldable(x2, (gate, up), tensors[:6]):
+        if _fold_on(x2) and all(pr.bias is None and _fold_proj(pr, tensors[3 * i + 1], tensors[3 * i + 2])
+                                for i, pr in enumerate((gate, up))):
             g, u, xa_g, xa_u = _gate_up_folded(x2, gate, up, tensors[0], tensors[1], tensors[3], tensors[4])
         else:
             g, xa_g = _proj_forward(x2, gate, _cast(tensors[0], dtype), _cast(tensors[1], dtype), kg)   # (M, F)
@@ -540,8 +541,7 @@ class _LoRAMLPFn(torch.autograd.Function):
 
         # dh = dy·Wd (+ adapter); the base part is the dx of down's projection.
         # [dy | dyB] puts dyB's columns at offset C: a whole 16 bytes (C % 8 == 0) keeps cuBLAS's aligned kernels
-        if (down.has_adapter and kd is None and dy2.shape[1] % 8 == 0
-                and _foldable(dy2, (down._replace(bias=None),), (Ad, Bd, None))):
+        if _fold_on(dy2) and dy2.shape[1] % 8 == 0 and _fold_proj(down, Bd, kd):
             dh, dyB = _dh_folded(dy2, Bd_, down, Ad)                  # (M, F), one GEMM over C + R; (M, R)
         else:
             dyB = dy2 @ Bd_ if down.has_adapter else None            # (M, R)
