@@ -403,9 +403,33 @@ def profile_steps(step, batches, device, steps: int = 2) -> dict:
     by_host = sorted((e for e in avgs if not on_device(e)), key=lambda e: e.self_cpu_time_total, reverse=True)
     host_ops = [{"name": e.key, "calls": e.count // steps, "ms": e.self_cpu_time_total / 1e3 / steps,
                  "us_per_call": e.self_cpu_time_total / max(e.count, 1)} for e in by_host[:20]]
+    gaps = idle_gaps(prof.events(), steps) if cuda else None
     return {"steps": steps, "wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "host_op_ms": host_ms, "kernels": top,
             "kinds": [{"kind": k, "ms": v} for k, v in kinds.most_common()],
-            "ops": top_ops, "host_ops": host_ops, "timed": "cuda" if cuda else "cpu"}
+            "ops": top_ops, "host_ops": host_ops, "timed": "cuda" if cuda else "cpu", "gaps": gaps}
+
+
+def idle_gaps(events, steps: int, top: int = 15) -> dict:
+    """Where no compute kernel runs: the union of the device intervals of all kernels except copies and memsets
+    (any stream), its holes between the first and the last kernel, and the largest holes with the kernels
+    around them, summed over holes with the same neighbours. ``events``: objects with ``name``,
+    ``device_type`` and ``time_range.start/end`` in µs (torch.profiler's FunctionEvents)."""
+    iv = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                if "CUDA" in str(getattr(e, "device_type", "")) and e.time_range.end > e.time_range.start
+                and not e.name.startswith(("Memcpy", "Memset")))
+    holes = collections.defaultdict(lambda: [0, 0.0])
+    idle, end, prev = 0.0, None, None
+    for s, e, name in iv:
+        if end is not None and s > end:
+            idle += s - end
+            h = holes[(prev[:60], name[:60])]
+            h[0] += 1
+            h[1] += s - end
+        if end is None or e > end:
+            end, prev = e, name
+    worst = sorted(holes.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
+    return {"idle_ms": idle / 1e3 / steps,
+            "holes": [{"after": a, "before": b, "count": c, "ms": t / 1e3 / steps} for (a, b), (c, t) in worst]}
 
 
 def run_row(spec: dict) -> dict:
@@ -705,8 +729,15 @@ def render(records: list, tflops: float | None) -> list[tuple[str, str]]:
                         "ms/step": f"{k['ms']:.2f}", "µs/call": f"{k['us_per_call']:.1f}",
                         "% of step": f"{100 * k['ms'] / p['wall_ms']:.1f}%"}
                        for k in p.get("host_ops", [])]) if p["timed"] == "cuda" and p.get("host_ops") else ""
+        g = p.get("gaps")
+        gt = ((f"No compute kernel running (copies and memsets aside) for {g['idle_ms']:.2f} ms/step between the "
+               f"first and the last kernel; the largest such holes, by the kernels around them:\n\n"
+               + hw_table([{"after": h["after"].replace("|", "/"), "before": h["before"].replace("|", "/"),
+                            "holes/step": f"{h['count'] / p['steps']:g}", "ms/step": f"{h['ms']:.2f}"}
+                           for h in g["holes"]])) if g else "")
         sections.append((f"Profile: {r['row']} {r['model']} T={r['seq']}",
-                         head + kk + kt + ("\n" + ot if ot else "") + ("\n" + ht if ht else "")))
+                         head + kk + kt + ("\n" + ot if ot else "") + ("\n" + ht if ht else "")
+                         + ("\n" + gt if gt else "")))
     vers = {}
     for r in records:
         for k, v in (r.get("result") or {}).get("versions", {}).items():

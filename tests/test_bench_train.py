@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.train import (ROWS, checkpoint_complete, kernel_kind, checkpoint_tensors, flops_per_token, model_config, next_probe,
+from bench.train import (ROWS, checkpoint_complete, idle_gaps, kernel_kind, checkpoint_tensors, flops_per_token, model_config, next_probe,
                          render, upsert)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +115,23 @@ def test_profile_kernel_kinds():
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>") == \
         "elementwise / copy (torch)"
     assert kernel_kind("some_new_kernel") == "other"
+
+
+def test_profile_idle_gaps():
+    # kernels on two streams overlap; copies and host events do not count as busy; holes are summed by neighbours
+    from types import SimpleNamespace as N
+
+    def ev(name, s, e, dev="DeviceType.CUDA"):
+        return N(name=name, device_type=dev, time_range=N(start=s, end=e))
+
+    evs = [ev("gemm", 0, 10), ev("Memcpy DtoH (Device -> Pinned)", 10, 50), ev("rope", 12, 20), ev("attn", 15, 30),
+           ev("norm", 40, 41), ev("step", 0, 100, "DeviceType.CPU"), ev("gemm", 50, 60), ev("norm", 65, 70),
+           ev("gemm", 80, 90), ev("norm", 95, 96)]
+    g = idle_gaps(evs, steps=2)
+    assert g["idle_ms"] == pytest.approx((2 + 10 + 9 + 5 + 10 + 5) / 1e3 / 2)
+    top = g["holes"][0]
+    assert (top["after"], top["before"], top["count"]) == ("norm", "gemm", 2) and top["ms"] == pytest.approx((9 + 10) / 1e3 / 2)
+    assert idle_gaps([], 1) == {"idle_ms": 0.0, "holes": []}
 
 
 @pytest.mark.gpu
