@@ -35,7 +35,9 @@ offloaded activations can bind first; a common cap compares the rows' memory per
 Capped and uncapped searches are cached apart.
 ``--profile [ROW]``: that row (default ours) under torch.profiler for 2 steps after warm-up: kernel time by
 kind (GEMM, attention, NF4 dequantize, ...), top kernels by GPU time, top ops, and GPU-busy vs wall time per
-step (kernels replayed from a CUDA graph are reported one by one).
+step (kernels replayed from a CUDA graph are reported one by one). The table ends with the compute stream's idle holes (no kernel
+but copies running) by the kernels around them; ``$BENCH_TIMELINE=path`` also writes 8 ms of the device timeline
+(name, stream, start, end µs) there as JSON.
 
 Results accumulate across invocations in ``bench/results/.train-rows-<card>.json`` (``--cache``) and every
 invocation rewrites ``bench/results/<date>-<card>-train.md`` with all cached rows.
@@ -47,6 +49,7 @@ Run: ``python -m bench.train --rows ours,peft-bnb,peft-bnb-liger --seq 2048`` (`
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import inspect
 import json
@@ -404,6 +407,12 @@ def profile_steps(step, batches, device, steps: int = 2) -> dict:
     host_ops = [{"name": e.key, "calls": e.count // steps, "ms": e.self_cpu_time_total / 1e3 / steps,
                  "us_per_call": e.self_cpu_time_total / max(e.count, 1)} for e in by_host[:20]]
     gaps = idle_gaps(prof.events(), steps) if cuda else None
+    if cuda and os.environ.get("BENCH_TIMELINE"):  # $BENCH_TIMELINE=path: 8 ms of the device timeline as JSON
+        dev = sorted((e for e in prof.events() if on_device(e)), key=lambda e: e.time_range.start)
+        t0 = dev[len(dev) // 3].time_range.start if dev else 0
+        Path(os.environ["BENCH_TIMELINE"]).write_text(json.dumps(
+            [[e.name[:80], getattr(e, "device_resource_id", None), round(e.time_range.start - t0, 1),
+              round(e.time_range.end - t0, 1)] for e in dev if 0 <= e.time_range.start - t0 < 8000]))
     return {"steps": steps, "wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "host_op_ms": host_ms, "kernels": top,
             "kinds": [{"kind": k, "ms": v} for k, v in kinds.most_common()],
             "ops": top_ops, "host_ops": host_ops, "timed": "cuda" if cuda else "cpu", "gaps": gaps}
@@ -412,23 +421,30 @@ def profile_steps(step, batches, device, steps: int = 2) -> dict:
 def idle_gaps(events, steps: int, top: int = 15) -> dict:
     """Where no compute kernel runs: the union of the device intervals of all kernels except copies and memsets
     (any stream), its holes between the first and the last kernel, and the largest holes with the kernels
-    around them, summed over holes with the same neighbours. ``events``: objects with ``name``,
-    ``device_type`` and ``time_range.start/end`` in µs (torch.profiler's FunctionEvents)."""
-    iv = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                if "CUDA" in str(getattr(e, "device_type", "")) and e.time_range.end > e.time_range.start
-                and not e.name.startswith(("Memcpy", "Memset")))
+    around them, summed over holes with the same neighbours. A hole that ends within 5 µs of a copy's end
+    counts as waiting on that copy (``copy_wait_ms``): the kernel after it depended on a host<->device copy.
+    ``events``: objects with ``name``, ``device_type`` and ``time_range.start/end`` in µs (torch.profiler's
+    FunctionEvents)."""
+    dev = [e for e in events if "CUDA" in str(getattr(e, "device_type", "")) and e.time_range.end > e.time_range.start]
+    copy_ends = sorted(e.time_range.end for e in dev if e.name.startswith("Memcpy"))
+    iv = sorted((e.time_range.start, e.time_range.end, e.name) for e in dev
+                if not e.name.startswith(("Memcpy", "Memset")))
     holes = collections.defaultdict(lambda: [0, 0.0])
-    idle, end, prev = 0.0, None, None
+    idle = copy_wait = 0.0
+    end = prev = None
     for s, e, name in iv:
         if end is not None and s > end:
             idle += s - end
             h = holes[(prev[:60], name[:60])]
             h[0] += 1
             h[1] += s - end
+            i = bisect.bisect_right(copy_ends, s)
+            if i and copy_ends[i - 1] >= max(end, s - 5.0):
+                copy_wait += s - end
         if end is None or e > end:
             end, prev = e, name
     worst = sorted(holes.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
-    return {"idle_ms": idle / 1e3 / steps,
+    return {"idle_ms": idle / 1e3 / steps, "copy_wait_ms": copy_wait / 1e3 / steps,
             "holes": [{"after": a, "before": b, "count": c, "ms": t / 1e3 / steps} for (a, b), (c, t) in worst]}
 
 
@@ -731,7 +747,8 @@ def render(records: list, tflops: float | None) -> list[tuple[str, str]]:
                        for k in p.get("host_ops", [])]) if p["timed"] == "cuda" and p.get("host_ops") else ""
         g = p.get("gaps")
         gt = ((f"No compute kernel running (copies and memsets aside) for {g['idle_ms']:.2f} ms/step between the "
-               f"first and the last kernel; the largest such holes, by the kernels around them:\n\n"
+               f"first and the last kernel, {g.get('copy_wait_ms', 0):.2f} ms/step of it in holes that end as a "
+               f"host<->device copy ends; the largest holes, by the kernels around them:\n\n"
                + hw_table([{"after": h["after"].replace("|", "/"), "before": h["before"].replace("|", "/"),
                             "holes/step": f"{h['count'] / p['steps']:g}", "ms/step": f"{h['ms']:.2f}"}
                            for h in g["holes"]])) if g else "")

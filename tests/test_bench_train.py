@@ -124,14 +124,16 @@ def test_profile_idle_gaps():
     def ev(name, s, e, dev="DeviceType.CUDA"):
         return N(name=name, device_type=dev, time_range=N(start=s, end=e))
 
-    evs = [ev("gemm", 0, 10), ev("Memcpy DtoH (Device -> Pinned)", 10, 50), ev("rope", 12, 20), ev("attn", 15, 30),
+    evs = [ev("gemm", 0, 10), ev("Memcpy DtoH (Device -> Pinned)", 10, 48), ev("rope", 12, 20), ev("attn", 15, 30),
            ev("norm", 40, 41), ev("step", 0, 100, "DeviceType.CPU"), ev("gemm", 50, 60), ev("norm", 65, 70),
            ev("gemm", 80, 90), ev("norm", 95, 96)]
     g = idle_gaps(evs, steps=2)
     assert g["idle_ms"] == pytest.approx((2 + 10 + 9 + 5 + 10 + 5) / 1e3 / 2)
     top = g["holes"][0]
     assert (top["after"], top["before"], top["count"]) == ("norm", "gemm", 2) and top["ms"] == pytest.approx((9 + 10) / 1e3 / 2)
-    assert idle_gaps([], 1) == {"idle_ms": 0.0, "holes": []}
+    # the hole 41 -> 50 ends 2 µs after the copy (10 -> 48): a wait on that copy; no other hole is
+    assert g["copy_wait_ms"] == pytest.approx(9 / 1e3 / 2)
+    assert idle_gaps([], 1) == {"idle_ms": 0.0, "copy_wait_ms": 0.0, "holes": []}
 
 
 @pytest.mark.gpu
