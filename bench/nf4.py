@@ -9,7 +9,9 @@ Every row has two times: µs = the eager call as a user makes it (public API: qu
 quant.matmul_nf4 or the path's function; do_bench median, L2 flushed) and GPU-only µs = the device time of the
 kernels that call launches (torch.profiler, L2 flushed), so the difference is host overhead. Each dequant shape also
 has a "copy (same bytes)" row: a torch copy_ whose read + write bytes equal the dequantization's, i.e. what the card
-achieves at that size (small copies do not reach the big-copy ceiling). ``--deq-sweep`` times the dequant kernels'
+achieves at that size (small copies do not reach the big-copy ceiling), and a "write-only (output bytes)" row: a fill of
+the output tensor, i.e. the output's writes with no reads (its GB/s count those bytes only); (1024, 4096) also has a
+"one-element launch" row, the floor of both timing methods for any kernel. ``--deq-sweep`` times the dequant kernels'
 launch configurations (CUDA: U x threads x grid cap; Triton: TILE x num_warps) on the five shapes and prints the
 best per shape; ``--explore`` runs the older sweeps and the host-overhead breakdown (printed, not tabled).
 
@@ -18,7 +20,7 @@ gemv triton (M <= 8), ours mma cuda (CUDA C++ tensor cores, M <= 64), ours dequa
 it, after its one-time measurement), dequant + F.linear (fresh weight each call), bitsandbytes ``matmul_4bit``. GB/s
 counts the NF4 weight bytes + x + y. (The fused Triton GEMM is left out: 5-17x slower than dequant + cuBLAS at
 M = 8..128 in the 2026-11-27 H200 run, and "auto" no longer considers it.) ``--matmul-only`` runs this section
-alone; ``--sweep`` times the CUDA GEMV's launch configurations (weight rows per block R x warps per block W) at
+alone (``--dequant-only`` the other one); ``--sweep`` times the CUDA GEMV's launch configurations (weight rows per block R x warps per block W) at
 M = 1, 2, 4, 8 on the three Llama shapes and prints the best per shape, which is how its defaults are chosen;
 ``--mma-sweep`` does the same for the tensor-core kernel's K splits.
 
@@ -51,6 +53,9 @@ COLUMNS = ["op", "shape", "dtype", "provider", "µs", "GB/s", "% of ceiling", "p
            "GPU-only µs", "GPU-only % of ceiling"]
 PEERS = ("bitsandbytes", "unsloth", "dequant + F.linear", "bitsandbytes matmul_4bit")
 COPY = "copy (same bytes)"  # a reference row, neither ours nor a peer
+WRITE = "write-only (output bytes)"  # reference: a fill of the output tensor, no reads (its own bytes in GB/s)
+EMPTY = "one-element launch"  # reference: the floor of each timing method (a fill of one element)
+REFS = (COPY, WRITE, EMPTY)
 DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -181,10 +186,21 @@ def dequant_rows(unsloth_only=False):
                 dst = torch.empty_like(src)
                 return lambda: dst.copy_(src)
 
+            def write_only():
+                # the output's bytes written and nothing read: a dequantization writes these plus reads ~1/4 more
+                return lambda: out.fill_(1.0)
+
+            def one_element():
+                t1 = torch.empty(1, device="cuda", dtype=dtype)
+                return lambda: t1.fill_(1.0)
+
             if unsloth_only:
                 _run_provider(rows, key, "unsloth", unsloth)
                 continue
             _run_provider(rows, key, COPY, same_bytes_copy)
+            _run_provider(rows, key, WRITE, write_only)
+            if shape == (1024, 4096):
+                _run_provider(rows, key, EMPTY, one_element)
             _run_provider(rows, key, "ours triton", ours("triton"))
             _run_provider(rows, key, "ours cuda", ours("cuda"))
             _run_provider(rows, key, "ours auto", ours("auto"))
@@ -401,17 +417,19 @@ def _table(rows, copy_gbs):
         for r in group:
             row = {"op": op, "shape": "x".join(map(str, shape)) if op == "nf4_dequant" else
                    f"M={shape[0]} N={shape[1]} K={shape[2]}", "dtype": dt, "provider": r["provider"]}
+            nb = {WRITE: shape[0] * shape[1] * 2, EMPTY: 2}.get(r["provider"], nbytes) if op == "nf4_dequant" \
+                else nbytes
             if "us" not in r:
                 row["µs"] = r["error"]
             else:
-                gbs = nbytes / r["us"] / 1e3
+                gbs = nb / r["us"] / 1e3
                 row.update({"µs": f"{r['us']:.1f}", "GB/s": f"{gbs:.0f}", "% of ceiling": f"{100 * gbs / copy_gbs:.0f}%",
                             "peak MiB": f"{r['peak']:.0f}",
                             "GPU-only µs": f"{r['kus']:.1f}" if "kus" in r else "",
-                            "GPU-only % of ceiling": f"{100 * nbytes / r['kus'] / 1e3 / copy_gbs:.0f}%"
+                            "GPU-only % of ceiling": f"{100 * nb / r['kus'] / 1e3 / copy_gbs:.0f}%"
                             if r.get("kus") else "",
                             "vs best peer": (f"{best / r['us']:.2f}x" if best else "no peer")
-                            if r["provider"] not in PEERS + (COPY,) else ""})
+                            if r["provider"] not in PEERS + REFS else ""})
             out.append(row)
     return hw.markdown_table(out, COLUMNS)
 
@@ -440,6 +458,17 @@ def _summary(rows, copy_gbs, picks):
                 parts.append(f"copy of the same bytes: eager {cp['us']:.1f} µs, GPU-only {cp['kus']:.1f} µs "
                              f"({100 * nbytes / cp['kus'] / 1e3 / copy_gbs:.0f}% of the big copy)"
                              + (f", ours GPU-only at {100 * cp['kus'] / best_k:.0f}% of its speed" if best_k else ""))
+            wr, em = by.get(("nf4_dequant", shape, dt, WRITE)), by.get(("nf4_dequant", shape, dt, EMPTY))
+            if shape in LARGE and wr and wr.get("kus"):
+                t95 = nbytes / (0.95 * copy_gbs) / 1e3  # µs at 95% of the big copy
+                side = lambda us: "longer" if us > t95 else "shorter"  # noqa: E731
+                parts.append(f"writing the output alone (no reads): eager {wr['us']:.1f} µs, GPU-only {wr['kus']:.1f} µs, "
+                             f"{side(wr['us'])} / {side(wr['kus'])} than the {t95:.1f} µs of 95% of copy"
+                             + (" (so 95% is out of reach of any kernel that writes this output)"
+                                if min(wr["us"], wr["kus"]) > t95 else ""))
+            if em and em.get("us"):
+                parts.append(f"a one-element launch timed the same ways: eager {em['us']:.1f} µs, GPU-only "
+                             f"{em.get('kus', 0):.1f} µs")
             target = "≥ 95% of copy" if shape in LARGE else "≤ 5 µs" if shape == (1024, 4096) else "none"
             lines.append(f"- dequant {shape[0]}x{shape[1]} {dt} (target {target}): " + "; ".join(parts))
     for shape in MM_SHAPES:
@@ -592,6 +621,7 @@ def main():
                     help="the dequant kernels' launch-configuration sweep only (CUDA: U x threads x grid cap; "
                          "Triton: TILE x num_warps; five shapes, bf16)")
     ap.add_argument("--matmul-only", action="store_true", help="the small-M matmul table only (nf4-matmul results)")
+    ap.add_argument("--dequant-only", action="store_true", help="the dequantization table only (nf4 results)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/nf4.py measures a CUDA device; none is available here")
@@ -648,7 +678,7 @@ def main():
         idx = max((i for i, r in enumerate(rows) if r["shape"] == u["shape"] and r["dtype"] == u["dtype"]),
                   default=len(rows) - 1)
         rows.insert(idx + 1, u)
-    mm, picks = matmul_rows()
+    mm, picks = ([], {}) if args.dequant_only else matmul_rows()
     rows += mm
     from quant.dispatch import measured_choices
 
@@ -663,7 +693,8 @@ def main():
              f"{measured_choices() or 'not measured'}.\n\n")
     summary = _summary(rows, copy_gbs, picks)
     print(body + notes + summary)
-    path = hw.write_results("nf4", "NF4 dequantization and small-M NF4 matmul", [("Results", body + notes),
+    title = "NF4 dequantization" if args.dequant_only else "NF4 dequantization and small-M NF4 matmul"
+    path = hw.write_results("nf4", title, [("Results", body + notes),
                                                                                  ("Targets", summary)])
     print(f"wrote {path}")
 
