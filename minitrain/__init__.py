@@ -7,13 +7,14 @@ import os as _os
 # cuBLAS without a workspace for the whole process, set before its first GEMM (torch reads the variable once):
 # with a workspace, cuBLAS's Hopper GEMMs come with a memset node each, whose idle holes in a CUDA-graphed step
 # cost more than the workspace-free kernels it then picks (README, "cuBLAS workspace"). A value the process
-# already has is kept; MINITRAIN_CUBLAS_WORKSPACE=default leaves cuBLAS's own default.
-_CUBLAS_CHOICE = _os.environ.get("MINITRAIN_CUBLAS_WORKSPACE", "none")
+# already has is kept (an empty one counts as unset); MINITRAIN_CUBLAS_WORKSPACE=default leaves cuBLAS's own default.
+_CUBLAS_CHOICE = _os.environ.get("MINITRAIN_CUBLAS_WORKSPACE", "").strip() or "none"
 if _CUBLAS_CHOICE not in ("none", "default"):
     raise ValueError(f"MINITRAIN_CUBLAS_WORKSPACE={_CUBLAS_CHOICE!r}: expected 'none' (minitrain's default: "
                      "CUBLAS_WORKSPACE_CONFIG=:0:0 unless already set) or 'default' (cuBLAS's own workspace)")
 if _CUBLAS_CHOICE == "none":
-    _os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    if not _os.environ.get("CUBLAS_WORKSPACE_CONFIG", "").strip():
+        _os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":0:0"
 
 from .generate import generate
 from .loader import load_model

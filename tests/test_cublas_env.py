@@ -27,3 +27,12 @@ def test_opt_out_and_bad_value():
     assert _run(MINITRAIN_CUBLAS_WORKSPACE="default").stdout.strip() == "None"
     r = _run(MINITRAIN_CUBLAS_WORKSPACE="off")
     assert r.returncode != 0 and "MINITRAIN_CUBLAS_WORKSPACE='off'" in r.stderr and "'none'" in r.stderr
+
+
+def test_empty_values_count_as_unset():
+    # `VAR= python ...` is how a shell clears a variable for one command: the default, not an error (as with
+    # MINITRAIN_MLP_TILE), and an empty CUBLAS_WORKSPACE_CONFIG is no workspace choice of the process
+    r = _run(MINITRAIN_CUBLAS_WORKSPACE="")
+    assert r.returncode == 0 and r.stdout.strip() == "':0:0'", r.stderr
+    assert _run(CUBLAS_WORKSPACE_CONFIG="").stdout.strip() == "':0:0'"
+    assert _run(MINITRAIN_CUBLAS_WORKSPACE="default", CUBLAS_WORKSPACE_CONFIG="").stdout.strip() == "''"
