@@ -178,3 +178,26 @@ def test_longest_table_keeps_capped_and_whole_card_searches_apart():
     assert len(lines) == 2, table
     assert "capped at 24 GiB" in lines[0] and "| 40,960 | 43,008 |" in lines[0], table
     assert "whole card" in lines[1] and "| 65,536 | 131,072 |" in lines[1], table
+
+
+def test_results_tables_well_formed():
+    # every markdown table in bench/results: a header, a separator of as many columns, rows of as many columns
+    # (a row pasted into the separator line renders the whole table as text)
+    for path in sorted((ROOT / "bench" / "results").glob("*.md")):
+        lines = path.read_text().splitlines()
+        i = 0
+        while i < len(lines):
+            if not lines[i].startswith("|"):
+                i += 1
+                continue
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            table = lines[i:j]
+            cols = table[0].rstrip().rstrip("|").count("|")
+            where = f"{path.name}:{i + 1}"
+            assert len(table) >= 2 and set(table[1].replace("|", "").strip()) <= set("-: "), where
+            assert table[1].strip().count("|") - 1 == cols, where
+            for k, row in enumerate(table[2:], i + 3):
+                assert row.rstrip().rstrip("|").replace("\\|", "").count("|") == cols, f"{path.name}:{k}"
+            i = j
