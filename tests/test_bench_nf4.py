@@ -28,3 +28,21 @@ def test_reference_rows_and_target_lines():
     assert "out of reach" in next(l for l in _summary(rows, copy_gbs, {}).splitlines() if l.startswith("- dequant 14336x4096 bf16"))
     small_line = next(line for line in lines if line.startswith("- dequant 1024x4096 bf16"))
     assert "one-element launch timed the same ways: eager 3.1 µs, GPU-only 1.2 µs" in small_line
+
+
+def test_reference_rows_without_gpu_only_time():
+    # a reference row whose profiler timing failed ('kus' missing): its eager time still said, no made-up 0.0 µs
+    # and no out-of-reach claim from one method
+    copy_gbs = 4000.0
+    big, small = (14336, 4096), (1024, 4096)
+    t95 = deq_bytes(big, torch.bfloat16) / (0.95 * copy_gbs) / 1e3
+    rows = [_row(big, "ours triton", 42.0, 38.5), _row(big, WRITE, t95 + 2.0, None),
+            _row(small, "ours cuda", 8.0, 4.8), _row(small, EMPTY, 3.1, None)]
+    for r in rows:
+        if r["kus"] is None:
+            del r["kus"]
+    lines = _summary(rows, copy_gbs, {}).splitlines()
+    big_line = next(line for line in lines if line.startswith("- dequant 14336x4096 bf16"))
+    assert f"writing the output alone (no reads): eager {t95 + 2.0:.1f} µs" in big_line and "out of reach" not in big_line
+    small_line = next(line for line in lines if line.startswith("- dequant 1024x4096 bf16"))
+    assert "one-element launch timed the same ways: eager 3.1 µs" in small_line and "0.0 µs" not in small_line
