@@ -139,8 +139,8 @@ def _run_provider(rows, key, name, make):
         row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     gc.collect()
     torch.cuda.empty_cache()
-    print(f"{key} {name}: " + (f"{row['us']:.1f} us eager, {row['kus']:.1f} us GPU" if "us" in row
-                                else row["error"]), flush=True)
+    done = [f"{row[k]:.1f} us {label}" for k, label in (("us", "eager"), ("kus", "GPU")) if k in row]
+    print(f"{key} {name}: " + ", ".join(done + ([row["error"]] if "error" in row else [])), flush=True)
     rows.append(row)
 
 

@@ -46,3 +46,20 @@ def test_reference_rows_without_gpu_only_time():
     assert f"writing the output alone (no reads): eager {t95 + 2.0:.1f} µs" in big_line and "out of reach" not in big_line
     small_line = next(line for line in lines if line.startswith("- dequant 1024x4096 bf16"))
     assert "one-element launch timed the same ways: eager 3.1 µs" in small_line and "0.0 µs" not in small_line
+
+
+def test_a_provider_failing_after_its_eager_time_keeps_the_row(monkeypatch, capsys):
+    import bench.nf4 as nf4
+
+    monkeypatch.setattr(nf4, "_time_peak", lambda fn: (12.5, 0.0))
+
+    def broken(fn):
+        raise RuntimeError("profiler unavailable")
+
+    monkeypatch.setattr(nf4, "kernel_us", broken)
+    monkeypatch.setattr(nf4.torch.cuda, "empty_cache", lambda: None)
+    rows = []
+    nf4._run_provider(rows, {"op": "nf4_dequant", "shape": [2, 64], "dtype": "bf16"}, "ours triton", lambda: (lambda: None))
+    assert rows[0]["us"] == 12.5 and "kus" not in rows[0] and "profiler unavailable" in rows[0]["error"]
+    out = capsys.readouterr().out
+    assert "12.5 us eager" in out and "profiler unavailable" in out
