@@ -406,9 +406,10 @@ def profile_steps(step, batches, device, steps: int = 2) -> dict:
     by_host = sorted((e for e in avgs if not on_device(e)), key=lambda e: e.self_cpu_time_total, reverse=True)
     host_ops = [{"name": e.key, "calls": e.count // steps, "ms": e.self_cpu_time_total / 1e3 / steps,
                  "us_per_call": e.self_cpu_time_total / max(e.count, 1)} for e in by_host[:20]]
-    gaps = idle_gaps(prof.events(), steps) if cuda else None
+    events = prof.events() if cuda else []
+    gaps = idle_gaps(events, steps) if cuda else None
     if cuda and os.environ.get("BENCH_TIMELINE"):  # $BENCH_TIMELINE=path: 8 ms of the device timeline as JSON
-        dev = sorted((e for e in prof.events() if on_device(e)), key=lambda e: e.time_range.start)
+        dev = sorted((e for e in events if on_device(e)), key=lambda e: e.time_range.start)
         t0 = dev[len(dev) // 3].time_range.start if dev else 0
         Path(os.environ["BENCH_TIMELINE"]).write_text(json.dumps(
             [[e.name[:80], getattr(e, "device_resource_id", None), round(e.time_range.start - t0, 1),

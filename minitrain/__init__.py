@@ -12,9 +12,8 @@ _CUBLAS_CHOICE = _os.environ.get("MINITRAIN_CUBLAS_WORKSPACE", "").strip() or "n
 if _CUBLAS_CHOICE not in ("none", "default"):
     raise ValueError(f"MINITRAIN_CUBLAS_WORKSPACE={_CUBLAS_CHOICE!r}: expected 'none' (minitrain's default: "
                      "CUBLAS_WORKSPACE_CONFIG=:0:0 unless already set) or 'default' (cuBLAS's own workspace)")
-if _CUBLAS_CHOICE == "none":
-    if not _os.environ.get("CUBLAS_WORKSPACE_CONFIG", "").strip():
-        _os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":0:0"
+if _CUBLAS_CHOICE == "none" and not _os.environ.get("CUBLAS_WORKSPACE_CONFIG", "").strip():
+    _os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":0:0"
 
 from .generate import generate
 from .loader import load_model

@@ -1191,6 +1191,27 @@ def _offload_qlora_model(args):
     return model
 
 
+def _small_offload_case():
+    """(args, B, T, batch, n_items) of the offload exactness tests on CUDA: C=1024, 2 layers, B=2, T=256."""
+    from minitrain.model import ModelArgs
+    from minitrain.trainer import n_items
+    from test_cuda_graphs import random_batch
+
+    args = ModelArgs(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+    B, T = 2, 256
+    batch = random_batch(B, T, "cuda", seed=5)
+    return args, B, T, batch, n_items(batch)
+
+
+def _graphed_unblocked(model, batch, n, B, T):
+    """_graphed_loss_and_grads of a model that nothing keeps out of the trainer's CUDA graph."""
+    from minitrain.cuda_graphs import graph_blockers
+
+    assert graph_blockers(model) == [], graph_blockers(model)
+    return _graphed_loss_and_grads(model, batch, n, B, T)
+
+
 @pytest.mark.gpu
 def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
     """bf16 autocast QLoRA (NF4 bases) on CUDA, C=1024, 2 layers, T=256: with gradient_checkpointing="offload"
@@ -1200,16 +1221,8 @@ def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
     o_proj dequantize per layer and step, and stashes two inputs per layer."""
     import minitrain.trainer as mt
     import triton_ops.lora as tlora
-    from minitrain.cuda_graphs import graph_blockers
-    from minitrain.model import ModelArgs
-    from minitrain.trainer import n_items
-    from test_cuda_graphs import random_batch
 
-    args = ModelArgs(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
-                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
-    B, T = 2, 256
-    batch = random_batch(B, T, "cuda", seed=5)
-    n = n_items(batch)
+    args, B, T, batch, n = _small_offload_case()
     calls, stashes = [], []
     dense, stash = tlora._dense, mt.HostOffload.stash
     monkeypatch.setattr(tlora, "_dense", lambda base, dtype: (calls.append(base), dense(base, dtype))[1])
@@ -1228,9 +1241,7 @@ def test_offload_split_is_exact_on_cuda_eager_and_graphed(monkeypatch):
         return loss, g, (o, list(stashes))
 
     def graphed(split):
-        model = build(split)
-        assert graph_blockers(model) == [], graph_blockers(model)
-        return _graphed_loss_and_grads(model, batch, n, B, T)
+        return _graphed_unblocked(build(split), batch, n, B, T)
 
     for run in (eager, graphed):
         one, split = _within_run_to_run(run, "split vs one segment")
@@ -1278,16 +1289,8 @@ def test_offload_attention_reuse_is_exact_on_cuda_eager_and_graphed(monkeypatch)
     adapter gradients of recomputing it, eagerly and replayed from the trainer's CUDA graph, within the
     run-to-run spread (bit for bit where runs agree); eagerly every layer's recomputation gets its output back."""
     import minitrain.trainer as mt
-    from minitrain.cuda_graphs import graph_blockers
-    from minitrain.model import ModelArgs
-    from minitrain.trainer import n_items
-    from test_cuda_graphs import random_batch
 
-    args = ModelArgs(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
-                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
-    B, T = 2, 256
-    batch = random_batch(B, T, "cuda", seed=5)
-    n = n_items(batch)
+    args, B, T, batch, n = _small_offload_case()
     got_back, saved_attention = [], mt.HostOffload.saved_attention
     monkeypatch.setattr(mt.HostOffload, "saved_attention",
                         lambda self, s: (lambda r: (got_back.append(r is not None), r)[1])(saved_attention(self, s)))
@@ -1303,9 +1306,7 @@ def test_offload_attention_reuse_is_exact_on_cuda_eager_and_graphed(monkeypatch)
         return loss, g, list(got_back)
 
     def graphed(reuse):
-        model = build(reuse)
-        assert graph_blockers(model) == [], graph_blockers(model)
-        return _graphed_loss_and_grads(model, batch, n, B, T)
+        return _graphed_unblocked(build(reuse), batch, n, B, T)
 
     for run in (eager, graphed):
         plain, reuse = _within_run_to_run(run, "attention output kept vs recomputed")
