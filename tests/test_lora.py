@@ -444,60 +444,6 @@ def test_lora_mlp_fold_one_dense_weight_at_a_time(device, monkeypatch):
     assert alive == [False], "gate's [s·B | W] buffer still alive when up's buffer is allocated"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_checkpoint_recomputation_keeps_gate_up_weights_for_backward(dtype, device, monkeypatch):
-    """A non-reentrant checkpoint of the folded MLP whose recomputation runs under output_unused(down's base), as
-    CheckpointedLayer's MLP segment does: with KEEP_RECOMPUTED_WEIGHTS the backward dequantizes neither gate's nor
-    up's weight again (two dequantizations fewer), and every gradient is bit-identical to the switch off and to no
-    checkpoint at all; the forward saves stand-ins, so nothing of size (F, K) outlives it."""
-    from torch.utils.checkpoint import checkpoint
-
-    import triton_ops.lora as tlora
-
-    calls = _count_folds(monkeypatch)
-    lead, C, F, R = (37,), 128, 192, 8
-    ds = [_make_proj(F, C, R, dtype, device, True, 0.0, False, lead) for _ in range(2)]
-    ds.append(_make_proj(C, F, R, dtype, device, True, 0.0, False, lead))
-    x = torch.randn(lead + (C,), device=device).to(dtype)
-    dy = torch.randn(lead + (C,), device=device).to(dtype)
-    dequantized = []
-    weight, dense_into = tlora._weight, tlora._dense_into
-    monkeypatch.setattr(tlora, "_weight", lambda base, dt: (dequantized.append(base), weight(base, dt))[1])
-    monkeypatch.setattr(tlora, "_dense_into", lambda base, out: (dequantized.append(base), dense_into(base, out))[1])
-
-    def run(keep, ckpt):
-        monkeypatch.setattr(tlora, "KEEP_RECOMPUTED_WEIGHTS", keep)
-        leaves = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for dd in ds for t in (dd["A"], dd["B"])]
-        specs = [_spec(dict(dd, A=leaves[1 + 2 * i], B=leaves[2 + 2 * i])) for i, dd in enumerate(ds)]
-        state = {"calls": 0}
-
-        def mlp(t):
-            state["calls"] += 1
-            if state["calls"] > 1:  # the recomputation: nobody reads the output
-                with tlora.output_unused(ds[2]["base"]):
-                    return lora_mlp(t, *specs, backend="triton")
-            return lora_mlp(t, *specs, backend="triton")
-
-        y = checkpoint(mlp, leaves[0], use_reentrant=False) if ckpt else mlp(leaves[0])
-        if not ckpt:
-            saved = y.grad_fn.saved_tensors
-            assert all(t.stride() == (0, 0) for t in saved[12:14]), "the forward must save stand-ins, not weights"
-        dequantized.clear()
-        grads = torch.autograd.grad(y, leaves, dy)
-        in_backward = [sum(b is dd["base"] for b in dequantized) for dd in ds]
-        return grads, in_backward
-
-    plain, deq_plain = run(True, False)
-    kept, deq_kept = run(True, True)
-    off, deq_off = run(False, True)
-    assert calls["gate_up"] >= 3, calls
-    # without checkpoint the backward dequantizes gate, up and down once each; the checkpoint's recomputation
-    # adds gate and up (folded) and, with the switch on, the backward then reuses them
-    assert deq_plain == [1, 1, 1] and deq_off == [2, 2, 1] and deq_kept == [1, 1, 1], (deq_plain, deq_off, deq_kept)
-    for i, (a, b, c) in enumerate(zip(kept, off, plain)):
-        assert torch.equal(a, b) and torch.equal(a, c), f"grad {i}: max diff {(a.float() - b.float()).abs().max()}"
-
-
 def test_lora_mlp_fold_switch_and_tiles(device, monkeypatch):
     """FOLD_ADAPTERS off folds nothing; inside weight_cache (the tiled MLP) nothing is folded either."""
     import triton_ops.lora as tlora

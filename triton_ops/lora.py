@@ -251,14 +251,6 @@ def _proj_forward(x2, pr: _Proj, A_, B_, keep):
 # rounded to the compute dtype (exact when s is a power of two). Env MINITRAIN_LORA_FOLD=0 (read at import)
 # turns it off, e.g. for an A/B run of bench.lora_passes or bench.train.
 FOLD_ADAPTERS = os.environ.get("MINITRAIN_LORA_FOLD", "1") != "0"
-# A checkpoint recomputation of the MLP (forward under ``output_unused(down's base)``) dequantizes gate's and up's
-# weights for its folded GEMMs anyway; the backward that follows at once needs the same dense weights for dx. With
-# this switch the recomputation saves the two buffers' weight views (the forward saves stand-ins of the same shape,
-# as ``_absent``), so the backward dequantizes neither again: on the 8B shape two 14336 x 4096 dequantizations per
-# layer and step fewer, for 2 x 112 MiB held from the recomputation to the end of that layer's MLP backward.
-# Bit-identical (the same dequantization of the same bytes). Env MINITRAIN_RECOMPUTE_KEEPS_WEIGHTS=0 (read at
-# import) turns it off, e.g. for an A/B run of bench.train.
-KEEP_RECOMPUTED_WEIGHTS = os.environ.get("MINITRAIN_RECOMPUTE_KEEPS_WEIGHTS", "1") != "0"
 FOLD_ON_CPU = False  # the tests' switch: the same folded math on CPU tensors (fp32/bf16 GEMMs of torch)
 
 
@@ -282,11 +274,9 @@ def _dense_into(base, out: torch.Tensor) -> torch.Tensor:
     return base.dequantize(dtype=out.dtype, out=out)
 
 
-def _gate_up_folded(x2, gate: _Proj, up: _Proj, Ag, Bg, Au, Bu, keep_weights: bool = False):
-    """(g, u, xa_g, xa_u, W_g, W_u) as two _proj_forward calls give the first four, each output ONE GEMM over
-    K + R columns (see FOLD_ADAPTERS); xa_g, xa_u are column slices of one (M, Rg + Ru) GEMM. With
-    ``keep_weights`` W_g, W_u are the dense (F, K) weights as views of the two GEMMs' buffers (rows apart),
-    both buffers alive at once; else None, each buffer freed before the next is allocated."""
+def _gate_up_folded(x2, gate: _Proj, up: _Proj, Ag, Bg, Au, Bu):
+    """(g, u, xa_g, xa_u) as two _proj_forward calls give them, each output ONE GEMM over K + R columns (see
+    FOLD_ADAPTERS); xa_g, xa_u are column slices of one (M, Rg + Ru) GEMM."""
     dtype, dev = x2.dtype, x2.device
     M, K = x2.shape
     Rg, Ru = Bg.shape[1], Bu.shape[1]
@@ -300,13 +290,12 @@ def _gate_up_folded(x2, gate: _Proj, up: _Proj, Ag, Bg, Au, Bu, keep_weights: bo
     copy2d_(We[:, :Rg], Bg, gate.scale)
     _dense_into(gate.base, We[:, Rg:])
     g = xe[:, :Rg + K] @ We.t()
-    W_g = We[:, Rg:] if keep_weights else None
-    del We  # without keep_weights freed before up's buffer is allocated: one dense weight at a time
+    del We  # freed before up's buffer is allocated: one dense weight at a time, as the unfolded path
     We = torch.empty(up.base.shape[0], K + Ru, dtype=dtype, device=dev)       # [W_u | s_u·B_u]
     _dense_into(up.base, We[:, :K])
     copy2d_(We[:, K:], Bu, up.scale)
     u = xe[:, Rg:] @ We.t()
-    return g, u, xa_g, xa_u, W_g, (We[:, :K] if keep_weights else None)
+    return g, u, xa_g, xa_u
 
 
 def _dh_folded(dy2, Bd_, down: _Proj, Ad):
@@ -324,10 +313,9 @@ def _dh_folded(dy2, Bd_, down: _Proj, Ad):
     return de @ We, dyB
 
 
-def _dx_base(dx, dy2, pr: _Proj, W: torch.Tensor | None = None):
-    """dx += dy·W (dx None: a fresh buffer); W re-dequantized unless given (the recomputation kept it)."""
-    if W is None:
-        W = _weight(pr.base, dy2.dtype)
+def _dx_base(dx, dy2, pr: _Proj):
+    """dx += dy·W (dx None: a fresh buffer); W re-dequantized, the forward did not keep it."""
+    W = _weight(pr.base, dy2.dtype)
     return dy2 @ W if dx is None else dx.addmm_(dy2, W)
 
 
@@ -509,9 +497,7 @@ class _LoRAMLPFn(torch.autograd.Function):
     xa_d = drop(h)·A_dᵀ from the h the in-place kernel writes. Exact: the forward and backward kernels compute
     h = silu(g)·u with the same fp32 operations from the same g, u,
     so xa_d is the same GEMM of the same bits either way, and everything else backward reads (x, g, u, the
-    adapters, masks and the other xa) is computed by the same ops. With the gate/up fold, the recomputation also
-    saves the dense gate and up weights it dequantized (``KEEP_RECOMPUTED_WEIGHTS``; the forward saves stand-ins
-    of their shape), and backward's dx GEMMs use them instead of dequantizing both again.
+    adapters, masks and the other xa) is computed by the same ops.
     """
 
     @staticmethod
@@ -521,19 +507,13 @@ class _LoRAMLPFn(torch.autograd.Function):
         x2 = _flat(x, K)
         dtype = x2.dtype
         kg, ku, kd = (None if t is None else _flat(t, t.shape[-1]) for t in (tensors[2], tensors[5], tensors[8]))
-        recompute = _output_unused(down.base)
-        W_g = W_u = None  # saved slots: the dense gate/up weights (see KEEP_RECOMPUTED_WEIGHTS), else None
         if _fold_on(x2) and all(pr.bias is None and _fold_proj(pr, tensors[3 * i + 1], tensors[3 * i + 2])
                                 for i, pr in enumerate((gate, up))):
-            keep = recompute and KEEP_RECOMPUTED_WEIGHTS
-            g, u, xa_g, xa_u, W_g, W_u = _gate_up_folded(x2, gate, up, tensors[0], tensors[1], tensors[3],
-                                                         tensors[4], keep)
-            if not keep:  # stand-ins of the same metadata, so a recomputation may save the real ones
-                W_g, W_u = (_absent(*pr.base.shape, x2) for pr in (gate, up))
+            g, u, xa_g, xa_u = _gate_up_folded(x2, gate, up, tensors[0], tensors[1], tensors[3], tensors[4])
         else:
             g, xa_g = _proj_forward(x2, gate, _cast(tensors[0], dtype), _cast(tensors[1], dtype), kg)   # (M, F)
             u, xa_u = _proj_forward(x2, up, _cast(tensors[3], dtype), _cast(tensors[4], dtype), ku)     # (M, F)
-        if recompute:
+        if _output_unused(down.base):
             y = torch.empty(x2.shape[0], down.base.shape[0], dtype=dtype, device=x.device)
             xa_d = _absent(x2.shape[0], tensors[6].shape[0], x2) if down.has_adapter else None
         else:
@@ -542,13 +522,12 @@ class _LoRAMLPFn(torch.autograd.Function):
             del h
         ctx.projs, ctx.backend = projs, backend
         xas = (xa_g, xa_u, xa_d) if SAVE_XA else (None, None, None)
-        ctx.save_for_backward(x, g, u, *tensors, W_g, W_u, *xas)
+        ctx.save_for_backward(x, g, u, *tensors, *xas)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, g, u, Ag, Bg, kg, Au, Bu, ku, Ad, Bd, kd, W_g, W_u, xa_g, xa_u, xa_d = ctx.saved_tensors
-        W_g, W_u = _present(W_g), _present(W_u)
+        x, g, u, Ag, Bg, kg, Au, Bu, ku, Ad, Bd, kd, xa_g, xa_u, xa_d = ctx.saved_tensors
         gate, up, down = ctx.projs
         K = x.shape[-1]
         x2 = _flat(x, K)
@@ -582,8 +561,8 @@ class _LoRAMLPFn(torch.autograd.Function):
         terms = [(g, gate, Ag_, Bg_, kg), (u, up, Au_, Bu_, ku)]
         dyBs = [dd @ B_ if pr.has_adapter else None for dd, pr, _, B_, _ in terms]
         dx = None
-        for (dd, pr, A_, _, k), dyB_, W in zip(terms, dyBs, (W_g, W_u)):
-            dx = _dx_base(dx, dd, pr, W)
+        for (dd, pr, A_, _, k), dyB_ in zip(terms, dyBs):
+            dx = _dx_base(dx, dd, pr)
             if dyB_ is not None:
                 dx = _dx_adapter(dx, dyB_, A_, k, pr.p, pr.scale)
         grads = []
