@@ -1,5 +1,7 @@
 """bench/nf4.py's table and target lines on the CPU, from synthetic rows: the reference rows (same-bytes copy,
-write-only, one-element launch) count their own bytes and say when a target's time is below the write alone."""
+write-only, one-element launch) count their own bytes and say when a target's time is below the write alone; the
+matmul's eager-loop column (ring size, loop timing with fake events) and the target lines judging eager choices by it
+and graph choices by GPU-only time."""
 from bench.nf4 import COPY, EMPTY, WRITE, _summary, _table, deq_bytes
 
 import torch
@@ -63,3 +65,123 @@ def test_a_provider_failing_after_its_eager_time_keeps_the_row(monkeypatch, caps
     assert rows[0]["us"] == 12.5 and "kus" not in rows[0] and "profiler unavailable" in rows[0]["error"]
     out = capsys.readouterr().out
     assert "12.5 us eager" in out and "profiler unavailable" in out
+
+
+# ---- the matmul table's eager-loop column (a decode-like ring of distinct weights) ------------------------------
+
+def test_ring_size_exceeds_twice_l2_and_is_capped():
+    from bench.nf4 import RING_CAP, nf4_bytes, ring_size
+
+    l2 = 50 * 2**20
+    for shape, want in (((4096, 4096), 13), ((1024, 4096), 49), ((14336, 4096), 4), ((4096, 14336), 4)):
+        n = ring_size(shape, l2)
+        assert n == want, (shape, n)
+        assert n * nf4_bytes(shape) > 2 * l2 >= (n - 1) * nf4_bytes(shape), shape  # the fewest that overflow L2 twice
+    assert ring_size((64, 64), l2) == RING_CAP == 64
+    assert ring_size((128256, 4096), l2) == 1
+
+
+def test_ring_reuses_the_cached_weight_and_is_shared(monkeypatch):
+    import bench.nf4 as nf4
+
+    made = []
+    monkeypatch.setattr(nf4, "_quantize", lambda shape: made.append(shape) or (f"q{len(made)}", None, None))
+    monkeypatch.setattr(nf4.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(nf4, "_QCACHE", {})
+    monkeypatch.setattr(nf4, "ring_size", lambda shape, l2=None: 3)
+    first = nf4._quantized_cache((8, 64))
+    ring = nf4._ring((8, 64))
+    assert ring[0] is first and len(ring) == 3 and len(made) == 3
+    assert nf4._ring((8, 64)) is ring and len(made) == 3  # the next provider of the shape gets the same ring
+    nf4._quantized_cache((16, 64))  # a new shape frees the old weight and its ring
+    assert all(k == (16, 64) for k in nf4._QCACHE)
+
+
+class _FakeEvent:
+    """torch.cuda.Event stand-in: record() notes how many calls had run; elapsed_time is 1 ms per call between."""
+    log: list = []
+
+    def __init__(self, enable_timing=False):
+        self.at = None
+
+    def record(self):
+        self.at = len(_FakeEvent.log)
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        calls = _FakeEvent.log[self.at:end.at]
+        return float(sum(calls))  # each call logs its own "ms"
+
+
+def test_loop_us_warms_up_once_then_times_passes_over_the_ring(monkeypatch):
+    import bench.nf4 as nf4
+
+    _FakeEvent.log = []
+    syncs = []
+    monkeypatch.setattr(nf4.torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(nf4.torch.cuda, "synchronize", lambda: syncs.append(len(_FakeEvent.log)))
+    costs = iter([0.0] * 3 + [0.003] * 6 + [0.009] * 6 + [0.006] * 6 + [0.006] * 6 + [0.030] * 6)
+    ring = [lambda: _FakeEvent.log.append(next(costs)) for _ in range(3)]
+    us = nf4.loop_us(ring, passes=2, samples=5)
+    assert len(_FakeEvent.log) == 3 + 5 * 2 * 3  # one warm-up pass, then 5 samples of 2 passes
+    assert syncs[0] == 3  # synchronized after the warm-up pass, before the first window
+    assert abs(us - 6.0) < 1e-9, us  # median of 3, 9, 6, 6, 30 µs per call
+
+
+def test_run_provider_times_the_ring(monkeypatch, capsys):
+    import bench.nf4 as nf4
+
+    monkeypatch.setattr(nf4, "_time_peak", lambda fn: (12.5, 0.0))
+    monkeypatch.setattr(nf4, "kernel_us", lambda fn: 7.0)
+    monkeypatch.setattr(nf4, "loop_us", lambda fns: 20.0 + len(fns))
+    monkeypatch.setattr(nf4.torch.cuda, "empty_cache", lambda: None)
+    rows = []
+    key = {"op": "nf4_matmul", "shape": [8, 64, 64], "dtype": "bf16"}
+    nf4._run_provider(rows, key, "ours auto", lambda: (lambda: None), ring=lambda: [lambda: None] * 4)
+    assert rows[0]["us"] == 12.5 and rows[0]["loop_us"] == 24.0 and rows[0]["kus"] == 7.0
+    assert "24.0 us eager loop" in capsys.readouterr().out
+    nf4._run_provider(rows, key, "ours auto", lambda: (lambda: None))  # no ring (dequant rows): no loop time
+    assert "loop_us" not in rows[1]
+
+
+def _mm(m, shape, provider, us, loop, kus):
+    return {"op": "nf4_matmul", "shape": [m, *shape], "dtype": "bf16", "provider": provider, "us": us,
+            "loop_us": loop, "kus": kus, "peak": 0.0}
+
+
+def _mm_rows(mma_loop, deq_loop, mma_kus, deq_kus):
+    s = (4096, 4096)
+    # the 1-call (L2 flushed) column says the opposite of the loop column for the eager judgement
+    return [_mm(32, s, "ours mma cuda", 30.0, mma_loop, mma_kus), _mm(32, s, "ours dequant+cuBLAS", 24.0, deq_loop, deq_kus),
+            _mm(32, s, "ours auto", 31.0, 38.2, 20.5), _mm(32, s, "dequant + F.linear", 25.4, 50.0, 23.0),
+            _mm(32, s, "bitsandbytes matmul_4bit", 40.0, 60.0, 35.0)]
+
+
+def test_summary_judges_eager_by_the_loop_column_and_graph_by_gpu_only():
+    picks = {(32, 4096, 4096): "mma_cuda", ("graph", 32, 4096, 4096): "dequant"}
+    line = next(l for l in _summary(_mm_rows(37.9, 47.0, 20.0, 22.0), 4000.0, picks).splitlines()
+                if l.startswith("- matmul M=32 4096x4096"))
+    assert "eager: picked mma_cuda 37.9 µs (eager loop) vs best other ours dequant+cuBLAS 47.0 µs (wins)" in line, line
+    assert "graph: picked dequant 22.0 µs (GPU-only) vs best other ours mma cuda 20.0 µs (LOSES)" in line, line
+    assert "ours auto eager loop 38.2 µs (1 call, L2 flushed 31.0; GPU-only 20.5)" in line, line
+    assert "dequant + F.linear eager loop 50.0 µs (ours 1.31x its speed)" in line, line
+    assert "bnb matmul_4bit eager loop 60.0 µs (GPU-only 35.0; ours 1.57x its speed)" in line, line
+    assert "vs best peer 1.31x (eager loop)" in line, line
+    line = next(l for l in _summary(_mm_rows(47.0, 37.9, 22.0, 20.0), 4000.0, picks).splitlines()
+                if l.startswith("- matmul M=32 4096x4096"))
+    assert "eager: picked mma_cuda 47.0 µs (eager loop) vs best other ours dequant+cuBLAS 37.9 µs (LOSES)" in line, line
+    assert "graph: picked dequant 20.0 µs (GPU-only) vs best other ours mma cuda 22.0 µs (wins)" in line, line
+
+
+def test_matmul_table_has_the_three_time_columns():
+    table = _table(_mm_rows(37.9, 47.0, 20.0, 22.0), 4000.0)
+    head, sep, *body = table.splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert "µs (1 call, L2 flushed)" in cols and "eager loop µs" in cols and "GPU-only µs" in cols
+    assert "µs" not in cols
+    assert sep.count("|") == head.count("|") and all(r.count("|") == head.count("|") for r in body)
+    auto = next(r for r in body if "ours auto" in r).split("|")
+    assert auto[cols.index("eager loop µs") + 1].strip() == "38.2"
+    assert auto[cols.index("vs best peer") + 1].strip() == f"{50.0 / 38.2:.2f}x"  # by the loop column

@@ -3,6 +3,7 @@
 Triton kernel on CPU under the interpreter (small shapes) and on CUDA (real shapes); the CUDA C++ kernel
 compiles with nvcc here and runs on CUDA in the gpu tests.
 """
+import importlib
 import os
 import shutil
 
@@ -339,3 +340,118 @@ def test_rope_inplace_gpu(backend):
 @pytest.mark.parametrize("backend", _gpu_backends())
 def test_rope_torch_compile_gpu(backend):
     _compiled_case("cuda", backend, "inductor", (2, 256, 8, 2, 96), torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------- launch configs
+# Every RopeConfig must give the same result as the default: fp32 inputs, where the interpreter's numpy math
+# equals rope_ref's bit for bit (same products, same sums, one rounding).
+CONFIGS = [
+    dict(tokens=2),                        # T*B = 10 not a multiple of 4 below: masked tail block
+    dict(tokens=4, num_warps=1),
+    dict(tokens=4, tile=64),               # heads looped in blocks smaller than H (and KV)
+    dict(tokens=2, grid_cap=3),            # persistent: 3 programs stride over the token blocks
+    dict(tokens=1, int32=True),            # 32-bit offsets
+    dict(tokens=4, grid_cap=2, int32=True, num_warps=8),
+]
+
+
+def _launch_case(config, D, layout, inplace, backward, B=2, T=5, H=3, KV=2):
+    from triton_ops.rope import RopeConfig, _launch_rope
+
+    q, k = _qk(B, T, H, KV, D, torch.float32, "cpu", layout)
+    cos, sin = rope_cos_sin(torch.arange(T), D, 500000.0, SCALINGS[2][2])
+    want = rope_ref(q, k, cos, sin, backward=backward)
+    if inplace:
+        qo, ko = q, k
+    else:
+        qo, ko = torch.empty(q.shape), torch.empty(k.shape)
+    _launch_rope(q, k, cos[None], sin[None], qo, ko, backward, RopeConfig(**config))
+    for name, got, ref in (("q", qo, want[0]), ("k", ko, want[1])):
+        if not torch.equal(got, ref):
+            diff = (got - ref).abs()
+            pytest.fail(f"{name} {config} D={D} {layout} inplace={inplace} backward={backward}: max diff "
+                        f"{diff.max().item():.3e}, {int((diff > 0).sum())} of {diff.numel()} elements differ")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CONFIGS])
+@pytest.mark.parametrize("D", [80, 96])
+def test_rope_configs_cpu(config, D):
+    # odd halves (40, 48: masked to 64), a fused-qkv view and a transposed (B, H, T, D) storage, both directions
+    _launch_case(config, D, "fused_qkv", inplace=False, backward=False)
+    _launch_case(config, D, "bhtd", inplace=True, backward=True)
+
+
+def test_rope_config_errors():
+    from triton_ops.rope import RopeConfig, _launch_rope
+
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 1, 8)
+    cos, sin = rope_cos_sin(torch.arange(3), 8)
+    for bad, match in ((dict(tokens=3), "power of two"), (dict(num_warps=3), "num_warps"), (dict(tile=0), "tile")):
+        with pytest.raises(ValueError, match=match):
+            _launch_rope(q, k, cos, sin, q.clone(), k.clone(), False, RopeConfig(**bad))
+
+
+def test_rope_int32_choice():
+    # 32-bit offsets only when every offset the kernel forms (masked lanes and padded heads/d included) fits
+    from triton_ops.rope import RopeConfig, _make_plan
+
+    cos, sin = torch.empty(1, 4, 8, device="meta"), torch.empty(1, 4, 8, device="meta")
+
+    def idx64(q_stride_t, config=RopeConfig(int32=True)):
+        q = torch.empty(0, device="meta").as_strided((2, 4, 3, 8), (4 * q_stride_t, q_stride_t, 8, 1))
+        k = torch.empty(2, 4, 1, 8, device="meta")
+        return _make_plan(q, k, cos, sin, torch.empty(q.shape, device="meta"), k, False, config)[2]["IDX64"]
+
+    assert not idx64(32)
+    assert idx64(2**31 // 7 + 1)  # (b=1, t=3): 4 s + 3 s passes 2^31
+    assert idx64(32, RopeConfig(int32=False))
+    # the highest real offset, 7 s + 2 heads * 8 + 7, is below 2^31, but the padded head (3 -> 4 heads) passes it
+    s = -(-(2**31 - 31) // 7)
+    assert 7 * s + 2 * 8 + 7 < 2**31 <= 7 * s + 3 * 8 + 7
+    assert idx64(s)
+    assert not idx64(s - 2)
+
+
+# ---------------------------------------------------------------------------------------------- eager path
+def test_rope_eager_path_cpu(monkeypatch):
+    # outside tracing rope() launches through _EagerRope (no custom-op dispatch) with one cached plan per shape;
+    # results and gradients equal the torch.library op's, double backward included
+    R = importlib.import_module("triton_ops.rope")  # the module (the package exports a function of that name)
+
+    B, T, H, KV, D = 2, 3, 2, 1, 16
+    q, k = torch.randn(B, T, H, D, requires_grad=True), torch.randn(B, T, KV, D, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T), D)
+    made = []
+    make = R._make_plan
+    monkeypatch.setattr(R, "_make_plan", lambda *a: made.append(a[6]) or make(*a))
+    R._PLANS.clear()
+    qo, ko = rope(q, k, cos, sin, backend="triton")
+    assert type(qo.grad_fn).__name__ == "_EagerRopeBackward"
+    rope(q, k, cos, sin, backend="triton")
+    assert made == [False]  # the second call reused the plan
+    qr, kr = torch.ops.minitrain.rope(q, k, cos, sin, False)
+    assert torch.equal(qo, qr) and torch.equal(ko, kr)
+    # the gradient is differentiable in the upstream gradient (create_graph), as the op's is
+    dq, dk = torch.randn_like(qo, requires_grad=True), torch.randn_like(ko, requires_grad=True)
+    g = torch.autograd.grad((qo, ko), (q, k), (dq, dk), create_graph=True)
+    gr = torch.autograd.grad((qr, kr), (q, k), (dq, dk), create_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(g, gr))
+    assert made == [False, True]
+    gg = torch.autograd.grad(g[0].square().sum() + g[1].sum(), (dq, dk))
+    ggr = torch.autograd.grad(gr[0].square().sum() + gr[1].sum(), (dq, dk))
+    assert all(torch.equal(a, b) for a, b in zip(gg, ggr))
+
+
+def test_rope_eager_inplace_bumps_version():
+    # the direct in-place launch tells autograd, as the mutating op does: a saved tensor changed is an error
+    B, T, H, KV, D = 1, 2, 2, 1, 8
+    x = torch.randn(B, T, H, D, requires_grad=True)
+    e = x.exp()  # exp saves its output e for backward
+    k = torch.randn(B, T, KV, D)
+    cos, sin = rope_cos_sin(torch.arange(T), D)
+    before = e._version
+    with torch.no_grad():
+        rope(e, k, cos, sin, inplace=True, backend="triton")
+    assert e._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        e.sum().backward()

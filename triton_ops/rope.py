@@ -9,7 +9,10 @@ rows c = [c1, c2], s = [s1, s2] (Hugging Face builds them as ``cat(freqs, freqs)
                dx1 = dy1 c1 + dy2 s2,   dx2 = dy2 c2 - dy1 s1
 
 One kernel does both, selected by the ``IS_BACKWARD`` constexpr; math in fp32, one rounding to the output
-dtype (Hugging Face rounds three times in bf16, so it is the less exact of the two).
+dtype (Hugging Face rounds three times in bf16, so it is the less exact of the two). Each program rotates a
+block of ``RopeConfig.tokens`` tokens (cos/sin rows loaded once per token, heads looped in tiles); the launch
+parameters (tokens, warps, tile, persistent grid, 32-bit offsets) live in :class:`RopeConfig` and change only
+the speed.
 
 Layouts: q (B, T, H, D), k (B, T, KV, D) with ANY strides (views out of a fused qkv projection work without
 copies); cos, sin (B, T, D), (1, T, D) or (T, D), any float dtype and strides. D must be even; D/2 need not be
@@ -18,6 +21,10 @@ a power of two (masked). Out of place the outputs are new contiguous tensors; in
 Bytes moved per call: read and write q and k once (2 * (H + KV) * D * elem bytes per token) plus cos and sin
 (2 * D * their elem bytes per token, once per token, shared by all heads).
 
+Eager calls (not traced, no dispatch mode, no functorch transform) skip the torch.library dispatch: rope()
+launches directly with cached per-shape launch arguments, through a torch.autograd.Function when autograd
+records. torch.compile and fake tensors go through the ``minitrain::rope`` / ``minitrain::rope_`` ops.
+
 cos/sin come from :func:`rope_cos_sin`, which reproduces transformers' LlamaRotaryEmbedding bit for bit
 ("default", "linear" and "llama3" rope types) from position ids, so packed sequences restart at 0.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -140,15 +148,18 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _rotate_heads(x_ptr, y_ptr, n_heads, sx_h, sx_d, sy_h, sy_d, a1, b1, a2, b2,
-                  HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
-    # y1 = x1 * a1 + x2 * b1 ; y2 = x2 * a2 + x1 * b2 for every head of one token (a*, b* are (1, HALF_PAD))
-    d = tl.arange(0, HALF_PAD)[None, :]
+def _rotate_heads(x_ptr, y_ptr, xrow, yrow, rmask, n_heads, sx_h, sx_d, sy_h, sy_d, a1, b1, a2, b2,
+                  HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, IDX64: tl.constexpr):
+    # y1 = x1 * a1 + x2 * b1 ; y2 = x2 * a2 + x1 * b2 for every head of the program's tokens.
+    # xrow, yrow, rmask: (TOKENS, 1, 1) token offsets and validity; a*, b*: (TOKENS, 1, HALF_PAD) fp32
+    d = tl.arange(0, HALF_PAD)[None, None, :]
     for h0 in range(0, n_heads, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)[:, None]
-        mask = (h < n_heads) & (d < HALF)
-        xo = h.to(tl.int64) * sx_h + d * sx_d
-        yo = h.to(tl.int64) * sy_h + d * sy_d
+        h = h0 + tl.arange(0, BLOCK_H)[None, :, None]
+        if IDX64:
+            h = h.to(tl.int64)
+        mask = rmask & (h < n_heads) & (d < HALF)
+        xo = xrow + h * sx_h + d * sx_d
+        yo = yrow + h * sy_h + d * sy_d
         x1 = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + xo + HALF * sx_d, mask=mask, other=0.0).to(tl.float32)
         y1 = x1 * a1 + x2 * b1
@@ -158,39 +169,87 @@ def _rotate_heads(x_ptr, y_ptr, n_heads, sx_h, sx_d, sy_h, sy_d, a1, b1, a2, b2,
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H, KV,
-                 sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
-                 sqo_b, sqo_t, sqo_h, sqo_d, sko_b, sko_t, sko_h, sko_d,
-                 sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
-                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                 IS_BACKWARD: tl.constexpr):
-    # one program per token: cos/sin row loaded once, then every q head and every k head
-    row = tl.program_id(0).to(tl.int64)  # int64: B*T*H*D offsets pass 2^31 at long contexts
+def _rope_block(blk, q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H, KV, n_rows,
+                sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
+                sqo_b, sqo_t, sqo_h, sqo_d, sko_b, sko_t, sko_h, sko_d,
+                sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
+                HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                TOKENS: tl.constexpr, IDX64: tl.constexpr, IS_BACKWARD: tl.constexpr):
+    # token block `blk` = rows blk*TOKENS ... +TOKENS-1 of the flattened (B*T) tokens: cos/sin rows loaded once,
+    # then every q head and every k head of those tokens
+    row = blk * TOKENS + tl.arange(0, TOKENS)[:, None, None]  # (TOKENS, 1, 1); B*T itself fits in int32
+    if IDX64:  # int64: B*T*H*D offsets pass 2^31 at long contexts
+        row = row.to(tl.int64)
+    rmask = row < n_rows
     b = row // T
     t = row % T
-    d = tl.arange(0, HALF_PAD)[None, :]
-    dmask = d < HALF
+    d = tl.arange(0, HALF_PAD)[None, None, :]
+    cmask = rmask & (d < HALF)
     cp = cos_ptr + b * sc_b + t * sc_t + d * sc_d
     sp = sin_ptr + b * ss_b + t * ss_t + d * ss_d
-    c1 = tl.load(cp, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(cp + HALF * sc_d, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(sp, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(sp + HALF * ss_d, mask=dmask, other=0.0).to(tl.float32)
+    c1 = tl.load(cp, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(cp + HALF * sc_d, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(sp, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(sp + HALF * ss_d, mask=cmask, other=0.0).to(tl.float32)
     if IS_BACKWARD:  # transpose of the forward rotation
         b1 = s2
         b2 = -s1
     else:
         b1 = -s1
         b2 = s2
-    _rotate_heads(q_ptr + b * sq_b + t * sq_t, qo_ptr + b * sqo_b + t * sqo_t, H, sq_h, sq_d, sqo_h, sqo_d,
-                  c1, b1, c2, b2, HALF, HALF_PAD, BLOCK_HQ)
-    _rotate_heads(k_ptr + b * sk_b + t * sk_t, ko_ptr + b * sko_b + t * sko_t, KV, sk_h, sk_d, sko_h, sko_d,
-                  c1, b1, c2, b2, HALF, HALF_PAD, BLOCK_HK)
+    _rotate_heads(q_ptr, qo_ptr, b * sq_b + t * sq_t, b * sqo_b + t * sqo_t, rmask, H, sq_h, sq_d, sqo_h, sqo_d,
+                  c1, b1, c2, b2, HALF, HALF_PAD, BLOCK_HQ, IDX64)
+    _rotate_heads(k_ptr, ko_ptr, b * sk_b + t * sk_t, b * sko_b + t * sko_t, rmask, KV, sk_h, sk_d, sko_h, sko_d,
+                  c1, b1, c2, b2, HALF, HALF_PAD, BLOCK_HK, IDX64)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H, KV, n_rows, n_blocks,
+                 sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
+                 sqo_b, sqo_t, sqo_h, sqo_d, sko_b, sko_t, sko_h, sko_d,
+                 sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
+                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                 TOKENS: tl.constexpr, PERSISTENT: tl.constexpr, IDX64: tl.constexpr, IS_BACKWARD: tl.constexpr):
+    # one program per block of TOKENS tokens, or (PERSISTENT) a fixed grid of programs striding over the blocks
+    if PERSISTENT:
+        for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+            _rope_block(blk, q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H, KV, n_rows,
+                        sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
+                        sqo_b, sqo_t, sqo_h, sqo_d, sko_b, sko_t, sko_h, sko_d,
+                        sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
+                        HALF, HALF_PAD, BLOCK_HQ, BLOCK_HK, TOKENS, IDX64, IS_BACKWARD)
+    else:
+        _rope_block(tl.program_id(0), q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H, KV, n_rows,
+                    sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
+                    sqo_b, sqo_t, sqo_h, sqo_d, sko_b, sko_t, sko_h, sko_d,
+                    sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
+                    HALF, HALF_PAD, BLOCK_HQ, BLOCK_HK, TOKENS, IDX64, IS_BACKWARD)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
+class RopeConfig(NamedTuple):
+    """Launch parameters of the Triton kernel (none changes the result; the GPU sweep in bench compares them).
+
+    tokens: tokens (rows of the flattened B*T) per program, a power of two; the tail block is masked.
+    num_warps: warps per program.
+    tile: most elements of one (tokens, heads, D/2) half tile; heads are looped in blocks that fit it.
+    grid_cap: 0 launches one program per token block; n > 0 launches min(blocks, n) persistent programs that
+        stride over the blocks.
+    int32: 32-bit offset math when every offset the kernel can form (padding included) is below 2^31;
+        otherwise, or when False, 64-bit.
+    """
+    tokens: int = 1
+    num_warps: int = 4
+    tile: int = 2048
+    grid_cap: int = 0
+    int32: bool = False
+
+
+DEFAULT_CONFIG = RopeConfig()
+
+
 def check_rope_inputs(q, k, cos, sin, where: str = "rope"):
     """Validate shapes/dtypes/devices; returns cos and sin as (B|1, T, D) views (no copies)."""
     for name, x in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
@@ -219,28 +278,91 @@ def check_rope_inputs(q, k, cos, sin, where: str = "rope"):
     return out[0], out[1]
 
 
-def _launch_rope(q, k, cos, sin, q_out, k_out, backward: bool) -> None:
+def _check_config(config: RopeConfig) -> None:
+    if not isinstance(config, RopeConfig):
+        raise TypeError(f"rope: config must be a RopeConfig, got {type(config).__name__}")
+    if config.tokens < 1 or config.tokens & (config.tokens - 1):
+        raise ValueError(f"rope: config.tokens must be a power of two >= 1, got {config.tokens}")
+    if config.num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"rope: config.num_warps must be a power of two from 1 to 32, got {config.num_warps}")
+    if config.tile < 1 or config.grid_cap < 0:
+        raise ValueError(f"rope: config.tile must be >= 1 and config.grid_cap >= 0, got {config}")
+
+
+def _max_offset(extents, strides) -> int:
+    return sum((n - 1) * s for n, s in zip(extents, strides))
+
+
+def _make_plan(q, k, cos, sin, q_out, k_out, backward: bool, config: RopeConfig):
+    """Validated launch arguments for these sizes/strides/dtypes: (grid, positional scalars, constexprs), or None
+    when there is nothing to do."""
     cos3, sin3 = check_rope_inputs(q, k, cos, sin)
+    _check_config(config)
+    if q_out.shape != q.shape or k_out.shape != k.shape:
+        raise ValueError(f"rope: outputs must be shaped like q {tuple(q.shape)} and k {tuple(k.shape)}, got "
+                         f"{tuple(q_out.shape)} and {tuple(k_out.shape)}")
     B, T, H, D = q.shape
     KV = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:
-        return
+        return None
     half = D // 2
     half_pad = triton.next_power_of_2(half)
-    # heads per step: all of them when a (heads, D/2) tile stays within 2048 elements per half
-    block_hq = max(1, min(triton.next_power_of_2(H), 2048 // half_pad))
-    block_hk = max(1, min(triton.next_power_of_2(KV), 2048 // half_pad))
+    tokens = config.tokens
+    # heads per step: all of them when a (tokens, heads, D/2) half tile stays within config.tile elements
+    block_hq = max(1, min(triton.next_power_of_2(H), config.tile // (tokens * half_pad)))
+    block_hk = max(1, min(triton.next_power_of_2(KV), config.tile // (tokens * half_pad)))
     # a batch-broadcast (1, T, D) table gets batch stride 0
     sc = (0 if cos3.shape[0] == 1 else cos3.stride(0), cos3.stride(1), cos3.stride(2))
     ss = (0 if sin3.shape[0] == 1 else sin3.stride(0), sin3.stride(1), sin3.stride(2))
-    _rope_kernel[(B * T,)](
-        q, k, q_out, k_out, cos3, sin3, T, H, KV,
-        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *sc, *ss,
-        HALF=half, HALF_PAD=half_pad, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, IS_BACKWARD=backward, num_warps=4)
+    n_rows = B * T
+    n_blocks = triton.cdiv(n_rows, tokens)
+    idx64 = True
+    if config.int32:
+        # largest offset formed, masked lanes included: batch index up to (B*T + tokens - 1) // T, padded heads,
+        # d up to HALF_PAD - 1 plus the second half's HALF
+        bmax = (n_blocks * tokens - 1) // T + 1
+        dpad = half_pad + half
+        hq, hk = triton.cdiv(H, block_hq) * block_hq, triton.cdiv(KV, block_hk) * block_hk
+        worst = max(_max_offset((bmax, T, hq, dpad), q.stride()), _max_offset((bmax, T, hk, dpad), k.stride()),
+                    _max_offset((bmax, T, hq, dpad), q_out.stride()), _max_offset((bmax, T, hk, dpad), k_out.stride()),
+                    _max_offset((bmax, T, dpad), sc), _max_offset((bmax, T, dpad), ss))
+        idx64 = worst >= 2**31
+    grid = min(n_blocks, config.grid_cap) if config.grid_cap else n_blocks
+    args = (T, H, KV, n_rows, n_blocks, *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *sc, *ss)
+    meta = dict(HALF=half, HALF_PAD=half_pad, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, TOKENS=tokens,
+                PERSISTENT=bool(config.grid_cap), IDX64=idx64, IS_BACKWARD=bool(backward),
+                num_warps=config.num_warps)
+    return (grid,), args, meta
+
+
+# Validated launch plans by everything they depend on (a cache: same key, same plan); cleared when it grows past
+# _PLANS_MAX so a stream of new shapes cannot grow it without bound.
+_PLANS: dict[tuple, tuple | None] = {}
+_PLANS_MAX = 512
+
+
+def _launch_rope(q, k, cos, sin, q_out, k_out, backward: bool, config: RopeConfig = DEFAULT_CONFIG) -> None:
+    """Rotate q, k into q_out, k_out (which may be q, k themselves). The first call per (shapes, strides, dtypes,
+    devices, direction, config) validates and builds the launch arguments; later calls look them up."""
+    out = 0 if q_out is q and k_out is k else (q_out.shape, q_out.stride(), k_out.shape, k_out.stride(),
+                                                q_out.dtype, k_out.dtype, q_out.device, k_out.device)
+    key = (q.shape, q.stride(), k.shape, k.stride(), cos.shape, cos.stride(), sin.shape, sin.stride(), q.dtype,
+           k.dtype, cos.dtype, sin.dtype, q.device, k.device, cos.device, sin.device, backward, config, out)
+    plan = _PLANS.get(key, _PLANS)
+    if plan is _PLANS:
+        if q_out.dtype != q.dtype or k_out.dtype != k.dtype or q_out.device != q.device or k_out.device != q.device:
+            raise ValueError(f"rope: outputs must match q's dtype {q.dtype} and device {q.device}")
+        plan = _make_plan(q, k, cos, sin, q_out, k_out, backward, config)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    if plan is not None:
+        grid, args, meta = plan
+        _rope_kernel[grid](q, k, q_out, k_out, cos, sin, *args, **meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# torch.library registration
+# torch.library registration (what torch.compile and fake tensors see)
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("minitrain::rope", mutates_args=())
 def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -290,6 +412,59 @@ torch.library.register_autograd("minitrain::rope", make_rope_backward(torch.ops.
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The eager short path
+# ----------------------------------------------------------------------------------------------------------
+# A RoPE call moves ~40 MB in ~45 us on an H200, so the host work of an eager call is what limits it: the
+# custom op's dispatch and autograd wrapping cost more than the kernel. Outside tracing, rope() calls the
+# launcher directly (launch plans cached per shape, see _launch_rope), through _EagerRope when autograd must
+# record it. torch.compile, fake tensors, dispatch modes and functorch transforms take the torch.library ops.
+def _eager_ok(q, k, cos, sin) -> bool:
+    return (type(q) is torch.Tensor and type(k) is torch.Tensor and type(cos) is torch.Tensor
+            and type(sin) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+class _EagerRope(torch.autograd.Function):
+    """The op's autograd formula without its dispatch: backward is the launch with the direction flipped
+    (differentiable again when the backward itself records a graph). ``launch`` is the backend's launcher,
+    ``launch(q, k, cos, sin, q_out, k_out, backward)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, backward, launch):
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        launch(q, k, cos, sin, q_out, k_out, backward)
+        ctx.save_for_backward(cos, sin)
+        ctx.backward, ctx.launch = backward, launch
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _eager_rope(dq_out, dk_out, cos, sin, False, ctx.launch, not ctx.backward)
+        return dq, dk, None, None, None, None
+
+
+def _eager_rope(q, k, cos, sin, inplace: bool, launch, backward: bool = False):
+    """rope() outside tracing: the same results as the torch.library ops, without their dispatch."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        q_out, k_out = _EagerRope.apply(q, k, cos, sin, backward, launch)
+        if not inplace:
+            return q_out, k_out
+        q.copy_(q_out)
+        k.copy_(k_out)
+        return q, k
+    if inplace:
+        launch(q, k, cos, sin, q, k, backward)
+        torch.autograd.graph.increment_version((q, k))  # as the mutating op would: autograd sees the change
+        return q, k
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    launch(q, k, cos, sin, q_out, k_out, backward)
+    return q_out, k_out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -329,15 +504,19 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             k.copy_(k_out)
             return q, k
         return q_out, k_out
-    if q.device.type != "cuda" and not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if not q.is_cuda and not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
         raise ValueError(f"rope: backend {backend!r} needs CUDA tensors, got {q.device} "
                          "(CPU tensors run the Triton kernel only under TRITON_INTERPRET=1)")
     if backend == "cuda":
-        import csrc.rope  # noqa: F401  (registers minitrain::rope_cuda; compiles at first launch)
+        import csrc.rope  # registers minitrain::rope_cuda; compiles at first launch
 
+        launch = csrc.rope.launch_rope_cuda
         op, inplace_op = torch.ops.minitrain.rope_cuda, torch.ops.minitrain.rope_cuda_
     else:
+        launch = _launch_rope
         op, inplace_op = torch.ops.minitrain.rope, torch.ops.minitrain.rope_
+    if _eager_ok(q, k, cos, sin):
+        return _eager_rope(q, k, cos, sin, inplace, launch)
     if not inplace:
         return op(q, k, cos, sin, False)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
