@@ -107,62 +107,16 @@ def _sech2(u):
 
 
 @triton.jit
-def _load_block(x_row, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr):
-    # pass 1's read of one block: the raw logits x (fp32) and z (softcapped; -inf on masked lanes)
-    x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    z = x
-    if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
-    return x, tl.where(mask, z, float("-inf"))
-
-
-@triton.jit
-def _lse_step(z, m, d, VEC_LSE: tl.constexpr):
-    # online logsumexp over one block. Scalar m, d: a block-wide max and sum per block (two reductions, so two
-    # barriers per iteration). VEC_LSE: one running (m, d) per lane, reduced once per row (no barrier in the
-    # loop, so the next block's loads can be in flight); still one exp2 per element: of the new and old max one
-    # is z, the other the old m, so d' = d * e + 1 (z is the new max) or d + e (m stays), e = exp(-|z - m|).
-    LOG2E: tl.constexpr = 1.4426950408889634
-    if VEC_LSE:
-        e = tl.exp2(-tl.abs(z - m) * LOG2E)
-        # z = m = -inf (a masked lane, or a -inf logit, before any finite value): z - m is NaN; it adds nothing
-        d = tl.where(z > m, d * e + 1.0, d + tl.where(z == float("-inf"), 0.0, e))
-        m = tl.maximum(m, z)
-    else:
-        m_new = tl.maximum(m, tl.max(z, 0))
-        d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E), 0)
-        m = m_new
-    return m, d
-
-
-@triton.jit
-def _grad_block(x, offs, mask, label, lse, scale, g_row, softcap, HAS_SOFTCAP: tl.constexpr):
-    # pass 2 on one block of raw logits x: (softmax - onehot) * dz/dx * scale, stored streaming
-    LOG2E: tl.constexpr = 1.4426950408889634
-    if HAS_SOFTCAP:
-        t = _tanh(x / softcap)
-        p = tl.exp2((softcap * t - lse) * LOG2E)
-        g = (p - tl.where(offs == label, 1.0, 0.0)) * _sech2(x / softcap)
-    else:
-        p = tl.exp2((x - lse) * LOG2E)
-        g = p - tl.where(offs == label, 1.0, 0.0)
-    tl.store(g_row + offs, (g * scale).to(g_row.dtype.element_ty), mask=mask, eviction_policy="evict_first")
-
-
-@triton.jit
 def _ce_kernel(logits_ptr, stride_l, grad_ptr, stride_g, labels_ptr, loss_ptr, lse_ptr, scale_ptr,
                scale_stride, N, V, ignore_index, softcap,
                HAS_SOFTCAP: tl.constexpr, COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-               BLOCK_V: tl.constexpr, VEC_LSE: tl.constexpr = False, KEEP_LAST: tl.constexpr = False):
+               BLOCK_V: tl.constexpr):
     # Persistent: a grid of a few programs per SM, each walking rows pid, pid + nprog, ...; so few rows are in
     # flight (2 x 132 x 256 KB at V=128256 bf16 on an H100) that the gradient pass's re-read of a row mostly
     # hits L2, helped by the eviction hints (pass 1 keeps the row, pass 2 streams it) and by walking pass 2
     # backwards (the blocks pass 1 read last are the likeliest still cached). Measured on an H100 at 16384 x
     # 128256 bf16, forward + gradient in place: 3.6 ms, was 4.3 ms (one program per row, no hints); 3 passes
     # at copy speed would take 4.2 ms.
-    # Variants under test (off by default; see ce_launch): VEC_LSE, per-lane running max/sum (_lse_step);
-    # KEEP_LAST (needs COMPUTE_LOSS and WRITE_GRAD), pass 1 ends on the row's last block and pass 2 starts
-    # there: it reuses those logits from registers instead of reading them again (1/nblk of the re-read).
     LOG2E: tl.constexpr = 1.4426950408889634
     nblk = tl.cdiv(V, BLOCK_V)
     cols = tl.arange(0, BLOCK_V)
@@ -172,25 +126,18 @@ def _ce_kernel(logits_ptr, stride_l, grad_ptr, stride_g, labels_ptr, loss_ptr, l
         valid = label != ignore_index
 
         if COMPUTE_LOSS:
-            if VEC_LSE:
-                m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # running max per lane
-                d = tl.zeros([BLOCK_V], tl.float32)  # running sum of exp(z - m) per lane
-            else:
-                m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)  # running max (scalar)
-                d = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)  # running sum of exp(z - m)
-            for b in range(0, nblk - 1 if KEEP_LAST else nblk):
+            m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)  # running max (scalar)
+            d = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)  # running sum of exp(z - m)
+            for b in range(0, nblk):
                 offs = b * BLOCK_V + cols
-                x, z = _load_block(x_row, offs, offs < V, softcap, HAS_SOFTCAP)
-                m, d = _lse_step(z, m, d, VEC_LSE)
-            if KEEP_LAST:
-                offs_last = (nblk - 1) * BLOCK_V + cols
-                x_last, z = _load_block(x_row, offs_last, offs_last < V, softcap, HAS_SOFTCAP)
-                m, d = _lse_step(z, m, d, VEC_LSE)
-            if VEC_LSE:
-                m_row = tl.max(m, 0)
-                # lanes that saw only masked columns have m = -inf, d = 0: exp2(-inf) = 0 adds nothing
-                d = tl.sum(d * tl.exp2((m - m_row) * LOG2E), 0)
-                m = m_row
+                mask = offs < V
+                z = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                if HAS_SOFTCAP:
+                    z = softcap * _tanh(z / softcap)
+                z = tl.where(mask, z, float("-inf"))
+                m_new = tl.maximum(m, tl.max(z, 0))
+                d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E), 0)
+                m = m_new
             lse = m + tl.log2(d) / LOG2E
             in_range = (label >= 0) & (label < V)
             z_y = tl.load(x_row + tl.where(in_range, label, 0)).to(tl.float32)
@@ -213,24 +160,28 @@ def _ce_kernel(logits_ptr, stride_l, grad_ptr, stride_g, labels_ptr, loss_ptr, l
             scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
             scale = tl.where(valid, scale, 0.0)  # ignored rows get an exact zero gradient
             g_row = grad_ptr + row * stride_g
-            if KEEP_LAST:
-                _grad_block(x_last, offs_last, offs_last < V, label, lse, scale, g_row, softcap, HAS_SOFTCAP)
-            for bb in range(1 if KEEP_LAST else 0, nblk):
+            for bb in range(0, nblk):
                 offs = (nblk - 1 - bb) * BLOCK_V + cols
                 mask = offs < V
                 x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                _grad_block(x, offs, mask, label, lse, scale, g_row, softcap, HAS_SOFTCAP)
+                if HAS_SOFTCAP:
+                    t = _tanh(x / softcap)
+                    p = tl.exp2((softcap * t - lse) * LOG2E)
+                    g = (p - tl.where(offs == label, 1.0, 0.0)) * _sech2(x / softcap)
+                else:
+                    p = tl.exp2((x - lse) * LOG2E)
+                    g = p - tl.where(offs == label, 1.0, 0.0)
+                tl.store(g_row + offs, (g * scale).to(g_row.dtype.element_ty), mask=mask,
+                         eviction_policy="evict_first")
 
 
 PROGRAMS_PER_SM = 2  # persistent grid of the row kernel (H100 sweep in _ce_kernel's comment: 2 beat 1 and N)
 
 
 
-def _programs(N: int, logits: torch.Tensor, per_sm: int | None = None) -> int:
-    """Programs of the persistent row kernel: per_sm (default PROGRAMS_PER_SM) per SM on CUDA, one per row
-    otherwise."""
-    per_sm = PROGRAMS_PER_SM if per_sm is None else per_sm
-    return min(N, per_sm * _sm_count(logits.device.index or 0)) if logits.is_cuda else N
+def _programs(N: int, logits: torch.Tensor) -> int:
+    """Programs of the persistent row kernel: PROGRAMS_PER_SM per SM on CUDA, one per row otherwise."""
+    return min(N, PROGRAMS_PER_SM * _sm_count(logits.device.index or 0)) if logits.is_cuda else N
 
 
 def _launch_config(V: int, softcap: bool = False) -> tuple[int, int]:
@@ -257,26 +208,15 @@ def _check_logits(name: str, logits: torch.Tensor, labels: torch.Tensor) -> None
 
 def ce_launch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float,
               loss: torch.Tensor | None, lse: torch.Tensor, grad: torch.Tensor | None = None,
-              scale: torch.Tensor | None = None, *, block_v: int | None = None, num_warps: int | None = None,
-              programs_per_sm: int | None = None, vec_lse: bool = False, keep_last: bool = False) -> None:
+              scale: torch.Tensor | None = None) -> None:
     """Launch the row kernel. loss given -> compute loss and lse (pass 1); grad given -> write the
     gradient scaled by ``scale`` (0-d: one factor for all rows; (N,): per row) into grad (pass 2).
-    grad may be ``logits`` itself (in place). softcap 0 means off.
-
-    Keyword-only: variants for a sweep (bench/dev), None/False = the shipped configuration. block_v (a power
-    of two), num_warps, programs_per_sm (persistent grid on CUDA); vec_lse: per-lane running max/sum in
-    pass 1; keep_last: pass 2 reuses pass 1's last block from registers (only when both passes run in one
-    launch, else ignored)."""
+    grad may be ``logits`` itself (in place). softcap 0 means off."""
     N, V = logits.shape
     if N == 0:
         return
     block, warps = _launch_config(V, softcap != 0.0)
-    if block_v is not None:
-        if block_v < 1 or block_v & (block_v - 1):
-            raise ValueError(f"ce_launch: block_v must be a power of two, got {block_v}")
-        block = block_v
-    warps = warps if num_warps is None else num_warps
-    grid = _programs(N, logits, programs_per_sm)
+    grid = _programs(N, logits)
     write = grad is not None
     if write:
         if grad.shape != logits.shape or grad.stride(1) != 1 or grad.dtype != logits.dtype:
@@ -288,8 +228,7 @@ def ce_launch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, sof
     _ce_kernel[(grid,)](logits, logits.stride(0), grad, grad.stride(0), labels,
                         loss if loss is not None else lse, lse, scale, scale_stride, N, V, ignore_index,
                         float(softcap), HAS_SOFTCAP=softcap != 0.0, COMPUTE_LOSS=loss is not None,
-                        WRITE_GRAD=write, BLOCK_V=block, VEC_LSE=vec_lse,
-                        KEEP_LAST=keep_last and write and loss is not None, num_warps=warps)
+                        WRITE_GRAD=write, BLOCK_V=block, num_warps=warps)
 
 
 # ----------------------------------------------------------------------------------------------------------
