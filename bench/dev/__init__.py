@@ -1,0 +1,1 @@
+"""Exploratory kernel variants (STYLE.md: only the winner moves to csrc/)."""

@@ -1,0 +1,122 @@
+"""Loader for the exploratory NF4 dequantization kernels (``bench/dev/nf4_dequant_dev.cu``; bench only).
+
+The source is compiled once per process and architecture through CuPy/NVRTC (the options of ``csrc``), its
+``#include "x.cuh"`` inlined from ``bench/dev/`` or ``csrc/``, and launched on torch's current stream. Arguments
+come from a ``csrc.nf4_dequant.DequantPlan`` (the library kernel's parameters). bf16 output only.
+
+Variant names (``VARIANTS``): ``w-<store>-u<U>`` (wt-deq layout, one 256 * 8 * U element tile per block),
+``p1-<store>-u<U>-b<B>[-lb8]`` (software-pipelined warp chunks with a shared-memory transpose, grid
+min(chunks / 8, B x SMs) blocks of 256), ``p2-...`` (as p1, 4-byte loads, no transpose); store ``def``
+(st.global), ``cs`` (st.global.cs) or ``na`` (st.global.L1::no_allocate); ``-lb8``: ``__launch_bounds__(256, 8)``.
+Fill references (``FILLS``): ``fill-<store>-u1``, ``fill-tma``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import csrc
+
+DEV_DIR = Path(__file__).resolve().parent
+SOURCE = "nf4_dequant_dev.cu"
+THREADS = 256  # every kernel of the source: blockDim.x == 256
+WARPS = THREADS // 32
+WARP_ELEMS = 1024  # p1/p2: elements per warp range; a chunk is U ranges
+FILL_CHUNK = 16384  # fill-tma: bytes per bulk store
+
+VARIANTS = (
+    tuple(f"w-{s}-u{u}" for u in (1, 2) for s in ("def", "cs", "na"))
+    + tuple(f"p1-{s}-u{u}-b{b}" for u in (1, 2) for s in ("def", "cs") for b in (4, 8, 16))
+    + ("p1-def-u1-b8-lb8", "p1-def-u2-b8-lb8")
+    + tuple(f"p2-{s}-u{u}-b8" for u in (1, 2) for s in ("def", "cs"))
+    + ("p2-def-u1-b16", "p2-def-u1-b8-lb8")
+)
+FILLS = ("fill-def-u1", "fill-cs-u1", "fill-na-u1", "fill-tma")
+_RE = re.compile(r"(?:(w)-(def|cs|na)-u([12])|(p[12])-(def|cs)-u([12])-b([1-9][0-9]*)(-lb8)?)")
+_FILL_RE = re.compile(r"fill-(?:(def|cs|na)-u1|(tma))")
+
+
+def source(name: str = SOURCE) -> str:
+    """The text of ``bench/dev/<name>`` with local ``#include "x.cuh"`` inlined (from bench/dev/, else csrc/)."""
+    path = DEV_DIR / name if (DEV_DIR / name).exists() else csrc.SRC_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"bench.dev: no CUDA source {name} in {DEV_DIR} or {csrc.SRC_DIR}")
+    out = []
+    for line in path.read_text().splitlines():
+        s = line.strip()
+        out.append(source(s[len('#include "'):-1]) if s.startswith('#include "') and s.endswith('"') else line)
+    return "\n".join(out)
+
+
+def kernel_names() -> tuple[str, ...]:
+    """Every ``extern "C"`` kernel name the launchers can pick (tests check each exists in the source)."""
+    return tuple(sorted({launch_config(v, 1 << 20, 132)[0] for v in VARIANTS}
+                        | {fill_config(f, 1 << 20)[0] for f in FILLS}))
+
+
+def launch_config(variant: str, n: int, sms: int) -> tuple[str, int]:
+    """(kernel name, blocks) for ``variant`` dequantizing n elements on a card with ``sms`` SMs (pure)."""
+    m = _RE.fullmatch(variant)
+    if m is None:
+        raise ValueError(f"bench.dev.nf4_dequant_dev: unknown variant {variant!r} (one of {VARIANTS})")
+    w, wstore, wu, fam, store, u, b, lb8 = m.groups()
+    if w:
+        return f"nf4d_w_{wstore}_u{wu}", max(1, -(-n // (THREADS * 8 * int(wu))))
+    chunks = -(-n // (int(u) * WARP_ELEMS))
+    return f"nf4d_{fam}_{store}_u{u}{'_lb8' if lb8 else ''}", max(1, min(-(-chunks // WARPS), int(b) * sms))
+
+
+def fill_config(method: str, nbytes: int, chunk: int = FILL_CHUNK) -> tuple[str, int]:
+    """(kernel name, blocks) for a fill reference over ``nbytes`` (pure)."""
+    m = _FILL_RE.fullmatch(method)
+    if m is None:
+        raise ValueError(f"bench.dev.nf4_dequant_dev: unknown fill {method!r} (one of {FILLS})")
+    store, tma = m.groups()
+    if tma:
+        return "nf4d_fill_tma", max(1, -(-max(nbytes // chunk, 1) // WARPS))
+    return f"nf4d_fill_{store}_u1", max(1, -(-nbytes // (16 * THREADS)))
+
+
+@functools.lru_cache(maxsize=None)
+def _module(arch: str):
+    cupy = csrc._cupy()  # raises csrc.CupyMissingError with the install hint
+    return cupy.RawModule(code=source(), options=csrc.NVRTC_OPTIONS + (f"--gpu-architecture={arch}",),
+                          backend="nvrtc")
+
+
+def get_kernel(name: str, index: int):
+    major, minor = torch.cuda.get_device_capability(index)
+    arch = os.environ.get("MINITRAIN_CUDA_ARCH", f"sm_{major}{minor}")
+    with csrc._cupy().cuda.Device(index):
+        return _module(arch).get_function(name)
+
+
+def dequantize(plan, out: torch.Tensor, variant: str) -> torch.Tensor:
+    """Run ``variant`` with ``plan``'s arguments (a ``csrc.nf4_dequant.DequantPlan``) into ``out`` (contiguous
+    bf16, the weight's element count; not checked beyond dtype) on torch's current stream."""
+    if out.dtype != torch.bfloat16:
+        raise ValueError(f"bench.dev.nf4_dequant_dev: bf16 output only, got {out.dtype}")
+    n = out.numel()
+    name, blocks = launch_config(variant, n, csrc.sm_count(plan.index))
+    optr = out.data_ptr()
+    vec = plan.data_aligned and optr % 16 == 0
+    args = plan.wargs + (np.uint64(optr), np.int64(n)) + plan.flags + (np.int32(vec),)
+    get_kernel(name, plan.index)((blocks,), (THREADS,), args, stream=csrc.current_stream(plan.index))
+    return out
+
+
+def fill(out: torch.Tensor, method: str, value: int = 0x3F803F80, chunk: int = FILL_CHUNK) -> torch.Tensor:
+    """Write the 32-bit ``value`` over all of ``out`` (contiguous, 16-byte aligned CUDA) with fill ``method``."""
+    if not out.is_cuda or not out.is_contiguous() or out.data_ptr() % 16:
+        raise ValueError("bench.dev.nf4_dequant_dev.fill: out must be a contiguous, 16-byte aligned CUDA tensor")
+    index = out.device.index if out.device.index is not None else torch.cuda.current_device()
+    nbytes = out.numel() * out.element_size()
+    name, blocks = fill_config(method, nbytes, chunk)
+    args = (np.uint64(out.data_ptr()), np.int64(nbytes), np.uint32(value & 0xFFFFFFFF), np.int32(chunk))
+    get_kernel(name, index)((blocks,), (THREADS,), args, stream=csrc.current_stream(index))
+    return out

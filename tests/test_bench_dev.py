@@ -1,0 +1,107 @@
+"""bench/dev NF4 dequant variants (CPU): the source compiles for sm_90 and has every kernel the loader can pick,
+and the launch arithmetic (grids, arguments) for odd shapes, with the kernel call stubbed."""
+import re
+import shutil
+import subprocess
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import csrc
+from bench.dev import nf4_dequant_dev as dev
+
+
+def _source_kernels(src: str) -> set[str]:
+    """Kernel names defined in the source: direct definitions and the macro instantiations."""
+    names = set(re.findall(r'extern "C" __global__ void __launch_bounds__\([^)]*\) (\w+)\(', src))
+    names |= set(re.findall(r"^NF4D_(?:W|FILL)\((\w+),", src, re.M))
+    for p in re.findall(r"^NF4D_P\((\w+),", src, re.M):
+        names |= {p, p + "_lb8"}
+    return names - {"NAME"}
+
+
+def test_every_kernel_in_source():
+    missing = set(dev.kernel_names()) - _source_kernels(dev.source())
+    assert not missing, f"kernels the loader picks but the source lacks: {sorted(missing)}"
+
+
+def test_includes_inlined():
+    src = dev.source()
+    assert not any(line.strip().startswith('#include "') for line in src.splitlines())
+    assert "load_stream_16" in src  # from csrc/nf4_common.cuh
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_compiles_sm90_with_every_entry(tmp_path):
+    cu = tmp_path / "dev.cu"
+    cu.write_text(dev.source())
+    ptx = tmp_path / "dev.ptx"
+    for cmd in (["nvcc", "-arch=sm_90", "-std=c++17", "-c", str(cu), "-o", str(tmp_path / "dev.o")],
+                ["nvcc", "-arch=sm_90", "-std=c++17", "-ptx", str(cu), "-o", str(ptx)]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"nvcc failed:\n{r.stdout}\n{r.stderr}"
+    entries = set(re.findall(r"\.entry (\w+)\(", ptx.read_text()))
+    missing = set(dev.kernel_names()) - entries
+    assert not missing, f"PTX lacks entries: {sorted(missing)}"
+
+
+# (n elements, reason): odd and tiny counts, one below a chunk, the Llama shapes.
+SHAPES_N = [
+    (1, "single element"),
+    (3 * 7, "odd, inside one block"),
+    (1023, "one below a U=1 warp chunk"),
+    (2049, "one past a U=2 chunk"),
+    (96 * 4100, "Llama-odd K"),
+    (14336 * 4096, "gate/up projection"),
+]
+
+
+@pytest.mark.parametrize("n,reason", SHAPES_N)
+@pytest.mark.parametrize("sms", [132, 1])
+def test_launch_config_grids(n, reason, sms):
+    for v in dev.VARIANTS:
+        name, blocks = dev.launch_config(v, n, sms)
+        assert blocks >= 1
+        if v.startswith("w-"):
+            u = int(v.split("-u")[1][0])
+            assert blocks * dev.THREADS * 8 * u >= n > (blocks - 1) * dev.THREADS * 8 * u or n <= 0
+        else:
+            u = int(v.split("-u")[1][0])
+            b = int(v.split("-b")[1].split("-")[0])
+            chunks = -(-n // (u * dev.WARP_ELEMS))
+            assert blocks == min(-(-chunks // dev.WARPS), b * sms)
+            assert name.endswith("_lb8") == v.endswith("-lb8")
+    for f in dev.FILLS:
+        name, blocks = dev.fill_config(f, 2 * n)
+        assert blocks >= 1 and name.startswith("nf4d_fill_")
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="unknown variant"):
+        dev.launch_config("p3-def-u1-b8", 1024, 132)
+    with pytest.raises(ValueError, match="unknown fill"):
+        dev.fill_config("fill-def-u4", 1024)
+
+
+@pytest.mark.parametrize("n", [1, 1023, 96 * 4100 + 1])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_dequantize_stubbed(monkeypatch, n, aligned):
+    calls = []
+    monkeypatch.setattr(dev, "get_kernel", lambda name, index: lambda grid, block, args, stream: calls.append(
+        (name, grid, block, args)))
+    monkeypatch.setattr(csrc, "sm_count", lambda index: 132)
+    monkeypatch.setattr(csrc, "current_stream", lambda index: None)
+    plan = types.SimpleNamespace(index=0, data_aligned=aligned, wargs=tuple(np.uint64(16 * i) for i in range(6)),
+                                 flags=(np.int32(6), np.int32(8), np.int32(1)))
+    out = torch.empty(n, dtype=torch.bfloat16)
+    for v in dev.VARIANTS:
+        dev.dequantize(plan, out, v)
+    assert len(calls) == len(dev.VARIANTS)
+    for v, (name, grid, block, args) in zip(dev.VARIANTS, calls):
+        assert (name, grid[0]) == dev.launch_config(v, n, 132) and block == (dev.THREADS,)
+        assert len(args) == 12 and args[7] == np.int64(n) and args[8:11] == plan.flags
+        assert args[11] == np.int32(aligned and out.data_ptr() % 16 == 0)
+    with pytest.raises(ValueError, match="bf16"):
+        dev.dequantize(plan, torch.empty(n, dtype=torch.float16), dev.VARIANTS[0])
