@@ -352,6 +352,9 @@ CONFIGS = [
     dict(tokens=2, grid_cap=3),            # persistent: 3 programs stride over the token blocks
     dict(tokens=1, int32=True),            # 32-bit offsets
     dict(tokens=4, grid_cap=2, int32=True, num_warps=8),
+    dict(loads_first=True),                # q and k loaded before either is stored (_rotate_qk_once)
+    dict(tokens=2, loads_first=True, int32=False),
+    dict(tokens=4, tile=64, loads_first=True),  # heads do not fit one tile: the block-by-block path
 ]
 
 
