@@ -287,9 +287,10 @@ class RopeConfig(NamedTuple):
     loads_first: bool = True
 
 
-# Defaults from the H200 sweep (stop 23; q (4, 2048, 32, 128), k KV=8, bf16, forward out of place, CUDA-graph
-# replay): 2 warps with 32-bit offsets 45.2 us against 51.4 us for the earlier 4 warps with 64-bit offsets; more
-# tokens per program or a persistent grid gained nothing measurable (45.1-46.1 us)
+# Defaults from the H200 sweeps (stop 23; q (4, 2048, 32, D), k KV=8, bf16, forward out of place, CUDA-graph
+# replay): 2 warps with 32-bit offsets 45.2 us against 51.4 us for the earlier 4 warps with 64-bit offsets at
+# D=128; loads_first then 44.2 vs 45.1 us at D=128 and 28.3 vs 32.0 us at D=80; more tokens per program or a
+# persistent grid gained nothing measurable (bench/results/2026-11-28-h200-rope.md)
 DEFAULT_CONFIG = RopeConfig()
 
 
