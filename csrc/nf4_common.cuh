@@ -71,3 +71,15 @@ __device__ __forceinline__ U32x4 load_stream_16(const unsigned char* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
+
+// The fp32 scale of quantization block `blk`: decoded from the double quantization (absmax as uint8 codes,
+// nested_code[a8] * nested_absmax[blk >> log2_nested] + offset, two roundings, never an FMA), or read as fp32.
+__device__ __forceinline__ float decode_scale(const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
+                                              const float* __restrict__ nested_code, const float* __restrict__ offset,
+                                              long long blk, int log2_nested, int double_quant) {
+    if (double_quant) {
+        const unsigned a8 = ((const unsigned char*)absmax)[blk];
+        return add_rn(mul_rn(nested_code[a8], nested_absmax[blk >> log2_nested]), *offset);
+    }
+    return ((const float*)absmax)[blk];
+}

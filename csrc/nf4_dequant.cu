@@ -24,16 +24,6 @@ __device__ __forceinline__ void store_16(void* p, unsigned a, unsigned b, unsign
     asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
 
-__device__ __forceinline__ float decode_scale(const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
-                                              const float* __restrict__ nested_code, const float* __restrict__ offset,
-                                              long long blk, int log2_nested, int double_quant) {
-    if (double_quant) {
-        const unsigned a8 = ((const unsigned char*)absmax)[blk];
-        return add_rn(mul_rn(nested_code[a8], nested_absmax[blk >> log2_nested]), *offset);
-    }
-    return ((const float*)absmax)[blk];
-}
-
 // 8 elements (one packed 32-bit word, bytes in memory order) -> 16 or 32 output bytes at `o`.
 template <int OUT>
 __device__ __forceinline__ void store8(void* o, unsigned word, float scale, const float* s_code) {

@@ -48,16 +48,6 @@ __device__ __forceinline__ unsigned load_stream_4(const unsigned char* p) {
     return v;
 }
 
-__device__ __forceinline__ float decode_scale_g(const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
-                                                const float* __restrict__ nested_code, const float* __restrict__ offset,
-                                                long long blk, int log2_nested, int double_quant) {
-    if (double_quant) {
-        const unsigned a8 = ((const unsigned char*)absmax)[blk];
-        return add_rn(mul_rn(nested_code[a8], nested_absmax[blk >> log2_nested]), *offset);
-    }
-    return ((const float*)absmax)[blk];
-}
-
 // 8 elements (one packed word, bytes in memory order; byte b = element 2b high nibble, 2b+1 low) -> 4 words.
 template <int OUT>
 __device__ __forceinline__ U32x4 decode8(unsigned word, float scale, const float* s_code) {
@@ -102,7 +92,7 @@ __device__ __forceinline__ void nf4_w(NF4D_PARAMS) {
         for (int k = 0; k < U; ++k) w[k] = load_stream_4(data + ((base + 8LL * (XT * k + t)) >> 1));
 #pragma unroll
         for (int k = 0; k < U; ++k) {
-            const float scale = decode_scale_g(absmax, nested_absmax, nested_code, offset,
+            const float scale = decode_scale(absmax, nested_absmax, nested_code, offset,
                                                (base + 8LL * (XT * k + t)) >> log2_blocksize, log2_nested,
                                                double_quant);
             const U32x4 r = decode8<OUT>(w[k], scale, s_code);
@@ -111,7 +101,7 @@ __device__ __forceinline__ void nf4_w(NF4D_PARAMS) {
     }
     const long long stride = (long long)gridDim.x * XT;
     for (long long e = full * TILE + (long long)blockIdx.x * XT + t; e < n; e += stride) {
-        const float scale = decode_scale_g(absmax, nested_absmax, nested_code, offset, e >> log2_blocksize,
+        const float scale = decode_scale(absmax, nested_absmax, nested_code, offset, e >> log2_blocksize,
                                            log2_nested, double_quant);
         const unsigned byte = data[e >> 1];
         const unsigned q = (e & 1) ? (byte & 0xFu) : (byte >> 4);
