@@ -199,6 +199,10 @@ def test_rope_input_errors():
         rope(q, k, cos[:2], sin, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         rope(q, k, cos, sin, backend="nope")
+    # a non-tensor table is named, not an AttributeError from the launch-plan cache key
+    for args, name in (((q, k, None, sin), "cos"), ((q, k, cos, None), "sin")):
+        with pytest.raises(TypeError, match=f"{name} must be a tensor"):
+            rope(*args, backend="triton")
 
 
 def test_rope_inverse_and_cos_sin_layouts():

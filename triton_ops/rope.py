@@ -388,10 +388,14 @@ _PLANS_MAX = 512
 def _launch_rope(q, k, cos, sin, q_out, k_out, backward: bool, config: RopeConfig = DEFAULT_CONFIG) -> None:
     """Rotate q, k into q_out, k_out (which may be q, k themselves). The first call per (shapes, strides, dtypes,
     devices, direction, config) validates and builds the launch arguments; later calls look them up."""
-    out = 0 if q_out is q and k_out is k else (q_out.shape, q_out.stride(), k_out.shape, k_out.stride(),
-                                                q_out.dtype, k_out.dtype, q_out.device, k_out.device)
-    key = (q.shape, q.stride(), k.shape, k.stride(), cos.shape, cos.stride(), sin.shape, sin.stride(), q.dtype,
-           k.dtype, cos.dtype, sin.dtype, q.device, k.device, cos.device, sin.device, backward, config, out)
+    try:
+        out = 0 if q_out is q and k_out is k else (q_out.shape, q_out.stride(), k_out.shape, k_out.stride(),
+                                                    q_out.dtype, k_out.dtype, q_out.device, k_out.device)
+        key = (q.shape, q.stride(), k.shape, k.stride(), cos.shape, cos.stride(), sin.shape, sin.stride(), q.dtype,
+               k.dtype, cos.dtype, sin.dtype, q.device, k.device, cos.device, sin.device, backward, config, out)
+    except AttributeError:  # a non-tensor argument: let the checks say which one and what was expected
+        check_rope_inputs(q, k, cos, sin)
+        raise
     plan = _PLANS.get(key, _PLANS)
     if plan is _PLANS:
         if q_out.dtype != q.dtype or k_out.dtype != k.dtype or q_out.device != q.device or k_out.device != q.device:
