@@ -462,3 +462,21 @@ def test_rope_eager_inplace_bumps_version():
     assert e._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         e.sum().backward()
+
+
+def test_rope_eager_forward_compiled_autograd_backward():
+    # an eager forward (through _EagerRope) whose backward compiled autograd traces: the traced backward must
+    # take the torch.library op, which tracing sees through, not launch the kernel on traced tensors
+    B, T, H, KV, D = 1, 3, 2, 1, 8
+    q, k = torch.randn(B, T, H, D, requires_grad=True), torch.randn(B, T, KV, D, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T), D)
+    qo, ko = rope(q, k, cos, sin, backend="triton")
+    assert type(qo.grad_fn).__name__ == "_EagerRopeBackward"
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        (qo.square().sum() + ko.sum()).backward()
+    torch._dynamo.reset()
+    qr, kr = [x.detach().requires_grad_() for x in (q, k)]
+    a, b = rope_ref(qr, kr, cos, sin)
+    (a.square().sum() + b.sum()).backward()
+    assert torch.allclose(q.grad, qr.grad, atol=1e-6) and torch.allclose(k.grad, kr.grad, atol=1e-6)

@@ -475,28 +475,32 @@ def _eager_ok(q, k, cos, sin) -> bool:
 class _EagerRope(torch.autograd.Function):
     """The op's autograd formula without its dispatch: backward is the launch with the direction flipped
     (differentiable again when the backward itself records a graph). ``launch`` is the backend's launcher,
-    ``launch(q, k, cos, sin, q_out, k_out, backward)``."""
+    ``launch(q, k, cos, sin, q_out, k_out, backward)``; ``op`` its torch.library op, which a traced backward
+    (compiled autograd) calls instead."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, backward, launch):
+    def forward(ctx, q, k, cos, sin, backward, launch, op):
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         launch(q, k, cos, sin, q_out, k_out, backward)
         ctx.save_for_backward(cos, sin)
-        ctx.backward, ctx.launch = backward, launch
+        ctx.backward, ctx.launch, ctx.op = backward, launch, op
         return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
-        dq, dk = _eager_rope(dq_out, dk_out, cos, sin, False, ctx.launch, not ctx.backward)
-        return dq, dk, None, None, None, None
+        if _eager_ok(dq_out, dk_out, cos, sin):
+            dq, dk = _eager_rope(dq_out, dk_out, cos, sin, False, ctx.launch, ctx.op, not ctx.backward)
+        else:  # traced (compiled autograd, fake tensors): the op, which tracing sees through
+            dq, dk = ctx.op(dq_out, dk_out, cos, sin, not ctx.backward)
+        return dq, dk, None, None, None, None, None
 
 
-def _eager_rope(q, k, cos, sin, inplace: bool, launch, backward: bool = False):
+def _eager_rope(q, k, cos, sin, inplace: bool, launch, op, backward: bool = False):
     """rope() outside tracing: the same results as the torch.library ops, without their dispatch."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        q_out, k_out = _EagerRope.apply(q, k, cos, sin, backward, launch)
+        q_out, k_out = _EagerRope.apply(q, k, cos, sin, backward, launch, op)
         if not inplace:
             return q_out, k_out
         q.copy_(q_out)
@@ -564,7 +568,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         launch = _launch_rope
         op, inplace_op = torch.ops.minitrain.rope, torch.ops.minitrain.rope_
     if _eager_ok(q, k, cos, sin):
-        return _eager_rope(q, k, cos, sin, inplace, launch)
+        return _eager_rope(q, k, cos, sin, inplace, launch, op)
     if not inplace:
         return op(q, k, cos, sin, False)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
