@@ -74,3 +74,22 @@ def test_kernels_compile_for_sm90(monkeypatch):
             pytest.skip("triton.compiler.ASTSource takes other arguments in this triton version")
         k = triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 3})
         assert "mma" in k.asm["ptx"] or "wgmma" in k.asm["ptx"], f"{fn.fn.__name__}: no tensor-core MMA in the PTX"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [4096, 14336])
+def test_real_shapes_bf16_gpu(K):
+    """The 8B step's shapes in bf16 on the GPU, every split the sweep uses: within bf16 rounding of an fp32
+    reference (2% of its largest magnitude)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    gen = torch.Generator(device="cuda").manual_seed(K)
+    x = torch.randn(4096, K, device="cuda", generator=gen).to(torch.bfloat16)
+    A = (torch.randn(16, K, device="cuda", generator=gen) / K**0.5).to(torch.bfloat16)
+    G = torch.randn(4096, 16, device="cuda", generator=gen).to(torch.bfloat16)
+    ref_xa, ref_da = x.float() @ A.float().t(), G.float().t() @ x.float()
+    for split in (1, 2, 4):
+        got = x_wt(x, A.t(), split_k=split).float()
+        assert (got - ref_xa).abs().max() <= 0.02 * ref_xa.abs().max(), f"x_wt split_k={split}"
+        got = gt_x(G, x, 1.0, split_m=split)
+        assert (got - ref_da).abs().max() <= 0.02 * ref_da.abs().max(), f"gt_x split_m={split}"
