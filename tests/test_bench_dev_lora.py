@@ -93,3 +93,16 @@ def test_real_shapes_bf16_gpu(K):
         assert (got - ref_xa).abs().max() <= 0.02 * ref_xa.abs().max(), f"x_wt split_k={split}"
         got = gt_x(G, x, 1.0, split_m=split)
         assert (got - ref_da).abs().max() <= 0.02 * ref_da.abs().max(), f"gt_x split_m={split}"
+
+
+def test_sweep_cases_cover_the_batched_dA_ranks():
+    """triton_ops.lora's backward computes dA for a batched group in one GEMM, dyB_catᵀ·x of (ΣR, K): the sweep
+    must time dA at the q|k|v (48) and gate|up (32) ranks, not only at a single adapter's 16."""
+    from bench.dev.lora_sweep import _cases
+
+    ranks = {(kind, n): set() for _, kind, n, _ in _cases()}
+    for _, kind, n, R in _cases():
+        ranks[kind, n].add(R)
+    assert ranks["xa", 4096] == {16, 32, 48}
+    assert ranks["dA", 4096] == {16, 32, 48}
+    assert ranks["dA", 14336] == {16}

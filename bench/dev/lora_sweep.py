@@ -2,7 +2,8 @@
 
 Cases (M = 4096 tokens, bf16, R as minitrain batches the adapters: q|k|v 48, gate|up 32, single 16):
     xa = x·Aᵀ for the q|k|v group, gate|up, o_proj and down_proj; dyB = dy·B for N = 4096, 1024, 14336;
-    dA = s·dyBᵀ·x for K = 4096 and 14336; dB = s·dyᵀ·xa for N = 4096, 1024, 14336.
+    dA = s·dyBᵀ·x for the q|k|v group, gate|up, o_proj (K = 4096) and down_proj (K = 14336), the batched groups
+    as triton_ops.lora's backward runs them (dyB_catᵀ·x, (ΣR, K)); dB = s·dyᵀ·xa for N = 4096, 1024, 14336.
 torch rows are what triton_ops.lora runs: ``x @ A.t()``, ``dy @ B``, ``torch.mm(dyB.t(), x).mul_(s)`` then
 ``.to(float32)`` (the adapters are fp32), likewise for dB; this process imports minitrain first, so cuBLAS runs
 without a workspace (as in training; ``--cublas-default`` keeps torch's default workspace instead).
@@ -40,7 +41,8 @@ def _cases():
     # "dA" = s·dyBᵀ·x (dyB (M, R), x (M, K)); "dB" = s·dyᵀ·xa (dy (M, N), xa (M, R))
     return [("xa q|k|v", "xa", 4096, 48), ("xa gate|up", "xa", 4096, 32), ("xa o", "xa", 4096, 16),
             ("xa down", "xa", 14336, 16), ("dyB N=4096", "dyB", 4096, 16), ("dyB N=1024", "dyB", 1024, 16),
-            ("dyB N=14336", "dyB", 14336, 16), ("dA K=4096", "dA", 4096, 16), ("dA K=14336", "dA", 14336, 16),
+            ("dyB N=14336", "dyB", 14336, 16), ("dA q|k|v", "dA", 4096, 48), ("dA gate|up", "dA", 4096, 32),
+            ("dA K=4096", "dA", 4096, 16), ("dA K=14336", "dA", 14336, 16),
             ("dB N=4096", "dB", 4096, 16), ("dB N=1024", "dB", 1024, 16), ("dB N=14336", "dB", 14336, 16)]
 
 
@@ -129,6 +131,8 @@ def main():
                 live.append(row)
             except Exception as e:  # noqa: BLE001 - one failing config is a line, not the end of the sweep
                 print(f"{name} | {row} | FAILED {type(e).__name__}: {str(e)[:160]}", flush=True)
+        if not live:  # every row failed its check: nothing to time (and the rotation below would divide by 0)
+            continue
         rounds = {row: [] for row in live}
         graphs = []
         for r in range(ROUNDS):
