@@ -8,7 +8,9 @@ torch rows are what triton_ops.lora runs: ``x @ A.t()``, ``dy @ B``, ``torch.mm(
 ``.to(float32)`` (the adapters are fp32), likewise for dB; this process imports minitrain first, so cuBLAS runs
 without a workspace (as in training; ``--cublas-default`` keeps torch's default workspace instead).
 
-Timing: 20 calls captured into one CUDA graph, 5 replays between CUDA events, median / 20; rows of a case in 3
+Timing: 20 calls captured into one CUDA graph, 5 replays between CUDA events, median / 20; the calls rotate over
+copies of the wide operand (x or dy) that total >= 128 MiB, so the L2 does not serve one call what the previous one
+read (in the step these operands were written long before); rows of a case in 3
 interleaved rounds, the order rotated, median of the round medians. Each kernel row is checked against an fp32
 reference (max |error| <= 2% of the reference's largest magnitude: bf16 rounding of a sum over M or K).
 Columns: case | row | µs | GB/s (the bytes each product must move: both operands read, the output written) |
@@ -27,6 +29,7 @@ import time
 IN_GRAPH, REPS, ROUNDS = 20, 5, 3
 M = 4096
 SCALE = 1.0  # alpha / r of the 8B benchmark (16 / 16)
+L2_COPY_BYTES = 128 * 2**20  # the wide operand rotates over copies totalling at least this (> 2x the H100/H200 L2)
 
 X_WT_CONFIGS = [dict(block_m=bm, block_k=bk, split_k=sk, num_warps=4, num_stages=st)
                 for bm, bk, sk, st in [(16, 128, 1, 4), (32, 128, 1, 4), (32, 256, 1, 3), (64, 128, 1, 4),
@@ -65,17 +68,20 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, copy {copy:.0f} GB/s, torch {torch.__version__}, CUBLAS_WORKSPACE_CONFIG="
           f"{os.environ.get('CUBLAS_WORKSPACE_CONFIG', '(unset)')}", flush=True)
 
-    def graph_us(fn):
+    def graph_us(fn, xs):
+        # call i reads the wide operand xs[i % len(xs)]: copies that together exceed the L2, so no call finds its
+        # operand cached by the one before (in the step these operands come from far back, cold)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            fn()
+            for xv in xs:
+                fn(xv)
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            for _ in range(IN_GRAPH):
-                fn()
+            for i in range(IN_GRAPH):
+                fn(xs[i % len(xs)])
         times = []
         for _ in range(REPS):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -97,36 +103,37 @@ def main():
             if kind == "xa":
                 A = (torch.randn(R, n, device="cuda", generator=gen) / n**0.5).to(bf)
                 w = A.t()
-                rows["torch"] = lambda x=x, A=A: x @ A.t()
+                rows["torch"] = lambda x, A=A: x @ A.t()
             else:
                 w = (torch.randn(n, R, device="cuda", generator=gen) / n**0.5).to(bf)
-                rows["torch"] = lambda x=x, w=w: x @ w
+                rows["torch"] = lambda x, w=w: x @ w
             ref = x.float() @ w.float()
             for c in X_WT_CONFIGS:
                 rows["triton " + " ".join(f"{k}={v}" for k, v in c.items())] = (
-                    lambda x=x, w=w, c=c: x_wt(x, w, **c))
+                    lambda x, w=w, c=c: x_wt(x, w, **c))
             nbytes = (M * n + n * R + M * R) * 2
         else:
             g = torch.randn(M, R, device="cuda", generator=gen).to(bf)
             x = torch.randn(M, n, device="cuda", generator=gen).to(bf)
             if kind == "dA":
-                rows["torch"] = lambda g=g, x=x: torch.mm(g.t(), x).mul_(SCALE).to(torch.float32)
+                rows["torch"] = lambda x, g=g: torch.mm(g.t(), x).mul_(SCALE).to(torch.float32)
                 ref = SCALE * g.float().t() @ x.float()
                 for c in GT_X_CONFIGS:
                     rows["triton " + " ".join(f"{k}={v}" for k, v in c.items())] = (
-                        lambda g=g, x=x, c=c: gt_x(g, x, SCALE, **c))
+                        lambda x, g=g, c=c: gt_x(g, x, SCALE, **c))
             else:  # dB (N, R) = s·dyᵀ·xa; the kernel writes its transpose (R, N)
-                rows["torch"] = lambda g=g, x=x: torch.mm(x.t(), g).mul_(SCALE).to(torch.float32)
+                rows["torch"] = lambda x, g=g: torch.mm(x.t(), g).mul_(SCALE).to(torch.float32)
                 ref = (SCALE * g.float().t() @ x.float()).t()
                 for c in GT_X_CONFIGS:
                     rows["triton " + " ".join(f"{k}={v}" for k, v in c.items())] = (
-                        lambda g=g, x=x, c=c: gt_x(g, x, SCALE, **c).t())
+                        lambda x, g=g, c=c: gt_x(g, x, SCALE, **c).t())
             nbytes = M * R * 2 + M * n * 2 + R * n * 4
         tol = 0.02 * ref.abs().max().item()
+        xs = [x] + [x.clone() for _ in range(max(0, -(-L2_COPY_BYTES // (x.numel() * x.element_size())) - 1))]
         checks, live = {}, []
         for row, fn in rows.items():
             try:
-                err = (fn().float() - ref).abs().max().item()
+                err = (fn(x).float() - ref).abs().max().item()
                 checks[row] = "ok" if err <= tol else f"WRONG (max |err| {err:.3g} > {tol:.3g})"
                 live.append(row)
             except Exception as e:  # noqa: BLE001 - one failing config is a line, not the end of the sweep
@@ -138,7 +145,7 @@ def main():
         for r in range(ROUNDS):
             order = live[r % len(live):] + live[:r % len(live)]
             for row in order:
-                us, gr = graph_us(rows[row])
+                us, gr = graph_us(rows[row], xs)
                 rounds[row].append(us)
                 graphs.append(gr)
         graphs.clear()
