@@ -141,6 +141,21 @@ def graph_us(fn) -> float | None:
         return None
 
 
+def replay_us(graph, calls: int, reps: int = 5) -> float:
+    """Median µs per call of a CUDA graph holding ``calls`` calls: ``reps`` replays, each between CUDA events."""
+    import statistics
+
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def peak_mib(fn) -> float:
     """MiB that one call of ``fn`` allocates above what was held before it (after a first, warming call)."""
     fn()

@@ -27,6 +27,7 @@ import csrc.nf4_dequant as cd
 import quant
 from bench.dev import nf4_dequant_dev as dev
 from bench.hw import copy_bandwidth_gbs
+from bench.hw import replay_us as hw_replay_us
 from quant.nf4 import dequantize_nf4_ref
 from triton_ops.nf4_dequant import nf4_dequantize_tensors as triton_dequant
 
@@ -53,15 +54,7 @@ def capture(fn) -> torch.cuda.CUDAGraph:
 
 
 def replay_us(g: torch.cuda.CUDAGraph) -> float:
-    times = []
-    for _ in range(REPS):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / IN_GRAPH)
-    return statistics.median(times)
+    return hw_replay_us(g, IN_GRAPH, REPS)
 
 
 def deq_bytes(shape, blocksize=64, nested=256) -> int:

@@ -59,7 +59,7 @@ def main():
     import torch
 
     from bench.dev.lora_skinny import gt_x, x_wt
-    from bench.hw import copy_bandwidth_gbs
+    from bench.hw import copy_bandwidth_gbs, replay_us
 
     if not torch.cuda.is_available():
         raise SystemExit("lora_sweep measures a CUDA device; none is available")
@@ -82,15 +82,7 @@ def main():
         with torch.cuda.graph(g):
             for i in range(IN_GRAPH):
                 fn(xs[i % len(xs)])
-        times = []
-        for _ in range(REPS):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(1e3 * a.elapsed_time(b) / IN_GRAPH)
-        return statistics.median(times), g
+        return replay_us(g, IN_GRAPH, REPS), g
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     bf = torch.bfloat16
