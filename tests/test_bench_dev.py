@@ -16,7 +16,7 @@ from bench.dev import nf4_dequant_dev as dev
 def _source_kernels(src: str) -> set[str]:
     """Kernel names defined in the source: direct definitions and the macro instantiations."""
     names = set(re.findall(r'extern "C" __global__ void __launch_bounds__\([^)]*\) (\w+)\(', src))
-    names |= set(re.findall(r"^NF4D_(?:W|FILL)\((\w+),", src, re.M))
+    names |= set(re.findall(r"^NF4D_(?:W|FILL|MIX|C)\((\w+),", src, re.M))
     for p in re.findall(r"^NF4D_P\((\w+),", src, re.M):
         names |= {p, p + "_lb8"}
     return names - {"NAME"}
@@ -64,7 +64,10 @@ def test_launch_config_grids(n, reason, sms):
     for v in dev.VARIANTS:
         name, blocks = dev.launch_config(v, n, sms)
         assert blocks >= 1
-        if v.startswith("w-"):
+        if v.startswith("c-"):
+            b = int(v.split("-b")[1])
+            assert blocks == max(1, min(n // dev.C_TILE, b * sms)) and name.startswith("nf4d_c_")
+        elif v.startswith("w-"):
             u = int(v.split("-u")[1][0])
             assert blocks * dev.THREADS * 8 * u >= n > (blocks - 1) * dev.THREADS * 8 * u or n <= 0
         else:
@@ -76,6 +79,18 @@ def test_launch_config_grids(n, reason, sms):
     for f in dev.FILLS:
         name, blocks = dev.fill_config(f, 2 * n)
         assert blocks >= 1 and name.startswith("nf4d_fill_")
+    for m in dev.MIXES:  # one 16 * 256 * U byte output tile per block
+        name, blocks = dev.mix_config(m, 2 * n)
+        u = int(m[-1])
+        assert blocks == max(1, 2 * n // (16 * dev.THREADS * u)) and name.startswith(("nf4d_mix_", "nf4d_read_"))
+
+
+def test_mix_rejects_partial_tiles_and_short_src():
+    out = torch.empty(100)  # CPU and not a whole tile: refused before any launch
+    with pytest.raises(ValueError, match="whole number of 4096-byte tiles"):
+        dev.mix(out, torch.empty(1000, dtype=torch.uint8), "mix-dep-u1")
+    with pytest.raises(ValueError, match="unknown mix reference"):
+        dev.mix_config("mix-dep-u3", 4096)
 
 
 def test_unknown_names():
@@ -105,3 +120,27 @@ def test_dequantize_stubbed(monkeypatch, n, aligned):
         assert args[11] == np.int32(aligned and out.data_ptr() % 16 == 0)
     with pytest.raises(ValueError, match="bf16"):
         dev.dequantize(plan, torch.empty(n, dtype=torch.float16), dev.VARIANTS[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(3, 7), (1, 8192 * 3 + 64 * 5), (96, 4100), (1024, 4096 + 64)])
+def test_gpu_every_variant_bit_exact(shape):
+    """Every dev variant (odd counts: partial tiles and per-element tails) equals the reference bit for bit."""
+    import csrc.nf4_dequant as cd
+    import quant
+    from quant.nf4 import dequantize_nf4_ref
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    q = quant.quantize_nf4(torch.randn(shape, device="cuda"), blocksize=64, double_quant=True)
+    plan = cd.DequantPlan(q.data.reshape(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1),
+                          q.code, 64, 256)
+    want = dequantize_nf4_ref(q, torch.bfloat16)
+    out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    bad = []
+    for v in dev.VARIANTS:
+        out.fill_(float("nan"))
+        dev.dequantize(plan, out, v)
+        if not torch.equal(out, want):
+            bad.append(v)
+    assert not bad, f"variants not bit-exact at {shape}: {bad}"

@@ -1,6 +1,7 @@
 """NF4 dequant latency-hiding sweep (GPU; < 80 s on an H200 with the NVRTC compile): every variant of
 bench/dev/nf4_dequant_dev.cu, the library's CUDA default (csrc.nf4_dequant), the Triton default
-(triton_ops.nf4_dequant), torch fill_ of the output and the fill references, on (14336,4096), (4096,14336),
+(triton_ops.nf4_dequant), torch fill_ of the output, the fill references and the read/write mix references
+(the dequantization's packed-code loads and 16-byte stores without its decode), on (14336,4096), (4096,14336),
 (4096,4096), (1024,4096) -> bf16, blocksize 64, double quantization.
 
 Timing: GPU-only. Each row's 20 launches are captured into one CUDA graph; a round replays it 5 times between CUDA
@@ -13,7 +14,7 @@ row's time, so rows compare directly; fill rows too) | % of copy bandwidth (benc
 at start: the target's ceiling) | exact.
 Summary per shape: the best dequant row against the 95%-of-copy target.
 
-Usage (repo root): python -m bench.dev.deq_sweep [--shapes all|big] [--only SUBSTR]
+Usage (repo root): python -m bench.dev.deq_sweep [--shapes all|big] [--only SUBSTR] [--prefetch]
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="all", choices=("all", "big"))
     ap.add_argument("--only", default="", help="run only the dev variants whose name contains this")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="also the L2-prefetch rows, on a copy of the packed codes after the other rows (their "
+                         "evict_last lines would otherwise serve the other rows' reads from L2)")
     a = ap.parse_args()
     shapes = SHAPES[:2] if a.shapes == "big" else SHAPES
     variants = [v for v in dev.VARIANTS if a.only in v]
@@ -106,16 +110,37 @@ def main() -> None:
         add("ref", "torch fill_", lambda: out.fill_(1.0), False)
         for f in dev.FILLS:
             add("ref", f, lambda f=f: dev.fill(out, f), False)
+        for m in dev.MIXES:  # the same loads and stores without the decode
+            add("ref", m, lambda m=m: dev.mix(out, q.data.reshape(-1), m), False)
         add("deq", "cuda default (csrc)", lambda: plan(out), True)
         add("deq", "triton default", lambda: triton_dequant(*targs, shape, 64, 256, torch.bfloat16, out=out), True)
         for v in variants:
             add("deq", v, lambda v=v: dev.dequantize(plan, out, v), True)
 
+        def time_rounds(names):
+            for r in range(ROUNDS):  # interleaved rounds, order rotated
+                k = r * len(names) // ROUNDS
+                for name in names[k:] + names[:k]:
+                    rows[name][3].append(replay_us(rows[name][1]))
+
+        time_rounds(list(rows))
+        if a.prefetch:
+            # The packed codes into L2 first (a launch of its own), then the dequantization; on a copy of the codes,
+            # added and timed after the other rows: the prefetches leave evict_last lines in L2 that would serve
+            # the other rows' reads.
+            sink = torch.empty(1024, dtype=torch.int32, device=dev_)
+            packed = q.data.reshape(-1).clone()
+            pplan = cd.DequantPlan(packed, *targs[1:], 64, 256)
+            for p in dev.PREFETCHES:
+                add("ref", f"{p} alone", lambda p=p: dev.prefetch(packed, p, sink), False)
+                add("ref", f"{p} + mix-ind-u2", lambda p=p: (dev.prefetch(packed, p, sink),
+                                                             dev.mix(out, packed, "mix-ind-u2")), False)
+                add("deq", f"{p} + cuda default", lambda p=p: (dev.prefetch(packed, p, sink), pplan(out)), True)
+                for v in variants:
+                    add("deq", f"{p} + {v}", lambda p=p, v=v: (dev.prefetch(packed, p, sink),
+                                                               dev.dequantize(pplan, out, v)), True)
+            time_rounds([n for n in rows if n.startswith("pf-")])
         names = list(rows)
-        for r in range(ROUNDS):  # interleaved rounds, order rotated
-            k = r * len(names) // ROUNDS
-            for name in names[k:] + names[:k]:
-                rows[name][3].append(replay_us(rows[name][1]))
         print(f"\n{shape[0]}x{shape[1]} -> bf16: {total / 1e6:.1f} MB moved; 95% of copy = {target_us:.2f} us",
               flush=True)
         timed = []

@@ -10,7 +10,7 @@
 // flight meanwhile.
 //
 // Families (all: blockDim.x == 256; every kernel takes the library kernel's parameters):
-//   nf4d_w_{def,cs,na}_u{1,2}  (from branch wt-deq, 2e7bb75, "w" layout): a CTA tile of 256 * 8 * U elements, one
+//   nf4d_w_{def,cs,na}_u{1,2}, nf4d_w_{def,cs}_u{4,8}  (from branch wt-deq, 2e7bb75, "w" layout): a CTA tile of 256 * 8 * U elements, one
 //       tile per block; thread t decodes units tile + 2048k + 8t (k < U) from 4-byte coalesced loads, scale per
 //       thread from global memory, one 16-byte store each (st.global / .cs / .L1::no_allocate).
 //   nf4d_p1_{def,cs}_u{1,2}[_lb8]  (new) software-pipelined warp chunks: a warp's chunk is U x 1024 elements
@@ -26,6 +26,11 @@
 //       32s + t is already where its 16-byte store wants it.
 //   nf4d_fill_{def,cs,na}_u1, nf4d_fill_tma  (from wt-deq): write-only references (16-byte stores; TMA bulk stores
 //       of `chunk` bytes from a shared buffer).
+//   nf4d_c_{def,cs}_s{4,8}  (stop 24) a deep read pipeline: S stages of 8192-element tiles in shared memory, filled
+//       with cp.async, persistent grid (see the section below).
+//   nf4d_mix_{ind,dep}_u{1,2}, nf4d_read_u{1,2}  (stop 24): the dequantization's loads and stores without its
+//       decode (references); nf4d_pf_{bulk,load}: L2 prefetches of the packed codes, launched before a dequant.
+// Results: bench/results/2026-11-28-h200-nf4.md (stop 23 and stop 24 sections).
 // Chunks/tiles not whole, and everything when vec == 0 (a pointer not 16-byte aligned), take a per-element path.
 
 #include "nf4_common.cuh"
@@ -117,6 +122,10 @@ NF4D_W(nf4d_w_na_u1, 2, 1)
 NF4D_W(nf4d_w_def_u2, 0, 2)
 NF4D_W(nf4d_w_cs_u2, 1, 2)
 NF4D_W(nf4d_w_na_u2, 2, 2)
+NF4D_W(nf4d_w_def_u4, 0, 4)
+NF4D_W(nf4d_w_cs_u4, 1, 4)
+NF4D_W(nf4d_w_def_u8, 0, 8)
+NF4D_W(nf4d_w_cs_u8, 1, 8)
 
 // ---- P1 / P2: software-pipelined warp chunks ----------------------------------------------------------------------
 #define WARP_ELEMS 1024
@@ -319,3 +328,167 @@ extern "C" __global__ void __launch_bounds__(XT) nf4d_fill_tma(void* __restrict_
     if ((t & 31) == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 #endif
 }
+
+// ---- Read/write mix references: the dequantization's traffic without its decode --------------------------------
+// Per output tile of 16 * XT * U bytes (one tile per block, as the fills), thread t issues U 4-byte loads of `src`
+// (the packed codes' layout of w-*-u<U>: output bytes / 4 read) and U 16-byte stores. DEP 0: the stored words do
+// not wait for the loads (the loads only feed a rarely taken store of one word); DEP 1: the stored words are the
+// loaded word (the store waits for its load, as the dequantization's must). READ: loads only.
+template <int DEP, int U, int READ>
+__device__ __forceinline__ void mix16(const unsigned char* __restrict__ src, void* __restrict__ out,
+                                      long long nbytes, unsigned value) {
+    constexpr long long TILE = 16LL * XT * U;
+    const int t = threadIdx.x;
+    const long long full = nbytes / TILE;
+    for (long long tile = blockIdx.x; tile < full; tile += gridDim.x) {
+        unsigned w[U];
+        unsigned acc = 0;
+#pragma unroll
+        for (int k = 0; k < U; ++k) w[k] = load_stream_4(src + 4LL * (tile * XT * U + XT * k + t));
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            acc ^= w[k];
+            if (!READ) {
+                const unsigned v = DEP ? w[k] : value;
+                store_16x<0>((char*)out + 16LL * (tile * XT * U + XT * k + t), v, v, v, v);
+            }
+        }
+        if (!DEP && acc == value) ((unsigned*)out)[t] = acc;  // keeps the loads' results live; ~never taken
+    }
+}
+
+#define NF4D_MIX(NAME, DEP, U, READ)                                                                              \
+    extern "C" __global__ void __launch_bounds__(XT) NAME(const unsigned char* __restrict__ src,                 \
+                                                          void* __restrict__ out, long long nbytes,              \
+                                                          unsigned value) {                                      \
+        mix16<DEP, U, READ>(src, out, nbytes, value);                                                            \
+    }
+NF4D_MIX(nf4d_mix_ind_u1, 0, 1, 0)
+NF4D_MIX(nf4d_mix_ind_u2, 0, 2, 0)
+NF4D_MIX(nf4d_mix_dep_u1, 1, 1, 0)
+NF4D_MIX(nf4d_mix_dep_u2, 1, 2, 0)
+NF4D_MIX(nf4d_read_u1, 0, 1, 1)
+NF4D_MIX(nf4d_read_u2, 0, 2, 1)
+
+// ---- L2 prefetch references: the packed codes brought into L2 (evict_last) by a kernel of their own -----------
+// Launched right before a dequantization (two launches), so DRAM sees the 30 MB of reads first and the 117 MB of
+// writes after, instead of the two interleaved (mix-ind above: interleaved, independent, 38.8 us vs a 26.9 us fill).
+// nf4d_pf_bulk: thread (block b, t) issues bulk L2 prefetches of `chunk` bytes for chunks b * XT + t + k * grid * XT;
+//   the kernel ends as soon as they are issued. sm_90+ (traps below).
+// nf4d_pf_load: 16-byte loads with an L2 evict_last policy, grid-stride over the bytes; the kernel ends when every
+//   byte has arrived (the loads feed a rarely taken store).
+extern "C" __global__ void __launch_bounds__(XT) nf4d_pf_bulk(const unsigned char* __restrict__ src, long long nbytes,
+                                                              int chunk, unsigned* __restrict__ sink) {
+#if __CUDA_ARCH__ >= 900
+    unsigned long long pol;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
+    const long long chunks = (nbytes + chunk - 1) / chunk;
+    for (long long c = (long long)blockIdx.x * XT + threadIdx.x; c < chunks; c += (long long)gridDim.x * XT) {
+        const long long left = nbytes - c * chunk;
+        const unsigned size = (unsigned)((left < chunk ? left : chunk) & ~15LL);
+        if (size)
+            asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;"
+                         :: "l"(src + c * chunk), "r"(size), "l"(pol) : "memory");
+    }
+#else
+    __trap();
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(XT) nf4d_pf_load(const unsigned char* __restrict__ src, long long nbytes,
+                                                              int chunk, unsigned* __restrict__ sink) {
+    unsigned long long pol;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
+    unsigned acc = 0;
+    const long long n16 = nbytes / 16;
+    for (long long i = (long long)blockIdx.x * XT + threadIdx.x; i < n16; i += (long long)gridDim.x * XT) {
+        unsigned a, b, c, d;
+        asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                     : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "l"(src + 16 * i), "l"(pol));
+        acc ^= a ^ b ^ c ^ d;
+    }
+    if (acc == 0x9E3779B9u) sink[threadIdx.x] = acc;  // keeps the loads live; ~never taken
+}
+
+// ---- C: a deep read pipeline (cp.async ring in shared memory) ----------------------------------------------------
+// nf4d_c_{def,cs}_s{S}: persistent, grid min(tiles, B x SMs) blocks of 256 (the launcher's B); block b walks tiles
+// b, b + grid, ... of CT = 8192 elements: 4 KB of packed codes (one 16-byte cp.async.cg per thread) and the tile's
+// absmax bytes (CT >> log2_blocksize of them, 16 per thread of the first few). S stages: the copies of the next
+// S - 1 tiles are in flight while a tile is decoded, where the w layout has one load per thread outstanding and the
+// p families one chunk ahead. Decode of a tile: round j < 4, thread t takes packed word 256j + t from shared
+// memory, its absmax byte from shared memory and nested_code (shared) -> scale (decode_scale's arithmetic), and
+// stores 8 elements as one 16-byte store (each warp store instruction covers 512 contiguous bytes). Needs double
+// quantization, 32 <= blocksize <= 512 and 16-byte aligned data, absmax and output (vec); everything else, and the
+// elements past the last whole tile, take the per-element path.
+#define CT 8192
+template <int STORE, int S>
+__device__ __forceinline__ void nf4_c(NF4D_PARAMS) {
+    __shared__ __align__(16) unsigned char s_pk[S][CT / 2];
+    __shared__ __align__(16) unsigned char s_ab[S][CT / 32];
+    __shared__ float s_code[16];
+    __shared__ float s_ncode[256];
+    const int t = threadIdx.x;
+    if (t < 16) s_code[t] = code[t];
+    if (double_quant) s_ncode[t] = nested_code[t];  // XT == 256
+    __syncthreads();
+    const unsigned char* ab = (const unsigned char*)absmax;
+    const int ab_bytes = CT >> log2_blocksize;  // per tile
+    const bool ok = vec && double_quant && log2_blocksize >= 5 && log2_blocksize <= 9;
+    const long long full = ok ? n / CT : 0;
+    const long long grid = gridDim.x;
+    const float off = double_quant ? *offset : 0.0f;
+
+    auto issue = [&](long long tile, int stage) {
+        const unsigned dst = smem_addr(&s_pk[stage][16 * t]);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(data + tile * (CT / 2) + 16 * t)
+                     : "memory");
+        if (16 * t < ab_bytes) {
+            const unsigned da = smem_addr(&s_ab[stage][16 * t]);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(da), "l"(ab + tile * ab_bytes + 16 * t)
+                         : "memory");
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+        const long long tile = blockIdx.x + s * grid;
+        if (tile < full) issue(tile, s);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    long long i = 0;
+    for (long long tile = blockIdx.x; tile < full; tile += grid, ++i) {
+        const long long nt = tile + (S - 1) * grid;
+        if (nt < full) issue(nt, (int)((i + S - 1) % S));
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        asm volatile("cp.async.wait_group %0;" :: "n"(S - 1) : "memory");
+        __syncthreads();
+        const int stage = (int)(i % S);
+        const unsigned* sw = (const unsigned*)s_pk[stage];
+        const long long blk0 = (tile * CT) >> log2_blocksize;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int e = 8 * (XT * j + t);  // element within the tile
+            const int lb = e >> log2_blocksize;
+            const float scale = add_rn(mul_rn(s_ncode[s_ab[stage][lb]], nested_absmax[(blk0 + lb) >> log2_nested]),
+                                       off);
+            const U32x4 r = decode8<2>(sw[XT * j + t], scale, s_code);
+            store_16x<STORE>((char*)out + 2 * (tile * CT + e), r.x, r.y, r.z, r.w);
+        }
+        __syncthreads();  // the stage is refilled by the next iteration's issue
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    const long long stride = grid * XT;
+    for (long long e = full * CT + (long long)blockIdx.x * XT + t; e < n; e += stride) {
+        const float scale = decode_scale(absmax, nested_absmax, nested_code, offset, e >> log2_blocksize,
+                                         log2_nested, double_quant);
+        const unsigned byte = data[e >> 1];
+        const unsigned q = (e & 1) ? (byte & 0xFu) : (byte >> 4);
+        ((unsigned short*)out)[e] = cvt16<2>(mul_rn(s_code[q], scale));
+    }
+}
+
+#define NF4D_C(NAME, STORE, S) \
+    extern "C" __global__ void __launch_bounds__(XT) NAME(NF4D_PARAMS) { nf4_c<STORE, S>(NF4D_ARGS); }
+NF4D_C(nf4d_c_def_s4, 0, 4)
+NF4D_C(nf4d_c_cs_s4, 1, 4)
+NF4D_C(nf4d_c_def_s8, 0, 8)
+NF4D_C(nf4d_c_cs_s8, 1, 8)

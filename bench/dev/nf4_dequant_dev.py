@@ -4,11 +4,17 @@ The source is compiled once per process and architecture through CuPy/NVRTC (the
 ``#include "x.cuh"`` inlined from ``bench/dev/`` or ``csrc/``, and launched on torch's current stream. Arguments
 come from a ``csrc.nf4_dequant.DequantPlan`` (the library kernel's parameters). bf16 output only.
 
-Variant names (``VARIANTS``): ``w-<store>-u<U>`` (wt-deq layout, one 256 * 8 * U element tile per block),
+Variant names (``VARIANTS``): ``w-<store>-u<U>`` (wt-deq layout, one 256 * 8 * U element tile per block; U 1, 2,
+4 or 8),
 ``p1-<store>-u<U>-b<B>[-lb8]`` (software-pipelined warp chunks with a shared-memory transpose, grid
-min(chunks / 8, B x SMs) blocks of 256), ``p2-...`` (as p1, 4-byte loads, no transpose); store ``def``
+min(chunks / 8, B x SMs) blocks of 256), ``p2-...`` (as p1, 4-byte loads, no transpose), ``c-<store>-s<S>-b<B>`` (a cp.async ring of S stages of 8192-element
+tiles in shared memory, persistent grid of min(tiles, B x SMs) blocks); store ``def``
 (st.global), ``cs`` (st.global.cs) or ``na`` (st.global.L1::no_allocate); ``-lb8``: ``__launch_bounds__(256, 8)``.
-Fill references (``FILLS``): ``fill-<store>-u1``, ``fill-tma``.
+Fill references (``FILLS``): ``fill-<store>-u1``, ``fill-tma``. Read/write mix references (``MIXES``):
+``mix-ind-u<U>`` / ``mix-dep-u<U>`` (the dequantization's loads of packed codes and 16-byte stores of its output,
+no decode; the stores independent of / dependent on the loads) and ``read-u<U>`` (the loads alone). L2
+prefetch references (``PREFETCHES``, run before a dequantization as a launch of their own): ``pf-bulk`` (bulk L2
+prefetches, evict_last) and ``pf-load`` (16-byte loads with an evict_last policy, persistent grid).
 """
 from __future__ import annotations
 
@@ -31,14 +37,22 @@ FILL_CHUNK = 16384  # fill-tma: bytes per bulk store
 
 VARIANTS = (
     tuple(f"w-{s}-u{u}" for u in (1, 2) for s in ("def", "cs", "na"))
+    + tuple(f"w-{s}-u{u}" for u in (4, 8) for s in ("def", "cs"))
     + tuple(f"p1-{s}-u{u}-b{b}" for u in (1, 2) for s in ("def", "cs") for b in (4, 8, 16))
     + ("p1-def-u1-b8-lb8", "p1-def-u2-b8-lb8")
     + tuple(f"p2-{s}-u{u}-b8" for u in (1, 2) for s in ("def", "cs"))
     + ("p2-def-u1-b16", "p2-def-u1-b8-lb8")
+    + tuple(f"c-{s}-s{st}-b{b}" for s in ("def", "cs") for st in (4, 8) for b in (1, 2, 4))
 )
+C_TILE = 8192  # c family: elements per tile
 FILLS = ("fill-def-u1", "fill-cs-u1", "fill-na-u1", "fill-tma")
-_RE = re.compile(r"(?:(w)-(def|cs|na)-u([12])|(p[12])-(def|cs)-u([12])-b([1-9][0-9]*)(-lb8)?)")
+_RE = re.compile(r"(?:(w)-(def|cs|na)-u([1248])|(p[12])-(def|cs)-u([12])-b([1-9][0-9]*)(-lb8)?)")
+_C_RE = re.compile(r"c-(def|cs)-s([48])-b([1-9])")
 _FILL_RE = re.compile(r"fill-(?:(def|cs|na)-u1|(tma))")
+MIXES = ("mix-ind-u1", "mix-ind-u2", "mix-dep-u1", "mix-dep-u2", "read-u1", "read-u2")
+_MIX_RE = re.compile(r"(mix-ind|mix-dep|read)-u([12])")
+PREFETCHES = ("pf-bulk", "pf-load")
+PF_CHUNK = 4096  # pf-bulk: bytes per bulk prefetch
 
 
 def source(name: str = SOURCE) -> str:
@@ -56,11 +70,17 @@ def source(name: str = SOURCE) -> str:
 def kernel_names() -> tuple[str, ...]:
     """Every ``extern "C"`` kernel name the launchers can pick (tests check each exists in the source)."""
     return tuple(sorted({launch_config(v, 1 << 20, 132)[0] for v in VARIANTS}
-                        | {fill_config(f, 1 << 20)[0] for f in FILLS}))
+                        | {fill_config(f, 1 << 20)[0] for f in FILLS}
+                        | {mix_config(m, 1 << 20)[0] for m in MIXES}
+                        | {prefetch_config(p, 1 << 20, 132)[0] for p in PREFETCHES}))
 
 
 def launch_config(variant: str, n: int, sms: int) -> tuple[str, int]:
     """(kernel name, blocks) for ``variant`` dequantizing n elements on a card with ``sms`` SMs (pure)."""
+    c = _C_RE.fullmatch(variant)
+    if c is not None:
+        store, st, b = c.groups()
+        return f"nf4d_c_{store}_s{st}", max(1, min(n // C_TILE, int(b) * sms))
     m = _RE.fullmatch(variant)
     if m is None:
         raise ValueError(f"bench.dev.nf4_dequant_dev: unknown variant {variant!r} (one of {VARIANTS})")
@@ -80,6 +100,25 @@ def fill_config(method: str, nbytes: int, chunk: int = FILL_CHUNK) -> tuple[str,
     if tma:
         return "nf4d_fill_tma", max(1, -(-max(nbytes // chunk, 1) // WARPS))
     return f"nf4d_fill_{store}_u1", max(1, -(-nbytes // (16 * THREADS)))
+
+
+def mix_config(method: str, out_bytes: int) -> tuple[str, int]:
+    """(kernel name, blocks) for a mix reference over an output of ``out_bytes`` (pure): one tile per block."""
+    m = _MIX_RE.fullmatch(method)
+    if m is None:
+        raise ValueError(f"bench.dev.nf4_dequant_dev: unknown mix reference {method!r} (one of {MIXES})")
+    kind, u = m.groups()
+    return f"nf4d_{kind.replace('-', '_')}_u{u}", max(1, out_bytes // (16 * THREADS * int(u)))
+
+
+def prefetch_config(method: str, nbytes: int, sms: int, chunk: int = PF_CHUNK) -> tuple[str, int]:
+    """(kernel name, blocks) for an L2 prefetch reference over ``nbytes`` (pure): pf-bulk one bulk prefetch of
+    ``chunk`` bytes per thread, pf-load a persistent grid of 4 blocks per SM."""
+    if method == "pf-bulk":
+        return "nf4d_pf_bulk", max(1, -(-(-(-nbytes // chunk)) // THREADS))
+    if method == "pf-load":
+        return "nf4d_pf_load", max(1, min(4 * sms, -(-nbytes // (16 * THREADS))))
+    raise ValueError(f"bench.dev.nf4_dequant_dev: unknown prefetch {method!r} (one of {PREFETCHES})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,7 +143,7 @@ def dequantize(plan, out: torch.Tensor, variant: str) -> torch.Tensor:
     n = out.numel()
     name, blocks = launch_config(variant, n, csrc.sm_count(plan.index))
     optr = out.data_ptr()
-    vec = plan.data_aligned and optr % 16 == 0
+    vec = plan.data_aligned and optr % 16 == 0 and int(plan.wargs[1]) % 16 == 0  # c-*: 16-byte copies of absmax too
     args = plan.wargs + (np.uint64(optr), np.int64(n)) + plan.flags + (np.int32(vec),)
     get_kernel(name, plan.index)((blocks,), (THREADS,), args, stream=csrc.current_stream(plan.index))
     return out
@@ -120,3 +159,32 @@ def fill(out: torch.Tensor, method: str, value: int = 0x3F803F80, chunk: int = F
     args = (np.uint64(out.data_ptr()), np.int64(nbytes), np.uint32(value & 0xFFFFFFFF), np.int32(chunk))
     get_kernel(name, index)((blocks,), (THREADS,), args, stream=csrc.current_stream(index))
     return out
+
+
+def mix(out: torch.Tensor, src: torch.Tensor, method: str, value: int = 0x3F803F80) -> torch.Tensor:
+    """Run the mix reference ``method``: read ``src`` (uint8, at least out's bytes / 4) in the packed codes' layout
+    and (``mix-*``) write all of ``out`` (contiguous, 16-byte aligned CUDA; whole tiles only)."""
+    nbytes = out.numel() * out.element_size()
+    name, blocks = mix_config(method, nbytes)
+    tile = 16 * THREADS * int(method[-1])
+    if (not out.is_cuda or not out.is_contiguous() or out.data_ptr() % 16 or src.data_ptr() % 16
+            or nbytes % tile or src.numel() * src.element_size() < nbytes // 4):
+        raise ValueError(f"bench.dev.nf4_dequant_dev.mix: out must be contiguous CUDA, 16-byte aligned, a whole "
+                         f"number of {tile}-byte tiles, and src (16-byte aligned) at least {nbytes // 4} bytes")
+    index = out.device.index if out.device.index is not None else torch.cuda.current_device()
+    args = (np.uint64(src.data_ptr()), np.uint64(out.data_ptr()), np.int64(nbytes), np.uint32(value & 0xFFFFFFFF))
+    get_kernel(name, index)((blocks,), (THREADS,), args, stream=csrc.current_stream(index))
+    return out
+
+
+def prefetch(src: torch.Tensor, method: str, sink: torch.Tensor, chunk: int = PF_CHUNK) -> None:
+    """Bring ``src`` (contiguous CUDA, 16-byte aligned) into L2 with ``method``; ``sink`` is a CUDA tensor of at
+    least 1 KiB the load variant may write (almost never does)."""
+    if not src.is_cuda or not src.is_contiguous() or src.data_ptr() % 16 or sink.numel() * sink.element_size() < 1024:
+        raise ValueError("bench.dev.nf4_dequant_dev.prefetch: src must be contiguous, 16-byte aligned CUDA and sink "
+                         "at least 1 KiB")
+    index = src.device.index if src.device.index is not None else torch.cuda.current_device()
+    nbytes = src.numel() * src.element_size()
+    name, blocks = prefetch_config(method, nbytes, csrc.sm_count(index), chunk)
+    args = (np.uint64(src.data_ptr()), np.int64(nbytes), np.int32(chunk), np.uint64(sink.data_ptr()))
+    get_kernel(name, index)((blocks,), (THREADS,), args, stream=csrc.current_stream(index))
