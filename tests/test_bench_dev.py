@@ -89,8 +89,18 @@ def test_mix_rejects_partial_tiles_and_short_src():
     out = torch.empty(100)  # CPU and not a whole tile: refused before any launch
     with pytest.raises(ValueError, match="whole number of 4096-byte tiles"):
         dev.mix(out, torch.empty(1000, dtype=torch.uint8), "mix-dep-u1")
+    with pytest.raises(ValueError, match="at least 1024 bytes"):  # the message names src's minimum (out's bytes / 4)
+        dev.mix(torch.empty(1024), torch.empty(100, dtype=torch.uint8), "mix-dep-u1")
     with pytest.raises(ValueError, match="unknown mix reference"):
         dev.mix_config("mix-dep-u3", 4096)
+
+
+def test_prefetch_refusals():
+    src = torch.empty(4096, dtype=torch.uint8)  # a CPU tensor: refused before any launch
+    with pytest.raises(ValueError, match="contiguous, 16-byte aligned CUDA"):
+        dev.prefetch(src, "pf-bulk", torch.empty(256))
+    with pytest.raises(ValueError, match="unknown prefetch"):
+        dev.prefetch_config("pf-none", 4096, 132)
 
 
 def test_unknown_names():
@@ -123,18 +133,22 @@ def test_dequantize_stubbed(monkeypatch, n, aligned):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(3, 7), (1, 8192 * 3 + 64 * 5), (96, 4100), (1024, 4096 + 64)])
-def test_gpu_every_variant_bit_exact(shape):
-    """Every dev variant (odd counts: partial tiles and per-element tails) equals the reference bit for bit."""
+@pytest.mark.parametrize("shape,blocksize", [((3, 7), 64), ((1, 8192 * 3 + 64 * 5), 64), ((96, 4100), 64),
+                                             ((1024, 4096 + 64), 64), ((4096, 4104), 64), ((512, 4096 + 32), 32),
+                                             ((768, 4096), 128), ((640, 4096), 512), ((256, 4096), 1024)])
+def test_gpu_every_variant_bit_exact(shape, blocksize):
+    """Every dev variant (odd counts: partial tiles and per-element tails; 2052 tiles at (4096, 4104), so the c
+    ring's stages are refilled; blocksizes 32-512 through the c family's shared absmax copies, 1024 through its
+    per-element path) equals the reference bit for bit."""
     import csrc.nf4_dequant as cd
     import quant
     from quant.nf4 import dequantize_nf4_ref
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    q = quant.quantize_nf4(torch.randn(shape, device="cuda"), blocksize=64, double_quant=True)
+    q = quant.quantize_nf4(torch.randn(shape, device="cuda"), blocksize=blocksize, double_quant=True)
     plan = cd.DequantPlan(q.data.reshape(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1),
-                          q.code, 64, 256)
+                          q.code, blocksize, q.nested_blocksize)
     want = dequantize_nf4_ref(q, torch.bfloat16)
     out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
     bad = []

@@ -19,6 +19,7 @@ Usage (repo root): python -m bench.dev.deq_sweep [--shapes all|big] [--only SUBS
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -125,21 +126,37 @@ def main() -> None:
 
         time_rounds(list(rows))
         if a.prefetch:
-            # The packed codes into L2 first (a launch of its own), then the dequantization; on a copy of the codes,
-            # added and timed after the other rows: the prefetches leave evict_last lines in L2 that would serve
-            # the other rows' reads.
+            # The packed codes into L2 first (a launch of its own), then the dequantization. On IN_GRAPH copies of the
+            # codes, one per call of a row's graph (so a replay's evict_last lines are long gone when a copy comes
+            # round again: every prefetch reads HBM), added and timed after the other rows; afterwards the copies'
+            # lines are set back to evict_normal (outside the timing) and the copies freed.
             sink = torch.empty(1024, dtype=torch.int32, device=dev_)
-            packed = q.data.reshape(-1).clone()
-            pplan = cd.DequantPlan(packed, *targs[1:], 64, 256)
+            copies = [q.data.reshape(-1).clone() for _ in range(IN_GRAPH)]
+            pplans = [cd.DequantPlan(c, *targs[1:], 64, 256) for c in copies]
+            turn = itertools.count()
+
+            def pick():  # the next copy and its plan, round robin (each captured call gets the next one)
+                i = next(turn) % IN_GRAPH
+                return copies[i], pplans[i]
+
+            def pf_then(p, run):
+                c, pl = pick()
+                dev.prefetch(c, p, sink)
+                run(c, pl)
+
             for p in dev.PREFETCHES:
-                add("ref", f"{p} alone", lambda p=p: dev.prefetch(packed, p, sink), False)
-                add("ref", f"{p} + mix-ind-u2", lambda p=p: (dev.prefetch(packed, p, sink),
-                                                             dev.mix(out, packed, "mix-ind-u2")), False)
-                add("deq", f"{p} + cuda default", lambda p=p: (dev.prefetch(packed, p, sink), pplan(out)), True)
+                add("ref", f"{p} alone", lambda p=p: pf_then(p, lambda c, pl: None), False)
+                add("ref", f"{p} + mix-ind-u2", lambda p=p: pf_then(p, lambda c, pl: dev.mix(out, c, "mix-ind-u2")),
+                    False)
+                add("deq", f"{p} + cuda default", lambda p=p: pf_then(p, lambda c, pl: pl(out)), True)
                 for v in variants:
-                    add("deq", f"{p} + {v}", lambda p=p, v=v: (dev.prefetch(packed, p, sink),
-                                                               dev.dequantize(pplan, out, v)), True)
+                    add("deq", f"{p} + {v}", lambda p=p, v=v: pf_then(p, lambda c, pl: dev.dequantize(pl, out, v)),
+                        True)
             time_rounds([n for n in rows if n.startswith("pf-")])
+            for c in copies:
+                dev.prefetch(c, "demote", sink)
+            torch.cuda.synchronize()
+            copies = pplans = None
         names = list(rows)
         print(f"\n{shape[0]}x{shape[1]} -> bf16: {total / 1e6:.1f} MB moved; 95% of copy = {target_us:.2f} us",
               flush=True)

@@ -418,7 +418,7 @@ extern "C" __global__ void __launch_bounds__(XT) nf4d_pf_load(const unsigned cha
 // p families one chunk ahead. Decode of a tile: round j < 4, thread t takes packed word 256j + t from shared
 // memory, its absmax byte from shared memory and nested_code (shared) -> scale (decode_scale's arithmetic), and
 // stores 8 elements as one 16-byte store (each warp store instruction covers 512 contiguous bytes). Needs double
-// quantization, 32 <= blocksize <= 512 and 16-byte aligned data, absmax and output (vec); everything else, and the
+// quantization, 32 <= blocksize <= 512, 16-byte aligned data and output (vec) and absmax; everything else, and the
 // elements past the last whole tile, take the per-element path.
 #define CT 8192
 template <int STORE, int S>
@@ -433,7 +433,8 @@ __device__ __forceinline__ void nf4_c(NF4D_PARAMS) {
     __syncthreads();
     const unsigned char* ab = (const unsigned char*)absmax;
     const int ab_bytes = CT >> log2_blocksize;  // per tile
-    const bool ok = vec && double_quant && log2_blocksize >= 5 && log2_blocksize <= 9;
+    const bool ok = vec && double_quant && log2_blocksize >= 5 && log2_blocksize <= 9 &&
+                    ((unsigned long long)absmax & 15ULL) == 0;  // 16-byte copies of the absmax bytes
     const long long full = ok ? n / CT : 0;
     const long long grid = gridDim.x;
     const float off = double_quant ? *offset : 0.0f;
@@ -492,3 +493,12 @@ NF4D_C(nf4d_c_def_s4, 0, 4)
 NF4D_C(nf4d_c_cs_s4, 1, 4)
 NF4D_C(nf4d_c_def_s8, 0, 8)
 NF4D_C(nf4d_c_cs_s8, 1, 8)
+
+// nf4d_l2_demote: the lines of `src` back to evict_normal (applypriority), so evict_last lines a prefetch row left
+// in L2 do not serve later rows' reads; run outside the timing.
+extern "C" __global__ void __launch_bounds__(XT) nf4d_l2_demote(const unsigned char* __restrict__ src, long long nbytes,
+                                                                int chunk, unsigned* __restrict__ sink) {
+    const long long lines = nbytes / 128;
+    for (long long i = (long long)blockIdx.x * XT + threadIdx.x; i < lines; i += (long long)gridDim.x * XT)
+        asm volatile("applypriority.global.L2::evict_normal [%0], 128;" :: "l"(src + 128 * i) : "memory");
+}

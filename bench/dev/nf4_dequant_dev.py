@@ -72,7 +72,7 @@ def kernel_names() -> tuple[str, ...]:
     return tuple(sorted({launch_config(v, 1 << 20, 132)[0] for v in VARIANTS}
                         | {fill_config(f, 1 << 20)[0] for f in FILLS}
                         | {mix_config(m, 1 << 20)[0] for m in MIXES}
-                        | {prefetch_config(p, 1 << 20, 132)[0] for p in PREFETCHES}))
+                        | {prefetch_config(p, 1 << 20, 132)[0] for p in PREFETCHES} | {"nf4d_l2_demote"}))
 
 
 def launch_config(variant: str, n: int, sms: int) -> tuple[str, int]:
@@ -143,7 +143,7 @@ def dequantize(plan, out: torch.Tensor, variant: str) -> torch.Tensor:
     n = out.numel()
     name, blocks = launch_config(variant, n, csrc.sm_count(plan.index))
     optr = out.data_ptr()
-    vec = plan.data_aligned and optr % 16 == 0 and int(plan.wargs[1]) % 16 == 0  # c-*: 16-byte copies of absmax too
+    vec = plan.data_aligned and optr % 16 == 0
     args = plan.wargs + (np.uint64(optr), np.int64(n)) + plan.flags + (np.int32(vec),)
     get_kernel(name, plan.index)((blocks,), (THREADS,), args, stream=csrc.current_stream(plan.index))
     return out
@@ -178,13 +178,19 @@ def mix(out: torch.Tensor, src: torch.Tensor, method: str, value: int = 0x3F803F
 
 
 def prefetch(src: torch.Tensor, method: str, sink: torch.Tensor, chunk: int = PF_CHUNK) -> None:
-    """Bring ``src`` (contiguous CUDA, 16-byte aligned) into L2 with ``method``; ``sink`` is a CUDA tensor of at
-    least 1 KiB the load variant may write (almost never does)."""
+    """Bring ``src`` (contiguous CUDA, 16-byte aligned) into L2 with ``method`` (or, method "demote", set its lines
+    back to evict_normal); ``sink`` is a CUDA tensor of at least 1 KiB the load variant may write (almost never
+    does); ``chunk``: bytes per bulk prefetch, a positive multiple of 16."""
     if not src.is_cuda or not src.is_contiguous() or src.data_ptr() % 16 or sink.numel() * sink.element_size() < 1024:
         raise ValueError("bench.dev.nf4_dequant_dev.prefetch: src must be contiguous, 16-byte aligned CUDA and sink "
                          "at least 1 KiB")
+    if chunk <= 0 or chunk % 16:
+        raise ValueError(f"bench.dev.nf4_dequant_dev.prefetch: chunk must be a positive multiple of 16, got {chunk}")
     index = src.device.index if src.device.index is not None else torch.cuda.current_device()
     nbytes = src.numel() * src.element_size()
-    name, blocks = prefetch_config(method, nbytes, csrc.sm_count(index), chunk)
+    if method == "demote":
+        name, blocks = "nf4d_l2_demote", max(1, min(4 * csrc.sm_count(index), -(-nbytes // (128 * THREADS))))
+    else:
+        name, blocks = prefetch_config(method, nbytes, csrc.sm_count(index), chunk)
     args = (np.uint64(src.data_ptr()), np.int64(nbytes), np.int32(chunk), np.uint64(sink.data_ptr()))
     get_kernel(name, index)((blocks,), (THREADS,), args, stream=csrc.current_stream(index))
