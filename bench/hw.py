@@ -141,6 +141,25 @@ def graph_us(fn) -> float | None:
         return None
 
 
+def capture_graph(calls) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of the callables ``calls`` in order (each run once first on a side stream, as capture needs),
+    replayed once before it is returned."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
 def replay_us(graph, calls: int, reps: int = 5) -> float:
     """Median µs per call of a CUDA graph holding ``calls`` calls: ``reps`` replays, each between CUDA events."""
     import statistics

@@ -28,7 +28,7 @@ import torch
 import csrc.nf4_dequant as cd
 import quant
 from bench.dev import nf4_dequant_dev as dev
-from bench.hw import copy_bandwidth_gbs
+from bench.hw import capture_graph, copy_bandwidth_gbs
 from bench.hw import replay_us as hw_replay_us
 from quant.nf4 import dequantize_nf4_ref
 from triton_ops.nf4_dequant import nf4_dequantize_tensors as triton_dequant
@@ -39,20 +39,8 @@ TARGET = 0.95  # share of copy bandwidth to reach
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
-    """IN_GRAPH calls of fn captured into one CUDA graph (one warm call first, outside the capture)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(IN_GRAPH):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    return g
+    """IN_GRAPH calls of fn captured into one CUDA graph."""
+    return capture_graph([fn] * IN_GRAPH)
 
 
 def replay_us(g: torch.cuda.CUDAGraph) -> float:

@@ -59,7 +59,7 @@ def main():
     import torch
 
     from bench.dev.lora_skinny import gt_x, x_wt
-    from bench.hw import copy_bandwidth_gbs, replay_us
+    from bench.hw import capture_graph, copy_bandwidth_gbs, replay_us
 
     if not torch.cuda.is_available():
         raise SystemExit("lora_sweep measures a CUDA device; none is available")
@@ -71,17 +71,7 @@ def main():
     def graph_us(fn, xs):
         # call i reads the wide operand xs[i % len(xs)]: copies that together exceed the L2, so no call finds its
         # operand cached by the one before (in the step these operands come from far back, cold)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for xv in xs:
-                fn(xv)
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(IN_GRAPH):
-                fn(xs[i % len(xs)])
+        g = capture_graph([lambda i=i: fn(xs[i % len(xs)]) for i in range(IN_GRAPH)])
         return replay_us(g, IN_GRAPH, REPS), g
 
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -81,6 +81,20 @@ __device__ __forceinline__ U32x4 decode8(unsigned word, float scale, const float
 #define NF4D_ARGS \
     data, absmax, nested_absmax, nested_code, offset, code, out, n, log2_blocksize, log2_nested, double_quant, vec
 
+// Elements start + blockIdx.x * XT + t, + gridDim.x * XT, ... below n, one at a time: what a tiled kernel leaves
+// past its last whole tile, or everything when it cannot take its vector path.
+template <int OUT>
+__device__ __forceinline__ void dequant_elements(NF4D_PARAMS, long long start, const float* s_code) {
+    const long long stride = (long long)gridDim.x * XT;
+    for (long long e = start + (long long)blockIdx.x * XT + threadIdx.x; e < n; e += stride) {
+        const float scale = decode_scale(absmax, nested_absmax, nested_code, offset, e >> log2_blocksize,
+                                         log2_nested, double_quant);
+        const unsigned byte = data[e >> 1];
+        const unsigned q = (e & 1) ? (byte & 0xFu) : (byte >> 4);
+        ((unsigned short*)out)[e] = cvt16<OUT>(mul_rn(s_code[q], scale));
+    }
+}
+
 // ---- wt-deq "w" layout (kept for the record) --------------------------------------------------------------------
 template <int OUT, int STORE, int U>
 __device__ __forceinline__ void nf4_w(NF4D_PARAMS) {
@@ -104,14 +118,7 @@ __device__ __forceinline__ void nf4_w(NF4D_PARAMS) {
             store_16x<STORE>((char*)out + 2 * (base + 8LL * (XT * k + t)), r.x, r.y, r.z, r.w);
         }
     }
-    const long long stride = (long long)gridDim.x * XT;
-    for (long long e = full * TILE + (long long)blockIdx.x * XT + t; e < n; e += stride) {
-        const float scale = decode_scale(absmax, nested_absmax, nested_code, offset, e >> log2_blocksize,
-                                           log2_nested, double_quant);
-        const unsigned byte = data[e >> 1];
-        const unsigned q = (e & 1) ? (byte & 0xFu) : (byte >> 4);
-        ((unsigned short*)out)[e] = cvt16<OUT>(mul_rn(s_code[q], scale));
-    }
+    dequant_elements<OUT>(NF4D_ARGS, full * TILE, s_code);
 }
 
 #define NF4D_W(NAME, STORE, U) \
@@ -477,14 +484,7 @@ __device__ __forceinline__ void nf4_c(NF4D_PARAMS) {
         __syncthreads();  // the stage is refilled by the next iteration's issue
     }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
-    const long long stride = grid * XT;
-    for (long long e = full * CT + (long long)blockIdx.x * XT + t; e < n; e += stride) {
-        const float scale = decode_scale(absmax, nested_absmax, nested_code, offset, e >> log2_blocksize,
-                                         log2_nested, double_quant);
-        const unsigned byte = data[e >> 1];
-        const unsigned q = (e & 1) ? (byte & 0xFu) : (byte >> 4);
-        ((unsigned short*)out)[e] = cvt16<2>(mul_rn(s_code[q], scale));
-    }
+    dequant_elements<2>(NF4D_ARGS, full * CT, s_code);
 }
 
 #define NF4D_C(NAME, STORE, S) \
