@@ -4,9 +4,10 @@
    forward + backward at 4,096 and 16,384 tokens. Providers: torch (matmul + fp32 F.cross_entropy, what
    transformers does), torch.compile of that, liger-kernel's LigerFusedLinearCrossEntropyLoss, Apple's
    cut-cross-entropy ``linear_cross_entropy``, unsloth (fast_cross_entropy_loss on the matmul's logits, and
-   unsloth_zoo's ``unsloth_fused_ce_loss``), ours ``fused_linear_cross_entropy`` (default and a smaller
-   chunk), and "3 matmuls alone" (h W^T, G W, G^T h with a ready G: the floor of any method that keeps the
-   three GEMMs). TFLOP/s counts 6*N*V*C; % of ceiling: of the bf16 matmul rate measured in this run.
+   unsloth_zoo's ``unsloth_fused_ce_loss``), ours ``fused_linear_cross_entropy`` (default, a smaller chunk,
+   and the CUDA C++ row kernel instead of the default Triton one), and "3 matmuls alone" (h W^T, G W, G^T h
+   with a ready G: the floor of any method that keeps the three GEMMs). TFLOP/s counts 6*N*V*C; % of
+   ceiling: of the bf16 matmul rate measured in this run.
    These rows are timed in ROUNDS interleaved rounds (every provider once per round, order rotated; µs is the
    median of the round medians, the last column their spread): the card's clock drifts with power and
    temperature over a run by more than the differences between the fast providers. cut-cross-entropy and
@@ -45,7 +46,7 @@ ROUNDS = 3  # interleaved timing rounds of the hidden -> loss providers (_rows_i
 DEVICE = "cuda"  # a module constant so a CPU smoke run can swap it
 COLUMNS = ["op", "shape", "dtype", "provider", "µs", "TFLOP/s or GB/s", "% of ceiling", "peak MiB",
            "vs best peer", "MiB beyond grads", "rounds ms (min-max)"]
-OURS = ("minitrain", "minitrain chunk=1024", "minitrain inplace_backward")
+OURS = ("minitrain", "minitrain chunk=1024", "minitrain cuda rows", "minitrain inplace_backward")
 NOT_PEERS = OURS + ("3 matmuls alone (floor)",)
 
 
@@ -194,6 +195,9 @@ def linear_rows(n, only_unsloth=False):
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     cands.append(("minitrain", _grad_step(fused_linear_cross_entropy, h, w, y), gb, None))
+    # the CUDA C++ row kernel (csrc/ce_rows.cu, each logit read once) instead of the default Triton one (twice)
+    cands.append(("minitrain cuda rows", _grad_step(
+        lambda a, b, t: fused_linear_cross_entropy(a, b, t, backend="cuda"), h, w, y), gb, None))
     if n > 1024:  # the default chunk is 2048 tokens at this V; half of it shows what the chunk size buys
         cands.append(("minitrain chunk=1024", _grad_step(
             lambda a, b, t: fused_linear_cross_entropy(a, b, t, chunk_size=1024), h, w, y), gb, None))

@@ -55,8 +55,10 @@ def _inputs(n, c, v, device, bias=False):
     return h, w, b
 
 
-def _check(h, w, y, dtype, b=None, reduction="mean", n_items=None, softcap=None, chunk=None, compile=False, rel=1e-5):
-    """Kernel vs same-precision and fp32 references; loss and grads of h, W (and b); ``rel``: _close's relative term."""
+def _check(h, w, y, dtype, b=None, reduction="mean", n_items=None, softcap=None, chunk=None, compile=False, rel=1e-5,
+           backend="triton"):
+    """Kernel vs same-precision and fp32 references; loss and grads of h, W (and b); ``rel``: _close's relative term;
+    ``backend``: "triton" (the Triton row kernel) or "cuda" (csrc/ce_rows.cu for the loss-and-gradient chunks)."""
     def leaves(dt):
         return [t.to(dt).detach().clone().requires_grad_() for t in (h, w) + (() if b is None else (b,))]
 
@@ -64,12 +66,12 @@ def _check(h, w, y, dtype, b=None, reduction="mean", n_items=None, softcap=None,
 
     def run(a):
         return fused_linear_cross_entropy(a[0], a[1], y, a[2] if b is not None else None, reduction=reduction,
-                                          n_items=n_items, softcap=softcap, chunk_size=chunk, backend="triton")
+                                          n_items=n_items, softcap=softcap, chunk_size=chunk, backend=backend)
 
     # aot_eager on CPU: the same tracing (fake impls, autograd formula, no graph break) without the minutes
     # inductor spends generating C++ for the small ops around ours; inductor on CUDA.
-    backend = "inductor" if h.is_cuda else "aot_eager"
-    loss = (torch.compile(run, fullgraph=True, backend=backend) if compile else run)(k)
+    compiler = "inductor" if h.is_cuda else "aot_eager"
+    loss = (torch.compile(run, fullgraph=True, backend=compiler) if compile else run)(k)
     logits_s = s[0] @ s[1].t() + (s[2] if b is not None else 0)  # in dtype, like an unfused lm_head
     loss_s = cross_entropy_ref(logits_s, y, reduction=reduction, n_items=n_items, softcap=softcap)
     logits_32 = f[0] @ f[1].t() + (f[2] if b is not None else 0)
@@ -220,10 +222,11 @@ def test_chunk_formula_and_errors(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("v", GPU_VOCABS)
 @pytest.mark.parametrize("chunk", [None, 256])
-def test_gpu_vocabularies(v, chunk):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_vocabularies(v, chunk, backend):
     n, c = 1024, 2048
     h, w, _ = _inputs(n, c, v, "cuda")
-    _check(h, w, _labels(n, v, "cuda"), torch.bfloat16, chunk=chunk)
+    _check(h, w, _labels(n, v, "cuda"), torch.bfloat16, chunk=chunk, backend=backend)
 
 
 @pytest.mark.gpu
@@ -235,6 +238,7 @@ def test_gpu_options(reduction):
     _check(h, w, y, torch.bfloat16, b, reduction, softcap=30.0, chunk=512)
     if reduction != "none":
         _check(h, w, y, torch.float16, None, reduction, n_items=torch.tensor(3000, device="cuda"))
+        _check(h, w, y, torch.float16, None, reduction, n_items=torch.tensor(3000, device="cuda"), backend="cuda")
         _check(h, w, y, torch.float32, None, reduction, n_items=3000)
 
 
@@ -244,6 +248,7 @@ def test_gpu_tokens_times_vocab_past_2_31():
     assert n * v > 2**31
     h, w, _ = _inputs(n, c, v, "cuda")
     _check(h, w, _labels(n, v, "cuda"), torch.bfloat16)
+    _check(h, w, _labels(n, v, "cuda"), torch.bfloat16, backend="cuda")
 
 
 @pytest.mark.gpu

@@ -206,21 +206,52 @@ def _check_logits(name: str, logits: torch.Tensor, labels: torch.Tensor) -> None
         raise ValueError(f"{name}: logits on {logits.device} but labels on {labels.device}")
 
 
+ROWS_ENV = "MINITRAIN_CE_ROWS"
+
+
+def rows_backend(rows: str = "auto") -> str:
+    """Which kernel takes a loss-and-gradient launch: "triton" (the row kernel below, each logit read twice),
+    "cuda" (csrc/ce_rows.cu, each logit read once; an error where it does not apply), or "auto":
+    $MINITRAIN_CE_ROWS if set, else "triton". The CUDA kernel is the faster row kernel alone (H200, 2048 x
+    128256 bf16: 336 vs 425 µs), but the fused linear cross-entropy at 16,384 tokens, which runs at the card's
+    power limit, was no faster with it (80.0 vs 79.5 ms, within the run's spread:
+    bench/results/2026-11-28-h200-cross_entropy.md), so it is not the default."""
+    if rows == "auto":
+        rows = os.environ.get(ROWS_ENV, "").strip() or "triton"
+        if rows not in ("cuda", "triton"):
+            raise ValueError(f"{ROWS_ENV}={rows!r}: expected cuda or triton")
+    if rows not in ("cuda", "triton"):
+        raise ValueError(f"rows backend must be 'auto', 'cuda' or 'triton', got {rows!r}")
+    return rows
+
+
 def ce_launch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float,
               loss: torch.Tensor | None, lse: torch.Tensor, grad: torch.Tensor | None = None,
-              scale: torch.Tensor | None = None) -> None:
+              scale: torch.Tensor | None = None, rows: str = "auto") -> None:
     """Launch the row kernel. loss given -> compute loss and lse (pass 1); grad given -> write the
     gradient scaled by ``scale`` (0-d: one factor for all rows; (N,): per row) into grad (pass 2).
-    grad may be ``logits`` itself (in place). softcap 0 means off."""
+    grad may be ``logits`` itself (in place). softcap 0 means off. With both loss and grad, ``rows``
+    (see :func:`rows_backend`) picks this module's Triton kernel or the CUDA C++ kernel that reads each logit
+    once (``csrc.ce_rows``)."""
     N, V = logits.shape
     if N == 0:
         return
-    block, warps = _launch_config(V, softcap != 0.0)
-    grid = _programs(N, logits)
     write = grad is not None
     if write:
         if grad.shape != logits.shape or grad.stride(1) != 1 or grad.dtype != logits.dtype:
             raise ValueError("ce_launch: grad must match logits in shape and dtype with unit stride along V")
+        rows = rows_backend(rows) if loss is not None else "triton"
+        if rows == "cuda":
+            from csrc import ce_rows
+
+            why = ce_rows.unsupported(logits, grad, softcap)
+            if why is not None:
+                raise ValueError(f"cross-entropy rows backend 'cuda': the kernel {why}")
+            ce_rows.launch_ce_rows(logits, labels, ignore_index, loss, lse, grad, scale)
+            return
+    block, warps = _launch_config(V, softcap != 0.0)
+    grid = _programs(N, logits)
+    if write:
         scale = scale.to(torch.float32).contiguous()
         scale_stride = 0 if scale.dim() == 0 else 1
     else:

@@ -106,9 +106,10 @@ def _check_inputs(hidden, weight, labels, bias) -> None:
 
 
 def _run_chunks(hidden, weight, bias, labels, ignore_index, softcap, chunk, scale, lse_in,
-                need_gh, need_gw, need_gb):
+                need_gh, need_gw, need_gb, rows="auto"):
     """The chunk loop. scale None: losses only (returns loss rows, lse). Otherwise writes gradients scaled
-    by ``scale`` (0-d, or (N,) per row); lse_in given -> skip pass 1 (the backward of reduction='none')."""
+    by ``scale`` (0-d, or (N,) per row); lse_in given -> skip pass 1 (the backward of reduction='none').
+    ``rows``: the row kernel of a loss-and-gradient chunk (``cross_entropy.rows_backend``)."""
     N, C = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -129,7 +130,8 @@ def _run_chunks(hidden, weight, bias, labels, ignore_index, softcap, chunk, scal
         else:
             torch.addmm(bias, h, wt, out=z)
         ce_launch(z, labels[s:e], ignore_index, softcap, None if loss is None else loss[s:e], lse[s:e],
-                  grad=z if grads else None, scale=(scale[s:e] if per_row else scale) if grads else None)
+                  grad=z if grads else None, scale=(scale[s:e] if per_row else scale) if grads else None,
+                  rows=rows)
         if not grads:
             continue
         if gh is not None:
@@ -151,16 +153,16 @@ def _run_chunks(hidden, weight, bias, labels, ignore_index, softcap, chunk, scal
 @torch.library.custom_op("minitrain::fused_linear_cross_entropy", mutates_args=())
 def _flce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
           scale: torch.Tensor, ignore_index: int, softcap: float, chunk: int, need_gh: bool, need_gw: bool,
-          need_gb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+          need_gb: bool, rows: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_inputs(hidden, weight, labels, bias)
     need = need_gh or need_gw or need_gb
     loss, _, gh, gw, gb = _run_chunks(hidden, weight, bias, labels, ignore_index, softcap, chunk,
-                                      scale if need else None, None, need_gh, need_gw, need_gb)
+                                      scale if need else None, None, need_gh, need_gw, need_gb, rows)
     return (loss.sum() * scale).to(torch.float32), gh, gw, gb
 
 
 @_flce.register_fake
-def _(hidden, weight, labels, bias, scale, ignore_index, softcap, chunk, need_gh, need_gw, need_gb):
+def _(hidden, weight, labels, bias, scale, ignore_index, softcap, chunk, need_gh, need_gw, need_gb, rows="auto"):
     return (hidden.new_empty((), dtype=torch.float32),
             torch.empty_like(hidden) if need_gh else hidden.new_empty(0),
             torch.empty_like(weight) if need_gw else hidden.new_empty(0),
@@ -199,11 +201,11 @@ def _flce_backward(ctx, grad_loss, _gh, _gw, _gb):
     ctx.backward_done = True
     gh, gw, gb = ctx.saved_tensors
     if grad_loss is None:  # not materialized (set_materialize_grads(False)): no gradient reaches the loss
-        return (None,) * 11
+        return (None,) * 12
     torch.ops.minitrain.fused_linear_cross_entropy_scale_(gh, gw, gb, grad_loss)
     none = lambda t: None if t.numel() == 0 else t  # noqa: E731
     return (none(gh), none(gw), None, none(gb) if ctx.has_bias else None, None, None, None, None, None, None,
-            None)
+            None, None)
 
 
 _flce.register_autograd(_flce_backward, setup_context=_flce_setup_context)
@@ -280,13 +282,18 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         bias: optional (V,).
         reduction, n_items, softcap: as in ``triton_ops.cross_entropy.cross_entropy``.
         chunk_size: tokens per chunk; default keeps the chunk's logits buffer just under 0.5 GiB (module docstring).
-        backend: "auto" (Triton on CUDA, the fp32 reference on CPU; $MINITRAIN_CE_BACKEND overrides), "triton"
-            or "torch".
+        backend: "auto" (kernels on CUDA, the fp32 reference on CPU; $MINITRAIN_CE_BACKEND overrides),
+            "triton", "cuda" or "torch". On CUDA each chunk's loss and gradient come from one row kernel:
+            the Triton one (each logit read twice; "auto" and "triton"), or with "cuda" the CUDA C++ one that
+            reads each logit once (``csrc.ce_rows``: Hopper or newer, CuPy, 16-bit logits, no softcap, V a
+            multiple of 8 up to 131072; an error elsewhere; reduction="none" runs the Triton kernels either
+            way). $MINITRAIN_CE_ROWS=cuda makes "auto" take the CUDA one.
     Returns:
         fp32 loss: a scalar, or the shape of labels for reduction="none".
     """
-    _check_options(reduction, n_items, backend)
-    backend = resolve_backend(backend, hidden.is_cuda)
+    rows = {"cuda": "cuda", "triton": "triton"}.get(backend, "auto")
+    _check_options(reduction, n_items, "triton" if backend == "cuda" else backend)
+    backend = resolve_backend("triton" if backend == "cuda" else backend, hidden.is_cuda)
     if backend == "torch":
         return fused_linear_cross_entropy_ref(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                                               bias, ignore_index, reduction, n_items, softcap
@@ -314,5 +321,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, *_ = torch.ops.minitrain.fused_linear_cross_entropy(h, weight, y, bias, scale, ignore_index, cap,
-                                                              chunk_size, *need)
+                                                              chunk_size, *need, rows)
     return loss
