@@ -213,8 +213,8 @@ def rows_backend(rows: str = "auto") -> str:
     """Which kernel takes a loss-and-gradient launch: "triton" (the row kernel below, each logit read twice),
     "cuda" (csrc/ce_rows.cu, each logit read once; an error where it does not apply), or "auto":
     $MINITRAIN_CE_ROWS if set, else "triton". The CUDA kernel is the faster row kernel alone (H200, 2048 x
-    128256 bf16: 336 vs 425 µs), but the fused linear cross-entropy at 16,384 tokens, which runs at the card's
-    power limit, was no faster with it (80.0 vs 79.5 ms, within the run's spread:
+    128256 bf16: 336 vs 427 µs), but the fused linear cross-entropy at 16,384 tokens was not measurably faster
+    with it (79.2 vs 79.5 ms in one run, 80.0 vs 79.5 in another: within the runs' spread;
     bench/results/2026-11-28-h200-cross_entropy.md), so it is not the default."""
     if rows == "auto":
         rows = os.environ.get(ROWS_ENV, "").strip() or "triton"
