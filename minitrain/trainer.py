@@ -620,6 +620,23 @@ REUSE_ATTENTION_OUTPUT = env_switch("MINITRAIN_ATTN_REUSE")
 # projections' base GEMMs too (their outputs unused; see unused_qkv_bases). Off with MINITRAIN_QKV_REUSE=0.
 REUSE_ATTENTION_INPUTS = env_switch("MINITRAIN_QKV_REUSE")
 
+def keep_mlp_layers_default() -> int:
+    """MINITRAIN_KEEP_MLP_LAYERS as an int >= 0 (0 when unset)."""
+    env = os.environ.get("MINITRAIN_KEEP_MLP_LAYERS", "").strip()
+    try:
+        n = int(env or 0)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"MINITRAIN_KEEP_MLP_LAYERS={env!r}: expected a whole number of layers >= 0")
+    return n
+
+
+# gradient_checkpointing="offload" with the split: the MLP halves of the last KEEP_MLP_LAYERS decoder layers are
+# not checkpointed (see CheckpointedLayer). 0 (the default) checkpoints every layer. MINITRAIN_KEEP_MLP_LAYERS=n
+# (read at import) or this attribute, read by set_gradient_checkpointing.
+KEEP_MLP_LAYERS = keep_mlp_layers_default()
+
 # The forwards whose code the checks below rely on, as minitrain.model defines them (a later class-level patch
 # replaces the class attribute, not these)
 _DECODER_FORWARD, _ATTENTION_FORWARD = LlamaDecoderLayer.forward, LlamaAttention.forward
@@ -786,6 +803,12 @@ class CheckpointedLayer:
     the checkpointed function is the forward, every later one a recomputation (a stash's or ``_Call``'s
     ``used``); the flag is per thread and reset on every exit, including checkpoint's early-stop exception.
 
+    ``keep_mlp`` (the last ``KEEP_MLP_LAYERS`` layers, offload with the split only): the MLP half runs without a
+    checkpoint, so its tensors (the norm's input, gate(x), up(x) and the normalized x: about 2 * B * T * (2 * C
+    + 2 * F) bytes in bf16, 300 MB at 2 x 2048 tokens of the 8B shape) stay on the device from the forward to
+    the backward, and its backward recomputes nothing (on that shape, two of the MLP's three GEMMs and their
+    dequantizes per layer); h1 is not stashed. Bit-identical either way (the same ops on the same values).
+
     Split into two segments (``offload`` only, minitrain's ``LlamaDecoderLayer`` as :func:`split_layer` allows,
     ``SPLIT_OFFLOAD_SEGMENTS``): the layer's forward ``h1 = x + self_attn(input_layernorm(x), cos, sin, mask)``;
     ``out = h1 + mlp(post_attention_layernorm(h1))`` runs as two checkpoints, each with its own stash (x at
@@ -805,8 +828,9 @@ class CheckpointedLayer:
     :func:`unused_qkv_bases` allows, no q/k/v GEMMs. Exact: the attention node saves the forward's own tensors
     (the same values a recomputation would make), and its backward is the same cuDNN op either way."""
 
-    def __init__(self, layer: nn.Module, offload: HostOffload | None = None, index: int = 0):
+    def __init__(self, layer: nn.Module, offload: HostOffload | None = None, index: int = 0, keep_mlp: bool = False):
         self.layer, self.forward, self.offload, self.index = layer, layer.forward, offload, index
+        self.keep_mlp = keep_mlp
 
     def _recompute(self, x, *args, **kwargs):
         with _unused(unused_output_base(self.forward)):
@@ -870,6 +894,9 @@ class CheckpointedLayer:
         if split_layer(self.forward, args, kwargs) is not None:
             cos, sin, mask = args[:3]
             h1 = checkpoint(self._run_attention, self.offload.stash(i, x), cos, sin, mask, use_reentrant=False)
+            if self.keep_mlp:  # autograd keeps the MLP half's tensors on the device: nothing to recompute
+                layer = self.layer
+                return h1 + layer.mlp(layer.post_attention_layernorm(h1))
             return checkpoint(self._run_mlp, self.offload.stash(i + 1, h1, release=False), use_reentrant=False)
         return checkpoint(self._run, self.offload.stash(i, x), *args, use_reentrant=False, **kwargs)
 
@@ -882,10 +909,15 @@ def decoder_layers(model: nn.Module):
     return list(layers)
 
 
-def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
+def set_gradient_checkpointing(model: nn.Module, mode: str, keep_mlp_layers: int | None = None) -> None:
     """mode "off" | "on" | "offload" (see :class:`CheckpointedLayer`). Checkpointed minitrain MLPs also run in
     token tiles on long inputs (``MINITRAIN_MLP_TILE`` tokens per tile, default 4096, above four tiles' worth;
-    see ``minitrain.model._TiledMLP``): the same GEMMs as the checkpointed MLP, its working set for one tile."""
+    see ``minitrain.model._TiledMLP``): the same GEMMs as the checkpointed MLP, its working set for one tile.
+    ``keep_mlp_layers`` (default ``KEEP_MLP_LAYERS``): with "offload", the last that many layers keep their MLP
+    half's activations on the device instead of recomputing them (device memory for time)."""
+    keep = KEEP_MLP_LAYERS if keep_mlp_layers is None else keep_mlp_layers
+    if keep < 0:
+        raise ValueError(f"keep_mlp_layers must be >= 0, got {keep}")
     offload = HostOffload() if mode == "offload" else None
     tile = mlp_tile_default() if mode != "off" else 0
     layers = decoder_layers(model)
@@ -895,7 +927,8 @@ def set_gradient_checkpointing(model: nn.Module, mode: str) -> None:
         if isinstance(layer.__dict__.get("forward"), CheckpointedLayer):
             del layer.forward  # back to the class's forward
         if mode != "off":
-            layer.forward = CheckpointedLayer(layer, offload, i)
+            kept = offload is not None and i >= len(layers) - keep
+            layer.forward = CheckpointedLayer(layer, offload, i, keep_mlp=kept)
         if isinstance(getattr(layer, "mlp", None), LlamaMLP):
             layer.mlp.tile_tokens = tile
             # FSDP2 (distributed.shard_model): DTensors here, but plain unsharded tensors inside the forward

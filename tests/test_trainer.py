@@ -519,7 +519,7 @@ def test_recompute_skip_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
 
 
 # ---- gradient_checkpointing="offload": each decoder layer as two checkpoint segments (x -> h1 -> out) ----------
-def offload_run(model, monkeypatch, split, calls, autocast=False, early_stop=True, forwards=1):
+def offload_run(model, monkeypatch, split, calls, autocast=False, early_stop=True, forwards=1, keep_mlp=0):
     """One backward of ``forwards`` summed losses with gradient_checkpointing="offload", the split on or off.
     Returns the loss, the adapter gradients, per layer the dequantize counts of o_proj's and down's base weights,
     and the stash indices in the order HostOffload.stash was called."""
@@ -528,6 +528,7 @@ def offload_run(model, monkeypatch, split, calls, autocast=False, early_stop=Tru
     import minitrain.trainer as mt
 
     monkeypatch.setattr(mt, "SPLIT_OFFLOAD_SEGMENTS", split)
+    monkeypatch.setattr(mt, "KEEP_MLP_LAYERS", keep_mlp)
     stashes, stash = [], mt.HostOffload.stash
 
     def spy(self, index, x, **kw):
@@ -554,7 +555,8 @@ def offload_run(model, monkeypatch, split, calls, autocast=False, early_stop=Tru
     layers = model.model.layers
     o = [calls.get(id(layer.self_attn.o_proj.base_layer.weight), 0) for layer in layers]
     down = [calls.get(id(layer.mlp.down_proj.base_layer.weight), 0) for layer in layers]
-    return loss.detach(), g, o, down, stashes
+    gate = [calls.get(id(layer.mlp.gate_proj.base_layer.weight), 0) for layer in layers]
+    return loss.detach(), g, o, down, stashes, gate
 
 
 def assert_same_bits(a, b):
@@ -1573,3 +1575,33 @@ def test_offload_host_budget_counts_fresh_buffers_of_later_forwards():
         assert torch.equal(off.fetch(s), x)
     del stashes, s
     assert off.host_bytes() == nbytes, off.host_bytes()  # the fresh copies went with their stashes
+
+
+@pytest.mark.parametrize("keep", [1, 2, 5])
+def test_offload_keep_mlp_layers_is_bit_identical_and_skips_their_recomputation(fused_lora_on_cpu, monkeypatch, keep):
+    """KEEP_MLP_LAYERS = k: the last k layers' MLP halves run without a checkpoint (no h1 stash, no recomputation:
+    gate's base dequantized in forward and backward only), with the same loss and gradients, bit for bit; k
+    beyond the layer count keeps them all."""
+    model = tiny_lora_model(True, 0.1)
+    n = len(model.model.layers)
+    want = offload_run(model, monkeypatch, True, fused_lora_on_cpu)
+    got = offload_run(model, monkeypatch, True, fused_lora_on_cpu, keep_mlp=keep)
+    kept = range(max(0, n - keep), n)
+    assert got[4] == [j for j in range(2 * n) if not (j % 2 and j // 2 in kept)], got[4]
+    assert want[5] == [3] * n and got[5] == [2 if i in kept else 3 for i in range(n)], (want[5], got[5])
+    assert_same_bits(got, want)
+
+
+def test_keep_mlp_layers_setting(monkeypatch):
+    import minitrain.trainer as mt
+
+    monkeypatch.setenv("MINITRAIN_KEEP_MLP_LAYERS", "3")
+    assert mt.keep_mlp_layers_default() == 3
+    monkeypatch.setenv("MINITRAIN_KEEP_MLP_LAYERS", "-1")
+    with pytest.raises(ValueError, match="MINITRAIN_KEEP_MLP_LAYERS='-1'"):
+        mt.keep_mlp_layers_default()
+    monkeypatch.setenv("MINITRAIN_KEEP_MLP_LAYERS", "all")
+    with pytest.raises(ValueError, match="whole number"):
+        mt.keep_mlp_layers_default()
+    with pytest.raises(ValueError, match="keep_mlp_layers must be >= 0"):
+        mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "offload", keep_mlp_layers=-2)
