@@ -66,7 +66,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 2
         load_adapter(model, args.adapter, trainable=False)
         model.eval()
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    from .model import model_device
+
+    gen = torch.Generator(device=model_device(model)).manual_seed(args.seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     prompts = [args.prompt] if args.prompt is not None else None
     while True:

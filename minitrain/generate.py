@@ -112,7 +112,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
                         f"{tuple(getattr(input_ids, 'shape', ()))}")
     squeeze = input_ids.dim() == 1
     ids = input_ids[None] if squeeze else input_ids
-    device = next(model.parameters()).device
+    from .model import model_device
+
+    device = model_device(model)
     ids = ids.to(device)
     B, T = ids.shape
     if T == 0:

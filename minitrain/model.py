@@ -958,6 +958,67 @@ class LlamaModel(KernelSwitch, nn.Module):
         return build_mask(position_ids, position_ids, docs, docs, window)
 
 
+class HostEmbeddingLookup:
+    """``embed_tokens.minitrain_lookup`` of :func:`offload_input_embeddings`: the batch's rows gathered from the
+    pinned host weight into ``device`` (``triton_ops.host_gather``), or a plain lookup once the weight is on a
+    device again (``model.to(...)`` moves it back)."""
+
+    def __init__(self, emb: nn.Embedding, device: torch.device):
+        self.emb, self.device = emb, device
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.emb.weight
+        if w.device.type != "cpu" or ids.device.type == "cpu":
+            return self.emb(ids.to(w.device))
+        from triton_ops.host_gather import gather_rows
+
+        return gather_rows(w, ids, ids.device)
+
+
+def offload_input_embeddings(model: nn.Module) -> int:
+    """Keep the input embedding (``model.model.embed_tokens``) in pinned host memory instead of on the device; the
+    forward gathers the batch's rows over PCIe in one kernel (``triton_ops.host_gather``: 32 MB for 2 x 2048
+    tokens at C = 4096 in bf16), which a CUDA graph captures. Frees V * C * element size bytes of device memory
+    (1.0 GiB for Llama-3's 128256 x 4096 in bf16) for some PCIe time per forward; the outputs are the same bits.
+
+    For a frozen, untied embedding on a CUDA device: raises for a tied lm_head (it needs the weight on the
+    device), a trainable embedding, one on the CPU, and an embedding that already has a lookup (FSDP2's). Returns
+    the device bytes freed (0 when already offloaded)."""
+    body = getattr(model, "model", model)
+    emb = getattr(body, "embed_tokens", None)
+    if not isinstance(emb, nn.Embedding):
+        raise TypeError(f"offload_input_embeddings: {type(model).__name__} has no model.embed_tokens nn.Embedding")
+    lookup = getattr(emb, "minitrain_lookup", None)
+    if isinstance(lookup, HostEmbeddingLookup) and emb.weight.device.type == "cpu":
+        return 0
+    w = emb.weight
+    if lookup is not None:
+        raise ValueError("offload_input_embeddings: embed_tokens already has a lookup (FSDP2's vocabulary-parallel "
+                         "embedding); not combined")
+    head = getattr(model, "lm_head", None)
+    if head is not None and getattr(head, "weight", None) is w:
+        raise ValueError("offload_input_embeddings: the lm_head shares (ties) this weight and needs it on the device")
+    if w.requires_grad:
+        raise ValueError("offload_input_embeddings: the embedding is trainable (its gradient needs the weight on "
+                         "the device); freeze it first")
+    if w.device.type != "cuda":
+        raise ValueError(f"offload_input_embeddings: the embedding is on {w.device}, not a CUDA device")
+    freed = w.numel() * w.element_size()
+    emb.weight = nn.Parameter(w.detach().to("cpu").pin_memory(), requires_grad=False)
+    emb.minitrain_lookup = HostEmbeddingLookup(emb, w.device)
+    return freed
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes: its first parameter's device, skipping an input embedding kept on the host by
+    :func:`offload_input_embeddings`."""
+    body = getattr(model, "model", model)
+    emb = getattr(body, "embed_tokens", None)
+    if emb is not None and isinstance(getattr(emb, "minitrain_lookup", None), HostEmbeddingLookup):
+        return emb.minitrain_lookup.device
+    return next(model.parameters()).device
+
+
 class LlamaForCausalLM(KernelSwitch, nn.Module):
     """The causal LM: ``forward(input_ids, position_ids=None, cu_seqlens=None, cache=None, attention_mask=None)``
     -> logits (B, T, V); ``attention_mask`` as in :meth:`LlamaModel.forward` (padded batches, e.g. generate's).
@@ -988,7 +1049,7 @@ class LlamaForCausalLM(KernelSwitch, nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         emb = self.model.embed_tokens.weight
-        return KVCache(self.args, batch, max_len, emb.device, emb.dtype)
+        return KVCache(self.args, batch, max_len, model_device(self), emb.dtype)
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  eos_token_id=None, generator: torch.Generator | None = None,

@@ -41,7 +41,7 @@ from .config import TrainConfig
 from .data.batching import bucket_batches
 from .lora import LoRALinear, atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
 from .model import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, SavedAttention, attention_outputs, env_switch,
-                    has_global_hooks, has_hooks, mlp_tile_default)
+                    has_global_hooks, has_hooks, mlp_tile_default, offload_input_embeddings)
 
 try:
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -637,6 +637,11 @@ def keep_mlp_layers_default() -> int:
 # (read at import) or this attribute, read by set_gradient_checkpointing.
 KEEP_MLP_LAYERS = keep_mlp_layers_default()
 
+# gradient_checkpointing="offload" also keeps a frozen, untied input embedding in pinned host memory
+# (minitrain.model.offload_input_embeddings: 1.0 GiB less device memory at Llama-3's vocabulary). Off by default;
+# MINITRAIN_OFFLOAD_EMBEDDINGS=1 (read at import) or this attribute, read by set_gradient_checkpointing.
+OFFLOAD_EMBEDDINGS = os.environ.get("MINITRAIN_OFFLOAD_EMBEDDINGS", "0").strip().lower() in ("1", "true", "on", "yes")
+
 # The forwards whose code the checks below rely on, as minitrain.model defines them (a later class-level patch
 # replaces the class attribute, not these)
 _DECODER_FORWARD, _ATTENTION_FORWARD = LlamaDecoderLayer.forward, LlamaAttention.forward
@@ -919,6 +924,13 @@ def set_gradient_checkpointing(model: nn.Module, mode: str, keep_mlp_layers: int
     if keep < 0:
         raise ValueError(f"keep_mlp_layers must be >= 0, got {keep}")
     offload = HostOffload() if mode == "offload" else None
+    if offload is not None and OFFLOAD_EMBEDDINGS:
+        try:
+            offload_input_embeddings(model)
+        except (TypeError, ValueError) as e:  # a tied, trainable or CPU embedding stays where it is
+            import warnings
+
+            warnings.warn(f"MINITRAIN_OFFLOAD_EMBEDDINGS: the input embedding stays on the device ({e})", stacklevel=2)
     tile = mlp_tile_default() if mode != "off" else 0
     layers = decoder_layers(model)
     if offload is not None:

@@ -1,0 +1,91 @@
+"""The input embedding kept in pinned host memory (minitrain.model.offload_input_embeddings) and its row gather
+(triton_ops.host_gather): the same bits as nn.Embedding, in eager and CUDA-graph training and in generation."""
+import pytest
+import torch
+
+from minitrain.model import model_device, offload_input_embeddings
+from triton_ops.host_gather import gather_rows
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gather_rows_bits_and_bad_ids(dtype, device):
+    table = torch.randn(50, 37).to(dtype)  # C = 37: a ragged last block
+    if device == "cuda":
+        table = table.pin_memory()
+    ids = torch.tensor([[3, 0, 49], [7, 50, -1]], device=device)
+    out = gather_rows(table, ids)
+    assert out.shape == (2, 3, 37) and out.device.type == device and out.dtype == dtype
+    assert torch.equal(out[0].cpu(), table[[3, 0, 49]]) and torch.equal(out[1, 0].cpu(), table[7])
+    assert torch.isnan(out[1, 1:]).all(), "an id outside [0, V) must give a NaN row, not another row"
+    assert torch.equal(gather_rows(table, ids.to(torch.int32))[0].cpu(), table[[3, 0, 49]])
+    assert gather_rows(table, ids[:, :0]).shape == (2, 0, 37)
+
+
+def test_gather_rows_errors():
+    t = torch.zeros(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="unit stride"):
+        gather_rows(t.t(), torch.tensor([0]))
+    with pytest.raises(TypeError, match="2 or 4 bytes"):
+        gather_rows(torch.zeros(4, 8, dtype=torch.int8), torch.tensor([0]))
+    with pytest.raises(TypeError, match="int64 or int32"):
+        gather_rows(t, torch.tensor([0.0]))
+
+
+def _tiny(device, tie=False):
+    from test_cuda_graphs import model_with_lora
+
+    model = model_with_lora(device, torch.bfloat16 if device == "cuda" else torch.float32)
+    if tie:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def test_offload_refusals_on_cpu():
+    model = _tiny("cpu")
+    assert model_device(model) == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a CUDA device"):
+        offload_input_embeddings(model)
+    with pytest.raises(ValueError, match="ties"):
+        offload_input_embeddings(_tiny("cpu", tie=True))
+    model.model.embed_tokens.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="trainable"):
+        offload_input_embeddings(model)
+    with pytest.raises(TypeError, match="no model.embed_tokens"):
+        offload_input_embeddings(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.gpu
+def test_gpu_offloaded_embedding_trains_and_generates_the_same():
+    from minitrain.trainer import token_loss_sum
+    from test_cuda_graphs import grads, random_batch
+
+    from minitrain.cuda_graphs import GraphedLoss, zero_grads
+
+    a, b = _tiny("cuda"), _tiny("cuda")
+    emb = b.model.embed_tokens
+    size = emb.weight.numel() * emb.weight.element_size()
+    assert offload_input_embeddings(b) == size
+    assert offload_input_embeddings(b) == 0  # already offloaded
+    assert emb.weight.device.type == "cpu" and emb.weight.is_pinned() and model_device(b).type == "cuda"
+    batch = random_batch(2, 24, "cuda", seed=1)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    assert torch.equal(a.model(batch["input_ids"]), b.model(batch["input_ids"]))  # same bits
+    for model in (a, b):  # eager, then three replays of the trainer's CUDA graph
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = token_loss_sum(model, batch) / n
+        loss.backward()
+        model.eager = (loss.detach(), grads(model))
+        zero_grads([p for p in model.parameters() if p.requires_grad])
+        gl = GraphedLoss(model, 2, 24, warmup=1)
+        for _ in range(3):
+            zero_grads(gl.params)
+            model.graphed = (gl(batch, n).detach(), grads(model))
+        assert gl.graph is not None
+    for k in ("eager", "graphed"):
+        la, ga = getattr(a, k)
+        lb, gb = getattr(b, k)
+        assert torch.allclose(la, lb, rtol=0, atol=1e-6), (k, la, lb)
+        for name in ga:
+            assert torch.allclose(ga[name], gb[name], rtol=1e-3, atol=1e-5), (k, name)
+    ids = batch["input_ids"][:1, :8]
+    assert torch.equal(a.generate(ids, 5), b.generate(ids, 5))
