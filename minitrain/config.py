@@ -90,6 +90,9 @@ class TrainConfig:
     # "auto" (on for CUDA, off on the CPU) | "off" | "on" (recompute each layer) | "offload" (+ inputs on host,
     # within a host-memory budget: MINITRAIN_OFFLOAD_HOST_GIB, default 75% of the memory available)
     gradient_checkpointing: str = "auto"
+    # with "offload": the MLP halves of the last N decoder layers keep their activations on the device instead of
+    # being recomputed (about 0.28 GiB and 2 ms of an 8B-shaped 2 x 2048-token step per layer on an H200)
+    keep_mlp_layers: int = 0
     eval_split: float = 0.0  # held-out share of the data (< 1) or example count (>= 1) for eval loss
     packing: bool = False  # pack several short examples into one max_seq_length row
     train_on_responses_only: bool = False  # loss only on assistant turns of chat data
@@ -114,6 +117,7 @@ class TrainConfig:
             self.cuda_graphs = "on" if self.cuda_graphs else "off"
         check_choice("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         check_choice("optim", self.optim, ("adamw", "sgd"))
+        _check(int(self.keep_mlp_layers) >= 0, "keep_mlp_layers", self.keep_mlp_layers, ">= 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):
             _check(int(getattr(self, name)) >= 1, name, getattr(self, name), ">= 1")

@@ -638,9 +638,12 @@ def keep_mlp_layers_default() -> int:
 KEEP_MLP_LAYERS = keep_mlp_layers_default()
 
 # gradient_checkpointing="offload" also keeps a frozen, untied input embedding in pinned host memory
-# (minitrain.model.offload_input_embeddings: 1.0 GiB less device memory at Llama-3's vocabulary). Off by default;
-# MINITRAIN_OFFLOAD_EMBEDDINGS=1 (read at import) or this attribute, read by set_gradient_checkpointing.
-OFFLOAD_EMBEDDINGS = os.environ.get("MINITRAIN_OFFLOAD_EMBEDDINGS", "0").strip().lower() in ("1", "true", "on", "yes")
+# (minitrain.model.offload_input_embeddings: 1.0 GiB less device memory at Llama-3's vocabulary, the same step time
+# within noise on an H200: bench/results/2026-11-28-h200-train.md). None (the default): where it applies (a tied or
+# trainable embedding stays, silently); True (MINITRAIN_OFFLOAD_EMBEDDINGS=1): the same with a warning where it
+# does not apply; False (MINITRAIN_OFFLOAD_EMBEDDINGS=0): never. Read by set_gradient_checkpointing.
+_emb_env = os.environ.get("MINITRAIN_OFFLOAD_EMBEDDINGS", "").strip().lower()
+OFFLOAD_EMBEDDINGS = None if not _emb_env else _emb_env not in ("0", "false", "off", "no")
 
 # The forwards whose code the checks below rely on, as minitrain.model defines them (a later class-level patch
 # replaces the class attribute, not these)
@@ -914,23 +917,31 @@ def decoder_layers(model: nn.Module):
     return list(layers)
 
 
+def _on_cuda(model: nn.Module) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "cuda"
+
+
 def set_gradient_checkpointing(model: nn.Module, mode: str, keep_mlp_layers: int | None = None) -> None:
     """mode "off" | "on" | "offload" (see :class:`CheckpointedLayer`). Checkpointed minitrain MLPs also run in
     token tiles on long inputs (``MINITRAIN_MLP_TILE`` tokens per tile, default 4096, above four tiles' worth;
     see ``minitrain.model._TiledMLP``): the same GEMMs as the checkpointed MLP, its working set for one tile.
     ``keep_mlp_layers`` (default ``KEEP_MLP_LAYERS``): with "offload", the last that many layers keep their MLP
-    half's activations on the device instead of recomputing them (device memory for time)."""
+    half's activations on the device instead of recomputing them (device memory for time). "offload" on CUDA
+    also moves a frozen, untied input embedding to pinned host memory (``OFFLOAD_EMBEDDINGS``)."""
     keep = KEEP_MLP_LAYERS if keep_mlp_layers is None else keep_mlp_layers
     if keep < 0:
         raise ValueError(f"keep_mlp_layers must be >= 0, got {keep}")
     offload = HostOffload() if mode == "offload" else None
-    if offload is not None and OFFLOAD_EMBEDDINGS:
+    if offload is not None and OFFLOAD_EMBEDDINGS is not False and _on_cuda(model):
         try:
             offload_input_embeddings(model)
         except (TypeError, ValueError) as e:  # a tied, trainable or CPU embedding stays where it is
-            import warnings
+            if OFFLOAD_EMBEDDINGS:
+                import warnings
 
-            warnings.warn(f"MINITRAIN_OFFLOAD_EMBEDDINGS: the input embedding stays on the device ({e})", stacklevel=2)
+                warnings.warn(f"MINITRAIN_OFFLOAD_EMBEDDINGS: the input embedding stays on the device ({e})",
+                              stacklevel=2)
     tile = mlp_tile_default() if mode != "off" else 0
     layers = decoder_layers(model)
     if offload is not None:
@@ -1160,7 +1171,7 @@ class Trainer:
             self._graph_pool = None
             self.graphs_off_because = [str(e)]
             # fresh checkpointing wrappers: "offload" keeps stashes and events of the aborted capture otherwise
-            set_gradient_checkpointing(self.model, self.gc_mode)
+            set_gradient_checkpointing(self.model, self.gc_mode, self.cfg.keep_mlp_layers or None)
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             self.notes.append(("cuda_graphs_off", f"{e}; continuing without CUDA graphs (eagerly, slower)"))
@@ -1197,7 +1208,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + self.rank)  # ranks draw different dropout masks
         self._maybe_resume()
-        set_gradient_checkpointing(self.model, self.gc_mode)
+        set_gradient_checkpointing(self.model, self.gc_mode, self.cfg.keep_mlp_layers or None)
         self.model.train()
         progress, metrics = Progress(self.total_steps, cfg.progress, self.main), {}
         if self.device.type == "cuda":

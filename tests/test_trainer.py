@@ -1605,3 +1605,11 @@ def test_keep_mlp_layers_setting(monkeypatch):
         mt.keep_mlp_layers_default()
     with pytest.raises(ValueError, match="keep_mlp_layers must be >= 0"):
         mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "offload", keep_mlp_layers=-2)
+
+
+def test_keep_mlp_layers_config():
+    from minitrain.config import ConfigError, TrainConfig
+
+    assert TrainConfig(keep_mlp_layers=3).keep_mlp_layers == 3
+    with pytest.raises(ConfigError, match="keep_mlp_layers"):
+        TrainConfig(keep_mlp_layers=-1)

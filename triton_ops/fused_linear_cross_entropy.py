@@ -41,6 +41,9 @@ import triton.language as tl
 from .cross_entropy import _DTYPES, _check_options, ce_launch, cross_entropy_ref, resolve_backend
 
 CHUNK_BUDGET_BYTES = int(0.49 * 2**30)  # under the 0.5 GiB that the issue allows beyond grads
+# With a frozen weight (the LoRA case: no grad_W, whose per-chunk re-read makes small chunks slow) half that: the
+# chunk buffer is part of a training step's peak device memory (1024 tokens at V=128256 in bf16)
+FROZEN_CHUNK_BUDGET_BYTES = CHUNK_BUDGET_BYTES // 2
 
 
 def default_chunk_size(n_tokens: int, vocab: int, element_size: int,
@@ -281,7 +284,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         labels: (...) int64, ``ignore_index`` entries contribute nothing.
         bias: optional (V,).
         reduction, n_items, softcap: as in ``triton_ops.cross_entropy.cross_entropy``.
-        chunk_size: tokens per chunk; default keeps the chunk's logits buffer just under 0.5 GiB (module docstring).
+        chunk_size: tokens per chunk; default keeps the chunk's logits buffer just under 0.5 GiB (module docstring),
+            half that when ``weight`` gets no gradient.
         backend: "auto" (kernels on CUDA, the fp32 reference on CPU; $MINITRAIN_CE_BACKEND overrides),
             "triton", "cuda" or "torch". On CUDA each chunk's loss and gradient come from one row kernel:
             the Triton one (each logit read twice; "auto" and "triton"), or with "cuda" the CUDA C++ one that
@@ -303,8 +307,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                          f"leading shape {tuple(hidden.shape[:-1])}")
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # a no-op for the usual (B, T, C) activations
     y = labels.reshape(-1).contiguous()
+    grad_on = torch.is_grad_enabled()
     if chunk_size is None:
-        chunk_size = default_chunk_size(h.shape[0], weight.shape[0], weight.element_size())
+        frozen = not (grad_on and weight.requires_grad)
+        chunk_size = default_chunk_size(h.shape[0], weight.shape[0], weight.element_size(),
+                                        FROZEN_CHUNK_BUDGET_BYTES if frozen else CHUNK_BUDGET_BYTES)
     if chunk_size < 1:
         raise ValueError(f"fused_linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     cap = 0.0 if softcap is None else float(softcap)
@@ -318,7 +325,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         scale = torch.ones((), dtype=torch.float32, device=h.device)
     else:  # mean over non-ignored tokens; 1/max(count, 1) so an all-ignored batch gives 0, not NaN
         scale = 1.0 / (y != ignore_index).sum().clamp(min=1).to(torch.float32)
-    grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, *_ = torch.ops.minitrain.fused_linear_cross_entropy(h, weight, y, bias, scale, ignore_index, cap,
                                                               chunk_size, *need, rows)
