@@ -32,6 +32,16 @@ def _cupy():
     return cupy
 
 
+@functools.lru_cache(maxsize=None)
+def cupy_available() -> bool:
+    """Whether CuPy imports (the CUDA C++ backends need it); cached."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def source(name: str) -> str:
     """The text of ``csrc/<name>`` (e.g. ``"nf4_dequant.cu"``), with local ``#include "x.cuh"`` inlined."""
     path = SRC_DIR / name

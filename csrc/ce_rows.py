@@ -10,13 +10,12 @@ otherwise. The Triton kernel (each logit read twice) stays the default: see ``tr
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from csrc import get_kernel, launch
+from csrc import cupy_available, get_kernel, launch
 
 _DT = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -68,22 +67,13 @@ def slice_width(V: int, cluster: int) -> int:
     return -(-(-(-V // cluster)) // 8) * 8
 
 
-@functools.lru_cache(maxsize=None)
-def _cupy_ok() -> bool:
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def unsupported(logits: torch.Tensor, grad: torch.Tensor, softcap: float) -> str | None:
     """Why the kernel cannot take this launch, or None when it can."""
     if not logits.is_cuda:
         return "needs CUDA tensors"
     if torch.cuda.get_device_capability(logits.device)[0] < 9:
         return "needs thread-block clusters (compute capability 9.0 or newer)"
-    if not _cupy_ok():
+    if not cupy_available():
         return "needs CuPy (pip install 'minitrain[cuda]')"
     if logits.dtype not in _DT:
         return f"takes float16 or bfloat16 logits, got {logits.dtype}"

@@ -227,13 +227,10 @@ def _dequant_mm(x, qt, bias, fast: bool = False):
 _PATHS = {"gemv_cuda": _gemv_cuda, "mma_cuda": _mma_cuda, "gemv": _gemv, "fused": _fused, "dequant": _dequant_mm}
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_gemv_available() -> bool:
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from csrc import cupy_available
+
+    return cupy_available()
 
 
 def candidates(m: int, shape, blocksize: int) -> tuple[str, ...]:
