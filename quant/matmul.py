@@ -52,7 +52,6 @@ callers running NF4 layers concurrently on several streams should use a GEMV pat
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import time
