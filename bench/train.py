@@ -74,9 +74,13 @@ ROWS = {
     "ours-graph": dict(impl="ours", quant=True, gc="on", graph=True, cuda=True),
     "ours-16bit-graph": dict(impl="ours", quant=False, gc="on", graph=True, cuda=True),
     "ours-offload-graph": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True),
-    # TrainConfig(keep_mlp_layers=N): the last N layers' MLP activations kept on the device (no recomputation)
-    "ours-offload-graph-keep4": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True, keep_mlp=4),
-    "ours-offload-graph-keep5": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True, keep_mlp=5),
+    # TrainConfig(offload_embeddings=True): the input embedding in pinned host memory; keep_mlp_layers=N: the last
+    # N layers' MLP activations kept on the device (no recomputation)
+    "ours-offload-graph-emb": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True, emb=True),
+    "ours-offload-graph-keep4": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True, emb=True,
+                                     keep_mlp=4),
+    "ours-offload-graph-keep5": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True, emb=True,
+                                     keep_mlp=5),
     "ours-16bit-offload-graph": dict(impl="ours", quant=False, gc="offload", graph=True, cuda=True),
     "peft-bnb": dict(impl="hf", quant=True, liger=False, cuda=False),  # bitsandbytes 0.50 runs NF4 on CPU too
     "peft-bnb-liger": dict(impl="hf", quant=True, liger=True, cuda=True),
@@ -237,7 +241,7 @@ def build_ours(spec, device, dtype):
     model, _ = load_model(spec["ckpt"], max_seq_length=spec["seq"], dtype=dtype, load_in_4bit=spec["quant"],
                           device=device, tokenizer=False)
     add_lora(model, r=R, alpha=ALPHA, target_modules=SEVEN)
-    set_gradient_checkpointing(model, spec["gc"], spec.get("keep_mlp"))
+    set_gradient_checkpointing(model, spec["gc"], spec.get("keep_mlp"), spec.get("emb"))
     model.train()
     params = [p for _, p in lora_parameters(model)]
 
@@ -255,7 +259,8 @@ def build_ours(spec, device, dtype):
 
         loss_fn.does_backward = True
         keep = spec.get("keep_mlp")
-        return params, loss_fn, NOTES["ours-graph"] + (f"; keep_mlp_layers={keep}" if keep else "")
+        return params, loss_fn, (NOTES["ours-graph"] + ("; offload_embeddings=True" if spec.get("emb") else "")
+                                 + (f"; keep_mlp_layers={keep}" if keep else ""))
     return params, loss_fn, ""
 
 

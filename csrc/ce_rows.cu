@@ -17,9 +17,9 @@
 // Layout: blocks of THREADS threads, clusters of CS blocks (__cluster_dims__), one row per cluster at a time;
 // cluster c takes rows c, c + #clusters, ... While a block finishes a row (reductions, cluster barrier, stores),
 // its slice of the next row is already on its way into shared memory (cp.async, one staging buffer: each
-// thread moves its vectors to registers before it stages the next row's). Slice s of a row is columns [s * slice, min(V, (s + 1) * slice)),
-// `slice` a multiple of 8, at most THREADS * P * 8: P 16-byte vectors per thread (vector u of the slice is
-// held by thread u % THREADS). The launcher requires V % 8 == 0, 16-byte aligned rows of logits and grad, and
+// thread moves its vectors to registers before it stages the next row's). Slice s of a row is columns
+// [s * slice, min(V, (s + 1) * slice)), `slice` a multiple of 8, at most THREADS * P * 8: P 16-byte vectors per
+// thread (vector u of the slice is held by thread u % THREADS). The launcher requires V % 8 == 0, 16-byte aligned rows of logits and grad, and
 // that V fits CS slices. The partial results are double-buffered by row parity, so one cluster barrier per row
 // suffices; a last one keeps every block's shared memory alive until the others have read it.
 //
@@ -102,6 +102,14 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
     }
 }
 
+// The pair over the warp's 32 lanes, in every lane.
+__device__ __forceinline__ void warp_merge(float& m, float& s) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+    }
+}
+
 template <int T, int THREADS, int P, int CS, bool RC>
 __device__ __forceinline__ void ce_rows_impl(const void* __restrict__ logits, i64 stride_l, void* grad, i64 stride_g,
                                              const i64* __restrict__ labels, float* __restrict__ loss,
@@ -179,8 +187,7 @@ __device__ __forceinline__ void ce_rows_impl(const void* __restrict__ logits, i6
         }
         const float m_t = m;
         // this block's (max, sum): warps, then warp 0 over the warps
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+        warp_merge(m, s);
         if (lane == 0) {
             red_m[warp] = m;
             red_s[warp] = s;
@@ -189,8 +196,7 @@ __device__ __forceinline__ void ce_rows_impl(const void* __restrict__ logits, i6
         if (warp == 0) {
             m = lane < WARPS ? red_m[lane] : NEG_INF;
             s = lane < WARPS ? red_s[lane] : 0.0f;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+            warp_merge(m, s);
             if (lane == 0) {
                 part[parity][0] = m;
                 part[parity][1] = s;
@@ -204,8 +210,7 @@ __device__ __forceinline__ void ce_rows_impl(const void* __restrict__ logits, i6
                 m = load_remote(&part[parity][0], lane);
                 s = load_remote(&part[parity][1], lane);
             }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+            warp_merge(m, s);
             const float lse = m + log2f(s) * (1.0f / LOG2E);
             if (lane == 0) {
                 row_lse = lse;

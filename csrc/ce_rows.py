@@ -41,7 +41,8 @@ VARIANTS = {v.name: v for v in (Variant(256, 2, 4), Variant(256, 4, 8), Variant(
                                 Variant(256, 8, 8), Variant(512, 4, 8, True), Variant(256, 8, 8, True),
                                 Variant(256, 4, 8, True))}
 # the fastest per row length on an H200 (bench.dev.ce_rows_sweep, 2048 rows bf16, against the Triton kernel's
-# 425 µs at V = 128256 and 216 µs at 65536): t256_p8_c8_rc 336 µs, t256_p4_c8_rc 182 µs
+# 426.8 µs at V = 128256 and 215.0 µs at 65536): t256_p8_c8_rc 335.9 µs, t256_p4_c8_rc 182.4 µs. Below that the
+# Triton kernel is faster: 115.4 vs 145.3 µs at V = 32000 (bench/results/2026-11-28-h200-cross_entropy.md)
 DEFAULT_ORDER = ("t256_p2_c4", "t256_p4_c8_rc", "t256_p8_c8_rc")
 MAX_VOCAB = max(v.capacity for v in VARIANTS.values())
 ROWS_PER_CLUSTER = 4  # rows each cluster walks (grid = ceil(N / 4) clusters)
@@ -69,12 +70,6 @@ def slice_width(V: int, cluster: int) -> int:
 
 def unsupported(logits: torch.Tensor, grad: torch.Tensor, softcap: float) -> str | None:
     """Why the kernel cannot take this launch, or None when it can."""
-    if not logits.is_cuda:
-        return "needs CUDA tensors"
-    if torch.cuda.get_device_capability(logits.device)[0] < 9:
-        return "needs thread-block clusters (compute capability 9.0 or newer)"
-    if not cupy_available():
-        return "needs CuPy (pip install 'minitrain[cuda]')"
     if logits.dtype not in _DT:
         return f"takes float16 or bfloat16 logits, got {logits.dtype}"
     if softcap != 0.0:
@@ -85,6 +80,12 @@ def unsupported(logits: torch.Tensor, grad: torch.Tensor, softcap: float) -> str
     for name, t in (("logits", logits), ("grad", grad)):
         if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
             return f"needs 16-byte aligned rows of {name}"
+    if not logits.is_cuda:
+        return "needs CUDA tensors"
+    if torch.cuda.get_device_capability(logits.device)[0] < 9:
+        return "needs thread-block clusters (compute capability 9.0 or newer)"
+    if not cupy_available():
+        return "needs CuPy (pip install 'minitrain[cuda]')"
     return None
 
 

@@ -716,16 +716,22 @@ class LlamaAttention(nn.Module):
 MLP_TILE_FROM = 4
 
 
+def env_count(name: str, default: int, what: str) -> int:
+    """A whole number >= 0 from the environment variable ``name`` (``default`` when unset); a clear error naming
+    the variable otherwise (``what``: the unit, for the message)."""
+    env = os.environ.get(name, "").strip()
+    try:
+        n = int(env) if env else default
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"{name}={env!r}: expected a whole number of {what} >= 0")
+    return n
+
+
 def mlp_tile_default() -> int:
     """Tokens per tile of a checkpointed MLP (``MINITRAIN_MLP_TILE``, default 4096; 0 turns tiling off)."""
-    env = os.environ.get("MINITRAIN_MLP_TILE", "").strip()
-    try:
-        tile = int(env) if env else 4096
-    except ValueError:
-        tile = -1
-    if tile < 0:
-        raise ValueError(f"MINITRAIN_MLP_TILE={env!r}: expected a whole number of tokens >= 0 (0: no tiling)")
-    return tile
+    return env_count("MINITRAIN_MLP_TILE", 4096, "tokens (0: no tiling)")
 
 
 class _TiledMLP(torch.autograd.Function):
@@ -970,6 +976,8 @@ class HostEmbeddingLookup:
         w = self.emb.weight
         if w.device.type != "cpu" or ids.device.type == "cpu":
             return self.emb(ids.to(w.device))
+        if not w.is_pinned():  # a copy or cast of the model (deepcopy, .half(), a reload) lost the pinning
+            return self.emb(ids.cpu()).to(ids.device)
         from triton_ops.host_gather import gather_rows
 
         return gather_rows(w, ids, ids.device)
@@ -979,11 +987,14 @@ def offload_input_embeddings(model: nn.Module) -> int:
     """Keep the input embedding (``model.model.embed_tokens``) in pinned host memory instead of on the device; the
     forward gathers the batch's rows over PCIe in one kernel (``triton_ops.host_gather``: 32 MB for 2 x 2048
     tokens at C = 4096 in bf16), which a CUDA graph captures. Frees V * C * element size bytes of device memory
-    (1.0 GiB for Llama-3's 128256 x 4096 in bf16) for some PCIe time per forward; the outputs are the same bits.
+    (0.98 GiB for Llama-3's 128256 x 4096 in bf16) for some PCIe time per forward; the outputs are the same bits.
+    ``model.to(device)`` brings the weight back (the lookup then uses it there); a copy or cast of the model that
+    loses the pinning gathers on the host instead.
 
     For a frozen, untied embedding on a CUDA device: raises for a tied lm_head (it needs the weight on the
-    device), a trainable embedding, one on the CPU, and an embedding that already has a lookup (FSDP2's). Returns
-    the device bytes freed (0 when already offloaded)."""
+    device), a trainable embedding, one on the CPU, one with hooks (the lookup would bypass them), and an
+    embedding that already has another lookup (FSDP2's). Returns the device bytes freed (0 when already
+    offloaded)."""
     body = getattr(model, "model", model)
     emb = getattr(body, "embed_tokens", None)
     if not isinstance(emb, nn.Embedding):
@@ -992,9 +1003,12 @@ def offload_input_embeddings(model: nn.Module) -> int:
     if isinstance(lookup, HostEmbeddingLookup) and emb.weight.device.type == "cpu":
         return 0
     w = emb.weight
-    if lookup is not None:
+    if lookup is not None and not isinstance(lookup, HostEmbeddingLookup):
         raise ValueError("offload_input_embeddings: embed_tokens already has a lookup (FSDP2's vocabulary-parallel "
                          "embedding); not combined")
+    if has_hooks(emb) or has_global_hooks():
+        raise ValueError("offload_input_embeddings: embed_tokens (or every module) has hooks, which the host "
+                         "lookup would bypass")
     head = getattr(model, "lm_head", None)
     if head is not None and getattr(head, "weight", None) is w:
         raise ValueError("offload_input_embeddings: the lm_head shares (ties) this weight and needs it on the device")
@@ -1004,7 +1018,9 @@ def offload_input_embeddings(model: nn.Module) -> int:
     if w.device.type != "cuda":
         raise ValueError(f"offload_input_embeddings: the embedding is on {w.device}, not a CUDA device")
     freed = w.numel() * w.element_size()
-    emb.weight = nn.Parameter(w.detach().to("cpu").pin_memory(), requires_grad=False)
+    host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)  # one host copy (not a pageable one, then pinned)
+    host.copy_(w.detach())
+    emb.weight = nn.Parameter(host, requires_grad=False)
     emb.minitrain_lookup = HostEmbeddingLookup(emb, w.device)
     return freed
 
@@ -1014,8 +1030,11 @@ def model_device(model: nn.Module) -> torch.device:
     :func:`offload_input_embeddings`."""
     body = getattr(model, "model", model)
     emb = getattr(body, "embed_tokens", None)
-    if emb is not None and isinstance(getattr(emb, "minitrain_lookup", None), HostEmbeddingLookup):
-        return emb.minitrain_lookup.device
+    if (emb is not None and isinstance(getattr(emb, "minitrain_lookup", None), HostEmbeddingLookup)
+            and emb.weight.device.type == "cpu"):
+        for p in model.parameters():
+            if p is not emb.weight:
+                return p.device
     return next(model.parameters()).device
 
 

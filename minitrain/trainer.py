@@ -40,8 +40,8 @@ from . import distributed as dist_
 from .config import TrainConfig
 from .data.batching import bucket_batches
 from .lora import LoRALinear, atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
-from .model import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, SavedAttention, attention_outputs, env_switch,
-                    has_global_hooks, has_hooks, mlp_tile_default, offload_input_embeddings)
+from .model import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, SavedAttention, attention_outputs, env_count,
+                    env_switch, has_global_hooks, has_hooks, mlp_tile_default, offload_input_embeddings)
 
 try:
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -386,6 +386,7 @@ class HostOffload:
         self.host_budget = host_budget  # bytes; None: default_host_budget() at the first stash
         self.kept_last_step = 0  # stashes kept on the device by the budget (counted per forward, see stash)
         self.segments = None  # stash indices of one forward (set_gradient_checkpointing: 2 per layer), if known
+        self.skipped: set[int] = set()  # indices below segments that are never stashed (kept MLP halves' h1)
         self.warned = False
 
     def host_bytes(self) -> int:
@@ -536,7 +537,8 @@ class HostOffload:
         # inputs this forward stashes after this one: an input over the budget costs device memory, a recomputed
         # attention only time
         need = sum(self._extra_bytes((s.index, "attn", slot, t.dtype), t) for slot, (t, _) in enumerate(parts))
-        need += sum(self._extra_bytes((k, s.host.dtype), s.host) for k in range(s.index + 1, self.segments or 0))
+        need += sum(self._extra_bytes((k, s.host.dtype), s.host) for k in range(s.index + 1, self.segments or 0)
+                    if k not in self.skipped)
         if self.host_bytes() + need > self.host_budget:
             return
         s.attn = saved
@@ -621,29 +623,28 @@ REUSE_ATTENTION_OUTPUT = env_switch("MINITRAIN_ATTN_REUSE")
 REUSE_ATTENTION_INPUTS = env_switch("MINITRAIN_QKV_REUSE")
 
 def keep_mlp_layers_default() -> int:
-    """MINITRAIN_KEEP_MLP_LAYERS as an int >= 0 (0 when unset)."""
-    env = os.environ.get("MINITRAIN_KEEP_MLP_LAYERS", "").strip()
-    try:
-        n = int(env or 0)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise ValueError(f"MINITRAIN_KEEP_MLP_LAYERS={env!r}: expected a whole number of layers >= 0")
-    return n
+    """MINITRAIN_KEEP_MLP_LAYERS as a whole number >= 0 (0 when unset), read when checkpointing is set up."""
+    return env_count("MINITRAIN_KEEP_MLP_LAYERS", 0, "layers")
 
 
-# gradient_checkpointing="offload" with the split: the MLP halves of the last KEEP_MLP_LAYERS decoder layers are
-# not checkpointed (see CheckpointedLayer). 0 (the default) checkpoints every layer. MINITRAIN_KEEP_MLP_LAYERS=n
-# (read at import) or this attribute, read by set_gradient_checkpointing.
-KEEP_MLP_LAYERS = keep_mlp_layers_default()
+# gradient_checkpointing="offload" with the split: the MLP halves of the last n decoder layers are not
+# checkpointed (see CheckpointedLayer). None (the default): MINITRAIN_KEEP_MLP_LAYERS, else 0; an int overrides
+# both. Read by set_gradient_checkpointing (TrainConfig.keep_mlp_layers overrides it for the Trainer).
+KEEP_MLP_LAYERS: int | None = None
 
-# gradient_checkpointing="offload" also keeps a frozen, untied input embedding in pinned host memory
-# (minitrain.model.offload_input_embeddings: 1.0 GiB less device memory at Llama-3's vocabulary, the same step time
-# within noise on an H200: bench/results/2026-11-28-h200-train.md). None (the default): where it applies (a tied or
-# trainable embedding stays, silently); True (MINITRAIN_OFFLOAD_EMBEDDINGS=1): the same with a warning where it
-# does not apply; False (MINITRAIN_OFFLOAD_EMBEDDINGS=0): never. Read by set_gradient_checkpointing.
-_emb_env = os.environ.get("MINITRAIN_OFFLOAD_EMBEDDINGS", "").strip().lower()
-OFFLOAD_EMBEDDINGS = None if not _emb_env else _emb_env not in ("0", "false", "off", "no")
+# gradient_checkpointing="offload" on CUDA may also keep a frozen, untied input embedding in pinned host memory
+# (minitrain.model.offload_input_embeddings: 0.98 GiB less device memory at Llama-3's vocabulary, the same step time
+# within noise on an H200: bench/results/2026-11-28-h200-train.md). Opt-in: None (the default) reads
+# MINITRAIN_OFFLOAD_EMBEDDINGS (1: on, with a warning where it cannot apply); True / False override it. Read by
+# set_gradient_checkpointing (TrainConfig.offload_embeddings overrides it for the Trainer).
+OFFLOAD_EMBEDDINGS: bool | None = None
+
+
+def _offload_embeddings_default() -> bool:
+    if OFFLOAD_EMBEDDINGS is not None:
+        return OFFLOAD_EMBEDDINGS
+    return os.environ.get("MINITRAIN_OFFLOAD_EMBEDDINGS", "0").strip().lower() in ("1", "true", "on", "yes")
+
 
 # The forwards whose code the checks below rely on, as minitrain.model defines them (a later class-level patch
 # replaces the class attribute, not these)
@@ -815,7 +816,9 @@ class CheckpointedLayer:
     checkpoint, so its tensors (the norm's input, gate(x), up(x) and the normalized x: about 2 * B * T * (2 * C
     + 2 * F) bytes in bf16, 300 MB at 2 x 2048 tokens of the 8B shape) stay on the device from the forward to
     the backward, and its backward recomputes nothing (on that shape, two of the MLP's three GEMMs and their
-    dequantizes per layer); h1 is not stashed. Bit-identical either way (the same ops on the same values).
+    dequantizes per layer); h1 is not stashed. Bit-identical either way (the same ops on the same values). On
+    inputs long enough for the MLP's token tiles (``_TiledMLP``, above 16,384 tokens by default) the tiles still
+    recompute themselves in the backward: keeping buys nothing there.
 
     Split into two segments (``offload`` only, minitrain's ``LlamaDecoderLayer`` as :func:`split_layer` allows,
     ``SPLIT_OFFLOAD_SEGMENTS``): the layer's forward ``h1 = x + self_attn(input_layernorm(x), cos, sin, mask)``;
@@ -917,35 +920,37 @@ def decoder_layers(model: nn.Module):
     return list(layers)
 
 
-def _on_cuda(model: nn.Module) -> bool:
-    p = next(model.parameters(), None)
-    return p is not None and p.device.type == "cuda"
-
-
-def set_gradient_checkpointing(model: nn.Module, mode: str, keep_mlp_layers: int | None = None) -> None:
+def set_gradient_checkpointing(model: nn.Module, mode: str, keep_mlp_layers: int | None = None,
+                               offload_embeddings: bool | None = None) -> None:
     """mode "off" | "on" | "offload" (see :class:`CheckpointedLayer`). Checkpointed minitrain MLPs also run in
     token tiles on long inputs (``MINITRAIN_MLP_TILE`` tokens per tile, default 4096, above four tiles' worth;
     see ``minitrain.model._TiledMLP``): the same GEMMs as the checkpointed MLP, its working set for one tile.
     ``keep_mlp_layers`` (default ``KEEP_MLP_LAYERS``): with "offload", the last that many layers keep their MLP
-    half's activations on the device instead of recomputing them (device memory for time). "offload" on CUDA
-    also moves a frozen, untied input embedding to pinned host memory (``OFFLOAD_EMBEDDINGS``)."""
-    keep = KEEP_MLP_LAYERS if keep_mlp_layers is None else keep_mlp_layers
+    half's activations on the device instead of recomputing them (device memory for time).
+    ``offload_embeddings`` (default ``OFFLOAD_EMBEDDINGS``, else MINITRAIN_OFFLOAD_EMBEDDINGS): with "offload",
+    a frozen, untied input embedding moves to pinned host memory (a warning where it cannot)."""
+    import warnings
+
+    keep = keep_mlp_layers if keep_mlp_layers is not None else (
+        KEEP_MLP_LAYERS if KEEP_MLP_LAYERS is not None else keep_mlp_layers_default())
     if keep < 0:
         raise ValueError(f"keep_mlp_layers must be >= 0, got {keep}")
+    if keep and mode not in ("offload", "off"):
+        warnings.warn(f"keep_mlp_layers={keep} applies to gradient_checkpointing='offload' only; with {mode!r} "
+                      "every layer is recomputed", stacklevel=2)
     offload = HostOffload() if mode == "offload" else None
-    if offload is not None and OFFLOAD_EMBEDDINGS is not False and _on_cuda(model):
+    emb = offload_embeddings if offload_embeddings is not None else _offload_embeddings_default()
+    if offload is not None and emb:
         try:
             offload_input_embeddings(model)
-        except (TypeError, ValueError) as e:  # a tied, trainable or CPU embedding stays where it is
-            if OFFLOAD_EMBEDDINGS:
-                import warnings
-
-                warnings.warn(f"MINITRAIN_OFFLOAD_EMBEDDINGS: the input embedding stays on the device ({e})",
-                              stacklevel=2)
+        except (TypeError, ValueError) as e:  # a tied, trainable, hooked or CPU embedding stays where it is
+            warnings.warn(f"offload_embeddings: the input embedding stays on the device ({e})", stacklevel=2)
     tile = mlp_tile_default() if mode != "off" else 0
     layers = decoder_layers(model)
     if offload is not None:
         offload.segments = 2 * len(layers)
+        # the h1 stashes of kept MLP halves never happen: not charged to the host budget ahead of time
+        offload.skipped = {2 * i + 1 for i in range(max(0, len(layers) - keep), len(layers))}
     for i, layer in enumerate(layers):
         if isinstance(layer.__dict__.get("forward"), CheckpointedLayer):
             del layer.forward  # back to the class's forward
@@ -1171,7 +1176,7 @@ class Trainer:
             self._graph_pool = None
             self.graphs_off_because = [str(e)]
             # fresh checkpointing wrappers: "offload" keeps stashes and events of the aborted capture otherwise
-            set_gradient_checkpointing(self.model, self.gc_mode, self.cfg.keep_mlp_layers or None)
+            self._set_checkpointing()
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             self.notes.append(("cuda_graphs_off", f"{e}; continuing without CUDA graphs (eagerly, slower)"))
@@ -1201,6 +1206,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # -- the loop ------------------------------------------------------------------------------------------
+    def _set_checkpointing(self) -> None:
+        cfg = self.cfg
+        set_gradient_checkpointing(self.model, self.gc_mode, cfg.keep_mlp_layers, cfg.offload_embeddings)
+
     def train(self) -> dict:
         """Run to ``total_steps`` (resuming when configured); returns the last logged metrics."""
         cfg = self.cfg
@@ -1208,7 +1217,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + self.rank)  # ranks draw different dropout masks
         self._maybe_resume()
-        set_gradient_checkpointing(self.model, self.gc_mode, self.cfg.keep_mlp_layers or None)
+        self._set_checkpointing()
         self.model.train()
         progress, metrics = Progress(self.total_steps, cfg.progress, self.main), {}
         if self.device.type == "cuda":

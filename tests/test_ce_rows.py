@@ -44,12 +44,35 @@ def test_variant_pick_and_slices():
 def test_unsupported_reasons_and_errors(monkeypatch):
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
     assert "CUDA" in ce_rows.unsupported(x, x, 0.0)
+    assert "float16 or bfloat16" in ce_rows.unsupported(x.float(), x.float(), 0.0)
+    assert "softcap" in ce_rows.unsupported(x, x, 30.0)
+    assert "multiple of 8" in ce_rows.unsupported(x[:, :63], x[:, :63], 0.0)
+    assert "at most 131072" in ce_rows.unsupported(torch.zeros(1, 131080, dtype=torch.bfloat16),
+                                                   torch.zeros(1, 131080, dtype=torch.bfloat16), 0.0)
+    odd = torch.zeros(4, 65, dtype=torch.bfloat16)[:, 1:]  # rows 130 bytes apart, base off by 2 bytes
+    assert "16-byte aligned rows of logits" in ce_rows.unsupported(odd, x, 0.0)
     # backend="cuda" insists: a clear error where the kernel does not apply (here: CPU tensors)
-    h = torch.randn(4, 8, requires_grad=True)
-    w = torch.randn(64, 8, requires_grad=True)
+    h = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, 8, dtype=torch.bfloat16, requires_grad=True)
     y = torch.randint(0, 64, (4,))
     with pytest.raises(ValueError, match="rows backend 'cuda': the kernel needs CUDA tensors"):
         fused_linear_cross_entropy(h, w, y, backend="cuda")
+    with pytest.raises(ValueError, match="'auto', 'triton', 'cuda' or 'torch'"):
+        fused_linear_cross_entropy(h, w, y, backend="cutlass")
+    # asked for through the environment, a launch the kernel cannot take (here: fp32, and on the CPU) runs the
+    # Triton kernel instead; asked for by the caller, it is an error
+    z0 = torch.randn(4, 64)
+    out = {}
+    for rows in ("triton", "auto"):
+        monkeypatch.setenv("MINITRAIN_CE_ROWS", "cuda")
+        z, loss, lse = z0.clone(), torch.empty(4), torch.empty(4)
+        ce_launch(z, y, -100, 0.0, loss, lse, grad=z, scale=torch.full((), 0.25), rows=rows)
+        out[rows] = z, loss, lse
+    assert all(torch.equal(a, b) for a, b in zip(out["auto"], out["triton"]))
+    with pytest.raises(ValueError, match="takes float16 or bfloat16 logits"):
+        ce_launch(z0.clone(), y, -100, 0.0, torch.empty(4), torch.empty(4), grad=z0.clone(),
+                  scale=torch.full((), 0.25), rows="cuda")
+    monkeypatch.delenv("MINITRAIN_CE_ROWS")
     with pytest.raises(ValueError, match="rows backend must be"):
         rows_backend("cutlass")
     monkeypatch.delenv("MINITRAIN_CE_ROWS", raising=False)

@@ -306,3 +306,24 @@ def test_backward_allocates_no_zero_grads(device):
            if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::fill_", "aten::empty")
            and any(list(s) in ([v, c], [n, c]) for s in e.input_shapes if isinstance(s, list))]
     assert not big, f"backward allocated/filled gradient-sized tensors: {big}"
+
+
+def test_frozen_weight_takes_half_the_chunk(monkeypatch):
+    """Without a weight gradient (a frozen lm_head: no per-chunk re-read of grad_W) the default chunk's logits
+    buffer is half the budget: 1024 tokens at V=128256 in bf16, 2048 with the gradient."""
+    import importlib
+
+    flce = importlib.import_module("triton_ops.fused_linear_cross_entropy")  # (the package exports a function so named)
+    assert flce.default_chunk_size(4096, 128256, 2, flce.FROZEN_CHUNK_BUDGET_BYTES) == 1024
+    assert flce.default_chunk_size(4096, 128256, 2) == 2048
+    seen, run = [], flce._run_chunks
+    monkeypatch.setattr(flce, "_run_chunks", lambda *a, **kw: (seen.append(a[6]), run(*a, **kw))[1])
+    n, c, v = 300, 8, 2000  # budgets scaled down so the chunks differ at this size
+    monkeypatch.setattr(flce, "CHUNK_BUDGET_BYTES", 256 * v * 4)
+    monkeypatch.setattr(flce, "FROZEN_CHUNK_BUDGET_BYTES", 128 * v * 4)
+    h = torch.randn(n, c, requires_grad=True)
+    y = torch.randint(0, v, (n,))
+    for trainable in (True, False):
+        w = torch.randn(v, c, requires_grad=trainable)
+        fused_linear_cross_entropy(h, w, y, backend="triton").backward()
+    assert seen == [256, 128], seen

@@ -96,3 +96,40 @@ def test_gpu_offloaded_embedding_trains_and_generates_the_same():
         assert torch.allclose(la, lb, rtol=0, atol=1e-6), (run.__name__, la, lb)
         for name in ga:  # (cuDNN's attention backward is not bitwise repeatable)
             assert torch.allclose(ga[name], gb[name], rtol=1e-3, atol=1e-5), (run.__name__, name)
+
+
+def test_offload_embeddings_setting_and_lookup_fallbacks(monkeypatch):
+    """Opt-in: set_gradient_checkpointing("offload") leaves the embedding alone unless asked (argument,
+    OFFLOAD_EMBEDDINGS or MINITRAIN_OFFLOAD_EMBEDDINGS=1), and warns when asked where it cannot apply. The lookup
+    follows the weight: a plain lookup on the device after ``.to()``, a host lookup when the weight is on the host
+    but not pinned; ``model_device`` skips the host weight."""
+    import warnings
+
+    import minitrain.trainer as mt
+    from minitrain.model import HostEmbeddingLookup
+
+    model = _tiny("cpu")
+    monkeypatch.delenv("MINITRAIN_OFFLOAD_EMBEDDINGS", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mt.set_gradient_checkpointing(model, "offload")  # default: nothing tried, nothing said
+    monkeypatch.setenv("MINITRAIN_OFFLOAD_EMBEDDINGS", "1")
+    with pytest.warns(UserWarning, match="stays on the device .*not a CUDA device"):
+        mt.set_gradient_checkpointing(model, "offload")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mt.set_gradient_checkpointing(model, "offload", offload_embeddings=False)  # the argument wins
+    mt.set_gradient_checkpointing(model, "off")
+    with pytest.warns(UserWarning, match="keep_mlp_layers=2 applies to gradient_checkpointing='offload' only"):
+        mt.set_gradient_checkpointing(model, "on", keep_mlp_layers=2)
+    mt.set_gradient_checkpointing(model, "off")
+    # a lookup as offload_input_embeddings leaves it, on a CPU model (the weight not pinned: gathered on the host)
+    emb = model.model.embed_tokens
+    emb.minitrain_lookup = HostEmbeddingLookup(emb, torch.device("cuda"))
+    ids = torch.randint(0, emb.num_embeddings, (2, 5))
+    assert torch.equal(emb.minitrain_lookup(ids), emb(ids))
+    assert model_device(model) == torch.device("cpu")  # the other parameters' device, not the lookup's
+    hooked = _tiny("cpu")
+    hooked.model.embed_tokens.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="hooks"):
+        offload_input_embeddings(hooked)

@@ -522,7 +522,8 @@ def test_recompute_skip_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
 def offload_run(model, monkeypatch, split, calls, autocast=False, early_stop=True, forwards=1, keep_mlp=0):
     """One backward of ``forwards`` summed losses with gradient_checkpointing="offload", the split on or off.
     Returns the loss, the adapter gradients, per layer the dequantize counts of o_proj's and down's base weights,
-    and the stash indices in the order HostOffload.stash was called."""
+    the stash indices in the order HostOffload.stash was called, and per layer gate's dequantize count.
+    ``keep_mlp``: KEEP_MLP_LAYERS for the run."""
     from torch.utils.checkpoint import set_checkpoint_early_stop
 
     import minitrain.trainer as mt

@@ -213,9 +213,10 @@ def rows_backend(rows: str = "auto") -> str:
     """Which kernel takes a loss-and-gradient launch: "triton" (the row kernel below, each logit read twice),
     "cuda" (csrc/ce_rows.cu, each logit read once; an error where it does not apply), or "auto":
     $MINITRAIN_CE_ROWS if set, else "triton". The CUDA kernel is the faster row kernel alone (H200, 2048 x
-    128256 bf16: 336 vs 427 µs), but the fused linear cross-entropy at 16,384 tokens was not measurably faster
-    with it (79.2 vs 79.5 ms in one run, 80.0 vs 79.5 in another: within the runs' spread;
-    bench/results/2026-11-28-h200-cross_entropy.md), so it is not the default."""
+    128256 bf16: 336 vs 427 µs; slower below V = 65536), but the fused linear cross-entropy at 16,384 tokens was
+    not measurably faster with it (79.2 vs 79.5 ms in one run, 80.0 vs 79.5 in another: within the runs' spread;
+    bench/results/2026-11-28-h200-cross_entropy.md), so it is not the default. Asked for through
+    $MINITRAIN_CE_ROWS, a launch the kernel cannot take (softcap, fp32, ...) runs the Triton kernel."""
     if rows == "auto":
         rows = os.environ.get(ROWS_ENV, "").strip() or "triton"
         if rows not in ("cuda", "triton"):
@@ -240,15 +241,17 @@ def ce_launch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, sof
     if write:
         if grad.shape != logits.shape or grad.stride(1) != 1 or grad.dtype != logits.dtype:
             raise ValueError("ce_launch: grad must match logits in shape and dtype with unit stride along V")
+        asked = rows == "cuda"  # by the caller; from the environment, a launch it cannot take stays on Triton
         rows = rows_backend(rows) if loss is not None else "triton"
         if rows == "cuda":
             from csrc import ce_rows
 
             why = ce_rows.unsupported(logits, grad, softcap)
-            if why is not None:
+            if why is None:
+                ce_rows.launch_ce_rows(logits, labels, ignore_index, loss, lse, grad, scale)
+                return
+            if asked:
                 raise ValueError(f"cross-entropy rows backend 'cuda': the kernel {why}")
-            ce_rows.launch_ce_rows(logits, labels, ignore_index, loss, lse, grad, scale)
-            return
     block, warps = _launch_config(V, softcap != 0.0)
     grid = _programs(N, logits)
     if write:

@@ -295,6 +295,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     Returns:
         fp32 loss: a scalar, or the shape of labels for reduction="none".
     """
+    if backend not in ("auto", "triton", "cuda", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'cuda' or 'torch', got {backend!r}")
     rows = {"cuda": "cuda", "triton": "triton"}.get(backend, "auto")
     _check_options(reduction, n_items, "triton" if backend == "cuda" else backend)
     backend = resolve_backend("triton" if backend == "cuda" else backend, hidden.is_cuda)

@@ -21,17 +21,10 @@ from triton_ops.cross_entropy import ce_launch
 CALLS, REPS = 5, 5
 
 
-def _time(bufs, y, loss, lse, scale, **kw) -> float:
-    calls = [lambda z=z: ce_launch(z, y, -100, 0.0, loss, lse, grad=z, scale=scale, **kw) for z in bufs]
-    graph = hw.capture_graph(calls)
-    return hw.replay_us(graph, len(calls), REPS)
-
-
-def _time_cuda(bufs, y, loss, lse, scale, variant, rpc) -> float:
-    calls = [lambda z=z: ce_rows.launch_ce_rows(z, y, -100, loss, lse, z, scale, variant=variant,
-                                                rows_per_cluster=rpc) for z in bufs]
-    graph = hw.capture_graph(calls)
-    return hw.replay_us(graph, len(calls), REPS)
+def _time(bufs, launch) -> float:
+    """µs per call of ``launch(z)`` over the copies ``bufs``, one CUDA graph of them all."""
+    graph = hw.capture_graph([lambda z=z: launch(z) for z in bufs])
+    return hw.replay_us(graph, len(bufs), REPS)
 
 
 def main():
@@ -52,16 +45,22 @@ def main():
         loss, lse = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
         scale = torch.full((), 1.0 / n, device="cuda")
         ideal = 2 * n * v * 2
-        results = [("triton", _time(bufs, y, loss, lse, scale, rows="triton"))]
+        def rows(kind):
+            return lambda z: ce_launch(z, y, -100, 0.0, loss, lse, grad=z, scale=scale, rows=kind)
+
+        def cuda(name, rpc):
+            return lambda z: ce_rows.launch_ce_rows(z, y, -100, loss, lse, z, scale, variant=name, rows_per_cluster=rpc)
+
+        results = [("triton", _time(bufs, rows("triton")))]
         for name, var in ce_rows.VARIANTS.items():
             if var.capacity < v:
                 continue
             for rpc in args.per_cluster:
                 try:
-                    results.append((f"cuda {name} rows/cluster {rpc}", _time_cuda(bufs, y, loss, lse, scale, name, rpc)))
+                    results.append((f"cuda {name} rows/cluster {rpc}", _time(bufs, cuda(name, rpc))))
                 except Exception as e:  # noqa: BLE001 - a variant that fails to launch is a line, not a crash
                     print(f"  V={v} {name} rows/cluster {rpc}: {type(e).__name__}: {str(e)[:160]}")
-        results.append(("auto (default)", _time(bufs, y, loss, lse, scale)))
+        results.append(("auto (default)", _time(bufs, rows("auto"))))
         tri = results[0][1]
         print(f"\nV = {v}: at copy speed {ideal / copy / 1e3:.1f} µs (cuda's bytes), {1.5 * ideal / copy / 1e3:.1f} "
               f"µs (triton's)")
