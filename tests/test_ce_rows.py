@@ -143,8 +143,11 @@ def test_gpu_every_variant_matches_reference(variant, dtype):
             assert torch.allclose(lse, r_lse, rtol=2e-6, atol=2e-5), where
             eps = torch.finfo(dtype).eps
             err = (g.float() - r_g).abs()
-            # one rounding to the 16-bit type: half an ulp, or the subnormal spacing below the normal range
-            bound = eps * r_g.abs() + 1e-6 * r_g.abs().max() + torch.finfo(dtype).tiny * eps
+            # one rounding to the 16-bit type (half an ulp, or the subnormal spacing below the normal range), plus
+            # a few fp32 ulps of the probabilities (in [0, 1], times the row's scale) from the approximate exp2:
+            # at the label, g = p - 1 cancels when p is near 1 (seen: 5.4e-7 at p = 0.99955, scale 1, fp16 V=8)
+            row_scale = (scale.expand(n) if scale.dim() == 0 else scale)[:, None]
+            bound = eps * r_g.abs() + 1e-6 * row_scale + torch.finfo(dtype).tiny * eps
             assert (err <= bound).all(), (where, err.max().item(), int((err > bound).sum()))
             # in place: the same bits as out of place
             z = x.clone()
