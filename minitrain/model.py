@@ -79,9 +79,11 @@ except ImportError:  # pragma: no cover
 
 
 
-def env_switch(name: str) -> bool:
-    """An on/off switch read from the environment: False when ``name`` is 0 (or false/off/no), else True."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
+def env_switch(name: str, default: bool = True) -> bool:
+    """An on/off switch read from the environment: ``default`` when ``name`` is unset or empty, False when it
+    is 0 (or false/off/no), else True."""
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in ("0", "false", "off", "no")
 
 
 def grouped_lora_default() -> bool:

@@ -643,7 +643,7 @@ OFFLOAD_EMBEDDINGS: bool | None = None
 def _offload_embeddings_default() -> bool:
     if OFFLOAD_EMBEDDINGS is not None:
         return OFFLOAD_EMBEDDINGS
-    return os.environ.get("MINITRAIN_OFFLOAD_EMBEDDINGS", "0").strip().lower() in ("1", "true", "on", "yes")
+    return env_switch("MINITRAIN_OFFLOAD_EMBEDDINGS", default=False)
 
 
 # The forwards whose code the checks below rely on, as minitrain.model defines them (a later class-level patch

@@ -12,6 +12,8 @@ On the CPU (the tests, under TRITON_INTERPRET=1) the same kernel runs on host te
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,14 @@ def _gather_rows_kernel(table_ptr, ids_ptr, out_ptr, V, C, stride_t, nan_bits, B
         tl.store(dst + offs, tl.where(ok, v, nan_bits.to(v.dtype)), mask=m)
 
 
+@functools.lru_cache(maxsize=None)
+def _nan_bits(dtype: torch.dtype) -> int:
+    """The bit pattern of NaN in ``dtype`` as the integer the kernel stores (0 for integer tables)."""
+    if not dtype.is_floating_point:
+        return 0
+    return torch.tensor(float("nan"), dtype=dtype).view(_BITS[dtype.itemsize]).item()
+
+
 def gather_rows(table: torch.Tensor, ids: torch.Tensor, out_device: torch.device | None = None) -> torch.Tensor:
     """table (V, C) on the host (pinned when the ids are on CUDA), unit stride along C; ids int64/int32 on the
     device that gets the output (or the CPU). Returns (*ids.shape, C) in table's dtype."""
@@ -54,7 +64,7 @@ def gather_rows(table: torch.Tensor, ids: torch.Tensor, out_device: torch.device
     if n == 0 or C == 0:
         return out
     bits = _BITS[table.element_size()]
-    nan = torch.tensor(float("nan"), dtype=table.dtype).view(bits).item() if table.is_floating_point() else 0
+    nan = _nan_bits(table.dtype)
     flat = ids.reshape(-1).contiguous()
     block = min(triton.next_power_of_2(C), 2048)
     with torch.cuda.device(dev) if dev.type == "cuda" else torch.device("cpu"):
