@@ -82,6 +82,13 @@ ROWS = {
     "ours-offload-graph-keep5": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True, emb=True,
                                      keep_mlp=5),
     "ours-16bit-offload-graph": dict(impl="ours", quant=False, gc="offload", graph=True, cuda=True),
+    # the Trainer's default: keep_mlp_layers="auto" (as many kept as fit in 85% of the card, decided from a measured
+    # first step); -7g: the same within max_memory_gib=7.0, with the input embedding on the host
+    "ours-offload-graph-auto": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True, keep_mlp="auto"),
+    "ours-16bit-offload-graph-auto": dict(impl="ours", quant=False, gc="offload", graph=True, cuda=True,
+                                          keep_mlp="auto"),
+    "ours-offload-graph-7g": dict(impl="ours", quant=True, gc="offload", graph=True, cuda=True, emb=True,
+                                  keep_mlp="auto", max_gib=7.0),
     "peft-bnb": dict(impl="hf", quant=True, liger=False, cuda=False),  # bitsandbytes 0.50 runs NF4 on CPU too
     "peft-bnb-liger": dict(impl="hf", quant=True, liger=True, cuda=True),
     "peft-16bit": dict(impl="hf", quant=False, liger=False, cuda=False),
@@ -241,7 +248,7 @@ def build_ours(spec, device, dtype):
     model, _ = load_model(spec["ckpt"], max_seq_length=spec["seq"], dtype=dtype, load_in_4bit=spec["quant"],
                           device=device, tokenizer=False)
     add_lora(model, r=R, alpha=ALPHA, target_modules=SEVEN)
-    set_gradient_checkpointing(model, spec["gc"], spec.get("keep_mlp"), spec.get("emb"))
+    policy = set_gradient_checkpointing(model, spec["gc"], spec.get("keep_mlp"), spec.get("emb"), spec.get("max_gib"))
     model.train()
     params = [p for _, p in lora_parameters(model)]
 
@@ -258,9 +265,12 @@ def build_ours(spec, device, dtype):
             return graphed({"input_ids": ids, "labels": ids}, ids.shape[0] * (ids.shape[1] - 1))
 
         loss_fn.does_backward = True
+        loss_fn.keep_policy = policy
         keep = spec.get("keep_mlp")
+        budget = f", max_memory_gib={spec['max_gib']}" if spec.get("max_gib") else ""
         return params, loss_fn, (NOTES["ours-graph"] + ("; offload_embeddings=True" if spec.get("emb") else "")
-                                 + (f"; keep_mlp_layers={keep}" if keep else ""))
+                                 + (f"; keep_mlp_layers={keep!r}{budget}" if keep else ""))
+    loss_fn.keep_policy = policy
     return params, loss_fn, ""
 
 
@@ -504,9 +514,16 @@ def run_row(spec: dict) -> dict:
     gen = torch.Generator().manual_seed(1234)  # the same token ids for every row
     batches = [torch.randint(0, V, (B, T), generator=gen).to(device) for _ in range(n_warm + max(n_timed, 2))]
     losses, ms, host_ms = [], [], []
+    policy = getattr(loss_fn, "keep_policy", None)
     for i in range(n_warm + n_timed):
         ids = batches[i]
         h0 = time.perf_counter()
+        calibrate = policy is not None and not policy.calibrated and cuda
+        if calibrate:  # keep_mlp_layers="auto": the first step (eager, none kept) is measured, as the Trainer does
+            from minitrain.trainer import StepMemory
+
+            mem = StepMemory(device)
+            mem.__enter__()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -514,6 +531,12 @@ def run_row(spec: dict) -> dict:
         if cuda:
             end.record()
             torch.cuda.synchronize()
+        if calibrate:
+            mem.__exit__(None, None, None)
+            policy.calibrate(mem, ids.numel())
+            out["keep_mlp_layers"] = policy.count(ids.numel())
+            out["note"] += f" (kept: {out['keep_mlp_layers']})"
+            print("  " + policy.describe(ids.numel()), flush=True)
         wall = 1e3 * (time.perf_counter() - h0)
         losses.append(float(loss))
         if i >= n_warm:

@@ -33,6 +33,10 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+
+
 @dataclass
 class ModelConfig:
     model: str | None = None  # checkpoint directory (config.json + safetensors + tokenizer files)
@@ -92,8 +96,12 @@ class TrainConfig:
     gradient_checkpointing: str = "auto"
     # with "offload": the MLP halves of the last N decoder layers keep their activations on the device instead of
     # being recomputed (0.25-0.28 GiB and 1.3-2 ms of an 8B-shaped 2 x 2048-token step per layer on an H200);
-    # None: $MINITRAIN_KEEP_MLP_LAYERS, else 0
-    keep_mlp_layers: int | None = None
+    # "auto": as many as fit within max_memory_gib, decided from the first step's measured memory (per input
+    # size; none under multi-process training); None: $MINITRAIN_KEEP_MLP_LAYERS, else "auto"
+    keep_mlp_layers: int | str | None = None
+    # device memory (GiB) that keep_mlp_layers="auto" plans a step's peak allocation to stay within; None: 85% of
+    # what torch can use on the device
+    max_memory_gib: float | None = None
     # with "offload" on a GPU: a frozen, untied input embedding in pinned host memory (0.98 GiB less device memory
     # at Llama-3's vocabulary); None: $MINITRAIN_OFFLOAD_EMBEDDINGS, else off
     offload_embeddings: bool | None = None
@@ -121,8 +129,15 @@ class TrainConfig:
             self.cuda_graphs = "on" if self.cuda_graphs else "off"
         check_choice("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         check_choice("optim", self.optim, ("adamw", "sgd"))
-        if self.keep_mlp_layers is not None:
-            _check(int(self.keep_mlp_layers) >= 0, "keep_mlp_layers", self.keep_mlp_layers, ">= 0 (or None)")
+        if isinstance(self.keep_mlp_layers, str) and self.keep_mlp_layers.strip().lower() == "auto":
+            self.keep_mlp_layers = "auto"
+        elif self.keep_mlp_layers is not None:
+            _check(_whole(self.keep_mlp_layers) and int(self.keep_mlp_layers) >= 0, "keep_mlp_layers",
+                   self.keep_mlp_layers, "a whole number >= 0, 'auto' or None")
+            self.keep_mlp_layers = int(self.keep_mlp_layers)
+        if self.max_memory_gib is not None:
+            _check(_finite(self.max_memory_gib) and self.max_memory_gib > 0, "max_memory_gib", self.max_memory_gib,
+                   "a finite number > 0 (GiB) or None")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):
             _check(int(getattr(self, name)) >= 1, name, getattr(self, name), ">= 1")

@@ -40,8 +40,8 @@ from . import distributed as dist_
 from .config import TrainConfig
 from .data.batching import bucket_batches
 from .lora import LoRALinear, atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
-from .model import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, SavedAttention, attention_outputs, env_count,
-                    env_switch, has_global_hooks, has_hooks, mlp_tile_default, offload_input_embeddings)
+from .model import (MLP_TILE_FROM, LlamaAttention, LlamaDecoderLayer, LlamaMLP, SavedAttention, attention_outputs,
+                    env_count, env_switch, has_global_hooks, has_hooks, mlp_tile_default, offload_input_embeddings)
 
 try:
     from triton_ops.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -622,15 +622,140 @@ REUSE_ATTENTION_OUTPUT = env_switch("MINITRAIN_ATTN_REUSE")
 # projections' base GEMMs too (their outputs unused; see unused_qkv_bases). Off with MINITRAIN_QKV_REUSE=0.
 REUSE_ATTENTION_INPUTS = env_switch("MINITRAIN_QKV_REUSE")
 
-def keep_mlp_layers_default() -> int:
-    """MINITRAIN_KEEP_MLP_LAYERS as a whole number >= 0 (0 when unset), read when checkpointing is set up."""
-    return env_count("MINITRAIN_KEEP_MLP_LAYERS", 0, "layers")
+def keep_mlp_layers_default(unset: int | str = 0) -> int | str:
+    """MINITRAIN_KEEP_MLP_LAYERS as a whole number >= 0 or "auto" (``unset`` when not set), read when checkpointing
+    is set up."""
+    env = os.environ.get("MINITRAIN_KEEP_MLP_LAYERS", "").strip()
+    if not env:
+        return unset
+    if env.lower() == "auto":
+        return "auto"
+    return env_count("MINITRAIN_KEEP_MLP_LAYERS", 0, "layers (or 'auto')")
 
 
 # gradient_checkpointing="offload" with the split: the MLP halves of the last n decoder layers are not
-# checkpointed (see CheckpointedLayer). None (the default): MINITRAIN_KEEP_MLP_LAYERS, else 0; an int overrides
-# both. Read by set_gradient_checkpointing (TrainConfig.keep_mlp_layers overrides it for the Trainer).
-KEEP_MLP_LAYERS: int | None = None
+# checkpointed (see CheckpointedLayer). None (the default): MINITRAIN_KEEP_MLP_LAYERS, else 0; an int or "auto"
+# (KeepMLPPolicy) overrides both. Read by set_gradient_checkpointing (TrainConfig.keep_mlp_layers overrides it for
+# the Trainer, whose default is "auto").
+KEEP_MLP_LAYERS: int | str | None = None
+
+# keep_mlp_layers="auto" plans a step's peak device memory to stay within this share of what torch could use
+# (free on the device plus its own cached blocks) when TrainConfig.max_memory_gib is not set: the rest is left
+# for the allocator's fragmentation (peak reserved ran 0.5-1.9 GiB above peak allocated in bench/train.py's rows)
+AUTO_KEEP_SHARE = 0.85
+
+
+class StepMemory:
+    """Device memory around one training step, for :meth:`KeepMLPPolicy.calibrate`: allocated bytes before
+    (``before``) and after (``after``) and the peak in between (``peak``; torch's peak statistic is reset on entry,
+    the peak it held then is ``prior_peak``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.before = self.after = self.peak = self.prior_peak = None
+
+    def __enter__(self):
+        torch.cuda.synchronize(self.device)
+        self.prior_peak = torch.cuda.max_memory_allocated(self.device)
+        self.before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is None:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.after = torch.cuda.memory_allocated(self.device)
+        return False
+
+
+class KeepMLPPolicy:
+    """``keep_mlp_layers="auto"``: how many of the last decoder layers keep their MLP half's activations on the
+    device (instead of recomputing them in the backward), decided per input size from measured memory.
+
+    One training step run with none kept calibrates it (:meth:`calibrate`; the Trainer's first step, run eagerly
+    for this): the allocated bytes before it ``A`` and after it ``A'`` (the optimizer's state appears in the first
+    step) and its peak ``P``, at ``t1`` tokens. For a forward of ``t`` tokens the peak with ``n`` layers kept is
+    predicted as
+
+        A + (P - A) * max(1, t / t1) + max(0, A' - A) + G + n * t * k
+
+    with ``G`` the trainable parameters' gradients (CUDA graphs keep them allocated across steps) and ``k`` the
+    bytes per token of one kept MLP half: its norm's input and output (C each) and gate(x), up(x) (F each) in the
+    compute dtype (``2 * (2C + 2F)`` in bf16: 0.28 GiB per layer at 4096 tokens of the 8B shape, where bench/train
+    measured 0.25-0.28). ``n`` is the largest count within the budget: ``max_memory_gib`` when given, else
+    ``AUTO_KEEP_SHARE`` of what torch could use at calibration (free device memory plus its cached blocks). The
+    step's transient part is scaled up for longer inputs, never down (its fixed parts, such as the fused
+    cross-entropy's chunk buffer, do not shrink). None is kept before calibration, on inputs the MLP splits into
+    token tiles (which recompute themselves anyway: ``MLP_TILE_FROM`` tiles' worth of tokens), and where the
+    budget is already exceeded."""
+
+    def __init__(self, layers: int, bytes_per_token: int, tiled_above: int | None = None,
+                 max_memory_gib: float | None = None, grad_bytes: int = 0):
+        self.layers, self.bytes_per_token, self.tiled_above = layers, bytes_per_token, tiled_above
+        self.max_memory_gib, self.grad_bytes = max_memory_gib, grad_bytes
+        self.calibrated = False
+        self.budget = self.base = self.transient = self.tokens = None
+        self.counts: dict[int, int] = {}  # tokens -> layers kept, as decided so far
+
+    @classmethod
+    def for_model(cls, model: nn.Module, max_memory_gib: float | None = None,
+                  dtype: torch.dtype = torch.bfloat16) -> "KeepMLPPolicy":
+        layers = decoder_layers(model)
+        mlp = getattr(layers[0], "mlp", None) if layers else None
+        args = getattr(model, "args", None) or getattr(getattr(model, "model", None), "args", None)
+        C = getattr(args, "hidden_size", None)
+        F_ = getattr(args, "intermediate_size", None)
+        if C is None or F_ is None:
+            raise ValueError("keep_mlp_layers='auto' needs a minitrain Llama (model.args.hidden_size and "
+                             "intermediate_size)")
+        size = torch.empty((), dtype=dtype).element_size()
+        tile = getattr(mlp, "tile_tokens", 0) if isinstance(mlp, LlamaMLP) else 0
+        grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return cls(len(layers), size * (2 * C + 2 * F_), MLP_TILE_FROM * tile if tile else None, max_memory_gib,
+                   grads)
+
+    def calibrate(self, mem: StepMemory, tokens: int) -> None:
+        """Take the measurements of one CUDA step run with none kept (``mem``, at ``tokens`` tokens per forward)."""
+        if mem.peak is None:
+            raise ValueError("KeepMLPPolicy.calibrate: the step was not measured (it raised)")
+        dev = mem.device
+        free, _ = torch.cuda.mem_get_info(dev)
+        usable = free + torch.cuda.memory_reserved(dev)  # torch's cached blocks are free for it too
+        self.set_measurements(mem.before, mem.peak, mem.after, tokens, usable)
+
+    def set_measurements(self, before: int, peak: int, after: int, tokens: int, usable: int) -> None:
+        """Calibrate from numbers (bytes): allocated before and after the step, its peak, its tokens per forward, and
+        the device memory torch could use (the budget's basis when ``max_memory_gib`` is not set)."""
+        if tokens < 1:
+            raise ValueError(f"KeepMLPPolicy: the calibrating step must run tokens, got {tokens}")
+        self.budget = (int(self.max_memory_gib * 2**30) if self.max_memory_gib is not None
+                       else int(AUTO_KEEP_SHARE * usable))
+        self.base = before + max(0, after - before) + self.grad_bytes
+        self.transient = max(0, peak - before)
+        self.tokens, self.calibrated = tokens, True
+        self.counts.clear()
+
+    def predicted_peak(self, tokens: int, n: int) -> int:
+        """Bytes the step's peak is predicted at with ``n`` layers kept at ``tokens`` tokens (after calibration)."""
+        return (self.base + int(self.transient * max(1.0, tokens / self.tokens))
+                + n * tokens * self.bytes_per_token)
+
+    def count(self, tokens: int) -> int:
+        """Layers (the last ones) that keep their MLP half at ``tokens`` tokens per forward."""
+        if not self.calibrated or tokens < 1 or self.tiled_above is not None and tokens > self.tiled_above:
+            return 0
+        n = self.counts.get(tokens)
+        if n is None:
+            room = self.budget - self.predicted_peak(tokens, 0)
+            n = self.counts[tokens] = max(0, min(self.layers, room // (tokens * self.bytes_per_token)))
+        return n
+
+    def describe(self, tokens: int) -> str:
+        n = self.count(tokens)
+        return (f"keep_mlp_layers='auto': the MLP activations of the last {n} of {self.layers} layers stay on the "
+                f"device at {tokens:,} tokens per forward (predicted peak "
+                f"{self.predicted_peak(tokens, n) / 2**30:.1f} GiB of a {self.budget / 2**30:.1f} GiB budget)")
 
 # gradient_checkpointing="offload" on CUDA may also keep a frozen, untied input embedding in pinned host memory
 # (minitrain.model.offload_input_embeddings: 0.98 GiB less device memory at Llama-3's vocabulary, the same step time
@@ -812,7 +937,8 @@ class CheckpointedLayer:
     the checkpointed function is the forward, every later one a recomputation (a stash's or ``_Call``'s
     ``used``); the flag is per thread and reset on every exit, including checkpoint's early-stop exception.
 
-    ``keep_mlp`` (the last ``KEEP_MLP_LAYERS`` layers, offload with the split only): the MLP half runs without a
+    ``keep_mlp`` (the last ``KEEP_MLP_LAYERS`` layers, offload with the split only; or, with a ``policy``, the
+    last ``policy.count(tokens)`` layers at each forward's token count): the MLP half runs without a
     checkpoint, so its tensors (the norm's input, gate(x), up(x) and the normalized x: about 2 * B * T * (2 * C
     + 2 * F) bytes in bf16, 300 MB at 2 x 2048 tokens of the 8B shape) stay on the device from the forward to
     the backward, and its backward recomputes nothing (on that shape, two of the MLP's three GEMMs and their
@@ -839,9 +965,15 @@ class CheckpointedLayer:
     :func:`unused_qkv_bases` allows, no q/k/v GEMMs. Exact: the attention node saves the forward's own tensors
     (the same values a recomputation would make), and its backward is the same cuDNN op either way."""
 
-    def __init__(self, layer: nn.Module, offload: HostOffload | None = None, index: int = 0, keep_mlp: bool = False):
+    def __init__(self, layer: nn.Module, offload: HostOffload | None = None, index: int = 0, keep_mlp: bool = False,
+                 policy: KeepMLPPolicy | None = None):
         self.layer, self.forward, self.offload, self.index = layer, layer.forward, offload, index
-        self.keep_mlp = keep_mlp
+        self.keep_mlp, self.policy = keep_mlp, policy
+
+    def _keeps_mlp(self, x: torch.Tensor) -> bool:
+        if self.keep_mlp or self.policy is None:
+            return self.keep_mlp
+        return self.index >= self.policy.layers - self.policy.count(x.numel() // max(1, x.shape[-1]))
 
     def _recompute(self, x, *args, **kwargs):
         with _unused(unused_output_base(self.forward)):
@@ -905,7 +1037,7 @@ class CheckpointedLayer:
         if split_layer(self.forward, args, kwargs) is not None:
             cos, sin, mask = args[:3]
             h1 = checkpoint(self._run_attention, self.offload.stash(i, x), cos, sin, mask, use_reentrant=False)
-            if self.keep_mlp:  # autograd keeps the MLP half's tensors on the device: nothing to recompute
+            if self._keeps_mlp(h1):  # autograd keeps the MLP half's tensors on the device: nothing to recompute
                 layer = self.layer
                 return h1 + layer.mlp(layer.post_attention_layernorm(h1))
             return checkpoint(self._run_mlp, self.offload.stash(i + 1, h1, release=False), use_reentrant=False)
@@ -920,21 +1052,30 @@ def decoder_layers(model: nn.Module):
     return list(layers)
 
 
-def set_gradient_checkpointing(model: nn.Module, mode: str, keep_mlp_layers: int | None = None,
-                               offload_embeddings: bool | None = None) -> None:
+def set_gradient_checkpointing(model: nn.Module, mode: str, keep_mlp_layers: int | str | None = None,
+                               offload_embeddings: bool | None = None,
+                               max_memory_gib: float | None = None) -> KeepMLPPolicy | None:
     """mode "off" | "on" | "offload" (see :class:`CheckpointedLayer`). Checkpointed minitrain MLPs also run in
     token tiles on long inputs (``MINITRAIN_MLP_TILE`` tokens per tile, default 4096, above four tiles' worth;
     see ``minitrain.model._TiledMLP``): the same GEMMs as the checkpointed MLP, its working set for one tile.
     ``keep_mlp_layers`` (default ``KEEP_MLP_LAYERS``): with "offload", the last that many layers keep their MLP
-    half's activations on the device instead of recomputing them (device memory for time).
+    half's activations on the device instead of recomputing them (device memory for time). "auto": as many as
+    fit within ``max_memory_gib`` (default: most of the card), decided per input size by the returned
+    :class:`KeepMLPPolicy` once it is calibrated by a step run with none kept (the Trainer does this in its first
+    step); "auto" with another mode, or on the CPU, keeps none and returns None.
     ``offload_embeddings`` (default ``OFFLOAD_EMBEDDINGS``, else MINITRAIN_OFFLOAD_EMBEDDINGS): with "offload",
     a frozen, untied input embedding moves to pinned host memory (a warning where it cannot)."""
     import warnings
 
     keep = keep_mlp_layers if keep_mlp_layers is not None else (
         KEEP_MLP_LAYERS if KEEP_MLP_LAYERS is not None else keep_mlp_layers_default())
-    if keep < 0:
-        raise ValueError(f"keep_mlp_layers must be >= 0, got {keep}")
+    auto = keep == "auto"
+    if auto:
+        keep = 0
+    elif isinstance(keep, str) or keep < 0:
+        raise ValueError(f"keep_mlp_layers must be >= 0 or 'auto', got {keep!r}")
+    if max_memory_gib is not None and not max_memory_gib > 0:
+        raise ValueError(f"max_memory_gib must be > 0, got {max_memory_gib!r}")
     if keep and mode not in ("offload", "off"):
         warnings.warn(f"keep_mlp_layers={keep} applies to gradient_checkpointing='offload' only; with {mode!r} "
                       "every layer is recomputed", stacklevel=2)
@@ -951,16 +1092,19 @@ def set_gradient_checkpointing(model: nn.Module, mode: str, keep_mlp_layers: int
         offload.segments = 2 * len(layers)
         # the h1 stashes of kept MLP halves never happen: not charged to the host budget ahead of time
         offload.skipped = {2 * i + 1 for i in range(max(0, len(layers) - keep), len(layers))}
+    for layer in layers:
+        if isinstance(getattr(layer, "mlp", None), LlamaMLP):
+            layer.mlp.tile_tokens = tile
+            # FSDP2 (distributed.shard_model): DTensors here, but plain unsharded tensors inside the forward
+            layer.mlp.tile_sharded = any(type(p).__name__ == "DTensor" for p in layer.parameters())
+    policy = KeepMLPPolicy.for_model(model, max_memory_gib) if auto and offload is not None else None
     for i, layer in enumerate(layers):
         if isinstance(layer.__dict__.get("forward"), CheckpointedLayer):
             del layer.forward  # back to the class's forward
         if mode != "off":
             kept = offload is not None and i >= len(layers) - keep
-            layer.forward = CheckpointedLayer(layer, offload, i, keep_mlp=kept)
-        if isinstance(getattr(layer, "mlp", None), LlamaMLP):
-            layer.mlp.tile_tokens = tile
-            # FSDP2 (distributed.shard_model): DTensors here, but plain unsharded tensors inside the forward
-            layer.mlp.tile_sharded = any(type(p).__name__ == "DTensor" for p in layer.parameters())
+            layer.forward = CheckpointedLayer(layer, offload, i, keep_mlp=kept, policy=policy)
+    return policy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1113,6 +1257,9 @@ class Trainer:
         self._graphs: dict[tuple, object] = {}  # (B, T, packed) -> cuda_graphs.GraphedLoss
         self._graph_pool = None
         self.graphs_captured = 0  # after train(): how many batch shapes ran from a CUDA graph
+        self.keep_policy = None  # keep_mlp_layers="auto" (set_gradient_checkpointing's KeepMLPPolicy)
+        self._keep_auto_off = False  # after a capture ran out of memory: "auto" keeps none
+        self._prior_peak = 0  # the peak-memory statistic before the calibrating step reset it (bytes)
 
     # -- CUDA graphs -----------------------------------------------------------------------------------------
     def _graph_blockers(self) -> list[str]:
@@ -1136,8 +1283,9 @@ class Trainer:
         return why
 
     def _graph_for(self, batch: dict):
-        """The GraphedLoss for this batch's shape (created on first sight), or None to run eagerly."""
-        if self.graphs_off_because:
+        """The GraphedLoss for this batch's shape (created on first sight), or None to run eagerly (also while
+        keep_mlp_layers="auto" waits for its calibrating step: a graph would keep what its capture decided)."""
+        if self.graphs_off_because or self._keep_pending():
             return None
         packed = not is_padded(batch) and batch.get("position_ids") is not None
         key = (*batch["input_ids"].shape, packed)
@@ -1175,6 +1323,7 @@ class Trainer:
             self._graphs.clear()
             self._graph_pool = None
             self.graphs_off_because = [str(e)]
+            self._keep_auto_off = True  # kept MLP activations may be what did not fit
             # fresh checkpointing wrappers: "offload" keeps stashes and events of the aborted capture otherwise
             self._set_checkpointing()
             torch.cuda.synchronize(self.device)
@@ -1208,7 +1357,15 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------
     def _set_checkpointing(self) -> None:
         cfg = self.cfg
-        set_gradient_checkpointing(self.model, self.gc_mode, cfg.keep_mlp_layers, cfg.offload_embeddings)
+        keep = cfg.keep_mlp_layers if cfg.keep_mlp_layers is not None else keep_mlp_layers_default(unset="auto")
+        if keep == "auto" and (self.dist is not None or self._keep_auto_off or self.device.type != "cuda"):
+            keep = 0  # ranks would decide apart (their collectives must match); or a capture ran out of memory
+        self.keep_policy = set_gradient_checkpointing(self.model, self.gc_mode, keep, cfg.offload_embeddings,
+                                                      cfg.max_memory_gib)
+
+    def _keep_pending(self) -> bool:
+        """keep_mlp_layers="auto" still to be calibrated: the next step runs eagerly and is measured."""
+        return self.keep_policy is not None and not self.keep_policy.calibrated
 
     def train(self) -> dict:
         """Run to ``total_steps`` (resuming when configured); returns the last logged metrics."""
@@ -1234,8 +1391,15 @@ class Trainer:
                 counts = [n_items(b) for b in host]  # on the host before the copy: no device sync per batch
                 micro = [self._to_device(b) for b in host]
                 lr = lr_at(self.step, self.total_steps, cfg)
-                loss, trained = self._forward_backward(micro, counts, data_state, good_rng)
-                grad_norm = self._optimizer_step(lr, trained, data_state, good_rng)
+                mem = StepMemory(self.device) if self._keep_pending() else nullcontext()
+                with mem:
+                    loss, trained = self._forward_backward(micro, counts, data_state, good_rng)
+                    grad_norm = self._optimizer_step(lr, trained, data_state, good_rng)
+                if isinstance(mem, StepMemory) and trained:
+                    tokens = max(b["input_ids"].numel() for b in host)
+                    self.keep_policy.calibrate(mem, tokens)
+                    self._prior_peak = mem.prior_peak
+                    progress.say(self.keep_policy.describe(tokens))
                 self.step += 1
                 metrics = self._metrics(loss, lr, grad_norm, host, counts, time.perf_counter() - t0)
                 self._log(metrics, progress)
@@ -1369,7 +1533,7 @@ class Trainer:
         (counted from the host copies of the micro-batches)."""
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in host_micro)
-        items, peak = sum(counts), peak_memory_mib(self.device)
+        items, peak = sum(counts), max(peak_memory_mib(self.device), self._prior_peak / 2**20)
         if self.dist is not None:
             tokens, items = dist_.reduce_values([tokens, items], self.device)
             dt, peak = dist_.reduce_values([dt, peak], self.device, op="max")

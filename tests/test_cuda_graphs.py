@@ -446,7 +446,7 @@ def test_trainer_runs_on_eagerly_when_a_capture_runs_out_of_memory(tmp_path, mon
     import minitrain.trainer as trainer_mod
 
     modes, orig = [], trainer_mod.set_gradient_checkpointing
-    monkeypatch.setattr(trainer_mod, "set_gradient_checkpointing", lambda m, mode, *a, **kw: (modes.append(mode), orig(m, mode, *a, **kw)))
+    monkeypatch.setattr(trainer_mod, "set_gradient_checkpointing", lambda m, mode, *a, **kw: (modes.append(mode), orig(m, mode, *a, **kw))[1])
     tr.train()
     assert len(calls) == 1 and "ran out of GPU memory" in tr.graphs_off_because[0]
     # the fallback rebuilds the checkpointing wrappers (an "offload" run drops the aborted capture's stashes)

@@ -519,11 +519,12 @@ def test_recompute_skip_is_exact_on_cuda_eager_and_graphed(mode, monkeypatch):
 
 
 # ---- gradient_checkpointing="offload": each decoder layer as two checkpoint segments (x -> h1 -> out) ----------
-def offload_run(model, monkeypatch, split, calls, autocast=False, early_stop=True, forwards=1, keep_mlp=0):
+def offload_run(model, monkeypatch, split, calls, autocast=False, early_stop=True, forwards=1, keep_mlp=0,
+                calibrate=None):
     """One backward of ``forwards`` summed losses with gradient_checkpointing="offload", the split on or off.
     Returns the loss, the adapter gradients, per layer the dequantize counts of o_proj's and down's base weights,
     the stash indices in the order HostOffload.stash was called, and per layer gate's dequantize count.
-    ``keep_mlp``: KEEP_MLP_LAYERS for the run."""
+    ``keep_mlp``: KEEP_MLP_LAYERS for the run; ``calibrate(policy)`` is called with the KeepMLPPolicy of "auto"."""
     from torch.utils.checkpoint import set_checkpoint_early_stop
 
     import minitrain.trainer as mt
@@ -537,7 +538,9 @@ def offload_run(model, monkeypatch, split, calls, autocast=False, early_stop=Tru
         return stash(self, index, x, **kw)
 
     monkeypatch.setattr(mt.HostOffload, "stash", spy)
-    mt.set_gradient_checkpointing(model, "offload")
+    policy = mt.set_gradient_checkpointing(model, "offload")
+    if callable(calibrate):
+        calibrate(policy)
     calls.clear()
     torch.manual_seed(3)  # the same dropout masks in every run
     try:
@@ -1398,6 +1401,40 @@ def test_qlora_bf16_offload_trains_on_cuda(tmp_path):
 
 
 @pytest.mark.gpu
+def test_trainer_auto_keep_mlp_layers_calibrates_on_its_first_step(tmp_path):
+    """keep_mlp_layers="auto" (the default) with gradient_checkpointing="offload" on CUDA: the first step runs eagerly
+    and is measured, every later forward (eager or from a CUDA graph) keeps the MLP halves of as many layers as
+    fit (all of the tiny model's within 85% of the card; none within a 1 MiB budget), and the losses equal those of
+    a run that keeps none (within the attention backward's run-to-run spread)."""
+    ckpt = tmp_path / "base"
+    make_tiny_checkpoint(ckpt)
+    data = examples(16) * 2
+
+    def run(name, keep, max_gib=None):
+        model, _ = load_model(ckpt, dtype=torch.bfloat16, device="cuda", load_in_4bit=True, tokenizer=False)
+        torch.manual_seed(1)
+        add_lora(model, r=8, alpha=16)
+        cfg = quiet(tmp_path, output_dir=str(tmp_path / name), max_steps=6, learning_rate=3e-3,
+                    gradient_checkpointing="offload", per_device_train_batch_size=4, keep_mlp_layers=keep,
+                    max_memory_gib=max_gib)
+        tr = Trainer(model, None, data, cfg)
+        tr.train()
+        return tr, len(model.model.layers)
+
+    auto, n = run("auto", None)
+    p = auto.keep_policy
+    assert p is not None and p.calibrated and p.counts, vars(p)
+    assert set(p.counts.values()) == {n}, p.counts
+    assert auto.graphs_captured >= 1
+    none, _ = run("none", 0)
+    assert none.keep_policy is None
+    a, b = auto.history["loss"], none.history["loss"]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)
+    tight, _ = run("tight", "auto", max_gib=2**-10)
+    assert tight.keep_policy.calibrated and set(tight.keep_policy.counts.values()) == {0}, tight.keep_policy.counts
+
+
+@pytest.mark.gpu
 def test_qlora_llama3_8b_shaped_throughput_and_memory(tmp_path):
     """A few QLoRA steps on a random Llama-3.1-8B-shaped model (full width and vocabulary, 4 of its 32 layers),
     seq 2048, bf16, gradient checkpointing; tokens/s and peak memory are printed and written to bench/results."""
@@ -1593,11 +1630,80 @@ def test_offload_keep_mlp_layers_is_bit_identical_and_skips_their_recomputation(
     assert_same_bits(got, want)
 
 
+@pytest.mark.parametrize("fit", [0, 2, 9])
+def test_offload_auto_keep_mlp_layers_keeps_what_the_budget_allows(fused_lora_on_cpu, monkeypatch, fit):
+    """keep_mlp_layers="auto": once calibrated, the last layers whose kept MLP activations fit the budget run as
+    KEEP_MLP_LAYERS = that count would (the same stashes and dequantizations), bit for bit equal to checkpointing
+    them all; before calibration none is kept."""
+    import minitrain.trainer as mt
+
+    model = tiny_lora_model(True, 0.1)
+    n, tokens = len(model.model.layers), 2 * 11
+    want = offload_run(model, monkeypatch, True, fused_lora_on_cpu)
+    same = offload_run(model, monkeypatch, True, fused_lora_on_cpu, keep_mlp="auto")  # not calibrated: keeps none
+    assert same[4] == want[4] and same[5] == want[5], (same[4], same[5])
+    assert_same_bits(same, want)
+    seen = []
+
+    def calibrate(policy):
+        # measured: 1000 bytes allocated before and 1400 after (optimizer state), a peak 600 above the start
+        k = policy.bytes_per_token
+        policy.max_memory_gib = (1400 + policy.grad_bytes + 600 + fit * tokens * k + k // 2) / 2**30
+        policy.set_measurements(before=1000, peak=1600, after=1400, tokens=tokens, usable=0)
+        seen.append(policy)
+
+    got = offload_run(model, monkeypatch, True, fused_lora_on_cpu, keep_mlp="auto", calibrate=calibrate)
+    keep = min(fit, n)
+    assert seen[0].count(tokens) == keep, (seen[0].count(tokens), keep)
+    kept = range(n - keep, n)
+    assert got[4] == [j for j in range(2 * n) if not (j % 2 and j // 2 in kept)], got[4]
+    assert got[5] == [2 if i in kept else 3 for i in range(n)], got[5]
+    assert_same_bits(got, want)
+
+
+def test_keep_mlp_policy_arithmetic():
+    """KeepMLPPolicy.count: (budget - predicted peak with none kept) // (tokens * bytes per token), the step's
+    transient part scaled up with the tokens and never down, at most the layer count, none when tiled or not
+    calibrated; the budget is max_memory_gib or AUTO_KEEP_SHARE of the usable memory."""
+    import minitrain.trainer as mt
+
+    GiB = 2**30
+    p = mt.KeepMLPPolicy(layers=32, bytes_per_token=1000, tiled_above=16384, max_memory_gib=1.0, grad_bytes=50)
+    assert p.count(100) == 0 and not p.calibrated
+    p.set_measurements(before=100, peak=300, after=150, tokens=1000, usable=0)
+    assert p.budget == GiB and p.base == 100 + 50 + 50 and p.transient == 200
+    assert p.predicted_peak(1000, 3) == 200 + 200 + 3 * 1000 * 1000
+    assert p.predicted_peak(500, 0) == 200 + 200  # never scaled down
+    assert p.predicted_peak(4000, 0) == 200 + 800  # scaled up
+    assert p.count(1000) == 32  # (1 GiB - 400) // 1e6 = 1073 > 32 layers
+    assert p.count(16384) == min(32, (GiB - 200 - 200 * 16384 // 1000) // (16384 * 1000))
+    assert p.count(16385) == 0  # the MLP runs in tiles there
+    q = mt.KeepMLPPolicy(layers=32, bytes_per_token=10**6, max_memory_gib=None)
+    q.set_measurements(before=0, peak=2 * GiB, after=GiB, tokens=1000, usable=10 * GiB)
+    assert q.budget == int(mt.AUTO_KEEP_SHARE * 10 * GiB)
+    assert q.count(1000) == (q.budget - 3 * GiB) // 10**9 and q.count(2000) == (q.budget - 5 * GiB) // (2 * 10**9)
+    q.set_measurements(before=0, peak=9 * GiB, after=0, tokens=1000, usable=10 * GiB)
+    assert q.count(1000) == 0  # over budget with none kept: none
+    assert "the last 0 of 32 layers" in q.describe(1000)
+    with pytest.raises(ValueError, match="must run tokens"):
+        q.set_measurements(before=0, peak=0, after=0, tokens=0, usable=0)
+
+
 def test_keep_mlp_layers_setting(monkeypatch):
     import minitrain.trainer as mt
 
     monkeypatch.setenv("MINITRAIN_KEEP_MLP_LAYERS", "3")
     assert mt.keep_mlp_layers_default() == 3
+    monkeypatch.setenv("MINITRAIN_KEEP_MLP_LAYERS", " Auto ")
+    assert mt.keep_mlp_layers_default() == "auto"
+    monkeypatch.delenv("MINITRAIN_KEEP_MLP_LAYERS")
+    assert mt.keep_mlp_layers_default() == 0 and mt.keep_mlp_layers_default(unset="auto") == "auto"
+    with pytest.raises(ValueError, match="keep_mlp_layers must be >= 0 or 'auto'"):
+        mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "offload", keep_mlp_layers="all")
+    with pytest.raises(ValueError, match="max_memory_gib must be > 0"):
+        mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "offload", keep_mlp_layers="auto",
+                                      max_memory_gib=0)
+    assert mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "on", keep_mlp_layers="auto") is None
     monkeypatch.setenv("MINITRAIN_KEEP_MLP_LAYERS", "-1")
     with pytest.raises(ValueError, match="MINITRAIN_KEEP_MLP_LAYERS='-1'"):
         mt.keep_mlp_layers_default()
@@ -1612,5 +1718,12 @@ def test_keep_mlp_layers_config():
     from minitrain.config import ConfigError, TrainConfig
 
     assert TrainConfig(keep_mlp_layers=3).keep_mlp_layers == 3
-    with pytest.raises(ConfigError, match="keep_mlp_layers"):
-        TrainConfig(keep_mlp_layers=-1)
+    assert TrainConfig(keep_mlp_layers=3.0).keep_mlp_layers == 3
+    assert TrainConfig(keep_mlp_layers="AUTO").keep_mlp_layers == "auto"
+    assert TrainConfig(max_memory_gib=7).max_memory_gib == 7
+    for bad in (-1, 1.5, True, "all"):
+        with pytest.raises(ConfigError, match="keep_mlp_layers"):
+            TrainConfig(keep_mlp_layers=bad)
+    for bad in (0, -2.0, float("inf"), "7"):
+        with pytest.raises(ConfigError, match="max_memory_gib"):
+            TrainConfig(max_memory_gib=bad)
