@@ -519,7 +519,7 @@ def run_row(spec: dict) -> dict:
         ids = batches[i]
         h0 = time.perf_counter()
         calibrate = policy is not None and not policy.calibrated and cuda
-        if calibrate:  # keep_mlp_layers="auto": the first step (eager, none kept) is measured, as the Trainer does
+        if calibrate:  # keep_mlp_layers="auto": the first two steps (eager, none kept) are measured, as in the Trainer
             from minitrain.trainer import StepMemory
 
             mem = StepMemory(device)
@@ -534,9 +534,10 @@ def run_row(spec: dict) -> dict:
         if calibrate:
             mem.__exit__(None, None, None)
             policy.calibrate(mem, ids.numel())
-            out["keep_mlp_layers"] = policy.count(ids.numel())
-            out["note"] += f" (kept: {out['keep_mlp_layers']})"
-            print("  " + policy.describe(ids.numel()), flush=True)
+            if policy.calibrated:
+                out["keep_mlp_layers"] = policy.count(ids.numel())
+                out["note"] += f" (kept: {out['keep_mlp_layers']})"
+                print("  " + policy.describe(ids.numel()), flush=True)
         wall = 1e3 * (time.perf_counter() - h0)
         losses.append(float(loss))
         if i >= n_warm:

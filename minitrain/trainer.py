@@ -673,14 +673,16 @@ class KeepMLPPolicy:
     """``keep_mlp_layers="auto"``: how many of the last decoder layers keep their MLP half's activations on the
     device (instead of recomputing them in the backward), decided per input size from measured memory.
 
-    One training step run with none kept calibrates it (:meth:`calibrate`; the Trainer's first step, run eagerly
-    for this): the allocated bytes before it ``A`` and after it ``A'`` (the optimizer's state appears in the first
-    step) and its peak ``P``, at ``t1`` tokens. For a forward of ``t`` tokens the peak with ``n`` layers kept is
-    predicted as
+    Training steps run with none kept calibrate it (:meth:`calibrate`; the Trainer's first two steps, run eagerly
+    for this). The first is only counted: it also holds one-time allocations (kernel autotuning, the NF4 matmul's
+    path timing, lazily built state) that would overstate the peak. From the second: the allocated bytes before it
+    ``A`` and after it ``A'`` and its peak ``P``, at ``t1`` tokens. For a forward of ``t`` tokens the peak with
+    ``n`` layers kept is predicted as
 
         A + (P - A) * max(1, t / t1) + max(0, A' - A) + G + n * t * k
 
-    with ``G`` the trainable parameters' gradients (CUDA graphs keep them allocated across steps) and ``k`` the
+    with ``G`` the trainable parameters' gradients where they were freed after the step (CUDA graphs keep them
+    allocated across steps; gradients still allocated are in ``A'`` already) and ``k`` the
     bytes per token of one kept MLP half: its norm's input and output (C each) and gate(x), up(x) (F each) in the
     compute dtype (``2 * (2C + 2F)`` in bf16: 0.28 GiB per layer at 4096 tokens of the 8B shape, where bench/train
     measured 0.25-0.28). ``n`` is the largest count within the budget: ``max_memory_gib`` when given, else
@@ -691,10 +693,12 @@ class KeepMLPPolicy:
     budget is already exceeded."""
 
     def __init__(self, layers: int, bytes_per_token: int, tiled_above: int | None = None,
-                 max_memory_gib: float | None = None, grad_bytes: int = 0):
+                 max_memory_gib: float | None = None, grad_bytes: int = 0, calibration_steps: int = 2):
         self.layers, self.bytes_per_token, self.tiled_above = layers, bytes_per_token, tiled_above
         self.max_memory_gib, self.grad_bytes = max_memory_gib, grad_bytes
+        self.calibration_steps, self.steps_seen = calibration_steps, 0
         self.calibrated = False
+        self.params: list[torch.Tensor] = []  # the trainable parameters (whose gradients may outlive the step)
         self.budget = self.base = self.transient = self.tokens = None
         self.counts: dict[int, int] = {}  # tokens -> layers kept, as decided so far
 
@@ -711,27 +715,36 @@ class KeepMLPPolicy:
                              "intermediate_size)")
         size = torch.empty((), dtype=dtype).element_size()
         tile = getattr(mlp, "tile_tokens", 0) if isinstance(mlp, LlamaMLP) else 0
-        grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        return cls(len(layers), size * (2 * C + 2 * F_), MLP_TILE_FROM * tile if tile else None, max_memory_gib,
-                   grads)
+        params = [p for p in model.parameters() if p.requires_grad]
+        policy = cls(len(layers), size * (2 * C + 2 * F_), MLP_TILE_FROM * tile if tile else None, max_memory_gib,
+                     sum(p.numel() * p.element_size() for p in params))
+        policy.params = params
+        return policy
 
     def calibrate(self, mem: StepMemory, tokens: int) -> None:
-        """Take the measurements of one CUDA step run with none kept (``mem``, at ``tokens`` tokens per forward)."""
+        """Count one CUDA step run with none kept (``mem``, at ``tokens`` tokens per forward); the
+        ``calibration_steps``-th one's measurements calibrate the policy."""
         if mem.peak is None:
             raise ValueError("KeepMLPPolicy.calibrate: the step was not measured (it raised)")
+        self.steps_seen += 1
+        if self.steps_seen < self.calibration_steps:
+            return
         dev = mem.device
         free, _ = torch.cuda.mem_get_info(dev)
         usable = free + torch.cuda.memory_reserved(dev)  # torch's cached blocks are free for it too
-        self.set_measurements(mem.before, mem.peak, mem.after, tokens, usable)
+        live = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
+        self.set_measurements(mem.before, mem.peak, mem.after, tokens, usable, live)
 
-    def set_measurements(self, before: int, peak: int, after: int, tokens: int, usable: int) -> None:
-        """Calibrate from numbers (bytes): allocated before and after the step, its peak, its tokens per forward, and
-        the device memory torch could use (the budget's basis when ``max_memory_gib`` is not set)."""
+    def set_measurements(self, before: int, peak: int, after: int, tokens: int, usable: int,
+                         live_grad_bytes: int = 0) -> None:
+        """Calibrate from numbers (bytes): allocated before and after the step, its peak, its tokens per forward, the
+        device memory torch could use (the budget's basis when ``max_memory_gib`` is not set) and the bytes of the
+        gradients still allocated after the step (counted in ``after`` already)."""
         if tokens < 1:
             raise ValueError(f"KeepMLPPolicy: the calibrating step must run tokens, got {tokens}")
         self.budget = (int(self.max_memory_gib * 2**30) if self.max_memory_gib is not None
                        else int(AUTO_KEEP_SHARE * usable))
-        self.base = before + max(0, after - before) + self.grad_bytes
+        self.base = before + max(0, after - before) + max(0, self.grad_bytes - live_grad_bytes)
         self.transient = max(0, peak - before)
         self.tokens, self.calibrated = tokens, True
         self.counts.clear()
@@ -1364,7 +1377,7 @@ class Trainer:
                                                       cfg.max_memory_gib)
 
     def _keep_pending(self) -> bool:
-        """keep_mlp_layers="auto" still to be calibrated: the next step runs eagerly and is measured."""
+        """keep_mlp_layers="auto" still to be calibrated: the next step runs eagerly and is measured (two steps)."""
         return self.keep_policy is not None and not self.keep_policy.calibrated
 
     def train(self) -> dict:
@@ -1397,9 +1410,10 @@ class Trainer:
                     grad_norm = self._optimizer_step(lr, trained, data_state, good_rng)
                 if isinstance(mem, StepMemory) and trained:
                     tokens = max(b["input_ids"].numel() for b in host)
+                    self._prior_peak = max(self._prior_peak, mem.prior_peak)
                     self.keep_policy.calibrate(mem, tokens)
-                    self._prior_peak = mem.prior_peak
-                    progress.say(self.keep_policy.describe(tokens))
+                    if self.keep_policy.calibrated:
+                        progress.say(self.keep_policy.describe(tokens))
                 self.step += 1
                 metrics = self._metrics(loss, lr, grad_norm, host, counts, time.perf_counter() - t0)
                 self._log(metrics, progress)

@@ -1670,6 +1670,10 @@ def test_keep_mlp_policy_arithmetic():
     GiB = 2**30
     p = mt.KeepMLPPolicy(layers=32, bytes_per_token=1000, tiled_above=16384, max_memory_gib=1.0, grad_bytes=50)
     assert p.count(100) == 0 and not p.calibrated
+    first = mt.StepMemory("cpu")  # as measured: the first step only counts (one-time allocations), no CUDA call
+    first.before, first.peak, first.after = 0, 10**9, 0
+    p.calibrate(first, 10)
+    assert not p.calibrated and p.steps_seen == 1 and p.count(10) == 0
     p.set_measurements(before=100, peak=300, after=150, tokens=1000, usable=0)
     assert p.budget == GiB and p.base == 100 + 50 + 50 and p.transient == 200
     assert p.predicted_peak(1000, 3) == 200 + 200 + 3 * 1000 * 1000
@@ -1684,6 +1688,8 @@ def test_keep_mlp_policy_arithmetic():
     assert q.count(1000) == (q.budget - 3 * GiB) // 10**9 and q.count(2000) == (q.budget - 5 * GiB) // (2 * 10**9)
     q.set_measurements(before=0, peak=9 * GiB, after=0, tokens=1000, usable=10 * GiB)
     assert q.count(1000) == 0  # over budget with none kept: none
+    p.set_measurements(before=100, peak=300, after=150, tokens=1000, usable=0, live_grad_bytes=50)
+    assert p.base == 150  # gradients still allocated after the step are in "after" already: not counted twice
     assert "the last 0 of 32 layers" in q.describe(1000)
     with pytest.raises(ValueError, match="must run tokens"):
         q.set_measurements(before=0, peak=0, after=0, tokens=0, usable=0)
