@@ -260,6 +260,8 @@ def build_ours(spec, device, dtype):
         from minitrain.cuda_graphs import GraphedLoss
 
         graphed = GraphedLoss(model, spec["batch"], spec["seq"], warmup=2)
+        if policy is not None:
+            policy.graphs_only = True  # as the Trainer: only the capture keeps layers
 
         def loss_fn(ids):  # noqa: F811 - forward and backward, from the graph after two eager calls
             return graphed({"input_ids": ids, "labels": ids}, ids.shape[0] * (ids.shape[1] - 1))

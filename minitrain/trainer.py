@@ -685,8 +685,10 @@ class KeepMLPPolicy:
     allocated across steps; gradients still allocated are in ``A'`` already) and ``k`` the
     bytes per token of one kept MLP half: its norm's input and output (C each) and gate(x), up(x) (F each) in the
     compute dtype (``2 * (2C + 2F)`` in bf16: 0.28 GiB per layer at 4096 tokens of the 8B shape, where bench/train
-    measured 0.25-0.28). ``n`` is the largest count within the budget: ``max_memory_gib`` when given, else
-    ``AUTO_KEEP_SHARE`` of what torch could use at calibration (free device memory plus its cached blocks). The
+    measured 0.23-0.28). ``n`` is the largest count within the budget: ``max_memory_gib`` when given, else
+    ``AUTO_KEEP_SHARE`` of what torch could use at calibration (free device memory plus its cached blocks) less
+    one step's transient (room for an eager step beside the CUDA graphs' memory pool). With ``graphs_only`` (the
+    Trainer sets it when it captures graphs) only forwards inside a capture keep layers. The
     step's transient part is scaled up for longer inputs, never down (its fixed parts, such as the fused
     cross-entropy's chunk buffer, do not shrink). None is kept before calibration, on inputs the MLP splits into
     token tiles (which recompute themselves anyway: ``MLP_TILE_FROM`` tiles' worth of tokens), and where the
@@ -697,6 +699,9 @@ class KeepMLPPolicy:
         self.layers, self.bytes_per_token, self.tiled_above = layers, bytes_per_token, tiled_above
         self.max_memory_gib, self.grad_bytes = max_memory_gib, grad_bytes
         self.calibration_steps, self.steps_seen = calibration_steps, 0
+        # True once training runs from CUDA graphs: only a capture keeps layers (the graphs hold their pool's memory,
+        # so an eager step beside them, such as a new batch shape's warm-up, keeps none)
+        self.graphs_only = False
         self.calibrated = False
         self.params: list[torch.Tensor] = []  # the trainable parameters (whose gradients may outlive the step)
         self.budget = self.base = self.transient = self.tokens = None
@@ -742,10 +747,12 @@ class KeepMLPPolicy:
         gradients still allocated after the step (counted in ``after`` already)."""
         if tokens < 1:
             raise ValueError(f"KeepMLPPolicy: the calibrating step must run tokens, got {tokens}")
-        self.budget = (int(self.max_memory_gib * 2**30) if self.max_memory_gib is not None
-                       else int(AUTO_KEEP_SHARE * usable))
         self.base = before + max(0, after - before) + max(0, self.grad_bytes - live_grad_bytes)
         self.transient = max(0, peak - before)
+        # without a budget given, room is left for one more eager step's transient beside the CUDA graphs' pool (a
+        # new batch shape's eager warm-up cannot use the memory that pool holds)
+        self.budget = (int(self.max_memory_gib * 2**30) if self.max_memory_gib is not None
+                       else int(AUTO_KEEP_SHARE * usable) - self.transient)
         self.tokens, self.calibrated = tokens, True
         self.counts.clear()
 
@@ -758,6 +765,8 @@ class KeepMLPPolicy:
         """Layers (the last ones) that keep their MLP half at ``tokens`` tokens per forward."""
         if not self.calibrated or tokens < 1 or self.tiled_above is not None and tokens > self.tiled_above:
             return 0
+        if self.graphs_only and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return 0  # an eager step beside the graphs' pool (a new shape's warm-up): that memory is taken
         n = self.counts.get(tokens)
         if n is None:
             room = self.budget - self.predicted_peak(tokens, 0)
@@ -1311,6 +1320,8 @@ class Trainer:
             # the first graph warms up twice (compilation, lazily built state, autotuning); later shapes once:
             # only shape-specific work (kernel specializations, cuBLAS heuristics) is left for them
             warmup = 1 if any(x.graph is not None for x in self._graphs.values()) else 2
+            if self.keep_policy is not None:
+                self.keep_policy.graphs_only = True  # eager forwards from now on run beside the graphs' pool
             g = self._graphs[key] = GraphedLoss(self.model, key[0], key[1], packed=packed, amp_dtype=self.amp_dtype,
                                                 pool=self._graph_pool, warmup=warmup, loss_scale=self._loss_scale())
         return g
