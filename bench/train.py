@@ -517,27 +517,29 @@ def run_row(spec: dict) -> dict:
     batches = [torch.randint(0, V, (B, T), generator=gen).to(device) for _ in range(n_warm + max(n_timed, 2))]
     losses, ms, host_ms = [], [], []
     policy = getattr(loss_fn, "keep_policy", None)
+    prior = [0, 0]  # peaks (allocated, reserved) that the measured steps reset
     for i in range(n_warm + n_timed):
         ids = batches[i]
         h0 = time.perf_counter()
-        calibrate = policy is not None and not policy.calibrated and cuda
-        if calibrate:  # keep_mlp_layers="auto": the first two steps (eager, none kept) are measured, as in the Trainer
+        # keep_mlp_layers="auto": the first two steps (eager, none kept) are measured, as in the Trainer
+        measured = policy is not None and not policy.calibrated and cuda
+        if measured:  # ours rows only: importing minitrain sets cuBLAS's workspace, which the peers keep as is
             from minitrain.trainer import StepMemory
 
-            mem = StepMemory(device)
-            mem.__enter__()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        loss = step(ids)
-        if cuda:
-            end.record()
-            torch.cuda.synchronize()
-        if calibrate:
-            mem.__exit__(None, None, None)
+        mem = StepMemory(device) if measured else nullcontext()
+        with mem:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            loss = step(ids)
+            if cuda:
+                end.record()
+                torch.cuda.synchronize()
+        if measured:
+            prior = [max(prior[0], mem.prior_peak), max(prior[1], mem.prior_reserved)]
             policy.calibrate(mem, ids.numel())
             if policy.calibrated:
-                out["keep_mlp_layers"] = policy.count(ids.numel())
+                out["keep_mlp_layers"] = policy.decide(ids.numel())
                 out["note"] += f" (kept: {out['keep_mlp_layers']})"
                 print("  " + policy.describe(ids.numel()), flush=True)
         wall = 1e3 * (time.perf_counter() - h0)
@@ -553,8 +555,8 @@ def run_row(spec: dict) -> dict:
     out.update(ok=True, step_ms=med, step_ms_all=ms, host_step_ms=statistics.median(host_ms),
                tok_s=B * T / (med / 1e3), loss_first=losses[0], loss_last=losses[-1], losses=losses)
     if cuda:
-        out["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        out["peak_alloc_gib"] = max(torch.cuda.max_memory_allocated(), prior[0]) / 2**30
+        out["peak_reserved_gib"] = max(torch.cuda.max_memory_reserved(), prior[1]) / 2**30
     if spec.get("profile"):
         out["profile"] = profile_steps(step, batches[n_warm:], device)
     out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # unsloth's import sets its own

@@ -60,7 +60,9 @@ def _add_field_flags(p: argparse.ArgumentParser, skip=()) -> None:
             elif typing.get_origin(base) is list:
                 g.add_argument(*flags, nargs="+", metavar="NAME", **kw)
             else:
-                g.add_argument(*flags, metavar=f.name.upper() if base is str else base.__name__.upper(), **kw)
+                word = str in args and base is not str  # int | str: a number or a word ("N|auto")
+                g.add_argument(*flags, metavar=f.name.upper() if base is str else
+                               base.__name__.upper() + ("|WORD" if word else ""), **kw)
 
 
 def _settings(args: argparse.Namespace) -> tuple[dict, dict, dict]:

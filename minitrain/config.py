@@ -95,13 +95,14 @@ class TrainConfig:
     # within a host-memory budget: MINITRAIN_OFFLOAD_HOST_GIB, default 75% of the memory available)
     gradient_checkpointing: str = "auto"
     # with "offload": the MLP halves of the last N decoder layers keep their activations on the device instead of
-    # being recomputed (0.25-0.28 GiB and 1.3-2 ms of an 8B-shaped 2 x 2048-token step per layer on an H200);
-    # "auto": as many as fit within max_memory_gib, decided from the first step's measured memory (per input
-    # size; none under multi-process training); None: $MINITRAIN_KEEP_MLP_LAYERS, else "auto"
-    keep_mlp_layers: int | str | None = None
-    # device memory (GiB) that keep_mlp_layers="auto" plans a step's peak allocation to stay within; None: 85% of
-    # what torch can use on the device
-    max_memory_gib: float | None = None
+    # being recomputed (0.23-0.28 GiB and 1.3-2 ms of an 8B-shaped 2 x 2048-token step per layer on an H200);
+    # "auto": as many as fit within max_memory_gib, decided per input size from the measured memory of the first
+    # two steps (none under multi-process training); None: $MINITRAIN_KEEP_MLP_LAYERS, else "auto"
+    keep_mlp_layers: int | str | None = None  # last N layers keep MLP activations (or 'auto': as many as fit)
+    # the peak allocated device memory (GiB, as torch.cuda.max_memory_allocated counts it; the process reserves
+    # more) that keep_mlp_layers="auto" plans a step for; None: 85% of what torch may use on the device, less one
+    # eager step's working memory
+    max_memory_gib: float | None = None  # GiB the step's peak allocation may reach with 'auto' kept layers
     # with "offload" on a GPU: a frozen, untied input embedding in pinned host memory (0.98 GiB less device memory
     # at Llama-3's vocabulary); None: $MINITRAIN_OFFLOAD_EMBEDDINGS, else off
     offload_embeddings: bool | None = None
@@ -205,7 +206,8 @@ def coerce(cls, name: str, value, where: str):
             try:
                 return int(value)
             except ValueError:
-                pass
+                if str in args:  # int | str: a word such as "auto" (the field's own check validates it)
+                    return value
     elif base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -622,13 +622,18 @@ REUSE_ATTENTION_OUTPUT = env_switch("MINITRAIN_ATTN_REUSE")
 # projections' base GEMMs too (their outputs unused; see unused_qkv_bases). Off with MINITRAIN_QKV_REUSE=0.
 REUSE_ATTENTION_INPUTS = env_switch("MINITRAIN_QKV_REUSE")
 
+def is_auto(value) -> bool:
+    """``value`` spells "auto" (any case, surrounding blanks)."""
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
 def keep_mlp_layers_default(unset: int | str = 0) -> int | str:
     """MINITRAIN_KEEP_MLP_LAYERS as a whole number >= 0 or "auto" (``unset`` when not set), read when checkpointing
     is set up."""
     env = os.environ.get("MINITRAIN_KEEP_MLP_LAYERS", "").strip()
     if not env:
         return unset
-    if env.lower() == "auto":
+    if is_auto(env):
         return "auto"
     return env_count("MINITRAIN_KEEP_MLP_LAYERS", 0, "layers (or 'auto')")
 
@@ -639,24 +644,27 @@ def keep_mlp_layers_default(unset: int | str = 0) -> int | str:
 # the Trainer, whose default is "auto").
 KEEP_MLP_LAYERS: int | str | None = None
 
-# keep_mlp_layers="auto" plans a step's peak device memory to stay within this share of what torch could use
-# (free on the device plus its own cached blocks) when TrainConfig.max_memory_gib is not set: the rest is left
-# for the allocator's fragmentation (peak reserved ran 0.5-1.9 GiB above peak allocated in bench/train.py's rows)
+# keep_mlp_layers="auto" plans a step's peak allocated device memory to stay within this share of what torch may
+# use (free on the device plus its own cached blocks, within its per-process memory fraction) less room for one
+# eager step, when TrainConfig.max_memory_gib is not set. The rest is for the allocator: peak reserved ran 0.5-3.4
+# GiB above peak allocated in bench/train.py's rows.
 AUTO_KEEP_SHARE = 0.85
 
 
 class StepMemory:
     """Device memory around one training step, for :meth:`KeepMLPPolicy.calibrate`: allocated bytes before
-    (``before``) and after (``after``) and the peak in between (``peak``; torch's peak statistic is reset on entry,
-    the peak it held then is ``prior_peak``)."""
+    (``before``) and after (``after``) and the peak in between (``peak``). Torch's peak statistics are reset on
+    entry; the peaks they held then are ``prior_peak`` and ``prior_reserved`` (a caller reporting peaks keeps the
+    larger)."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        self.before = self.after = self.peak = self.prior_peak = None
+        self.before = self.after = self.peak = self.prior_peak = self.prior_reserved = None
 
     def __enter__(self):
         torch.cuda.synchronize(self.device)
         self.prior_peak = torch.cuda.max_memory_allocated(self.device)
+        self.prior_reserved = torch.cuda.max_memory_reserved(self.device)
         self.before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         return self
@@ -681,24 +689,27 @@ class KeepMLPPolicy:
 
         A + (P - A) * max(1, t / t1) + max(0, A' - A) + G + n * t * k
 
-    with ``G`` the trainable parameters' gradients where they were freed after the step (CUDA graphs keep them
-    allocated across steps; gradients still allocated are in ``A'`` already) and ``k`` the
-    bytes per token of one kept MLP half: its norm's input and output (C each) and gate(x), up(x) (F each) in the
-    compute dtype (``2 * (2C + 2F)`` in bf16: 0.28 GiB per layer at 4096 tokens of the 8B shape, where bench/train
-    measured 0.23-0.28). ``n`` is the largest count within the budget: ``max_memory_gib`` when given, else
-    ``AUTO_KEEP_SHARE`` of what torch could use at calibration (free device memory plus its cached blocks) less
-    one step's transient (room for an eager step beside the CUDA graphs' memory pool). With ``graphs_only`` (the
-    Trainer sets it when it captures graphs) only forwards inside a capture keep layers. The
-    step's transient part is scaled up for longer inputs, never down (its fixed parts, such as the fused
-    cross-entropy's chunk buffer, do not shrink). None is kept before calibration, on inputs the MLP splits into
-    token tiles (which recompute themselves anyway: ``MLP_TILE_FROM`` tiles' worth of tokens), and where the
-    budget is already exceeded."""
+    ``G``: the trainable parameters' gradients where the step freed them (CUDA graphs keep them allocated; those
+    still allocated are in ``A'``), counted in full although the measured peak may hold some of them already (an
+    overstatement on the safe side). ``k``: the bytes per token one kept MLP half holds, counted from the model
+    (:meth:`for_model`): its norm's input and output (C each, the residual stream's dtype), gate(x) and up(x) (F
+    each, the compute dtype), the SwiGLU output too where the MLP runs module by module (F), and LoRA dropout's
+    masks (bytes). On the 8B shape in bf16, 2 * (2C + 2F): 0.28 GiB per layer at 4096 tokens, where bench/train
+    measured 0.23-0.28. ``n`` is the largest count within the budget: ``max_memory_gib`` when given (allocated
+    bytes, as torch.cuda.max_memory_allocated counts them, not the process's footprint), else ``AUTO_KEEP_SHARE``
+    of what torch may use at calibration, less the transient of an eager step at the longest input expected
+    (``max_tokens``; a new batch shape's warm-up runs eagerly beside the CUDA graphs' memory pool). The step's
+    transient part is scaled up for longer inputs, never down (its fixed parts, such as the fused cross-entropy's
+    chunk buffer, do not shrink). None is kept before calibration, on inputs the MLP splits into token tiles (which
+    recompute themselves anyway: ``MLP_TILE_FROM`` tiles' worth of tokens), where the budget is already exceeded,
+    and, once ``graphs_only`` is set (the Trainer sets it when it captures graphs), outside a graph capture."""
 
     def __init__(self, layers: int, bytes_per_token: int, tiled_above: int | None = None,
                  max_memory_gib: float | None = None, grad_bytes: int = 0, calibration_steps: int = 2):
         self.layers, self.bytes_per_token, self.tiled_above = layers, bytes_per_token, tiled_above
         self.max_memory_gib, self.grad_bytes = max_memory_gib, grad_bytes
         self.calibration_steps, self.steps_seen = calibration_steps, 0
+        self.max_tokens: int | None = None  # the longest input expected (tokens per forward), for the eager reserve
         # True once training runs from CUDA graphs: only a capture keeps layers (the graphs hold their pool's memory,
         # so an eager step beside them, such as a new batch shape's warm-up, keeps none)
         self.graphs_only = False
@@ -709,19 +720,28 @@ class KeepMLPPolicy:
 
     @classmethod
     def for_model(cls, model: nn.Module, max_memory_gib: float | None = None,
-                  dtype: torch.dtype = torch.bfloat16) -> "KeepMLPPolicy":
+                  compute_dtype: torch.dtype | None = None) -> "KeepMLPPolicy | None":
+        """The policy for ``model``'s decoder layers, or None where they are not all minitrain's
+        ``LlamaDecoderLayer`` with a ``LlamaMLP`` (another model keeps no MLP half: see CheckpointedLayer).
+        ``compute_dtype``: autocast's dtype (None: the model's own)."""
+        from . import model as model_mod
+
         layers = decoder_layers(model)
-        mlp = getattr(layers[0], "mlp", None) if layers else None
-        args = getattr(model, "args", None) or getattr(getattr(model, "model", None), "args", None)
-        C = getattr(args, "hidden_size", None)
-        F_ = getattr(args, "intermediate_size", None)
-        if C is None or F_ is None:
-            raise ValueError("keep_mlp_layers='auto' needs a minitrain Llama (model.args.hidden_size and "
-                             "intermediate_size)")
-        size = torch.empty((), dtype=dtype).element_size()
-        tile = getattr(mlp, "tile_tokens", 0) if isinstance(mlp, LlamaMLP) else 0
+        if not layers or not all(type(layer) is LlamaDecoderLayer and isinstance(getattr(layer, "mlp", None),
+                                                                                  LlamaMLP) for layer in layers):
+            return None
+        mlp, norm = layers[0].mlp, layers[0].post_attention_layernorm
+        C = norm.weight.numel()
+        F_ = mlp.down_proj.in_features
+        res = norm.weight.element_size()  # the residual stream's dtype: the model's
+        comp = torch.empty((), dtype=compute_dtype).element_size() if compute_dtype is not None else res
+        per_token = res * 2 * C + comp * 2 * F_
+        if not model_mod.GROUPED_LORA or any(isinstance(m, LoRALinear) and m.dropout > 0 for m in mlp.modules()):
+            per_token += comp * F_  # module by module, autograd also keeps the SwiGLU output
+        per_token += sum(m.in_features for m in mlp.modules() if isinstance(m, LoRALinear) and m.dropout > 0)
+        tile = mlp.tile_tokens
         params = [p for p in model.parameters() if p.requires_grad]
-        policy = cls(len(layers), size * (2 * C + 2 * F_), MLP_TILE_FROM * tile if tile else None, max_memory_gib,
+        policy = cls(len(layers), per_token, MLP_TILE_FROM * tile if tile else None, max_memory_gib,
                      sum(p.numel() * p.element_size() for p in params))
         policy.params = params
         return policy
@@ -735,25 +755,29 @@ class KeepMLPPolicy:
         if self.steps_seen < self.calibration_steps:
             return
         dev = mem.device
-        free, _ = torch.cuda.mem_get_info(dev)
+        free, total = torch.cuda.mem_get_info(dev)
         usable = free + torch.cuda.memory_reserved(dev)  # torch's cached blocks are free for it too
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if get_fraction is not None:  # set_per_process_memory_fraction caps what the allocator may reserve
+            usable = min(usable, int(get_fraction(dev) * total))
         live = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
         self.set_measurements(mem.before, mem.peak, mem.after, tokens, usable, live)
 
     def set_measurements(self, before: int, peak: int, after: int, tokens: int, usable: int,
                          live_grad_bytes: int = 0) -> None:
         """Calibrate from numbers (bytes): allocated before and after the step, its peak, its tokens per forward, the
-        device memory torch could use (the budget's basis when ``max_memory_gib`` is not set) and the bytes of the
+        device memory torch may use (the budget's basis when ``max_memory_gib`` is not set) and the bytes of the
         gradients still allocated after the step (counted in ``after`` already)."""
         if tokens < 1:
             raise ValueError(f"KeepMLPPolicy: the calibrating step must run tokens, got {tokens}")
         self.base = before + max(0, after - before) + max(0, self.grad_bytes - live_grad_bytes)
         self.transient = max(0, peak - before)
-        # without a budget given, room is left for one more eager step's transient beside the CUDA graphs' pool (a
-        # new batch shape's eager warm-up cannot use the memory that pool holds)
-        self.budget = (int(self.max_memory_gib * 2**30) if self.max_memory_gib is not None
-                       else int(AUTO_KEEP_SHARE * usable) - self.transient)
         self.tokens, self.calibrated = tokens, True
+        if self.max_memory_gib is not None:
+            self.budget = int(self.max_memory_gib * 2**30)
+        else:  # room for one eager step at the longest input beside the graphs' pool
+            longest = max(tokens, self.max_tokens or 0)
+            self.budget = int(AUTO_KEEP_SHARE * usable) - int(self.transient * longest / tokens)
         self.counts.clear()
 
     def predicted_peak(self, tokens: int, n: int) -> int:
@@ -761,23 +785,28 @@ class KeepMLPPolicy:
         return (self.base + int(self.transient * max(1.0, tokens / self.tokens))
                 + n * tokens * self.bytes_per_token)
 
-    def count(self, tokens: int) -> int:
-        """Layers (the last ones) that keep their MLP half at ``tokens`` tokens per forward."""
+    def decide(self, tokens: int) -> int:
+        """Layers (the last ones) whose MLP half a captured or graph-free step at ``tokens`` tokens keeps."""
         if not self.calibrated or tokens < 1 or self.tiled_above is not None and tokens > self.tiled_above:
             return 0
-        if self.graphs_only and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            return 0  # an eager step beside the graphs' pool (a new shape's warm-up): that memory is taken
         n = self.counts.get(tokens)
         if n is None:
             room = self.budget - self.predicted_peak(tokens, 0)
             n = self.counts[tokens] = max(0, min(self.layers, room // (tokens * self.bytes_per_token)))
         return n
 
+    def count(self, tokens: int) -> int:
+        """Layers whose MLP half this forward keeps: :meth:`decide`, or 0 for an eager forward once ``graphs_only``."""
+        if self.graphs_only and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return 0  # an eager step beside the graphs' pool (a new shape's warm-up): that memory is taken
+        return self.decide(tokens)
+
     def describe(self, tokens: int) -> str:
-        n = self.count(tokens)
+        n = self.decide(tokens)
         return (f"keep_mlp_layers='auto': the MLP activations of the last {n} of {self.layers} layers stay on the "
-                f"device at {tokens:,} tokens per forward (predicted peak "
+                f"device at {tokens:,} tokens per forward (predicted peak allocation "
                 f"{self.predicted_peak(tokens, n) / 2**30:.1f} GiB of a {self.budget / 2**30:.1f} GiB budget)")
+
 
 # gradient_checkpointing="offload" on CUDA may also keep a frozen, untied input embedding in pinned host memory
 # (minitrain.model.offload_input_embeddings: 0.98 GiB less device memory at Llama-3's vocabulary, the same step time
@@ -1075,29 +1104,31 @@ def decoder_layers(model: nn.Module):
 
 
 def set_gradient_checkpointing(model: nn.Module, mode: str, keep_mlp_layers: int | str | None = None,
-                               offload_embeddings: bool | None = None,
-                               max_memory_gib: float | None = None) -> KeepMLPPolicy | None:
+                               offload_embeddings: bool | None = None, max_memory_gib: float | None = None,
+                               compute_dtype: torch.dtype | None = None) -> KeepMLPPolicy | None:
     """mode "off" | "on" | "offload" (see :class:`CheckpointedLayer`). Checkpointed minitrain MLPs also run in
     token tiles on long inputs (``MINITRAIN_MLP_TILE`` tokens per tile, default 4096, above four tiles' worth;
     see ``minitrain.model._TiledMLP``): the same GEMMs as the checkpointed MLP, its working set for one tile.
     ``keep_mlp_layers`` (default ``KEEP_MLP_LAYERS``): with "offload", the last that many layers keep their MLP
     half's activations on the device instead of recomputing them (device memory for time). "auto": as many as
-    fit within ``max_memory_gib`` (default: most of the card), decided per input size by the returned
-    :class:`KeepMLPPolicy` once it is calibrated by a step run with none kept (the Trainer does this in its first
-    step); "auto" with another mode, or on the CPU, keeps none and returns None.
+    fit within ``max_memory_gib`` (allocated GiB; default: most of the card), decided per input size by the
+    returned :class:`KeepMLPPolicy` once steps run with none kept have calibrated it (the Trainer measures its
+    first two; ``compute_dtype``: autocast's dtype, for the activations' size). "auto" keeps none and returns None
+    with another mode or another model than minitrain's Llama; uncalibrated (e.g. on the CPU) it keeps none.
     ``offload_embeddings`` (default ``OFFLOAD_EMBEDDINGS``, else MINITRAIN_OFFLOAD_EMBEDDINGS): with "offload",
     a frozen, untied input embedding moves to pinned host memory (a warning where it cannot)."""
     import warnings
 
     keep = keep_mlp_layers if keep_mlp_layers is not None else (
         KEEP_MLP_LAYERS if KEEP_MLP_LAYERS is not None else keep_mlp_layers_default())
-    auto = keep == "auto"
+    auto = is_auto(keep)
     if auto:
         keep = 0
-    elif isinstance(keep, str) or keep < 0:
-        raise ValueError(f"keep_mlp_layers must be >= 0 or 'auto', got {keep!r}")
-    if max_memory_gib is not None and not max_memory_gib > 0:
-        raise ValueError(f"max_memory_gib must be > 0, got {max_memory_gib!r}")
+    elif not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+        raise ValueError(f"keep_mlp_layers must be a whole number >= 0 or 'auto', got {keep!r}")
+    if max_memory_gib is not None and not (isinstance(max_memory_gib, (int, float)) and
+                                           math.isfinite(max_memory_gib) and max_memory_gib > 0):
+        raise ValueError(f"max_memory_gib must be a finite number > 0 (GiB), got {max_memory_gib!r}")
     if keep and mode not in ("offload", "off"):
         warnings.warn(f"keep_mlp_layers={keep} applies to gradient_checkpointing='offload' only; with {mode!r} "
                       "every layer is recomputed", stacklevel=2)
@@ -1119,7 +1150,7 @@ def set_gradient_checkpointing(model: nn.Module, mode: str, keep_mlp_layers: int
             layer.mlp.tile_tokens = tile
             # FSDP2 (distributed.shard_model): DTensors here, but plain unsharded tensors inside the forward
             layer.mlp.tile_sharded = any(type(p).__name__ == "DTensor" for p in layer.parameters())
-    policy = KeepMLPPolicy.for_model(model, max_memory_gib) if auto and offload is not None else None
+    policy = KeepMLPPolicy.for_model(model, max_memory_gib, compute_dtype) if auto and offload is not None else None
     for i, layer in enumerate(layers):
         if isinstance(layer.__dict__.get("forward"), CheckpointedLayer):
             del layer.forward  # back to the class's forward
@@ -1281,7 +1312,9 @@ class Trainer:
         self.graphs_captured = 0  # after train(): how many batch shapes ran from a CUDA graph
         self.keep_policy = None  # keep_mlp_layers="auto" (set_gradient_checkpointing's KeepMLPPolicy)
         self._keep_auto_off = False  # after a capture ran out of memory: "auto" keeps none
-        self._prior_peak = 0  # the peak-memory statistic before the calibrating step reset it (bytes)
+        # the peak-memory statistics before the calibrating steps reset them (bytes): peaks reported since the start
+        # of train() are the larger of these and torch's (see peak_memory())
+        self._prior_peak = self._prior_reserved = 0
 
     # -- CUDA graphs -----------------------------------------------------------------------------------------
     def _graph_blockers(self) -> list[str]:
@@ -1322,6 +1355,7 @@ class Trainer:
             warmup = 1 if any(x.graph is not None for x in self._graphs.values()) else 2
             if self.keep_policy is not None:
                 self.keep_policy.graphs_only = True  # eager forwards from now on run beside the graphs' pool
+                warmup = 1  # the two measured steps did the first-use work already
             g = self._graphs[key] = GraphedLoss(self.model, key[0], key[1], packed=packed, amp_dtype=self.amp_dtype,
                                                 pool=self._graph_pool, warmup=warmup, loss_scale=self._loss_scale())
         return g
@@ -1344,15 +1378,20 @@ class Trainer:
         try:
             return graph(batch, total_items)
         except GraphOutOfMemory as e:
+            keeping = self.keep_policy is not None and any(self.keep_policy.counts.values())
             self._graphs.clear()
             self._graph_pool = None
-            self.graphs_off_because = [str(e)]
-            self._keep_auto_off = True  # kept MLP activations may be what did not fit
+            if keeping:  # the kept MLP activations are the likeliest reason: keep none, capture again later
+                self._keep_auto_off = True
+                self.notes.append(("keep_mlp_layers_off", f"{e}; keep_mlp_layers='auto' keeps none from now on "
+                                   "(CUDA graphs are captured again without kept layers)"))
+            else:
+                self.graphs_off_because = [str(e)]
+                self.notes.append(("cuda_graphs_off", f"{e}; continuing without CUDA graphs (eagerly, slower)"))
             # fresh checkpointing wrappers: "offload" keeps stashes and events of the aborted capture otherwise
             self._set_checkpointing()
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-            self.notes.append(("cuda_graphs_off", f"{e}; continuing without CUDA graphs (eagerly, slower)"))
             return None
 
     def _graph_shape(self, batch: dict) -> dict:
@@ -1382,10 +1421,45 @@ class Trainer:
     def _set_checkpointing(self) -> None:
         cfg = self.cfg
         keep = cfg.keep_mlp_layers if cfg.keep_mlp_layers is not None else keep_mlp_layers_default(unset="auto")
-        if keep == "auto" and (self.dist is not None or self._keep_auto_off or self.device.type != "cuda"):
+        if is_auto(keep) and (self.dist is not None or self._keep_auto_off or self.device.type != "cuda"):
             keep = 0  # ranks would decide apart (their collectives must match); or a capture ran out of memory
         self.keep_policy = set_gradient_checkpointing(self.model, self.gc_mode, keep, cfg.offload_embeddings,
-                                                      cfg.max_memory_gib)
+                                                      cfg.max_memory_gib, self.amp_dtype)
+        if self.keep_policy is not None:
+            self.keep_policy.max_tokens = self._longest_micro_tokens()
+
+    def _longest_micro_tokens(self) -> int | None:
+        """Tokens of the longest micro-batch the data can make (padded to its graph length), where it is known:
+        per_device_train_batch_size x the dataset's max_seq_length or the longest example; else None."""
+        b = self.batches
+        longest = getattr(getattr(b, "ds", None), "max_seq_length", None)
+        if longest is None and isinstance(getattr(b, "examples", None), list):
+            longest = max((len(e["input_ids"]) for e in b.examples), default=None)
+        if not longest:
+            return None
+        limit = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
+        return self.cfg.per_device_train_batch_size * max(longest, graph_length(longest, limit))
+
+    def _calibrate_keep(self, mem: StepMemory, host: list[dict], trained: int, grad_norm: float,
+                        progress: "Progress") -> None:
+        """After a measured step (keep_mlp_layers="auto"): keep the peaks it reset, and count the step towards the
+        calibration when it trained and updated (an fp16 step the GradScaler skipped has no optimizer state yet)."""
+        self._prior_peak = max(self._prior_peak, mem.prior_peak or 0)
+        self._prior_reserved = max(self._prior_reserved, mem.prior_reserved or 0)
+        if not trained or not math.isfinite(grad_norm):
+            return
+        tokens = max(b["input_ids"].numel() for b in host)
+        self.keep_policy.calibrate(mem, tokens)
+        if self.keep_policy.calibrated:
+            progress.say(self.keep_policy.describe(tokens))
+
+    def peak_memory(self) -> tuple[int, int]:
+        """(allocated, reserved) peak device bytes of this process, including what the calibrating steps of
+        keep_mlp_layers="auto" reset (torch.cuda.max_memory_allocated alone starts at the last of them)."""
+        if self.device.type != "cuda":
+            return 0, 0
+        return (max(torch.cuda.max_memory_allocated(self.device), self._prior_peak),
+                max(torch.cuda.max_memory_reserved(self.device), self._prior_reserved))
 
     def _keep_pending(self) -> bool:
         """keep_mlp_layers="auto" still to be calibrated: the next step runs eagerly and is measured (two steps)."""
@@ -1419,12 +1493,8 @@ class Trainer:
                 with mem:
                     loss, trained = self._forward_backward(micro, counts, data_state, good_rng)
                     grad_norm = self._optimizer_step(lr, trained, data_state, good_rng)
-                if isinstance(mem, StepMemory) and trained:
-                    tokens = max(b["input_ids"].numel() for b in host)
-                    self._prior_peak = max(self._prior_peak, mem.prior_peak)
-                    self.keep_policy.calibrate(mem, tokens)
-                    if self.keep_policy.calibrated:
-                        progress.say(self.keep_policy.describe(tokens))
+                if isinstance(mem, StepMemory):
+                    self._calibrate_keep(mem, host, trained, grad_norm, progress)
                 self.step += 1
                 metrics = self._metrics(loss, lr, grad_norm, host, counts, time.perf_counter() - t0)
                 self._log(metrics, progress)
@@ -1559,6 +1629,7 @@ class Trainer:
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in host_micro)
         items, peak = sum(counts), max(peak_memory_mib(self.device), self._prior_peak / 2**20)
+
         if self.dist is not None:
             tokens, items = dist_.reduce_values([tokens, items], self.device)
             dt, peak = dist_.reduce_values([dt, peak], self.device, op="max")

@@ -166,6 +166,9 @@ def test_gpu_preflight_one_layer(tmp_path):
                                                                                         rows["peft-bnb"]["losses"])
     prof = [r["result"]["profile"] for r in records if r["kind"] == "profile"]
     assert prof and prof[0]["timed"] == "cuda" and prof[0]["kernels"] and prof[0]["gpu_busy_ms"] > 0, prof
+    if not peer:  # said, not silently passed: the oracle comparison did not run
+        pytest.skip("our row checked; the peft-bnb row and its first-loss comparison need bitsandbytes, peft and "
+                    "transformers (../shared/PEERS.md's wheels on the GPU machine)")
 
 
 def test_longest_table_keeps_capped_and_whole_card_searches_apart():

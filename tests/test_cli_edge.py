@@ -78,6 +78,20 @@ def test_flag_beats_file_beats_default(tmp_path):
     assert build(_settings(args)[0])[2].packing is True
 
 
+def test_keep_mlp_layers_auto_from_a_flag_and_a_file(tmp_path):
+    """keep_mlp_layers is a number or "auto" (an int | str field): both spellings pass the flag and the TOML file."""
+    args = build_parser().parse_args(["train", "--keep-mlp-layers", "auto", "--max-memory-gib", "7.5"])
+    t = build(_settings(args)[0])[2]
+    assert (t.keep_mlp_layers, t.max_memory_gib) == ("auto", 7.5)
+    assert build(_settings(build_parser().parse_args(["train", "--keep-mlp-layers", "3"]))[0])[2].keep_mlp_layers == 3
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('keep_mlp_layers = "AUTO"\n')
+    assert build(load_toml(cfg)[0])[2].keep_mlp_layers == "auto"
+    cfg.write_text('keep_mlp_layers = "most"\n')
+    with pytest.raises(ConfigError, match="keep_mlp_layers must be a whole number >= 0, 'auto' or None"):
+        build(load_toml(cfg)[0])
+
+
 def test_resume_from_checkpoint_flag_as_the_readme_spells_it():
     args = build_parser().parse_args(["train", "--resume-from-checkpoint", "latest"])
     assert args.resume == "latest"

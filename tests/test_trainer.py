@@ -1401,14 +1401,24 @@ def test_qlora_bf16_offload_trains_on_cuda(tmp_path):
 
 
 @pytest.mark.gpu
-def test_trainer_auto_keep_mlp_layers_calibrates_on_its_first_step(tmp_path):
-    """keep_mlp_layers="auto" (the default) with gradient_checkpointing="offload" on CUDA: the first step runs eagerly
-    and is measured, every later forward (eager or from a CUDA graph) keeps the MLP halves of as many layers as
-    fit (all of the tiny model's within 85% of the card; none within a 1 MiB budget), and the losses equal those of
-    a run that keeps none (within the attention backward's run-to-run spread)."""
+def test_trainer_auto_keep_mlp_layers_calibrates_on_its_first_steps(tmp_path, monkeypatch):
+    """keep_mlp_layers="auto" (the default) with gradient_checkpointing="offload" on CUDA: the first two steps run
+    eagerly and are measured; the CUDA graphs captured after them keep the MLP halves of as many layers as fit (all
+    of the tiny model's within 85% of the card: no h1 stash inside a capture; none within a 1 MiB budget), and the
+    losses equal those of a run that keeps none (within the attention backward's run-to-run spread)."""
+    import minitrain.trainer as mt
+
     ckpt = tmp_path / "base"
     make_tiny_checkpoint(ckpt)
     data = examples(16) * 2
+    captured, stash = [], mt.HostOffload.stash
+
+    def spy(self, index, x, **kw):
+        if torch.cuda.is_current_stream_capturing():
+            captured[-1].append(index)
+        return stash(self, index, x, **kw)
+
+    monkeypatch.setattr(mt.HostOffload, "stash", spy)
 
     def run(name, keep, max_gib=None):
         model, _ = load_model(ckpt, dtype=torch.bfloat16, device="cuda", load_in_4bit=True, tokenizer=False)
@@ -1418,20 +1428,24 @@ def test_trainer_auto_keep_mlp_layers_calibrates_on_its_first_step(tmp_path):
                     gradient_checkpointing="offload", per_device_train_batch_size=4, keep_mlp_layers=keep,
                     max_memory_gib=max_gib)
         tr = Trainer(model, None, data, cfg)
+        captured.append([])
         tr.train()
-        return tr, len(model.model.layers)
+        return tr, len(model.model.layers), captured[-1]
 
-    auto, n = run("auto", None)
+    auto, n, stashed = run("auto", None)
     p = auto.keep_policy
-    assert p is not None and p.calibrated and p.counts, vars(p)
-    assert set(p.counts.values()) == {n}, p.counts
-    assert auto.graphs_captured >= 1
-    none, _ = run("none", 0)
-    assert none.keep_policy is None
+    assert p is not None and p.calibrated and p.steps_seen == 2 and p.graphs_only, vars(p)
+    assert auto.graphs_captured >= 1 and set(p.counts.values()) == {n}, (auto.graphs_captured, p.counts)
+    assert stashed and all(i % 2 == 0 for i in stashed), stashed  # captures stash x only, never a kept h1
+    none, _, stashed0 = run("none", 0)
+    assert none.keep_policy is None and any(i % 2 for i in stashed0), stashed0
     a, b = auto.history["loss"], none.history["loss"]
     assert max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)
-    tight, _ = run("tight", "auto", max_gib=2**-10)
+    tight, _, stashed1 = run("tight", "auto", max_gib=2**-10)
     assert tight.keep_policy.calibrated and set(tight.keep_policy.counts.values()) == {0}, tight.keep_policy.counts
+    assert any(i % 2 for i in stashed1), stashed1
+    alloc, reserved = tight.peak_memory()
+    assert 0 < alloc <= reserved
 
 
 @pytest.mark.gpu
@@ -1691,12 +1705,103 @@ def test_keep_mlp_policy_arithmetic():
     p.set_measurements(before=100, peak=300, after=150, tokens=1000, usable=0, live_grad_bytes=50)
     assert p.base == 150  # gradients still allocated after the step are in "after" already: not counted twice
     assert "the last 0 of 32 layers" in q.describe(1000)
+    q.max_tokens = 4000  # the budget leaves room for an eager step at the longest input: 4x the calibrating one's
+    q.set_measurements(before=0, peak=2 * GiB, after=GiB, tokens=1000, usable=10 * GiB)
+    assert q.budget == int(mt.AUTO_KEEP_SHARE * 10 * GiB) - 8 * GiB
     p.graphs_only = True  # outside a CUDA graph capture (as on the CPU): an eager step keeps none
-    assert p.count(1000) == 0
+    assert p.count(1000) == 0 and p.decide(1000) == 32 and "the last 32 of 32" in p.describe(1000)
     p.graphs_only = False
     assert p.count(1000) == 32
     with pytest.raises(ValueError, match="must run tokens"):
         q.set_measurements(before=0, peak=0, after=0, tokens=0, usable=0)
+
+
+def test_keep_mlp_policy_counts_what_a_kept_mlp_holds(monkeypatch):
+    """KeepMLPPolicy.for_model: bytes per token of a kept MLP half from the model: norm input and output in the
+    residual dtype, gate(x) and up(x) in the compute dtype, the SwiGLU output too when the MLP runs module by
+    module (ungrouped or with LoRA dropout), dropout's masks; no policy for a model that is not minitrain's Llama
+    (a transformers Llama under the Trainer's default on CUDA trains with none kept, no error)."""
+    import minitrain.model as model_mod
+    import minitrain.trainer as mt
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    C, F = TINY["hidden_size"], TINY["intermediate_size"]
+    model = tiny_lora_model(False, 0.0)  # fp32
+    assert mt.KeepMLPPolicy.for_model(model).bytes_per_token == 4 * (2 * C + 2 * F)
+    assert mt.KeepMLPPolicy.for_model(model, compute_dtype=torch.bfloat16).bytes_per_token == 4 * 2 * C + 2 * 2 * F
+    monkeypatch.setattr(model_mod, "GROUPED_LORA", False)
+    assert mt.KeepMLPPolicy.for_model(model).bytes_per_token == 4 * (2 * C + 3 * F)
+    monkeypatch.setattr(model_mod, "GROUPED_LORA", True)
+    dropped = tiny_lora_model(False, 0.1)
+    assert mt.KeepMLPPolicy.for_model(dropped).bytes_per_token == 4 * (2 * C + 3 * F) + 2 * C + F
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    add_lora(hf, r=4, alpha=8)
+    try:
+        assert mt.set_gradient_checkpointing(hf, "offload", keep_mlp_layers="auto") is None
+    finally:
+        mt.set_gradient_checkpointing(hf, "off")
+
+
+def test_trainer_sets_up_auto_keep_as_on_cuda(tmp_path):
+    """The Trainer's default on one CUDA device ("offload", keep "auto"), set up on the CPU by faking the device:
+    a minitrain model gets a policy expecting its longest micro-batch (batch x the longest example, padded to its
+    graph length); a transformers model gets none; several processes get none."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minitrain.trainer import KeepMLPPolicy, graph_length, set_gradient_checkpointing
+
+    make_tiny_checkpoint(tmp_path / "base")
+    data = examples(6)
+    longest = max(len(e["input_ids"]) for e in data)
+    tr = Trainer(adapted(tmp_path / "base"), None, data, quiet(tmp_path, per_device_train_batch_size=3))
+    tr.device, tr.gc_mode = torch.device("cuda"), "offload"
+    try:
+        tr._set_checkpointing()
+        assert isinstance(tr.keep_policy, KeepMLPPolicy) and not tr.keep_policy.calibrated
+        assert tr.keep_policy.max_tokens == 3 * graph_length(longest, tr.model.args.max_position_embeddings)
+        tr.dist = object()  # as under torchrun
+        tr._set_checkpointing()
+        assert tr.keep_policy is None
+    finally:
+        set_gradient_checkpointing(tr.model, "off")
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    add_lora(hf, r=4, alpha=8)
+    tr = Trainer(hf, None, data, quiet(tmp_path))
+    tr.device, tr.gc_mode = torch.device("cuda"), "offload"
+    try:
+        tr._set_checkpointing()  # no error: the transformers layers keep nothing
+        assert tr.keep_policy is None
+    finally:
+        set_gradient_checkpointing(hf, "off")
+
+
+def test_a_capture_out_of_memory_with_kept_layers_turns_auto_off_not_graphs(tmp_path, monkeypatch):
+    """A capture that runs out of memory while "auto" keeps layers: keep none from then on and capture again
+    (graphs stay on), said once; without kept layers graphs go off as before."""
+    import types
+
+    from minitrain.cuda_graphs import GraphOutOfMemory
+
+    make_tiny_checkpoint(tmp_path / "base")
+    tr = Trainer(adapted(tmp_path / "base"), None, examples(4), quiet(tmp_path))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rebuilt = []
+    monkeypatch.setattr(tr, "_set_checkpointing", lambda: rebuilt.append(tr._keep_auto_off))
+
+    def capture_fails(batch, n_total):
+        raise GraphOutOfMemory("capturing the CUDA graph for batches of shape (2, 64) ran out of GPU memory (test)")
+
+    tr.graphs_off_because, tr._graphs = [], {(2, 64, False): object()}
+    tr.keep_policy = types.SimpleNamespace(counts={128: 2})
+    assert tr._replay(capture_fails, {}, 1) is None
+    assert tr.graphs_off_because == [] and tr._graphs == {} and tr._keep_auto_off and rebuilt == [True]
+    assert [k for k, _ in tr.notes] == ["keep_mlp_layers_off"]
+    tr.keep_policy = None  # the next capture keeps none and fails again: graphs off
+    assert tr._replay(capture_fails, {}, 1) is None
+    assert "ran out of GPU memory" in tr.graphs_off_because[0] and [k for k, _ in tr.notes][-1] == "cuda_graphs_off"
 
 
 def test_keep_mlp_layers_setting(monkeypatch):
@@ -1708,19 +1813,22 @@ def test_keep_mlp_layers_setting(monkeypatch):
     assert mt.keep_mlp_layers_default() == "auto"
     monkeypatch.delenv("MINITRAIN_KEEP_MLP_LAYERS")
     assert mt.keep_mlp_layers_default() == 0 and mt.keep_mlp_layers_default(unset="auto") == "auto"
-    with pytest.raises(ValueError, match="keep_mlp_layers must be >= 0 or 'auto'"):
+    with pytest.raises(ValueError, match="keep_mlp_layers must be a whole number >= 0 or 'auto'"):
         mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "offload", keep_mlp_layers="all")
-    with pytest.raises(ValueError, match="max_memory_gib must be > 0"):
-        mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "offload", keep_mlp_layers="auto",
-                                      max_memory_gib=0)
+    for bad in (0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_memory_gib must be a finite number > 0"):
+            mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "offload", keep_mlp_layers="auto",
+                                          max_memory_gib=bad)
     assert mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "on", keep_mlp_layers="auto") is None
+    assert isinstance(mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "offload", keep_mlp_layers=" Auto"),
+                      mt.KeepMLPPolicy)
     monkeypatch.setenv("MINITRAIN_KEEP_MLP_LAYERS", "-1")
     with pytest.raises(ValueError, match="MINITRAIN_KEEP_MLP_LAYERS='-1'"):
         mt.keep_mlp_layers_default()
     monkeypatch.setenv("MINITRAIN_KEEP_MLP_LAYERS", "all")
     with pytest.raises(ValueError, match="whole number"):
         mt.keep_mlp_layers_default()
-    with pytest.raises(ValueError, match="keep_mlp_layers must be >= 0"):
+    with pytest.raises(ValueError, match="keep_mlp_layers must be a whole number >= 0"):
         mt.set_gradient_checkpointing(tiny_lora_model(False, 0.0), "offload", keep_mlp_layers=-2)
 
 
