@@ -658,7 +658,10 @@ class StepMemory:
     larger)."""
 
     def __init__(self, device: torch.device):
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # some queries want an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.before = self.after = self.peak = self.prior_peak = self.prior_reserved = None
 
     def __enter__(self):
