@@ -856,16 +856,21 @@ class LlamaMLP(nn.Module):
             return _TiledMLP.apply(x, self, tile, [skip], *params)
         return self.untiled(x)
 
+    def grouped(self, x):
+        """(backend, (gate, up, down)) when :meth:`untiled` computes ``x`` with one ``lora_mlp`` call, else None:
+        the three projections can be grouped and SwiGLU runs the Triton kernel here (what lora_mlp runs). That call
+        saves x, gate(x), up(x) but not the SwiGLU output, and under triton_ops.lora.output_unused(down's base)
+        skips SwiGLU and the down projection."""
+        if _kernel_backend(self.kernel_backend, x, _k_swiglu) is None:
+            return None
+        return _grouped_projections(x, (self.gate_proj, self.up_proj, self.down_proj), self.kernel_backend,
+                                    allow_solo=False)
+
     def untiled(self, x):
-        # One lora_mlp call when the three projections can be grouped and SwiGLU runs the Triton kernel here
-        # (what lora_mlp runs): it saves x, gate(x), up(x) but not the SwiGLU output, and under
-        # triton_ops.lora.output_unused(down's base) skips SwiGLU and the down projection.
-        if _kernel_backend(self.kernel_backend, x, _k_swiglu) is not None:
-            group = _grouped_projections(x, (self.gate_proj, self.up_proj, self.down_proj), self.kernel_backend,
-                                         allow_solo=False)
-            if group is not None:
-                backend, (gate, up, down) = group
-                return _tlora.lora_mlp(x, gate, up, down, training=True, backend=backend)
+        group = self.grouped(x)
+        if group is not None:
+            backend, (gate, up, down) = group
+            return _tlora.lora_mlp(x, gate, up, down, training=True, backend=backend)
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.kernel_backend))  # (B, T, F) -> (B, T, C)
 
 

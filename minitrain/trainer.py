@@ -696,15 +696,17 @@ class KeepMLPPolicy:
     still allocated are in ``A'``), counted in full although the measured peak may hold some of them already (an
     overstatement on the safe side). ``k``: the bytes per token one kept MLP half holds, counted from the model
     (:meth:`for_model`): its norm's input and output (C each, the residual stream's dtype), gate(x) and up(x) (F
-    each, the compute dtype), the SwiGLU output too where the MLP runs module by module (F), and LoRA dropout's
-    masks (bytes). On the 8B shape in bf16, 2 * (2C + 2F): 0.28 GiB per layer at 4096 tokens, where bench/train
-    measured 0.23-0.28. ``n`` is the largest count within the budget: ``max_memory_gib`` when given (allocated
+    each, the compute dtype) where the MLP runs as one lora_mlp call, four F-sized tensors where it runs module by
+    module (the torch reference, hooks, grouping off), each adapter's x·Aᵀ (R), the norm's fp32 1/rms and LoRA
+    dropout's masks (bytes). On the 8B shape in bf16, grouped, about 2 * (2C + 2F): 0.28 GiB per layer at 4096
+    tokens, where bench/train measured 0.23-0.28. ``n`` is the largest count within the budget: ``max_memory_gib`` when given (allocated
     bytes, as torch.cuda.max_memory_allocated counts them, not the process's footprint), else ``AUTO_KEEP_SHARE``
     of what torch may use at calibration, less the transient of an eager step at the longest input expected
     (``max_tokens``; a new batch shape's warm-up runs eagerly beside the CUDA graphs' memory pool). The step's
     transient part is scaled up for longer inputs, never down (its fixed parts, such as the fused cross-entropy's
     chunk buffer, do not shrink). None is kept before calibration, on inputs the MLP splits into token tiles (which
-    recompute themselves anyway: ``MLP_TILE_FROM`` tiles' worth of tokens), where the budget is already exceeded,
+    recompute themselves anyway: ``MLP_TILE_FROM`` tiles' worth of tokens) or at any size after a calibrating step
+    that tiled (its transient understates an untiled step's), where the budget is already exceeded,
     and, once ``graphs_only`` is set (the Trainer sets it when it captures graphs), outside a graph capture."""
 
     def __init__(self, layers: int, bytes_per_token: int, tiled_above: int | None = None,
@@ -716,7 +718,7 @@ class KeepMLPPolicy:
         # True once training runs from CUDA graphs: only a capture keeps layers (the graphs hold their pool's memory,
         # so an eager step beside them, such as a new batch shape's warm-up, keeps none)
         self.graphs_only = False
-        self.calibrated = False
+        self.calibrated = self.tiled_calibration = False
         self.params: list[torch.Tensor] = []  # the trainable parameters (whose gradients may outlive the step)
         self.budget = self.base = self.transient = self.tokens = None
         self.counts: dict[int, int] = {}  # tokens -> layers kept, as decided so far
@@ -727,8 +729,6 @@ class KeepMLPPolicy:
         """The policy for ``model``'s decoder layers, or None where they are not all minitrain's
         ``LlamaDecoderLayer`` with a ``LlamaMLP`` (another model keeps no MLP half: see CheckpointedLayer).
         ``compute_dtype``: autocast's dtype (None: the model's own)."""
-        from . import model as model_mod
-
         layers = decoder_layers(model)
         if not layers or not all(type(layer) is LlamaDecoderLayer and isinstance(getattr(layer, "mlp", None),
                                                                                   LlamaMLP) for layer in layers):
@@ -738,10 +738,16 @@ class KeepMLPPolicy:
         F_ = mlp.down_proj.in_features
         res = norm.weight.element_size()  # the residual stream's dtype: the model's
         comp = torch.empty((), dtype=compute_dtype).element_size() if compute_dtype is not None else res
-        per_token = res * 2 * C + comp * 2 * F_
-        if not model_mod.GROUPED_LORA or any(isinstance(m, LoRALinear) and m.dropout > 0 for m in mlp.modules()):
-            per_token += comp * F_  # module by module, autograd also keeps the SwiGLU output
-        per_token += sum(m.in_features for m in mlp.modules() if isinstance(m, LoRALinear) and m.dropout > 0)
+        # the MLP's own choice for an input like the training step's (device, dtype, autocast): one lora_mlp call
+        # keeps x, gate(x), up(x); module by module (the torch reference, hooks, grouping off) autograd keeps up to
+        # four (tokens x F) tensors (gate, up, silu(gate) and their product, measured with saved_tensors_hooks)
+        probe = torch.zeros(1, C, device=norm.weight.device, dtype=norm.weight.dtype)
+        with torch.autocast(probe.device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+            grouped = mlp.grouped(probe) is not None
+        per_token = res * 2 * C + comp * (2 if grouped else 4) * F_
+        loras = [m for m in mlp.modules() if isinstance(m, LoRALinear)]
+        per_token += comp * sum(m.r for m in loras) + 4  # each adapter's x·Aᵀ (R) and the norm's fp32 1/rms
+        per_token += sum(m.in_features for m in loras if m.dropout > 0)  # dropout's masks, a byte per element
         tile = mlp.tile_tokens
         params = [p for p in model.parameters() if p.requires_grad]
         policy = cls(len(layers), per_token, MLP_TILE_FROM * tile if tile else None, max_memory_gib,
@@ -776,6 +782,9 @@ class KeepMLPPolicy:
         self.base = before + max(0, after - before) + max(0, self.grad_bytes - live_grad_bytes)
         self.transient = max(0, peak - before)
         self.tokens, self.calibrated = tokens, True
+        # measured with the MLP in token tiles (a small working set): an untiled shorter input could need more than
+        # this transient, so such a calibration keeps none at any size
+        self.tiled_calibration = self.tiled_above is not None and tokens > self.tiled_above
         if self.max_memory_gib is not None:
             self.budget = int(self.max_memory_gib * 2**30)
         else:  # room for one eager step at the longest input beside the graphs' pool
@@ -790,7 +799,8 @@ class KeepMLPPolicy:
 
     def decide(self, tokens: int) -> int:
         """Layers (the last ones) whose MLP half a captured or graph-free step at ``tokens`` tokens keeps."""
-        if not self.calibrated or tokens < 1 or self.tiled_above is not None and tokens > self.tiled_above:
+        if not self.calibrated or tokens < 1 or self.tiled_calibration or \
+                self.tiled_above is not None and tokens > self.tiled_above:
             return 0
         n = self.counts.get(tokens)
         if n is None:
@@ -1315,8 +1325,8 @@ class Trainer:
         self.graphs_captured = 0  # after train(): how many batch shapes ran from a CUDA graph
         self.keep_policy = None  # keep_mlp_layers="auto" (set_gradient_checkpointing's KeepMLPPolicy)
         self._keep_auto_off = False  # after a capture ran out of memory: "auto" keeps none
-        # the peak-memory statistics before the calibrating steps reset them (bytes): peaks reported since the start
-        # of train() are the larger of these and torch's (see peak_memory())
+        # the peak-memory statistics before the calibrating steps reset them (bytes; kept across train() calls):
+        # the peaks reported are the larger of these and torch's (see peak_memory())
         self._prior_peak = self._prior_reserved = 0
 
     # -- CUDA graphs -----------------------------------------------------------------------------------------
@@ -1381,7 +1391,7 @@ class Trainer:
         try:
             return graph(batch, total_items)
         except GraphOutOfMemory as e:
-            keeping = self.keep_policy is not None and any(self.keep_policy.counts.values())
+            keeping = self.keep_policy is not None and self.keep_policy.decide(batch["input_ids"].numel()) > 0
             self._graphs.clear()
             self._graph_pool = None
             if keeping:  # the kept MLP activations are the likeliest reason: keep none, capture again later
@@ -1432,16 +1442,23 @@ class Trainer:
             self.keep_policy.max_tokens = self._longest_micro_tokens()
 
     def _longest_micro_tokens(self) -> int | None:
-        """Tokens of the longest micro-batch the data can make (padded to its graph length), where it is known:
-        per_device_train_batch_size x the dataset's max_seq_length or the longest example; else None."""
-        b = self.batches
-        longest = getattr(getattr(b, "ds", None), "max_seq_length", None)
-        if longest is None and isinstance(getattr(b, "examples", None), list):
-            longest = max((len(e["input_ids"]) for e in b.examples), default=None)
-        if not longest:
-            return None
+        """Tokens of the longest batch the run can make, training (padded to its graph length) or eval (both run
+        beside the CUDA graphs' pool): the batch size x the dataset's max_seq_length or the longest example; None
+        where not known."""
+        cfg = self.cfg
         limit = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
-        return self.cfg.per_device_train_batch_size * max(longest, graph_length(longest, limit))
+        out = []
+        for b, size in ((self.batches, cfg.per_device_train_batch_size),
+                        (self.eval_batches, cfg.per_device_eval_batch_size)):
+            longest = getattr(getattr(b, "ds", None), "max_seq_length", None)
+            examples = getattr(b, "examples", None)
+            if longest is None and examples is not None:
+                lengths = getattr(b, "_lengths", None)  # ExampleBatches reads them for its first shuffled plan
+                longest = int(max(lengths)) if lengths is not None and len(lengths) else \
+                    max((len(e["input_ids"]) for e in examples), default=None)
+            if longest:
+                out.append(size * max(longest, graph_length(longest, limit)))
+        return max(out) if out else None
 
     def _calibrate_keep(self, mem: StepMemory, host: list[dict], trained: int, grad_norm: float,
                         progress: "Progress") -> None:

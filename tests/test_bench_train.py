@@ -146,7 +146,8 @@ def test_gpu_preflight_one_layer(tmp_path):
     cache = tmp_path / "rows.json"
     # the peer row needs transformers + peft + bitsandbytes (on the GPU machine: ../shared/PEERS.md's wheels)
     peer = all(importlib.util.find_spec(m) is not None for m in ("bitsandbytes", "peft", "transformers"))
-    names = ("ours", "peft-bnb") if peer else ("ours",)
+    # ours-offload-graph-7g: keep_mlp_layers="auto" calibrating in the bench loop (CUDA only), within 7 GiB
+    names = ("ours", "ours-offload-graph-7g") + (("peft-bnb",) if peer else ())
     p = subprocess.run([sys.executable, "-m", "bench.train", "--layers", "1", "--rows", ",".join(names), "--seq", "512",
                         "--warmup", "2", "--steps", "3", "--profile", "--ckpt-dir", str(tmp_path / "ckpt"),
                         "--cache", str(cache), "--no-write", "--budget-s", "0"],

@@ -1705,6 +1705,9 @@ def test_keep_mlp_policy_arithmetic():
     p.set_measurements(before=100, peak=300, after=150, tokens=1000, usable=0, live_grad_bytes=50)
     assert p.base == 150  # gradients still allocated after the step are in "after" already: not counted twice
     assert "the last 0 of 32 layers" in q.describe(1000)
+    t = mt.KeepMLPPolicy(layers=32, bytes_per_token=1000, tiled_above=16384, max_memory_gib=1.0)
+    t.set_measurements(before=0, peak=100, after=0, tokens=20000, usable=0)  # calibrated on a tiled step
+    assert t.calibrated and t.tiled_calibration and t.count(1000) == 0  # its transient says nothing of untiled steps
     q.max_tokens = 4000  # the budget leaves room for an eager step at the longest input: 4x the calibrating one's
     q.set_measurements(before=0, peak=2 * GiB, after=GiB, tokens=1000, usable=10 * GiB)
     assert q.budget == int(mt.AUTO_KEEP_SHARE * 10 * GiB) - 8 * GiB
@@ -1717,23 +1720,45 @@ def test_keep_mlp_policy_arithmetic():
 
 
 def test_keep_mlp_policy_counts_what_a_kept_mlp_holds(monkeypatch):
-    """KeepMLPPolicy.for_model: bytes per token of a kept MLP half from the model: norm input and output in the
-    residual dtype, gate(x) and up(x) in the compute dtype, the SwiGLU output too when the MLP runs module by
-    module (ungrouped or with LoRA dropout), dropout's masks; no policy for a model that is not minitrain's Llama
-    (a transformers Llama under the Trainer's default on CUDA trains with none kept, no error)."""
-    import minitrain.model as model_mod
+    """KeepMLPPolicy.for_model: bytes per token of a kept MLP half: norm input and output in the residual dtype;
+    gate(x) and up(x) in the compute dtype where the MLP runs as one lora_mlp call (LlamaMLP.grouped), four
+    F-sized tensors where it runs module by module (what autograd keeps there, checked below); dropout's masks; no
+    policy for a model that is not minitrain's Llama (a transformers Llama under the Trainer's default on CUDA
+    trains with none kept, no error)."""
     import minitrain.trainer as mt
+    from minitrain.model import LlamaMLP
     from transformers import LlamaConfig, LlamaForCausalLM
 
     C, F = TINY["hidden_size"], TINY["intermediate_size"]
-    model = tiny_lora_model(False, 0.0)  # fp32
-    assert mt.KeepMLPPolicy.for_model(model).bytes_per_token == 4 * (2 * C + 2 * F)
-    assert mt.KeepMLPPolicy.for_model(model, compute_dtype=torch.bfloat16).bytes_per_token == 4 * 2 * C + 2 * 2 * F
-    monkeypatch.setattr(model_mod, "GROUPED_LORA", False)
-    assert mt.KeepMLPPolicy.for_model(model).bytes_per_token == 4 * (2 * C + 3 * F)
-    monkeypatch.setattr(model_mod, "GROUPED_LORA", True)
+    model = tiny_lora_model(False, 0.0)  # fp32, on the CPU: module by module
+    mlp, norm = model.model.layers[0].mlp, model.model.layers[0].post_attention_layernorm
+    assert mlp.grouped(torch.zeros(1, C)) is None
+    k = mt.KeepMLPPolicy.for_model(model).bytes_per_token
+    R = 3 * model.model.layers[0].mlp.gate_proj.r  # x·Aᵀ of the three adapters
+    assert k == 4 * (2 * C + 4 * F + R) + 4
+    # what autograd keeps for the MLP half (per token, parameters and fixed-size tensors left out): at most k
+    params = {p.data_ptr() for p in model.parameters()}
+
+    def saved_bytes(T):
+        seen = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        h1 = torch.randn(1, T, C, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = h1 + mlp(norm(h1))
+        del out
+        return sum(seen.values())
+    per_token = (saved_bytes(64) - saved_bytes(32)) / 32
+    assert 0.9 * k <= per_token <= k, (per_token, k)
+    monkeypatch.setattr(LlamaMLP, "grouped", lambda self, x: ("triton", ()))  # as on CUDA with the kernels
+    assert mt.KeepMLPPolicy.for_model(model).bytes_per_token == 4 * (2 * C + 2 * F + R) + 4
+    assert mt.KeepMLPPolicy.for_model(model, compute_dtype=torch.bfloat16).bytes_per_token == \
+        4 * 2 * C + 2 * (2 * F + R) + 4
     dropped = tiny_lora_model(False, 0.1)
-    assert mt.KeepMLPPolicy.for_model(dropped).bytes_per_token == 4 * (2 * C + 3 * F) + 2 * C + F
+    assert mt.KeepMLPPolicy.for_model(dropped).bytes_per_token == 4 * (2 * C + 2 * F + R) + 4 + 2 * C + F
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
     add_lora(hf, r=4, alpha=8)
@@ -1741,6 +1766,28 @@ def test_keep_mlp_policy_counts_what_a_kept_mlp_holds(monkeypatch):
         assert mt.set_gradient_checkpointing(hf, "offload", keep_mlp_layers="auto") is None
     finally:
         mt.set_gradient_checkpointing(hf, "off")
+
+
+def test_calibrate_keep_counts_only_steps_that_updated(tmp_path):
+    """Trainer._calibrate_keep: the peaks a measured step reset are kept; a step that trained nothing or that the
+    GradScaler skipped (non-finite gradient norm: no optimizer state yet) does not count towards the calibration;
+    the tokens counted are those of the step's largest micro-batch."""
+    import types
+
+    from minitrain.trainer import Progress
+
+    make_tiny_checkpoint(tmp_path / "base")
+    tr = Trainer(adapted(tmp_path / "base"), None, examples(4), quiet(tmp_path))
+    calls = []
+    tr.keep_policy = types.SimpleNamespace(calibrate=lambda mem, t: calls.append(t), calibrated=False)
+    mem = types.SimpleNamespace(prior_peak=7, prior_reserved=9)
+    host = [{"input_ids": torch.zeros(2, 5)}, {"input_ids": torch.zeros(2, 8)}]
+    quiet_progress = Progress(1, False, main=True)
+    tr._calibrate_keep(mem, host, 0, 1.0, quiet_progress)
+    tr._calibrate_keep(mem, host, 10, float("inf"), quiet_progress)
+    assert calls == [] and (tr._prior_peak, tr._prior_reserved) == (7, 9)
+    tr._calibrate_keep(types.SimpleNamespace(prior_peak=3, prior_reserved=11), host, 10, 0.5, quiet_progress)
+    assert calls == [16] and (tr._prior_peak, tr._prior_reserved) == (7, 11)
 
 
 def test_trainer_sets_up_auto_keep_as_on_cuda(tmp_path):
@@ -1760,7 +1807,10 @@ def test_trainer_sets_up_auto_keep_as_on_cuda(tmp_path):
         tr._set_checkpointing()
         assert isinstance(tr.keep_policy, KeepMLPPolicy) and not tr.keep_policy.calibrated
         assert tr.keep_policy.max_tokens == 3 * graph_length(longest, tr.model.args.max_position_embeddings)
-        tr.dist = object()  # as under torchrun
+        tr._keep_auto_off = True  # after a capture ran out of memory with layers kept
+        tr._set_checkpointing()
+        assert tr.keep_policy is None
+        tr._keep_auto_off, tr.dist = False, object()  # as under torchrun
         tr._set_checkpointing()
         assert tr.keep_policy is None
     finally:
@@ -1795,12 +1845,13 @@ def test_a_capture_out_of_memory_with_kept_layers_turns_auto_off_not_graphs(tmp_
         raise GraphOutOfMemory("capturing the CUDA graph for batches of shape (2, 64) ran out of GPU memory (test)")
 
     tr.graphs_off_because, tr._graphs = [], {(2, 64, False): object()}
-    tr.keep_policy = types.SimpleNamespace(counts={128: 2})
-    assert tr._replay(capture_fails, {}, 1) is None
+    batch = {"input_ids": torch.zeros(2, 64, dtype=torch.long)}
+    tr.keep_policy = types.SimpleNamespace(decide=lambda tokens: 2 if tokens == 128 else 0)
+    assert tr._replay(capture_fails, batch, 1) is None
     assert tr.graphs_off_because == [] and tr._graphs == {} and tr._keep_auto_off and rebuilt == [True]
     assert [k for k, _ in tr.notes] == ["keep_mlp_layers_off"]
-    tr.keep_policy = None  # the next capture keeps none and fails again: graphs off
-    assert tr._replay(capture_fails, {}, 1) is None
+    tr.keep_policy = types.SimpleNamespace(decide=lambda tokens: 0)  # a capture that kept none fails: graphs off
+    assert tr._replay(capture_fails, batch, 1) is None
     assert "ran out of GPU memory" in tr.graphs_off_because[0] and [k for k, _ in tr.notes][-1] == "cuda_graphs_off"
 
 
