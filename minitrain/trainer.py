@@ -699,9 +699,10 @@ class KeepMLPPolicy:
     each, the compute dtype) where the MLP runs as one lora_mlp call, four F-sized tensors where it runs module by
     module (the torch reference, hooks, grouping off), each adapter's x·Aᵀ (R), the norm's fp32 1/rms and LoRA
     dropout's masks (bytes). On the 8B shape in bf16, grouped, about 2 * (2C + 2F): 0.28 GiB per layer at 4096
-    tokens, where bench/train measured 0.23-0.28. ``n`` is the largest count within the budget: ``max_memory_gib`` when given (allocated
-    bytes, as torch.cuda.max_memory_allocated counts them, not the process's footprint), else ``AUTO_KEEP_SHARE``
-    of what torch may use at calibration, less the transient of an eager step at the longest input expected
+    tokens, where bench/train measured 0.23-0.28. ``n`` is the largest count within the budget:
+    ``max_memory_gib`` when given (allocated bytes, as torch.cuda.max_memory_allocated counts them, not the
+    process's footprint), else ``AUTO_KEEP_SHARE`` of what torch may use at calibration, less the transient of
+    an eager step at the longest input expected
     (``max_tokens``; a new batch shape's warm-up runs eagerly beside the CUDA graphs' memory pool). The step's
     transient part is scaled up for longer inputs, never down (its fixed parts, such as the fused cross-entropy's
     chunk buffer, do not shrink). None is kept before calibration, on inputs the MLP splits into token tiles (which
