@@ -33,6 +33,11 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def is_auto(value) -> bool:
+    """``value`` spells "auto" (any case, surrounding blanks)."""
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
 def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
 
@@ -130,7 +135,7 @@ class TrainConfig:
             self.cuda_graphs = "on" if self.cuda_graphs else "off"
         check_choice("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         check_choice("optim", self.optim, ("adamw", "sgd"))
-        if isinstance(self.keep_mlp_layers, str) and self.keep_mlp_layers.strip().lower() == "auto":
+        if is_auto(self.keep_mlp_layers):
             self.keep_mlp_layers = "auto"
         elif self.keep_mlp_layers is not None:
             _check(_whole(self.keep_mlp_layers) and int(self.keep_mlp_layers) >= 0, "keep_mlp_layers",

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist_
-from .config import TrainConfig
+from .config import TrainConfig, is_auto
 from .data.batching import bucket_batches
 from .lora import LoRALinear, atomic_torch_save, atomic_write_text, load_adapter, lora_parameters, save_adapter
 from .model import (MLP_TILE_FROM, LlamaAttention, LlamaDecoderLayer, LlamaMLP, SavedAttention, attention_outputs,
@@ -621,11 +621,6 @@ REUSE_ATTENTION_OUTPUT = env_switch("MINITRAIN_ATTN_REUSE")
 # With it, the attention's inputs q, k, v (rotated) go to host as well, and the recomputation skips the q/k/v
 # projections' base GEMMs too (their outputs unused; see unused_qkv_bases). Off with MINITRAIN_QKV_REUSE=0.
 REUSE_ATTENTION_INPUTS = env_switch("MINITRAIN_QKV_REUSE")
-
-def is_auto(value) -> bool:
-    """``value`` spells "auto" (any case, surrounding blanks)."""
-    return isinstance(value, str) and value.strip().lower() == "auto"
-
 
 def keep_mlp_layers_default(unset: int | str = 0) -> int | str:
     """MINITRAIN_KEEP_MLP_LAYERS as a whole number >= 0 or "auto" (``unset`` when not set), read when checkpointing

@@ -1649,8 +1649,6 @@ def test_offload_auto_keep_mlp_layers_keeps_what_the_budget_allows(fused_lora_on
     """keep_mlp_layers="auto": once calibrated, the last layers whose kept MLP activations fit the budget run as
     KEEP_MLP_LAYERS = that count would (the same stashes and dequantizations), bit for bit equal to checkpointing
     them all; before calibration none is kept."""
-    import minitrain.trainer as mt
-
     model = tiny_lora_model(True, 0.1)
     n, tokens = len(model.model.layers), 2 * 11
     want = offload_run(model, monkeypatch, True, fused_lora_on_cpu)
